@@ -1,0 +1,48 @@
+"""graphred: token reduction for vision-language models, done as a compiler pass pipeline.
+
+>>> import graphred
+>>> model, inputs = graphred.zoo.load("llava")
+>>> prog = graphred.capture(model, **inputs)
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import (
+    AnalysisError,
+    CaptureError,
+    ConfigError,
+    GraphredError,
+    PassError,
+    PlanError,
+    PostconditionError,
+    PreconditionError,
+)
+from .program import Program, capture
+
+__version__ = "0.1.0"
+
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data"}
+_LAZY_ATTRS = {
+    "analyze": ("graphred.analysis.report", "analyze"),
+    "Report": ("graphred.analysis.report", "Report"),
+    "estimate": ("graphred.analysis.cost.estimate", "estimate"),
+    "Estimate": ("graphred.analysis.cost.estimate", "Estimate"),
+    "transform": ("graphred.transform", "transform"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"graphred.{name}")
+    if name in _LAZY_ATTRS:
+        mod, attr = _LAZY_ATTRS[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'graphred' has no attribute {name!r}")
+
+
+__all__ = [
+    "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "PassError", "PlanError",
+    "PostconditionError", "PreconditionError", "Program", "capture", "analyze", "estimate",
+    "transform", "zoo", "plans", "__version__",
+]

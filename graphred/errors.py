@@ -1,0 +1,40 @@
+"""Typed errors. Every graphred failure is a :class:`GraphredError` that says what was
+wrong and what the user can do; none of them leaves the user's model changed."""
+from __future__ import annotations
+
+
+class GraphredError(Exception):
+    """Base class of every error graphred raises on purpose."""
+
+
+class CaptureError(GraphredError):
+    """The model could not be captured as an FX graph."""
+
+
+class PlanError(GraphredError, ValueError):
+    """A plan cannot apply to this program (e.g. no cross-modal block)."""
+
+
+class AnalysisError(GraphredError):
+    """An analysis result is missing or inconsistent."""
+
+
+class PassError(GraphredError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+    def __init__(self, message: str, *, pass_name: str | None = None, previous: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.previous = tuple(previous)
+
+
+class PreconditionError(PassError):
+    """A pass was given a graph it cannot work on."""
+
+
+class PostconditionError(PassError):
+    """A pass produced a graph that breaks an invariant (lint, meta['val'], ...)."""
+
+
+class ConfigError(GraphredError):
+    """A model directory or config could not be turned into a model."""

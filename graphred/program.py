@@ -1,0 +1,204 @@
+"""Capture: a model and example inputs -> :class:`Program` (an aten-level FX graph)."""
+from __future__ import annotations
+
+import copy
+import inspect
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import CaptureError
+from .fx_utils import module_path
+
+__all__ = ["Program", "capture"]
+
+
+@dataclass
+class Program:
+    """A captured model: an aten-level ``torch.fx.GraphModule`` plus what it was captured on.
+
+    Calling the program runs the graph; it takes the same arguments as the model did at capture.
+
+    >>> import graphred, torch
+    >>> model, kwargs = graphred.zoo.load("clip")          # doctest: +SKIP
+    >>> prog = graphred.capture(model, **kwargs)           # doctest: +SKIP
+    >>> out = prog(**kwargs)                               # doctest: +SKIP
+    """
+
+    graph_module: fx.GraphModule
+    exported: torch.export.ExportedProgram
+    example_args: tuple
+    example_kwargs: dict
+    model_class: str
+    method: str = "export"
+    notes: list[str] = field(default_factory=list)
+    name: str = ""
+
+    def __call__(self, *args, **kwargs):
+        if not args and not kwargs:
+            args, kwargs = self.example_args, self.example_kwargs
+        return self.graph_module(*args, **kwargs)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    def module_path(self, node: fx.Node) -> str:
+        """The module path (``model.language_model.layers.3.self_attn``) a node came from."""
+        return module_path(node)
+
+    def module_paths(self) -> dict[str, str]:
+        return {n.name: module_path(n) for n in self.graph.nodes}
+
+    def example_inputs(self) -> tuple[tuple, dict]:
+        return self.example_args, self.example_kwargs
+
+    def __repr__(self) -> str:
+        n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
+        return f"Program({self.model_class}, {n_ops} ops, captured by {self.method})"
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame outside torch's own internals, as ``file:line: code``."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    keep = [f for f in tb if "/torch/" not in f.filename and "/graphred/" not in f.filename]
+    frame = (keep or tb or [None])[-1]
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.filename}:{frame.lineno}: {frame.line}"
+
+
+def _check_inputs(model: Any, args: tuple, kwargs: dict) -> None:
+    if not isinstance(model, nn.Module):
+        raise CaptureError(
+            f"graphred.capture expects a torch.nn.Module, got {type(model).__name__}. "
+            "Pass the model object itself (e.g. a transformers PreTrainedModel)."
+        )
+    if not args and not kwargs:
+        raise CaptureError(
+            f"graphred.capture({type(model).__name__}) needs example inputs: "
+            "call graphred.capture(model, **inputs) with the tensors the forward takes."
+        )
+    try:
+        sig = inspect.signature(model.forward)
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(
+            f"The example inputs do not match {type(model).__name__}.forward{inspect.signature(model.forward)}: {e}"
+        ) from None
+
+    def check_leaf(path: str, x: Any) -> None:
+        if isinstance(x, (torch.Tensor, int, float, bool, str, type(None))):
+            return
+        if isinstance(x, (list, tuple)):
+            for i, y in enumerate(x):
+                check_leaf(f"{path}[{i}]", y)
+            return
+        if isinstance(x, dict):
+            for k, y in x.items():
+                check_leaf(f"{path}[{k!r}]", y)
+            return
+        raise CaptureError(
+            f"Input {path} of {type(model).__name__} has type {type(x).__name__}; graphred captures "
+            "tensors, numbers, strings and nested lists/dicts of them. Convert it to a tensor "
+            "(e.g. a numpy array with torch.as_tensor) or drop it."
+        )
+
+    for i, a in enumerate(args):
+        check_leaf(f"args[{i}]", a)
+    for k, v in kwargs.items():
+        check_leaf(k, v)
+
+
+def _forward_fails(model: nn.Module, args: tuple, kwargs: dict) -> BaseException | None:
+    """Run the forward on a copy (the user's model is never touched) and return its error, if any."""
+    try:
+        clone = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - an uncopyable model: skip the diagnosis
+        return None
+    try:
+        with torch.no_grad():
+            clone(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent")
+
+
+def capture(model: nn.Module, *args, **kwargs) -> Program:
+    """Capture ``model`` on example inputs as an aten-level FX graph.
+
+    Uses ``torch.export`` (non-strict). Where a model branches on tensor data (a
+    data-dependent guard), capture falls back to ``torch.export.draft_export``, which
+    specialises those branches to the example inputs and records them in ``Program.notes``.
+    The model is never modified: no hooks, no attribute changes, no swapped classes.
+
+    >>> import graphred
+    >>> model, inputs = graphred.zoo.load("clip")
+    >>> prog = graphred.capture(model, **inputs)
+    >>> prog.model_class
+    'CLIPModel'
+    """
+    _check_inputs(model, args, kwargs)
+    cls = type(model).__name__
+    notes: list[str] = []
+    method = "export"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(model, args, kwargs, strict=False)
+        except Exception as first:  # noqa: BLE001 - classified below
+            text = f"{type(first).__name__}: {first}"
+            if any(k in text for k in _DATA_DEPENDENT):
+                try:
+                    import logging
+
+                    logging.getLogger("torch.export").setLevel(logging.ERROR)
+                    logging.getLogger("torch.fx.experimental.symbolic_shapes").setLevel(logging.ERROR)
+                    ep = torch.export.draft_export(model, args, kwargs, strict=False)
+                    method = "draft_export"
+                    notes.append(
+                        "torch.export hit a data-dependent guard at "
+                        f"{_user_frame(first)}; captured with draft_export, which specialises "
+                        "data-dependent branches to the example inputs."
+                    )
+                except Exception as second:  # noqa: BLE001
+                    raise _capture_error(model, args, kwargs, second) from second
+            else:
+                raise _capture_error(model, args, kwargs, first) from first
+    gm = ep.module()
+    prog = Program(
+        graph_module=gm,
+        exported=ep,
+        example_args=tuple(args),
+        example_kwargs=dict(kwargs),
+        model_class=cls,
+        method=method,
+        notes=notes,
+    )
+    return prog
+
+
+def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> CaptureError:
+    cls = type(model).__name__
+    eager = _forward_fails(model, args, kwargs)
+    if eager is not None:
+        return CaptureError(
+            f"{cls}.forward fails on the given inputs ({type(eager).__name__}: {str(eager).splitlines()[0] if str(eager) else ''}) "
+            f"at {_user_frame(eager)}. Check the example inputs: graphred captures what the model runs."
+        )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return CaptureError(
+        f"torch.export could not capture {cls}: {type(exc).__name__}: {first_line}\n"
+        f"  at {_user_frame(exc)}\n"
+        "  Try: model.eval(); pass plain tensors (use_cache=False, return_dict=True for Hugging Face "
+        "models); or compile with torch.compile(model, backend='graphred'), which captures the graph "
+        "piecewise around what torch.export cannot trace."
+    )
