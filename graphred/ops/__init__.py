@@ -1,0 +1,23 @@
+"""graphred custom ops (``torch.ops.graphred.*``). Importing this package registers them.
+
+See :mod:`graphred.ops.tokens` for the ops, their schemas and their semantics.
+"""
+from __future__ import annotations
+
+from .tokens import (
+    attention_scores,
+    bipartite_match,
+    gather_tokens,
+    merge_tokens,
+    select_tokens,
+    size_bias,
+)
+
+__all__ = [
+    "attention_scores",
+    "bipartite_match",
+    "gather_tokens",
+    "merge_tokens",
+    "select_tokens",
+    "size_bias",
+]

@@ -1,0 +1,624 @@
+"""Token-reduction custom ops (namespace ``graphred``).
+
+Every op here is registered with :func:`torch.library.custom_op`, has a fake
+(meta) implementation so that ``torch.export``, ``torch.compile`` and
+``FakeTensorMode`` see correct output shapes, and an autograd formula where it is
+differentiable in a data input. The ops know nothing about models: they take
+tensors and ints. Graph passes insert them as ``torch.ops.graphred.<name>``.
+
+Registered schemas (``torch.ops.graphred.<name>.default._schema``)::
+
+    attention_scores(Tensor q, Tensor k, Tensor query_weight, Tensor? attn_bias=None,
+                     float? scale=None) -> Tensor
+    select_tokens(Tensor scores, Tensor candidates, SymInt n_drop) -> Tensor
+    gather_tokens(Tensor x, Tensor index, int dim) -> Tensor
+    bipartite_match(Tensor metric, Tensor candidates, SymInt r, Tensor? protected=None)
+                    -> (Tensor, Tensor, Tensor)
+    merge_tokens(Tensor x, Tensor sizes, Tensor src, Tensor dst) -> (Tensor, Tensor)
+
+:func:`size_bias` is a plain function (``log`` plus a reshape are ordinary aten ops
+that every tracer already understands; a custom op would only hide them).
+
+Conventions: dim 0 is always the batch; token axes are given explicitly; index
+tensors are ``int64``; "positions" are indices into the token axis of the tensor
+the op was given.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "attention_scores",
+    "select_tokens",
+    "gather_tokens",
+    "bipartite_match",
+    "merge_tokens",
+    "size_bias",
+]
+
+# Rows of query positions scored at once by the real attention_scores kernel; bounds the
+# temporary [B, H, rows, Lk] float32 probabilities.
+_QUERY_CHUNK = 256
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------------------
+# attention_scores
+# ---------------------------------------------------------------------------------------
+
+
+def _check_attention_args(q: Tensor, k: Tensor, query_weight: Tensor) -> None:
+    _check(q.dim() == 4, f"graphred::attention_scores: q must be [B,H,Lq,D], got shape {tuple(q.shape)}")
+    _check(k.dim() == 4, f"graphred::attention_scores: k must be [B,Hk,Lk,D], got shape {tuple(k.shape)}")
+    _check(k.shape[0] == q.shape[0], f"graphred::attention_scores: batch of q {q.shape[0]} != batch of k {k.shape[0]}")
+    _check(k.shape[3] == q.shape[3], f"graphred::attention_scores: head dim of q {q.shape[3]} != head dim of k {k.shape[3]}")
+    _check(
+        q.shape[1] % k.shape[1] == 0,
+        f"graphred::attention_scores: key heads ({k.shape[1]}) must divide query heads ({q.shape[1]})",
+    )
+    _check(
+        query_weight.dim() == 2 and query_weight.shape[1] == q.shape[2]
+        and (query_weight.shape[0] == q.shape[0] or query_weight.shape[0] == 1),
+        f"graphred::attention_scores: query_weight must be [B,Lq]=[{q.shape[0]},{q.shape[2]}], "
+        f"got {tuple(query_weight.shape)}",
+    )
+
+
+def _as_float_bias(attn_bias: Tensor) -> Tensor:
+    if attn_bias.dtype == torch.bool:
+        zero = torch.zeros((), dtype=torch.float32, device=attn_bias.device)
+        ninf = torch.full((), float("-inf"), dtype=torch.float32, device=attn_bias.device)
+        return torch.where(attn_bias, zero, ninf)
+    return attn_bias.to(torch.float32)
+
+
+@torch.library.custom_op("graphred::attention_scores", mutates_args=())
+def _attention_scores(
+    q: Tensor, k: Tensor, query_weight: Tensor, attn_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    _check_attention_args(q, k, query_weight)
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    G = H // Hk
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    w = query_weight.to(torch.float32).expand(B, Lq)
+    bias = None
+    if attn_bias is not None:
+        _check(attn_bias.dim() <= 4, f"graphred::attention_scores: attn_bias has rank {attn_bias.dim()} > 4")
+        bias = _as_float_bias(attn_bias)
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(B, H, Lq, Lk)
+        # [B, Hk, G, Lq, Lk]; a view of the (possibly broadcast) bias, nothing materialised
+        bias = bias.unflatten(1, (Hk, G))
+
+    acc = torch.zeros(B, Lk, dtype=torch.float32, device=q.device)
+    # Only query rows that carry weight in some sample contribute: FastV scores one row,
+    # PuMer the text rows. This selection is data-dependent, which is fine in the real
+    # kernel (the op is opaque to tracers).
+    rows = torch.nonzero((w != 0).any(0)).flatten()
+    kf = k.to(torch.float32).unsqueeze(2)  # [B, Hk, 1, Lk, D]
+    for start in range(0, rows.numel(), _QUERY_CHUNK):
+        r = rows[start:start + _QUERY_CHUNK]
+        qr = q.index_select(2, r).to(torch.float32).unflatten(1, (Hk, G))  # [B,Hk,G,n,D]
+        logits = torch.matmul(qr, kf.transpose(-1, -2)) * scale  # [B,Hk,G,n,Lk]
+        if bias is not None:
+            logits = logits + bias.index_select(3, r)
+        # a fully masked row has no distribution; it contributes nothing (instead of NaN)
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+        head_mean = probs.mean(dim=(1, 2))  # [B, n, Lk]
+        wr = w.index_select(1, r)  # [B, n]
+        acc += torch.bmm(wr.unsqueeze(1), head_mean).squeeze(1)
+    total = w.sum(dim=1, keepdim=True)
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    return torch.where(total == 0, torch.zeros_like(acc), acc / safe)
+
+
+@_attention_scores.register_fake
+def _(q, k, query_weight, attn_bias=None, scale=None):
+    _check_attention_args(q, k, query_weight)
+    return q.new_empty((q.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+def _attention_scores_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)
+
+
+def _attention_scores_backward(ctx, grad):
+    return None, None, None, None, None
+
+
+_attention_scores.register_autograd(_attention_scores_backward, setup_context=_attention_scores_setup)
+
+
+def attention_scores(
+    q: Tensor, k: Tensor, query_weight: Tensor, attn_bias: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Weighted, head-averaged attention probabilities received by each key.
+
+    ``s[b, j] = sum_t w[b,t] * mean_h softmax_j(scale * q k^T + bias)[b,h,t,j] / sum_t w[b,t]``
+    (0 where a sample's weight sum is 0). This is the side computation that replaces
+    eager attention probabilities when the model runs a fused kernel (SDPA).
+
+    Args:
+        q: queries ``[B, H, Lq, D]`` (any float dtype; computed in float32).
+        k: keys ``[B, Hk, Lk, D]``; ``Hk`` must divide ``H`` (grouped-query attention:
+            key head ``g`` serves query heads ``g*H/Hk .. (g+1)*H/Hk - 1``).
+        query_weight: ``[B, Lq]`` (or ``[1, Lq]``) weight of each query row, e.g. 1 for
+            valid text queries (PuMer) or a one-hot on the last query (FastV).
+        attn_bias: optional mask broadcastable to ``[B, H, Lq, Lk]``: additive float
+            (may hold ``-inf``) or bool (``True`` = attend), as SDPA's ``attn_mask``.
+            A query row masked everywhere contributes zero.
+        scale: logit scale; ``None`` means ``1/sqrt(D)`` (SDPA's default).
+
+    Returns:
+        ``[B, Lk]`` float32 scores, detached (the op is marked non-differentiable).
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8)
+        >>> w = torch.zeros(2, 5); w[:, -1] = 1          # FastV: last query only
+        >>> s = gops.attention_scores(q, k, w, None, 8 ** -0.5)
+        >>> s.shape, bool(torch.allclose(s.sum(-1), torch.ones(2)))
+        (torch.Size([2, 7]), True)
+    """
+    return torch.ops.graphred.attention_scores(q, k, query_weight, attn_bias, scale)
+
+
+# ---------------------------------------------------------------------------------------
+# select_tokens
+# ---------------------------------------------------------------------------------------
+
+
+def _check_select_args(scores: Tensor, candidates: Tensor, n_drop: int) -> None:
+    _check(scores.dim() == 2, f"graphred::select_tokens: scores must be [B,L], got {tuple(scores.shape)}")
+    _check(candidates.dtype == torch.bool, f"graphred::select_tokens: candidates must be bool, got {candidates.dtype}")
+    _check(
+        tuple(candidates.shape) == tuple(scores.shape),
+        f"graphred::select_tokens: candidates {tuple(candidates.shape)} must match scores {tuple(scores.shape)}",
+    )
+    _check(n_drop >= 0, f"graphred::select_tokens: n_drop must be >= 0, got {n_drop}")
+    _check(n_drop <= scores.shape[1], f"graphred::select_tokens: n_drop={n_drop} > sequence length {scores.shape[1]}")
+
+
+@torch.library.custom_op("graphred::select_tokens", mutates_args=())
+def _select_tokens(scores: Tensor, candidates: Tensor, n_drop: int) -> Tensor:
+    _check_select_args(scores, candidates, n_drop)
+    B, L = scores.shape
+    if n_drop == 0:
+        return torch.arange(L, device=scores.device).expand(B, L).clone()
+    n_cand = candidates.sum(dim=1)
+    if bool((n_cand < n_drop).any()):
+        bad = int(torch.nonzero(n_cand < n_drop)[0, 0])
+        raise ValueError(
+            f"graphred::select_tokens: sample {bad} has {int(n_cand[bad])} candidate tokens, "
+            f"fewer than n_drop={n_drop}; every sample needs at least n_drop candidates"
+        )
+    # Drop order: candidates first, then ascending score, then (ties) higher position first
+    # so that among equal scores the lower position is kept. Work on the reversed sequence
+    # so that stable sorts put higher original positions first.
+    rev_scores = scores.flip(1)
+    rev_noncand = (~candidates).flip(1).to(torch.int8)
+    order = torch.sort(rev_scores, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(rev_noncand.gather(1, order), dim=1, stable=True).indices)
+    kept_rev = order[:, n_drop:]
+    return torch.sort(L - 1 - kept_rev, dim=1).values
+
+
+@_select_tokens.register_fake
+def _(scores, candidates, n_drop):
+    _check_select_args(scores, candidates, n_drop)
+    return scores.new_empty((scores.shape[0], scores.shape[1] - n_drop), dtype=torch.int64)
+
+
+def select_tokens(scores: Tensor, candidates: Tensor, n_drop: int) -> Tensor:
+    """Indices of the tokens to keep after dropping the ``n_drop`` lowest-scoring candidates.
+
+    Every non-candidate position is kept. Among candidates the ``n_drop`` lowest scores are
+    dropped (ties: the lower position is kept). NaN scores sort as the highest (kept). The
+    same number is dropped from every sample, so the output shape is static.
+
+    Args:
+        scores: ``[B, L]`` real scores.
+        candidates: ``[B, L]`` bool, positions that may be dropped. Each sample must have
+            at least ``n_drop`` candidates (``ValueError`` otherwise).
+        n_drop: tokens dropped per sample.
+
+    Returns:
+        ``[B, L - n_drop]`` int64 positions, ascending (original order kept).
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> s = torch.tensor([[0.9, 0.1, 0.5, 0.2, 0.0]])
+        >>> c = torch.tensor([[False, True, True, True, False]])
+        >>> gops.select_tokens(s, c, 2)
+        tensor([[0, 2, 4]])
+    """
+    return torch.ops.graphred.select_tokens(scores, candidates, n_drop)
+
+
+# ---------------------------------------------------------------------------------------
+# gather_tokens
+# ---------------------------------------------------------------------------------------
+
+
+def _gather_geometry(x: Tensor, index: Tensor, dim: int):
+    _check(x.dim() >= 2, f"graphred::gather_tokens: x must have a batch dim and a token dim, got {tuple(x.shape)}")
+    _check(index.dim() == 2, f"graphred::gather_tokens: index must be [B,K], got {tuple(index.shape)}")
+    nd = dim + x.dim() if dim < 0 else dim
+    _check(1 <= nd < x.dim(), f"graphred::gather_tokens: dim={dim} is not a non-batch dim of a rank-{x.dim()} tensor")
+    bx, bi = x.shape[0], index.shape[0]
+    _check(
+        bx == bi or bx == 1 or bi == 1,
+        f"graphred::gather_tokens: batch of x ({bx}) and of index ({bi}) must match or one must be 1",
+    )
+    B = bi if bx == 1 else bx
+    out_shape = list(x.shape)
+    out_shape[0] = B
+    out_shape[nd] = index.shape[1]
+    return nd, B, out_shape
+
+
+def _expanded_index(index: Tensor, nd: int, shape: list) -> Tensor:
+    view = [1] * len(shape)
+    view[0] = index.shape[0]
+    view[nd] = index.shape[1]
+    return index.reshape(view).expand(shape)
+
+
+@torch.library.custom_op(
+    "graphred::gather_tokens", mutates_args=(), schema="(Tensor x, Tensor index, int dim) -> Tensor"
+)
+def _gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
+    nd, B, out_shape = _gather_geometry(x, index, dim)
+    xs = list(x.shape)
+    xs[0] = B
+    xe = x.expand(xs)
+    return torch.gather(xe, nd, _expanded_index(index, nd, out_shape))
+
+
+@_gather_tokens.register_fake
+def _(x, index, dim):
+    _nd, _B, out_shape = _gather_geometry(x, index, dim)
+    return x.new_empty(out_shape)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index, dim = inputs
+    ctx.save_for_backward(index)
+    ctx.x_shape = tuple(x.shape)
+    ctx.dim = dim
+
+
+def _gather_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    x_shape = ctx.x_shape
+    nd = ctx.dim + len(x_shape) if ctx.dim < 0 else ctx.dim
+    full = list(x_shape)
+    full[0] = grad.shape[0]
+    gx = grad.new_zeros(full).scatter_add(nd, _expanded_index(index, nd, list(grad.shape)), grad)
+    if x_shape[0] != full[0]:
+        gx = gx.sum(dim=0, keepdim=True)
+    return gx, None, None
+
+
+_gather_tokens.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
+    """Gather ``index[b]`` along token axis ``dim`` of every sample of ``x``.
+
+    ``x`` has the batch on dim 0, of size ``B`` or 1 (a shared table such as a rotary
+    ``[1, L, D]`` is broadcast to the index batch); any rank, any ``dim >= 1`` (negative
+    dims count from the end). Works for float, integer and bool tensors (position ids,
+    masks). Differentiable in ``x``: the gradient is scattered back into zeros (and summed
+    over the batch when ``x``'s batch was 1).
+
+    Args:
+        x: ``[B or 1, ..., L, ...]``.
+        index: ``[B, K]`` int64 positions along ``dim`` (``[1, K]`` broadcasts too).
+        dim: the token axis of ``x``.
+
+    Returns:
+        ``x`` with ``K`` entries along ``dim`` and the broadcast batch on dim 0.
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> mask = torch.arange(16.).reshape(1, 1, 4, 4).expand(2, 1, 4, 4)
+        >>> idx = torch.tensor([[0, 2], [1, 3]])
+        >>> gops.gather_tokens(mask, idx, 3)[1, 0, 0]
+        tensor([1., 3.])
+        >>> gops.gather_tokens(torch.randn(1, 4, 8), idx, 1).shape
+        torch.Size([2, 2, 8])
+    """
+    return torch.ops.graphred.gather_tokens(x, index, dim)
+
+
+# ---------------------------------------------------------------------------------------
+# bipartite_match
+# ---------------------------------------------------------------------------------------
+
+
+def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor]) -> None:
+    _check(metric.dim() == 3, f"graphred::bipartite_match: metric must be [B,L,C], got {tuple(metric.shape)}")
+    BL = tuple(metric.shape[:2])
+    _check(candidates.dtype == torch.bool, f"graphred::bipartite_match: candidates must be bool, got {candidates.dtype}")
+    _check(tuple(candidates.shape) == BL, f"graphred::bipartite_match: candidates must be [B,L]={BL}, got {tuple(candidates.shape)}")
+    if protected is not None:
+        _check(protected.dtype == torch.bool, f"graphred::bipartite_match: protected must be bool, got {protected.dtype}")
+        _check(tuple(protected.shape) == BL, f"graphred::bipartite_match: protected must be [B,L]={BL}, got {tuple(protected.shape)}")
+    _check(r >= 0, f"graphred::bipartite_match: r must be >= 0, got {r}")
+    _check(r <= metric.shape[1], f"graphred::bipartite_match: r={r} > sequence length {metric.shape[1]}")
+
+
+def _pack(mask: Tensor):
+    """Positions where ``mask`` is true, packed left per row: ([B, M] positions, [B, M] valid)."""
+    B, L = mask.shape
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    m = int(mask.sum(dim=1).max()) if B > 0 else 0
+    pos = order[:, :m]
+    return pos, mask.gather(1, pos)
+
+
+@torch.library.custom_op("graphred::bipartite_match", mutates_args=())
+def _bipartite_match(
+    metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_match_args(metric, candidates, r, protected)
+    B, L, _C = metric.shape
+    dev = metric.device
+    if r == 0:
+        empty = torch.empty(B, 0, dtype=torch.int64, device=dev)
+        return torch.arange(L, device=dev).expand(B, L).clone(), empty, empty.clone()
+    rank = torch.cumsum(candidates.to(torch.int64), dim=1) - 1
+    is_a = candidates & (rank % 2 == 0)
+    is_b = candidates & (rank % 2 == 1)
+    if protected is not None:
+        # protected tokens never take part in a merge, neither as source nor as destination
+        is_a_free = is_a & ~protected
+        is_b_free = is_b & ~protected
+    else:
+        is_a_free, is_b_free = is_a, is_b
+    a_pos, a_ok = _pack(is_a)
+    b_pos, b_ok = _pack(is_b)
+    a_ok = a_ok & is_a_free.gather(1, a_pos)
+    b_ok = b_ok & is_b_free.gather(1, b_pos)
+
+    m = metric.to(torch.float32)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    C = m.shape[-1]
+    ma = m.gather(1, a_pos.unsqueeze(-1).expand(B, a_pos.shape[1], C))
+    mb = m.gather(1, b_pos.unsqueeze(-1).expand(B, b_pos.shape[1], C))
+    sim = ma @ mb.transpose(1, 2)  # [B, A, Bn]
+    sim = sim.masked_fill(~(a_ok.unsqueeze(2) & b_ok.unsqueeze(1)), float("-inf"))
+    if sim.shape[2] == 0:
+        node_max = torch.full(a_pos.shape, float("-inf"), device=dev)
+        node_idx = torch.zeros(a_pos.shape, dtype=torch.int64, device=dev)
+    else:
+        node_max, node_idx = sim.max(dim=-1)
+    mergeable = node_max > float("-inf")
+    n_merge = mergeable.sum(dim=1)
+    if bool((n_merge < r).any()):
+        bad = int(torch.nonzero(n_merge < r)[0, 0])
+        raise ValueError(
+            f"graphred::bipartite_match: sample {bad} can merge at most {int(n_merge[bad])} tokens "
+            f"({int(is_a[bad].sum())} A candidates of {int(candidates[bad].sum())} candidates, "
+            f"minus protected ones and those without an unprotected B partner), but r={r}"
+        )
+    # NaN similarities (NaN metric) sort last; -inf rows are never chosen (checked above).
+    key = torch.where(mergeable, node_max, torch.full_like(node_max, float("-inf")))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :r]  # [B, r] rows of A
+    src = a_pos.gather(1, order)
+    dst = b_pos.gather(1, node_idx.gather(1, order))
+    # canonical order: by source position
+    src, perm = torch.sort(src, dim=1)
+    dst = dst.gather(1, perm)
+    keep = torch.ones(B, L, dtype=torch.bool, device=dev).scatter(1, src, False)
+    keep_index = torch.nonzero(keep)[:, 1].reshape(B, L - r)
+    return keep_index, src, dst
+
+
+@_bipartite_match.register_fake
+def _(metric, candidates, r, protected=None):
+    _check_match_args(metric, candidates, r, protected)
+    B, L = metric.shape[0], metric.shape[1]
+    keep = metric.new_empty((B, L - r), dtype=torch.int64)
+    return keep, metric.new_empty((B, r), dtype=torch.int64), metric.new_empty((B, r), dtype=torch.int64)
+
+
+def bipartite_match(
+    metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe bipartite soft matching restricted to candidate tokens.
+
+    Per sample, candidate positions in sequence order are split alternately into set A
+    (even rank) and set B (odd rank). With the L2-normalised metric, each A token takes its
+    most similar B token (cosine); the ``r`` A tokens with the highest such similarity are
+    merged into their partners. Non-candidates never take part, so modality-aware merging
+    calls this once with image candidates and once with text candidates. ``protected``
+    tokens take part in no merge (neither as source nor as destination). Ties are broken
+    toward the lower position.
+
+    Args:
+        metric: ``[B, L, C]`` similarity features (e.g. head-mean keys).
+        candidates: ``[B, L]`` bool.
+        r: merges per sample; must not exceed the mergeable A tokens of any sample
+            (unprotected A candidates with an unprotected B partner), else ``ValueError``.
+        protected: optional ``[B, L]`` bool.
+
+    Returns:
+        ``(keep_index [B, L-r], src [B, r], dst [B, r])`` int64 positions: ``src`` are the
+        merged-away A tokens (ascending), ``dst[:, i]`` the B partner of ``src[:, i]``, and
+        ``keep_index`` every position except ``src``, ascending (a merged token stays at
+        its ``dst`` position). Pass ``src``/``dst`` to :func:`merge_tokens`, then gather
+        with ``keep_index``.
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> metric = torch.tensor([[[1., 0], [1, 0], [0, 1], [0, 1.1], [5, 5]]])
+        >>> cand = torch.tensor([[True, True, True, True, False]])
+        >>> keep, src, dst = gops.bipartite_match(metric, cand, 2)
+        >>> keep, src, dst
+        (tensor([[1, 3, 4]]), tensor([[0, 2]]), tensor([[1, 3]]))
+    """
+    return torch.ops.graphred.bipartite_match(metric, candidates, r, protected)
+
+
+# ---------------------------------------------------------------------------------------
+# merge_tokens
+# ---------------------------------------------------------------------------------------
+
+
+def _check_merge_args(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor) -> None:
+    _check(x.dim() >= 2, f"graphred::merge_tokens: x must be [B,L,C], got {tuple(x.shape)}")
+    _check(
+        tuple(sizes.shape) == tuple(x.shape[:2]),
+        f"graphred::merge_tokens: sizes must be [B,L]={tuple(x.shape[:2])}, got {tuple(sizes.shape)}",
+    )
+    _check(
+        src.dim() == 2 and tuple(src.shape) == tuple(dst.shape) and src.shape[0] == x.shape[0],
+        f"graphred::merge_tokens: src and dst must both be [B,r] with B={x.shape[0]}, "
+        f"got {tuple(src.shape)} and {tuple(dst.shape)}",
+    )
+
+
+def _expand_rows(idx: Tensor, feat: int) -> Tensor:
+    return idx.unsqueeze(-1).expand(idx.shape[0], idx.shape[1], feat)
+
+
+def _merge_forward(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor):
+    """Returns (x_merged, sizes_merged, is_dst) for x flattened to [B, L, F]."""
+    B, L, F = x.shape
+    ct = torch.promote_types(x.dtype, sizes.dtype)
+    xc, sc = x.to(ct), sizes.to(ct)
+    s_src = sc.gather(1, src)
+    sizes_m = sc.scatter_add(1, dst, s_src)
+    num = (xc * sc.unsqueeze(-1)).scatter_add(
+        1, _expand_rows(dst, F), xc.gather(1, _expand_rows(src, F)) * s_src.unsqueeze(-1)
+    )
+    is_dst = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, dst, True)
+    den = torch.where(is_dst, sizes_m, torch.ones_like(sizes_m))
+    x_m = torch.where(is_dst.unsqueeze(-1), num / den.unsqueeze(-1), xc)
+    return x_m.to(x.dtype), sizes_m.to(sizes.dtype), is_dst
+
+
+@torch.library.custom_op("graphred::merge_tokens", mutates_args=())
+def _merge_tokens(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    _check_merge_args(x, sizes, src, dst)
+    shape = x.shape
+    x_m, s_m, _ = _merge_forward(x.reshape(shape[0], shape[1], -1), sizes, src, dst)
+    return x_m.reshape(shape), s_m
+
+
+@_merge_tokens.register_fake
+def _(x, sizes, src, dst):
+    _check_merge_args(x, sizes, src, dst)
+    return torch.empty_like(x), torch.empty_like(sizes)
+
+
+def _merge_setup(ctx, inputs, output):
+    x, sizes, src, dst = inputs
+    x_m, s_m = output
+    ctx.save_for_backward(x, sizes, src, dst, x_m, s_m)
+
+
+def _merge_backward(ctx, g_x, g_s):
+    x, sizes, src, dst, x_m, s_m = ctx.saved_tensors
+    shape = x.shape
+    B, L = shape[0], shape[1]
+    xf = x.reshape(B, L, -1)
+    xmf = x_m.reshape(B, L, -1)
+    F = xf.shape[2]
+    if g_x is None:
+        g_x = torch.zeros_like(x)
+    if g_s is None:
+        g_s = torch.zeros_like(sizes)
+    ct = torch.promote_types(g_x.dtype, sizes.dtype)
+    g = g_x.reshape(B, L, -1).to(ct)
+    s = sizes.to(ct)
+    is_dst = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, dst, True)
+    den = torch.where(is_dst, s_m.to(ct), torch.ones_like(s))
+    # q = dL/d(numerator) on destination rows, 0 elsewhere
+    q = torch.where(is_dst.unsqueeze(-1), g / den.unsqueeze(-1), torch.zeros_like(g))
+    q_at_dst = q.gather(1, _expand_rows(dst, F))  # [B, r, F]
+    s_src = s.gather(1, src)
+    grad_x = grad_s = None
+    if ctx.needs_input_grad[0]:
+        own = torch.where(is_dst.unsqueeze(-1), q * s.unsqueeze(-1), g)
+        gx = own.scatter_add(1, _expand_rows(src, F), q_at_dst * s_src.unsqueeze(-1))
+        grad_x = gx.to(x.dtype).reshape(shape)
+    if ctx.needs_input_grad[1]:
+        xc, xmc = xf.to(ct), xmf.to(ct)
+        gsm = g_s.to(ct)
+        own = gsm + torch.where(is_dst, (q * (xc - xmc)).sum(-1), torch.zeros_like(s))
+        xm_at_dst = xmc.gather(1, _expand_rows(dst, F))
+        from_src = gsm.gather(1, dst) + (q_at_dst * (xc.gather(1, _expand_rows(src, F)) - xm_at_dst)).sum(-1)
+        grad_s = own.scatter_add(1, src, from_src).to(sizes.dtype)
+    return grad_x, grad_s, None, None
+
+
+_merge_tokens.register_autograd(_merge_backward, setup_context=_merge_setup)
+
+
+def merge_tokens(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted merge of rows ``src`` into rows ``dst`` (ToMe's weighted average).
+
+    For each destination ``d``: ``x'[d] = (s[d] x[d] + sum_{src->d} s[src] x[src]) /
+    (s[d] + sum_{src->d} s[src])`` and ``sizes'[d] = s[d] + sum_{src->d} s[src]``; several
+    sources may map to one destination. All other rows (including the ``src`` rows, which
+    the caller drops afterwards with :func:`gather_tokens` and ``keep_index``) are returned
+    unchanged, bit for bit. ``src`` and ``dst`` are expected to be disjoint (as
+    :func:`bipartite_match` returns them); sizes must be positive on destination rows.
+    Differentiable in ``x`` and ``sizes``.
+
+    Args:
+        x: ``[B, L, C]`` (trailing dims beyond the token axis are flattened internally).
+        sizes: ``[B, L]`` float token sizes (1 for unmerged tokens).
+        src, dst: ``[B, r]`` int64 positions.
+
+    Returns:
+        ``(x_merged [B, L, C], sizes_merged [B, L])``.
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> x = torch.tensor([[[0.], [3.], [10.]]])
+        >>> xm, sm = gops.merge_tokens(x, torch.tensor([[1., 2., 1.]]), torch.tensor([[0]]), torch.tensor([[1]]))
+        >>> xm.flatten().tolist(), sm.flatten().tolist()
+        ([0.0, 2.0, 10.0], [1.0, 3.0, 1.0])
+    """
+    return torch.ops.graphred.merge_tokens(x, sizes, src, dst)
+
+
+# ---------------------------------------------------------------------------------------
+# size_bias
+# ---------------------------------------------------------------------------------------
+
+
+def size_bias(sizes: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """ToMe proportional attention as an additive attention mask: ``log(sizes)`` as
+    ``[B, 1, 1, L]``, broadcastable over heads and queries (SDPA ``attn_mask``).
+
+    A plain function, not a custom op: ``log`` and a reshape are aten ops that export,
+    compile and autograd already handle, so the graph shows them directly. Add the result
+    to any existing additive mask (``-inf`` entries stay ``-inf``).
+
+    Args:
+        sizes: ``[B, L]`` positive token sizes (as returned by :func:`merge_tokens`).
+        dtype: output dtype (SDPA wants the query's); default: ``sizes``' dtype.
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> gops.size_bias(torch.tensor([[1., 2.]])).shape
+        torch.Size([1, 1, 1, 2])
+    """
+    bias = torch.log(sizes)[:, None, None, :]
+    return bias if dtype is None else bias.to(dtype)
