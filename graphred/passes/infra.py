@@ -408,9 +408,14 @@ def propagate_meta(gm: fx.GraphModule, start_nodes: fx.Node | Iterable[fx.Node])
 
 
 def replace_all_uses_except(node: fx.Node, new: fx.Node, except_nodes: Iterable[fx.Node] = ()) -> list[fx.Node]:
-    """Make every user of ``node`` use ``new`` instead, except ``except_nodes`` and ``new``
-    itself (so ``new = f(node)`` is safe); returns the users changed."""
-    keep = set(except_nodes) | {new}
+    """Make every user of ``node`` use ``new`` instead, except ``except_nodes`` and the nodes
+    ``new`` is computed from (so ``new = g(f(node))`` makes no cycle); returns the users changed."""
+    keep, todo = set(except_nodes), [new]
+    while todo:  # new and its ancestors, up to node
+        n = todo.pop()
+        if n is not node and n not in keep:
+            keep.add(n)
+            todo.extend(n.all_input_nodes)
     return node.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
 
 
