@@ -21,7 +21,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._pytree import tree_flatten
 
-from graphred.errors import AnalysisError, PassError, PostconditionError, PreconditionError
+from graphred.errors import AnalysisError, PassError, PostconditionError
 
 __all__ = [
     "ALL", "META_KEY", "Analysis", "AnalysisManager", "GraphredPass", "PassManager", "PassResult",
