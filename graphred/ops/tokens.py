@@ -40,9 +40,9 @@ __all__ = [
     "size_bias",
 ]
 
-# Rows of query positions scored at once by the real attention_scores kernel; bounds the
-# temporary [B, H, rows, Lk] float32 probabilities.
-_QUERY_CHUNK = 256
+# The real attention_scores kernel scores query rows in chunks so that the temporary
+# [B, H, rows, Lk] float32 logits/probabilities stay under about this many elements.
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -106,8 +106,9 @@ def _attention_scores(
     # kernel (the op is opaque to tracers).
     rows = torch.nonzero((w != 0).any(0)).flatten()
     kf = k.to(torch.float32).unsqueeze(2)  # [B, Hk, 1, Lk, D]
-    for start in range(0, rows.numel(), _QUERY_CHUNK):
-        r = rows[start:start + _QUERY_CHUNK]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
         qr = q.index_select(2, r).to(torch.float32).unflatten(1, (Hk, G))  # [B,Hk,G,n,D]
         logits = torch.matmul(qr, kf.transpose(-1, -2)) * scale  # [B,Hk,G,n,Lk]
         if bias is not None:
@@ -423,7 +424,7 @@ def _bipartite_match(
     src, perm = torch.sort(src, dim=1)
     dst = dst.gather(1, perm)
     keep = torch.ones(B, L, dtype=torch.bool, device=dev).scatter(1, src, False)
-    keep_index = torch.nonzero(keep)[:, 1].reshape(B, L - r)
+    keep_index = torch.arange(L, device=dev).expand(B, L)[keep].view(B, L - r)
     return keep_index, src, dst
 
 
