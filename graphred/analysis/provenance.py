@@ -1,0 +1,1016 @@
+"""Token-axis and modality provenance: for every tensor in a captured graph, which dimensions
+are token axes (and of which token *stream*), which is the batch axis, and which modality each
+position of a stream holds.
+
+A *stream* is one token sequence (a vision tower's patches, a decoder's mixed sequence, a text
+encoder's tokens). Streams are born where the graph shows tokens entering:
+
+* an ``embedding`` whose indices come straight from an integer input (text tokens);
+* a convolution over a floating input (image patches: its spatial positions, or its batch
+  rows when the spatial extent is 1);
+* a ``masked_scatter`` / ``index_put`` / ``where`` that writes image features into a stream
+  (the new stream's layout is read from the mask at run time);
+* a ``cat`` along a token axis (segments of the inputs; learned, input-free segments are
+  special tokens: ``register`` in a mixed stream, else the stream's own modality);
+* a ``slice`` / ``split`` of a stream (a child stream).
+
+Token axes are tracked as ``(stream, flat_stride, length)``: the token index of the element at
+row-major flat index ``f`` is ``(f // flat_stride) % length``. Reshapes keep flat indices, so
+views, flattens and folded ``[B*L, C]`` layouts need no rule of their own. Every other op is
+handled by a rule below; an op without a rule that receives token axes is reported by name
+and module path, and propagation stops there on that path (never a silent guess).
+
+Nothing here names a model or a config attribute: all of it is read from the graph.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..fx_utils import module_path, op_name
+
+aten = torch.ops.aten
+
+TEXT, IMAGE, REGISTER = "text", "image", "register"
+MODALITIES = (TEXT, IMAGE, REGISTER)
+CODE = {TEXT: 0, IMAGE: 1, REGISTER: 2}
+NAME = {v: k for k, v in CODE.items()}
+BATCH, TOKENS = "batch", "tokens"
+
+
+# ----------------------------------------------------------------------------- data model
+@dataclass(frozen=True)
+class TokAxis:
+    """A token (or batch) axis of a tensor in flat-index form."""
+
+    stream: int
+    stride: int
+    length: int
+
+
+@dataclass
+class Stream:
+    """One token sequence of the graph.
+
+    ``recipe`` says how its modality layout is computed from graph values:
+    ``("uniform", code)``, ``("mask", base_stream, mask_node, token_dim, code)``,
+    ``("index_put", base_stream, self_node, index_nodes, code)``, ``("cat", [(stream|code, length)...])``,
+    ``("slice", parent, start, end, step)``.
+    """
+
+    id: int
+    kind: str  # TOKENS or BATCH
+    length: int
+    origin: str  # node name
+    rule: str
+    recipe: tuple
+    parents: tuple[int, ...] = ()
+    codes: torch.Tensor | None = None  # [B or 1, length] int8 modality codes at the example inputs
+    special: torch.Tensor | None = None  # [length] bool: learned (input-free) tokens, e.g. a class token
+    sym_length: Any = None
+    symbols: dict = field(default_factory=dict)
+
+    def modalities(self) -> set[str]:
+        if self.codes is None:
+            return set()
+        return {NAME[int(c)] for c in torch.unique(self.codes).tolist() if int(c) in NAME}
+
+    def counts(self) -> list[dict[str, int]]:
+        """Tokens per modality, per sample."""
+        if self.codes is None:
+            return []
+        out = []
+        for row in self.codes:
+            out.append({NAME[c]: int((row == c).sum()) for c in sorted(NAME) if int((row == c).sum())})
+        return out
+
+
+@dataclass
+class TokenInfo:
+    """What the analysis knows about one tensor."""
+
+    axes: tuple[TokAxis, ...] = ()
+    taint: frozenset = frozenset()  # modalities whose data flows into this tensor
+    direct_ids: bool = False  # values copied from an integer graph input (token ids)
+    learned: bool = False  # computed from parameters/constants only (no graph input)
+
+
+@dataclass
+class UnknownOp:
+    node: str
+    op: str
+    module_path: str
+
+    def __str__(self) -> str:
+        return f"{self.op} at {self.module_path or '<top>'} (node {self.node})"
+
+
+# ----------------------------------------------------------------------------- shape helpers
+def _suffix(shape: tuple[int, ...], d: int) -> int:
+    p = 1
+    for s in shape[d + 1 :]:
+        p *= int(s)
+    return p
+
+
+def locate(ax: TokAxis, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """Dims ``(lo, hi, inner)`` that axis ``ax`` occupies in a tensor of ``shape``: the token index
+    is spread over dims lo..hi, with ``inner`` the sub-stride inside dim hi. None if it does not fit."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        return None
+    hi = None
+    for d in range(len(shape) - 1, -1, -1):
+        suf = _suffix(shape, d)
+        if suf <= ax.stride < suf * shape[d] and ax.stride % suf == 0:
+            hi = d
+            break
+    if hi is None:
+        return None
+    inner = ax.stride // _suffix(shape, hi)
+    top = ax.stride * ax.length
+    lo = hi
+    while _suffix(shape, lo) * shape[lo] < top:
+        lo -= 1
+        if lo < 0:
+            return None
+    if (_suffix(shape, lo) * shape[lo]) % top != 0 and lo != hi:
+        return None
+    if lo == hi and (shape[hi] * _suffix(shape, hi)) % top != 0:
+        return None
+    return lo, hi, inner
+
+
+def axis_dim(ax: TokAxis, shape) -> int | None:
+    """The single dim that holds exactly this axis (size == length), else None."""
+    loc = locate(ax, shape)
+    if loc is None:
+        return None
+    lo, hi, inner = loc
+    if lo == hi and inner == 1 and int(shape[hi]) == ax.length:
+        return hi
+    return None
+
+
+def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, int]) -> list[TokAxis]:
+    """Carry axes from a tensor of ``in_shape`` to one of ``out_shape`` where input dim i became
+    output dim ``dim_map[i]`` (same size). Axes over an unmapped or re-ordered dim are dropped."""
+    out = []
+    for ax in axes:
+        loc = locate(ax, in_shape)
+        if loc is None:
+            continue
+        lo, hi, inner = loc
+        dims = list(range(lo, hi + 1))
+        if not all(d in dim_map for d in dims):
+            continue
+        od = [dim_map[d] for d in dims]
+        if od != list(range(od[0], od[0] + len(od))):
+            continue
+        if any(int(in_shape[d]) != int(out_shape[o]) for d, o in zip(dims, od)):
+            continue
+        out.append(TokAxis(ax.stream, inner * _suffix(tuple(int(s) for s in out_shape), od[-1]), ax.length))
+    return out
+
+
+def _shape(node) -> tuple | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(v, torch.Tensor):
+        try:
+            return tuple(int(s) for s in v.shape)
+        except Exception:  # unbacked symbols: use the hint where there is one
+            return tuple(_hint(s) for s in v.shape)
+    return None
+
+
+def _hint(s) -> int:
+    try:
+        return int(s)
+    except Exception:
+        node = getattr(s, "node", None)
+        h = getattr(node, "hint", None) if node is not None else None
+        if h is not None:
+            return int(h)
+        unbacked = getattr(getattr(node, "shape_env", None), "unbacked_var_to_val", {}) if node is not None else {}
+        expr = getattr(node, "expr", None)
+        if expr is not None and unbacked:
+            try:
+                return int(expr.xreplace(unbacked))
+            except Exception:
+                pass
+        return -1
+
+
+def _dtype(node):
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+# ----------------------------------------------------------------------------- op tables
+def _packets(*names):
+    out = set()
+    for n in names:
+        p = getattr(aten, n, None)
+        if p is not None:
+            out.add(p)
+    return out
+
+
+IDENTITY = _packets(
+    "clone", "contiguous", "_to_copy", "to", "alias", "detach", "lift_fresh_copy", "type_as",
+    "dropout", "softmax", "_softmax", "log_softmax", "_log_softmax", "layer_norm", "rms_norm",
+    "_fused_rms_norm", "group_norm", "batch_norm", "_native_batch_norm_legit_no_training",
+    "native_layer_norm", "native_dropout", "gelu", "silu", "relu", "tanh", "sigmoid", "masked_fill",
+    "fill", "zeros_like", "ones_like", "full_like", "empty_like", "_assert_tensor_metadata",
+    "where", "clamp", "hardtanh", "erf", "pow", "rsqrt", "exp", "neg", "cumsum", "tril", "triu",
+    "bitwise_not", "logical_not", "abs", "sqrt", "mish", "log", "sin", "cos", "round", "floor",
+    "_native_batch_norm_legit_functional", "batch_norm_with_update", "instance_norm",
+)
+RESHAPES = _packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as")
+CREATION = _packets(
+    "arange", "zeros", "ones", "full", "empty", "scalar_tensor", "new_ones", "new_zeros", "new_full",
+    "new_empty", "rand", "randn", "randint", "tensor", "linspace", "eye", "empty_strided", "ones_like",
+)
+SDPA = _packets(
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+)
+REDUCTIONS = _packets("sum", "mean", "amax", "amin", "max", "min", "any", "all", "prod", "var", "std", "argmax", "argmin", "norm", "linalg_vector_norm", "logsumexp")
+CONV = _packets("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
+SILENT = _packets(
+    "_assert_scalar", "_assert_async", "sym_size", "sym_numel", "sym_stride", "item",
+    "_is_all_true", "_local_scalar_dense", "sym_constrain_range_for_size", "lift_fresh",
+)
+
+
+def _packet(node: fx.Node):
+    t = node.target
+    return t.overloadpacket if isinstance(t, torch._ops.OpOverload) else t
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+
+
+# ----------------------------------------------------------------------------- the analysis
+class TokenProvenance:
+    """Run the provenance analysis over ``gm`` (read-only).
+
+    >>> import graphred
+    >>> model, inputs = graphred.zoo.load("llava")
+    >>> prov = TokenProvenance(graphred.capture(model, **inputs).graph_module)
+    >>> sorted(prov.streams_with(graphred.analysis.provenance.IMAGE))  # doctest: +SKIP
+    """
+
+    name = "token_provenance"
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[tuple, dict] | None = None):
+        self.gm = gm
+        self.info: dict[fx.Node, Any] = {}
+        self.streams: list[Stream] = []
+        self._parent: list[int] = []  # union-find over stream ids
+        self.unknown: list[UnknownOp] = []
+        self._value_nodes: set[fx.Node] = set()
+        self.batch_size: int | None = None
+        self._run()
+        self.values: dict[fx.Node, Any] = self._evaluate(example_inputs) if example_inputs else {}
+        self._layouts()
+        self._symbolize()
+
+    # ---- union-find over streams
+    def find(self, sid: int) -> int:
+        while self._parent[sid] != sid:
+            self._parent[sid] = self._parent[self._parent[sid]]
+            sid = self._parent[sid]
+        return sid
+
+    def stream(self, sid: int) -> Stream:
+        return self.streams[self.find(sid)]
+
+    def _new_stream(self, kind, length, node, rule, recipe, parents=()) -> int:
+        sid = len(self.streams)
+        self.streams.append(Stream(sid, kind, int(length), node.name, rule, recipe, tuple(parents)))
+        self._parent.append(sid)
+        return sid
+
+    def _union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        sa, sb = self.streams[a], self.streams[b]
+        # keep the more derived stream (a mixed layout beats a uniform one; later beats earlier)
+        keep, drop = (a, b) if (sa.rule != "embedding" and sb.rule == "embedding") or (a > b and not (sb.rule != "embedding" and sa.rule == "embedding")) else (b, a)
+        self._parent[drop] = keep
+        return keep
+
+    # ---- accessors
+    def tokens(self, node) -> TokenInfo:
+        i = self.info.get(node)
+        return i if isinstance(i, TokenInfo) else TokenInfo()
+
+    def axes(self, node, kind: str = TOKENS) -> list[tuple[int, Stream]]:
+        """``[(dim, stream)]`` for every axis of ``node`` that occupies a whole dim."""
+        shape = _shape(node)
+        out = []
+        if shape is None:
+            return out
+        for ax in self.tokens(node).axes:
+            s = self.stream(ax.stream)
+            if s.kind != kind:
+                continue
+            d = axis_dim(TokAxis(s.id, ax.stride, ax.length), shape)
+            if d is not None:
+                out.append((d, s))
+        return out
+
+    def token_dim(self, node, stream: Stream | None = None) -> int | None:
+        for d, s in self.axes(node):
+            if stream is None or s.id == stream.id:
+                return d
+        return None
+
+    def streams_with(self, modality: str) -> list[int]:
+        return [s.id for s in self.streams if self.find(s.id) == s.id and s.kind == TOKENS and modality in s.modalities()]
+
+    def canonical_streams(self, kind: str = TOKENS) -> list[Stream]:
+        return [s for s in self.streams if self.find(s.id) == s.id and s.kind == kind]
+
+    # ---- propagation
+    def _run(self) -> None:
+        for node in self.gm.graph.nodes:
+            try:
+                self.info[node] = self._visit(node)
+            except Exception as e:  # a rule that cannot apply is reported, never guessed
+                self._unknown(node, f"{op_name(node)} ({type(e).__name__}: {e})")
+                self.info[node] = TokenInfo()
+
+    def _unknown(self, node, label=None):
+        self.unknown.append(UnknownOp(node.name, label or op_name(node), module_path(node)))
+
+    def _in(self, a) -> TokenInfo:
+        return self.tokens(a) if isinstance(a, fx.Node) else TokenInfo(learned=True)
+
+    def _taint(self, *args) -> frozenset:
+        t = frozenset()
+        for a in _flat_nodes(args):
+            t |= self.tokens(a).taint
+        return t
+
+    def _learned(self, args) -> bool:
+        return all(self.tokens(a).learned for a in _flat_nodes(args))
+
+    def _visit(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self._placeholder(node)
+        if node.op == "get_attr":
+            return TokenInfo(learned=True)
+        if node.op == "output":
+            return None
+        if node.op != "call_function":
+            return TokenInfo(taint=self._taint(node.args, node.kwargs))
+        tgt = node.target
+        if tgt is operator.getitem:
+            src = self.info.get(node.args[0])
+            if isinstance(src, (list, tuple)):
+                return src[node.args[1]] if node.args[1] < len(src) else TokenInfo()
+            return TokenInfo(taint=self._taint(node.args[0]))
+        if not isinstance(tgt, torch._ops.OpOverload):
+            # python-level symbolic arithmetic (sym_ite, operator.*), set_grad wrappers, graphred ops
+            if getattr(tgt, "__module__", "") in ("_operator", "operator", "torch") or "sym" in str(tgt):
+                return TokenInfo()
+            return self._opaque(node)
+        pk = tgt.overloadpacket
+        taint = self._taint(node.args, node.kwargs)
+        learned = self._learned((node.args, node.kwargs))
+        shape = _shape(node)
+        if pk in SILENT:
+            return TokenInfo()
+        if pk in CREATION:
+            return TokenInfo(learned=True)
+        if pk in RESHAPES:
+            src = self._in(node.args[0])
+            return TokenInfo(self._fit(src.axes, shape), taint, src.direct_ids, learned)
+        if pk in (aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.swapdims):
+            return self._permute(node, taint, learned)
+        if pk in (aten.expand, aten.expand_as, aten.broadcast_to):
+            return self._broadcast(node, [node.args[0]], taint, learned)
+        if pk is aten.embedding:
+            return self._embedding(node, taint, learned)
+        if pk in CONV:
+            return self._conv(node, taint, learned)
+        if pk is aten.masked_scatter:
+            return self._scatter(node, "mask", node.args[1], node.args[2], taint)
+        if pk is aten.index_put:
+            return self._index_put(node, taint)
+        if pk is aten.where and len(node.args) == 3:
+            return self._where(node, taint, learned)
+        if pk in (aten.cat, aten.concat, aten.concatenate):
+            return self._cat(node, taint, learned)
+        if pk is aten.stack:
+            return self._stack(node, taint, learned)
+        if pk in (aten.slice,):
+            return self._slice(node, taint, learned)
+        if pk in (aten.select,):
+            return self._select(node, taint, learned)
+        if pk in (aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split):
+            return self._split(node, taint, learned)
+        if pk in SDPA:
+            return self._sdpa(node, taint, learned)
+        if pk in (aten.linear,):
+            x = node.args[0]
+            xs = _shape(x)
+            dm = {i: i for i in range(len(xs) - 1)}
+            return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+        if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
+            return self._matmul(node, taint, learned)
+        if pk in REDUCTIONS:
+            return self._reduce(node, taint, learned)
+        if pk in IDENTITY or _is_pointwise(node):
+            if isinstance(node.meta.get("val"), (tuple, list)):
+                first = self._broadcast_info(node, [node.args[0]], _shape_of_val(node.meta["val"][0]), taint, learned)
+                return [first] + [TokenInfo(taint=taint, learned=learned)] * (len(node.meta["val"]) - 1)
+            ins = [a for a in _flat_nodes(node.args) if _shape(a) is not None]
+            return self._broadcast(node, ins, taint, learned)
+        return self._opaque(node, taint, learned)
+
+    def _opaque(self, node, taint=None, learned=False):
+        taint = self._taint(node.args, node.kwargs) if taint is None else taint
+        if any(self.stream(ax.stream).kind == TOKENS for a in _flat_nodes((node.args, node.kwargs)) for ax in self.tokens(a).axes):
+            self._unknown(node)
+        v = node.meta.get("val")
+        if isinstance(v, (tuple, list)):
+            return [TokenInfo(taint=taint, learned=learned) for _ in v]
+        return TokenInfo(taint=taint, learned=learned)
+
+    # ---- rules
+    def _placeholder(self, node) -> TokenInfo:
+        shape, dt = _shape(node), _dtype(node)
+        if shape is None:
+            return TokenInfo()
+        axes = []
+        # dim 0 of a batched input is the batch axis (a rank-2 float input holds rows of patches)
+        if len(shape) >= 2 and not (dt is not None and dt.is_floating_point and len(shape) == 2):
+            if self._batch_stream is None:
+                self._batch_stream = self._new_stream(BATCH, shape[0], node, "input", ("batch",))
+                self.batch_size = shape[0]
+            if shape[0] == self.streams[self._batch_stream].length:
+                axes.append(TokAxis(self._batch_stream, _suffix(shape, 0), shape[0]))
+        if dt is not None and dt.is_floating_point:
+            return TokenInfo(tuple(axes), frozenset({IMAGE}))
+        if dt is not None and dt != torch.bool:
+            return TokenInfo(tuple(axes), frozenset(), direct_ids=True)
+        return TokenInfo(tuple(axes))
+
+    _batch_stream: int | None = None
+
+    def _fit(self, axes, shape) -> tuple[TokAxis, ...]:
+        if shape is None:
+            return ()
+        return tuple(a for a in axes if locate(a, shape) is not None)
+
+    def _permute(self, node, taint, learned):
+        x = node.args[0]
+        xs, shape = _shape(x), _shape(node)
+        n = len(xs)
+        pk = _packet(node)
+        if pk is aten.permute:
+            perm = [p % n for p in node.args[1]]
+        elif pk is aten.t:
+            perm = [1, 0] if n == 2 else list(range(n))
+        else:
+            a, b = node.args[1] % n, node.args[2] % n
+            perm = list(range(n))
+            perm[a], perm[b] = perm[b], perm[a]
+        dm = {src: dst for dst, src in enumerate(perm)}
+        src = self._in(x)
+        return TokenInfo(tuple(relocate(src.axes, xs, shape, dm)), taint, src.direct_ids, learned)
+
+    def _broadcast_info(self, node, ins, shape, taint, learned) -> TokenInfo:
+        if shape is None:
+            return TokenInfo(taint=taint, learned=learned)
+        R = len(shape)
+        by_dim: dict[int, TokAxis] = {}
+        extra: list[TokAxis] = []
+        for a in ins:
+            s = _shape(a)
+            if s is None:
+                continue
+            r = len(s)
+            dm = {i: i + R - r for i in range(r) if i + R - r >= 0 and s[i] == shape[i + R - r]}
+            for ax in relocate(self._in(a).axes, s, shape, dm):
+                loc = locate(ax, shape)
+                key = loc[1] if loc else -1
+                prev = by_dim.get(key)
+                if prev is None:
+                    by_dim[key] = ax
+                elif prev != ax:
+                    if prev.length == ax.length and prev.stride == ax.stride:
+                        sid = self._union(prev.stream, ax.stream)
+                        by_dim[key] = TokAxis(sid, ax.stride, ax.length)
+                    else:
+                        extra.append(ax)
+        direct = all(self._in(a).direct_ids for a in ins) if ins else False
+        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all(locate(a, shape)[1] != locate(b, shape)[1] for b in by_dim.values()))
+        return TokenInfo(axes, taint, direct and _packet(node) in IDENTITY | RESHAPES | _packets("expand"), learned)
+
+    def _broadcast(self, node, ins, taint, learned):
+        return self._broadcast_info(node, ins, _shape(node), taint, learned)
+
+    def _embedding(self, node, taint, learned):
+        w, ids = node.args[0], node.args[1]
+        ids_info = self._in(ids)
+        ishape, shape = _shape(ids), _shape(node)
+        dm = {i: i for i in range(len(ishape))}
+        axes = relocate(ids_info.axes, ishape, shape, dm)
+        if not ids_info.direct_ids:
+            return TokenInfo(tuple(axes), self.tokens(w).taint, False, ids_info.learned)
+        # token ids straight from an input: their last dim enumerates text tokens
+        has_tok = any(self.stream(a.stream).kind == TOKENS for a in axes)
+        if not has_tok and len(ishape) >= 1:
+            d = len(ishape) - 1
+            if not (len(ishape) >= 2 or d > 0) and len(ishape) == 1:
+                d = 0
+            if not any(axis_dim(a, shape) == d for a in axes):
+                sid = self._new_stream(TOKENS, shape[d], node, "embedding", ("uniform", CODE[TEXT]))
+                axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return TokenInfo(tuple(axes), taint | {TEXT}, False, False)
+
+    def _conv(self, node, taint, learned):
+        x = node.args[0]
+        xs, shape = _shape(x), _shape(node)
+        xi = self._in(x)
+        axes = relocate(xi.axes, xs, shape, {0: 0})
+        tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
+        if not tok and IMAGE in taint and len(shape) >= 3:
+            spatial = 1
+            for s in shape[2:]:
+                spatial *= s
+            if spatial > 1:
+                sid = self._new_stream(TOKENS, spatial, node, "patches", ("uniform", CODE[IMAGE]))
+                axes.append(TokAxis(sid, 1, spatial))
+            elif not any(self.stream(a.stream).kind == BATCH for a in axes) and shape[0] > 1:
+                # spatial extent 1: each batch row of the convolution is one patch
+                sid = self._new_stream(TOKENS, shape[0], node, "patches", ("uniform", CODE[IMAGE]))
+                axes = [TokAxis(sid, _suffix(shape, 0), shape[0])]
+        return TokenInfo(tuple(axes), taint, False, learned)
+
+    def _scatter(self, node, kind, mask, source, taint):
+        base = node.args[0]
+        bi = self._in(base)
+        shape = _shape(node)
+        src_taint = self.tokens(source).taint if isinstance(source, fx.Node) else frozenset()
+        code = CODE[IMAGE] if IMAGE in src_taint else CODE[REGISTER] if not src_taint - {TEXT} and not src_taint else CODE[TEXT]
+        axes = list(bi.axes)
+        for i, ax in enumerate(axes):
+            st = self.stream(ax.stream)
+            d = axis_dim(ax, shape)
+            if st.kind != TOKENS or d is None:
+                continue
+            sid = self._new_stream(TOKENS, ax.length, node, "scatter", ("mask", st.id, mask, d, code), parents=(st.id,))
+            self._value_nodes.add(mask)
+            axes[i] = TokAxis(sid, ax.stride, ax.length)
+            return TokenInfo(tuple(axes), taint, False, False)
+        return TokenInfo(tuple(axes), taint, False, False)
+
+    def _index_put(self, node, taint):
+        base, indices, values = node.args[0], node.args[1], node.args[2]
+        bi = self._in(base)
+        shape = _shape(node)
+        vt = self.tokens(values).taint if isinstance(values, fx.Node) else frozenset()
+        code = CODE[IMAGE] if IMAGE in vt else CODE[TEXT]
+        axes = list(bi.axes)
+        for i, ax in enumerate(axes):
+            st = self.stream(ax.stream)
+            d = axis_dim(ax, shape)
+            if st.kind != TOKENS or d is None:
+                continue
+            sid = self._new_stream(TOKENS, ax.length, node, "index_put", ("index_put", st.id, tuple(indices), d, code), parents=(st.id,))
+            for ix in indices:
+                if isinstance(ix, fx.Node):
+                    self._value_nodes.add(ix)
+            axes[i] = TokAxis(sid, ax.stride, ax.length)
+            break
+        return TokenInfo(tuple(axes), taint, False, False)
+
+    def _where(self, node, taint, learned):
+        cond, a, b = node.args
+        info = self._broadcast(node, [x for x in (cond, a, b) if isinstance(x, fx.Node)], taint, learned)
+        ta = self.tokens(a).taint if isinstance(a, fx.Node) else frozenset()
+        tb = self.tokens(b).taint if isinstance(b, fx.Node) else frozenset()
+        # image features selected into a text stream by a mask: a modality source
+        if IMAGE in ta and TEXT in tb and IMAGE not in tb:
+            shape = _shape(node)
+            for i, ax in enumerate(info.axes):
+                st = self.stream(ax.stream)
+                d = axis_dim(ax, shape)
+                if st.kind == TOKENS and d is not None and st.modalities() <= {TEXT}:
+                    sid = self._new_stream(TOKENS, ax.length, node, "scatter", ("mask", st.id, cond, d, CODE[IMAGE]), parents=(st.id,))
+                    self._value_nodes.add(cond)
+                    axes = list(info.axes)
+                    axes[i] = TokAxis(sid, ax.stride, ax.length)
+                    return TokenInfo(tuple(axes), taint, False, False)
+        return info
+
+    def _cat(self, node, taint, learned):
+        tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        shape = _shape(node)
+        dim = dim % len(shape)
+        # non-cat dims: like an elementwise op whose inputs all have the output's size there
+        carried: dict[int, TokAxis] = {}
+        segments = []
+        any_tok = False
+        for t in tensors:
+            ts = _shape(t)
+            if ts is None or len(ts) != len(shape):
+                continue
+            dm = {i: i for i in range(len(ts)) if i != dim}
+            for ax in relocate(self._in(t).axes, ts, shape, dm):
+                key = locate(ax, shape)[1]
+                if key in carried and carried[key].stream != ax.stream and carried[key].length == ax.length:
+                    carried[key] = TokAxis(self._union(carried[key].stream, ax.stream), ax.stride, ax.length)
+                else:
+                    carried.setdefault(key, ax)
+            seg = None
+            for ax in self._in(t).axes:
+                st = self.stream(ax.stream)
+                if st.kind == TOKENS and axis_dim(ax, ts) == dim:
+                    seg = st.id
+                    any_tok = True
+            segments.append((seg, ts[dim], t))
+        axes = list(carried.values())
+        if any_tok:
+            parts = []
+            others = {c for s, _, _ in segments if s is not None for c in [s]}
+            for seg, n, t in segments:
+                if seg is not None:
+                    parts.append((seg, n))
+                else:
+                    parts.append((("special", self.tokens(t).learned, self.tokens(t).taint), n))
+            sid = self._new_stream(TOKENS, shape[dim], node, "cat", ("cat", tuple(parts)), parents=tuple(others))
+            axes.append(TokAxis(sid, _suffix(shape, dim), shape[dim]))
+        return TokenInfo(tuple(axes), taint, False, learned)
+
+    def _stack(self, node, taint, learned):
+        tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
+        dim = node.args[1] if len(node.args) > 1 else 0
+        shape = _shape(node)
+        dim = dim % len(shape)
+        axes = []
+        for t in tensors[:1]:
+            ts = _shape(t)
+            dm = {i: (i if i < dim else i + 1) for i in range(len(ts))}
+            axes = relocate(self._in(t).axes, ts, shape, dm)
+        return TokenInfo(tuple(axes), taint, False, learned)
+
+    def _slice(self, node, taint, learned):
+        x = node.args[0]
+        xs, shape = _shape(x), _shape(node)
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        xi = self._in(x)
+        dm = {i: i for i in range(len(xs)) if i != dim}
+        axes = relocate(xi.axes, xs, shape, dm)
+        if xs[dim] == shape[dim]:
+            axes += relocate([a for a in xi.axes if axis_dim(a, xs) == dim], xs, shape, {dim: dim})
+            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
+        for ax in xi.axes:
+            st = self.stream(ax.stream)
+            if axis_dim(ax, xs) == dim and st.kind == TOKENS and shape[dim] > 0:
+                s0 = _norm_index(start, xs[dim])
+                e0 = s0 + (shape[dim] - 1) * int(step) + 1
+                sid = self._new_stream(TOKENS, shape[dim], node, "slice", ("slice", st.id, s0, e0, int(step)), parents=(st.id,))
+                axes.append(TokAxis(sid, _suffix(shape, dim), shape[dim]))
+        return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
+
+    def _select(self, node, taint, learned):
+        x = node.args[0]
+        xs, shape = _shape(x), _shape(node)
+        dim = node.args[1] % len(xs)
+        dm = {i: (i if i < dim else i - 1) for i in range(len(xs)) if i != dim}
+        xi = self._in(x)
+        return TokenInfo(tuple(relocate(xi.axes, xs, shape, dm)), taint, xi.direct_ids, learned)
+
+    def _split(self, node, taint, learned):
+        x = node.args[0]
+        xs = _shape(x)
+        vals = node.meta.get("val")
+        pk = _packet(node)
+        if pk is aten.unbind:
+            dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
+        else:
+            dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(xs)
+        xi = self._in(x)
+        outs = []
+        offset = 0
+        for v in vals:
+            vs = _shape_of_val(v)
+            if pk is aten.unbind:
+                dm = {i: (i if i < dim else i - 1) for i in range(len(xs)) if i != dim}
+                outs.append(TokenInfo(tuple(relocate(xi.axes, xs, vs, dm)), taint, xi.direct_ids, learned))
+                continue
+            dm = {i: i for i in range(len(xs)) if i != dim}
+            axes = relocate(xi.axes, xs, vs, dm)
+            for ax in xi.axes:
+                st = self.stream(ax.stream)
+                if axis_dim(ax, xs) == dim and st.kind == TOKENS and vs[dim] > 0:
+                    if vs[dim] == xs[dim]:
+                        axes += relocate([ax], xs, vs, {dim: dim})
+                    else:
+                        sid = self._new_stream(TOKENS, vs[dim], node, "slice", ("slice", st.id, offset, offset + vs[dim], 1), parents=(st.id,))
+                        axes.append(TokAxis(sid, _suffix(vs, dim), vs[dim]))
+            offset += vs[dim]
+            outs.append(TokenInfo(tuple(axes), taint, xi.direct_ids, learned))
+        return outs
+
+    def _sdpa(self, node, taint, learned):
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            self._value_nodes.add(mask)
+        q = node.args[0]
+        qs = _shape(q)
+        v = node.meta.get("val")
+        out_shape = _shape_of_val(v[0] if isinstance(v, (tuple, list)) else v)
+        dm = {i: i for i in range(len(qs) - 1)}
+        out = TokenInfo(tuple(relocate(self._in(q).axes, qs, out_shape, dm)), taint, False, learned)
+        if isinstance(v, (tuple, list)):
+            return [out] + [TokenInfo(taint=taint) for _ in v[1:]]
+        return out
+
+    def _matmul(self, node, taint, learned):
+        pk = _packet(node)
+        args = node.args[1:] if pk in (aten.addmm, aten.baddbmm) else node.args
+        a, b = args[0], args[1]
+        as_, bs, shape = _shape(a), _shape(b), _shape(node)
+        R = len(shape)
+        axes = []
+        if len(as_) >= 2:
+            dma = {len(as_) - 2: R - 2}
+            dma.update({i: i + R - len(as_) for i in range(len(as_) - 2) if as_[i] == shape[i + R - len(as_)]})
+            axes += relocate(self._in(a).axes, as_, shape, dma)
+        elif len(as_) == 1:
+            pass
+        if len(bs) >= 2:
+            dmb = {len(bs) - 1: R - 1}
+            dmb.update({i: i + R - len(bs) for i in range(len(bs) - 2) if bs[i] == shape[i + R - len(bs)]})
+            for ax in relocate(self._in(b).axes, bs, shape, dmb):
+                if all(locate(ax, shape)[1] != locate(o, shape)[1] for o in axes):
+                    axes.append(ax)
+        return TokenInfo(tuple(axes), taint, False, learned)
+
+    def _reduce(self, node, taint, learned):
+        x = node.args[0]
+        xs, shape = _shape(x), _shape(node)
+        if shape is None:
+            return TokenInfo(taint=taint)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None or isinstance(dims, (bool,)):
+            dims = list(range(len(xs))) if len(shape) < len(xs) or not shape else []
+        if isinstance(dims, int):
+            dims = [dims]
+        dims = [d % len(xs) for d in dims] if xs else []
+        keep = len(shape) == len(xs)
+        dm, j = {}, 0
+        for i in range(len(xs)):
+            if i in dims:
+                if keep:
+                    j += 1
+                continue
+            dm[i] = j
+            j += 1
+        return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+
+    # ---- example values and layouts
+    def _evaluate(self, example_inputs) -> dict:
+        """Run the graph once on the example inputs, keeping the values of the mask nodes."""
+        if not self._value_nodes:
+            return {}
+        args, kwargs = example_inputs
+        flat = _flat_inputs(self.gm, args, kwargs)
+        if flat is None or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in flat):
+            return {}
+        wanted = set(self._value_nodes)
+        keep: dict = {}
+
+        class Keep(fx.Interpreter):
+            def run_node(self_inner, n):
+                r = super().run_node(n)
+                if n in wanted:
+                    keep[n] = r.detach() if isinstance(r, torch.Tensor) else r
+                return r
+
+        try:
+            with torch.no_grad():
+                Keep(self.gm).run(*flat)
+        except Exception:
+            return keep
+        return keep
+
+    def _layouts(self) -> None:
+        for st in self.streams:
+            if st.kind != TOKENS:
+                continue
+            try:
+                st.codes, st.special = self._codes(st)
+            except Exception:
+                st.codes, st.special = None, None
+
+    def _codes(self, st: Stream):
+        r = st.recipe
+        B = self.batch_size or 1
+        if r[0] == "uniform":
+            return torch.full((1, st.length), r[1], dtype=torch.int8), torch.zeros(st.length, dtype=torch.bool)
+        if r[0] == "mask":
+            _, base, mask, d, code = r
+            bcodes, bspecial = self._parent_codes(base)
+            m = self.values.get(mask)
+            if m is None:
+                return None, bspecial
+            m = _reduce_to(m.to(torch.bool), d)
+            codes = torch.where(m, torch.tensor(code, dtype=torch.int8), bcodes.expand(m.shape[0], -1))
+            return codes, bspecial
+        if r[0] == "index_put":
+            _, base, indices, d, code = r
+            bcodes, bspecial = self._parent_codes(base)
+            origin = next(n for n in self.gm.graph.nodes if n.name == st.origin)
+            marker = torch.zeros(_shape(origin), dtype=torch.bool)
+            idx = [self.values.get(i) if isinstance(i, fx.Node) else None for i in indices]
+            if any(isinstance(i, fx.Node) and v is None for i, v in zip(indices, idx)):
+                return None, bspecial
+            marker = marker.index_put(tuple(idx), torch.tensor(True))
+            m = _reduce_to(marker, d)
+            return torch.where(m, torch.tensor(code, dtype=torch.int8), bcodes.expand(m.shape[0], -1)), bspecial
+        if r[0] == "cat":
+            parts = r[1]
+            real = [self._parent_codes(p) for p, _ in parts if isinstance(p, int)]
+            mods = set()
+            for c, _ in real:
+                mods |= set(torch.unique(c).tolist())
+            rows = max([c.shape[0] for c, _ in real] + [1])
+            out, spec = [], []
+            for p, n in parts:
+                if isinstance(p, int):
+                    c, s = self._parent_codes(p)
+                    out.append(c.expand(rows, -1))
+                    spec.append(s)
+                else:
+                    code = next(iter(mods)) if len(mods) == 1 else CODE[REGISTER]
+                    out.append(torch.full((rows, n), code, dtype=torch.int8))
+                    spec.append(torch.ones(n, dtype=torch.bool))
+            return torch.cat(out, 1), torch.cat(spec)
+        if r[0] == "slice":
+            _, parent, s0, e0, step = r
+            c, s = self._parent_codes(parent)
+            return c[:, s0:e0:step], s[s0:e0:step]
+        return None, None
+
+    def _parent_codes(self, sid):
+        st = self.streams[sid]
+        if st.codes is None:
+            raise ValueError(f"layout of stream {sid} unknown")
+        return st.codes, st.special
+
+    # ---- symbolic lengths
+    def _symbolize(self) -> None:
+        """Give each stream a sympy length in per-modality symbols (n_img, n_txt, n_patch, ...)."""
+        used: dict[str, int] = {}
+
+        def sym(base: str):
+            used[base] = used.get(base, 0) + 1
+            name = base if used[base] == 1 else f"{base}{used[base]}"
+            return sympy.Symbol(name, positive=True, integer=True)
+
+        B = sympy.Symbol("B", positive=True, integer=True)
+        self.batch_symbol = B
+        self.symbol_values: dict[sympy.Symbol, int] = {B: self.batch_size or 1}
+        for st in self.streams:
+            if st.kind == BATCH:
+                st.sym_length = B
+                continue
+            r = st.recipe
+            if st.rule == "embedding" and self._scatter_child(st) is None:
+                s = sym("n_txt")
+                st.symbols = {TEXT: s}
+                st.sym_length = s
+                self.symbol_values[s] = st.length
+            elif st.rule in ("scatter", "index_put"):
+                counts = st.counts()
+                n_src = counts[0].get(NAME[r[-1]], 0) if counts else 0
+                si, stx = sym("n_img" if r[-1] == CODE[IMAGE] else "n_reg"), sym("n_txt")
+                st.symbols = {NAME[r[-1]]: si, TEXT: stx}
+                st.sym_length = si + stx
+                self.symbol_values[si] = n_src
+                self.symbol_values[stx] = st.length - n_src
+                base = self.streams[r[1]]
+                base.sym_length = st.sym_length
+                base.symbols = dict(st.symbols)
+            elif st.rule == "patches":
+                s = sym("n_patch")
+                st.symbols = {IMAGE: s}
+                st.sym_length = s
+                self.symbol_values[s] = st.length
+            elif st.rule == "cat":
+                total = 0
+                for p, n in r[1]:
+                    if isinstance(p, int):
+                        total += self.streams[p].sym_length if self.streams[p].sym_length is not None else n
+                    else:
+                        total += n
+                st.sym_length = total
+            elif st.rule == "slice":
+                parent = self.streams[r[1]]
+                base = parent.sym_length if parent.sym_length is not None else parent.length
+                st.sym_length = base - (parent.length - st.length) if r[4] == 1 else st.length
+            else:
+                st.sym_length = st.length
+
+    def _scatter_child(self, st: Stream):
+        for s in self.streams:
+            if s.rule in ("scatter", "index_put") and s.recipe[1] == st.id:
+                return s
+        return None
+
+    # ---- symbolic shapes
+    def symbolic_shape(self, node) -> tuple | None:
+        """``node``'s shape with token and batch dims written in the stream symbols."""
+        shape = _shape(node)
+        if shape is None:
+            return None
+        out = [sympy.Integer(s) for s in shape]
+        info = self.tokens(node)
+        done = set()
+        for ax in info.axes:
+            st = self.stream(ax.stream)
+            if st.sym_length is None:
+                continue
+            loc = locate(TokAxis(st.id, ax.stride, ax.length), shape)
+            if loc is None:
+                continue
+            lo, hi, inner = loc
+            if lo != hi or hi in done and st.kind == BATCH:
+                continue
+            size = out[hi]
+            # replace the factor `length` of this dim by the symbolic length
+            out[hi] = sympy.simplify(size / st.length * st.sym_length) if isinstance(size, sympy.Basic) else size
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _flat_nodes(x) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(x, out.append)
+    return out
+
+
+def _shape_of_val(v):
+    if isinstance(v, torch.Tensor):
+        return tuple(_hint(s) for s in v.shape)
+    return None
+
+
+def _norm_index(i, n):
+    i = int(i) if i is not None else 0
+    return i + n if i < 0 else min(i, n)
+
+
+def _reduce_to(m: torch.Tensor, d: int) -> torch.Tensor:
+    """Reduce a mask to [B, L] over every dim but 0 and the token dim ``d`` (any)."""
+    if m.dim() == 1:
+        return m.unsqueeze(0)
+    dims = [i for i in range(m.dim()) if i not in (0, d)]
+    if dims:
+        m = m.any(dim=dims)
+    return m
+
+
+def _flat_inputs(gm: fx.GraphModule, args, kwargs):
+    """Flatten (args, kwargs) the way the graph module's pytree codegen expects."""
+    spec = getattr(gm, "_in_spec", None)
+    try:
+        from torch.utils._pytree import tree_flatten
+
+        if spec is not None:
+            flat, got = tree_flatten((tuple(args), dict(kwargs)))
+            if got != spec:
+                # order kwargs like the spec does
+                try:
+                    from torch.export._tree_utils import reorder_kwargs
+
+                    kwargs = reorder_kwargs(kwargs, spec)
+                except Exception:
+                    pass
+                flat, _ = tree_flatten((tuple(args), dict(kwargs)))
+            return flat
+        flat, _ = tree_flatten((tuple(args), dict(kwargs)))
+        return flat
+    except Exception:
+        return None
