@@ -1,0 +1,713 @@
+"""A zoo of tiny, seeded, randomly initialised vision-language models with example inputs.
+
+The zoo is the one place in graphred that knows model families: it builds Hugging Face
+models from configs (no hub access, random weights) and writes valid example inputs for
+them. Everything else in graphred works from the captured graph.
+
+>>> import graphred
+>>> graphred.zoo.names()                                   # doctest: +ELLIPSIS
+['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench']
+>>> model, kwargs = graphred.zoo.load("clip")
+>>> sorted(kwargs)
+['attention_mask', 'input_ids', 'pixel_values']
+
+Inputs are batch 2 (``llava-bench``: batch 4). Where a model takes an attention mask, the
+last sample carries text padding: on the left for decoders (the side their tokenizers pad
+for generation), on the right for encoders. Decoders with image placeholder tokens hold the
+same number of image tokens in every sample, and get ``use_cache=False`` so that the
+captured graph returns plain tensors.
+
+``from_config_dir(path)`` builds the same kind of model and inputs from a local Hugging Face
+model directory (``config.json``, weights optional), on the meta device by default, so a 7B
+config costs no memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "TEST_NAMES",
+    "describe",
+    "from_config_dir",
+    "info",
+    "is_bench",
+    "load",
+    "names",
+    "resolve",
+    "supported_model_types",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Input builders (one per family, driven by the config)
+# --------------------------------------------------------------------------------------------
+
+
+def _sub(config: Any, key: str) -> Any:
+    """``config.<key>_config`` or the config itself (for a text-only/vision-only config)."""
+    return getattr(config, f"{key}_config", None) or config
+
+
+def _first(*values: Any, default: Any = None) -> Any:
+    for v in values:
+        if v is not None:
+            return v
+    return default
+
+
+def _size(v: Any) -> int:
+    """An image/patch size that may be a pair."""
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+def _rand_ids(gen: torch.Generator, shape: tuple, vocab: int, avoid: set[int]) -> torch.Tensor:
+    """Random token ids in ``[4, vocab)`` (low ids are the usual specials) that avoid ``avoid``."""
+    lo = 4 if vocab > 8 else 0
+    ids = torch.randint(lo, vocab, shape, generator=gen)
+    bad = torch.zeros_like(ids, dtype=torch.bool)
+    for a in avoid:
+        bad |= ids == a
+    while bad.any():
+        ids[bad] = torch.randint(lo, vocab, (int(bad.sum()),), generator=gen)
+        bad = torch.zeros_like(ids, dtype=torch.bool)
+        for a in avoid:
+            bad |= ids == a
+    return ids
+
+
+def _decoder_text(
+    gen: torch.Generator,
+    batch: int,
+    segments: list[tuple[str, int]],
+    *,
+    vocab: int,
+    pad_id: int,
+    image_id: int,
+    avoid: set[int],
+    pad: int,
+) -> dict[str, torch.Tensor]:
+    """Left-padded decoder prompts built from segments.
+
+    ``segments`` is a list of ``("text", n)`` (n random tokens), ``("tok", id)`` (one fixed
+    token) and ``("image", n)`` (n image placeholder tokens). The last sample has ``pad`` fewer
+    text tokens (taken from its longest text segment) and ``pad`` padding tokens on the left.
+    Returns ``input_ids``, ``attention_mask`` and ``image_mask`` (True on image placeholders).
+    """
+    avoid = set(avoid) | {image_id, pad_id}
+    rows, masks, imgs = [], [], []
+    longest = max((i for i, (k, _) in enumerate(segments) if k == "text"), key=lambda i: segments[i][1])
+    for b in range(batch):
+        p = pad if (b == batch - 1 and batch > 1) else 0
+        ids: list[torch.Tensor] = [torch.full((p,), pad_id, dtype=torch.long)]
+        img: list[torch.Tensor] = [torch.zeros(p, dtype=torch.bool)]
+        for i, (kind, n) in enumerate(segments):
+            if kind == "text":
+                n = n - p if i == longest else n
+                ids.append(_rand_ids(gen, (n,), vocab, avoid))
+                img.append(torch.zeros(n, dtype=torch.bool))
+            elif kind == "tok":
+                ids.append(torch.tensor([n], dtype=torch.long))
+                img.append(torch.zeros(1, dtype=torch.bool))
+            else:
+                ids.append(torch.full((n,), image_id, dtype=torch.long))
+                img.append(torch.ones(n, dtype=torch.bool))
+        row = torch.cat(ids)
+        rows.append(row)
+        imgs.append(torch.cat(img))
+        m = torch.ones_like(row)
+        m[:p] = 0
+        masks.append(m)
+    return {
+        "input_ids": torch.stack(rows),
+        "attention_mask": torch.stack(masks),
+        "image_mask": torch.stack(imgs),
+    }
+
+
+def _encoder_text(
+    gen: torch.Generator, batch: int, length: int, *, vocab: int, cls_id: int | None, sep_id: int | None,
+    pad_id: int, pad: int, avoid: set[int] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Right-padded encoder text: ``[CLS] tokens [SEP] <pad>...``; the last sample is ``pad`` shorter."""
+    specials = {x for x in (cls_id, sep_id, pad_id) if x is not None} | set(avoid)
+    n_body = length - (cls_id is not None) - (sep_id is not None)
+    ids = _rand_ids(gen, (batch, n_body), vocab, specials)
+    parts = []
+    if cls_id is not None:
+        parts.append(torch.full((batch, 1), cls_id, dtype=torch.long))
+    parts.append(ids)
+    if sep_id is not None:
+        parts.append(torch.full((batch, 1), sep_id, dtype=torch.long))
+    input_ids = torch.cat(parts, dim=1)
+    mask = torch.ones_like(input_ids)
+    if batch > 1 and pad > 0:
+        real = length - pad
+        last = input_ids[-1]
+        if sep_id is not None:
+            last[real - 1] = sep_id
+        last[real:] = pad_id
+        mask[-1, real:] = 0
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _pixels(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def _channels(vision_config: Any) -> int:
+    return int(getattr(vision_config, "num_channels", None) or 3)
+
+
+def _text_vocab(config: Any) -> int:
+    return int(_sub(config, "text").vocab_size)
+
+
+def _pad_id(config: Any) -> int:
+    t = _sub(config, "text")
+    return int(_first(getattr(t, "pad_token_id", None), default=0))
+
+
+def _llava_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    v = config.vision_config
+    grid = _size(v.image_size) // _size(v.patch_size)
+    n_img = grid * grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+    pre = max(2, text_len // 4)
+    t = _decoder_text(
+        gen, batch, [("tok", 1), ("text", pre), ("image", n_img), ("text", text_len - 1 - pre)],
+        vocab=_text_vocab(config), pad_id=_pad_id(config), image_id=config.image_token_id, avoid={1}, pad=3,
+    )
+    kwargs = {
+        "input_ids": t["input_ids"],
+        "attention_mask": t["attention_mask"],
+        "pixel_values": _pixels(gen, batch, _channels(v), _size(v.image_size), _size(v.image_size)),
+        "use_cache": False,
+    }
+    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+
+
+def _paligemma_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    v = config.vision_config
+    grid = _size(v.image_size) // _size(v.patch_size)
+    n_img = grid * grid
+    t = config.text_config
+    bos = int(_first(getattr(t, "bos_token_id", None), default=2))
+    nl = 108 if _text_vocab(config) > 108 else 3  # "\n" ends the prefix in PaliGemma prompts
+    out = _decoder_text(
+        gen, batch, [("image", n_img), ("tok", bos), ("text", text_len - 2), ("tok", nl)],
+        vocab=_text_vocab(config), pad_id=_pad_id(config), image_id=config.image_token_id, avoid={bos, nl}, pad=3,
+    )
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        # the whole prompt is prefix (0): image and question attend bidirectionally
+        "token_type_ids": torch.zeros_like(out["input_ids"]),
+        "pixel_values": _pixels(gen, batch, _channels(v), _size(v.image_size), _size(v.image_size)),
+        "use_cache": False,
+    }
+    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+
+
+def _idefics3_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    v = config.vision_config
+    size, patch = _size(v.image_size), _size(v.patch_size)
+    n_img = int(((size // patch) ** 2) / (config.scale_factor**2))
+    vocab = _text_vocab(config)
+    # <fake_token_around_image> <global-img> <image>*n <fake_token_around_image>: two ids next to the image id
+    fake, glob = (config.image_token_id - 2) % vocab, (config.image_token_id - 1) % vocab
+    pre = max(2, text_len // 4)
+    out = _decoder_text(
+        gen, batch,
+        [("tok", 1), ("text", pre), ("tok", fake), ("tok", glob), ("image", n_img), ("tok", fake),
+         ("text", text_len - 4 - pre)],
+        vocab=vocab, pad_id=_pad_id(config), image_id=config.image_token_id, avoid={1, fake, glob}, pad=3,
+    )
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "pixel_values": _pixels(gen, batch, 1, _channels(v), size, size),
+        "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool),
+        "use_cache": False,
+    }
+    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+
+
+def _qwen2_vl_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    v = config.vision_config
+    merge, patch, tpatch = v.spatial_merge_size, _size(v.patch_size), _size(v.temporal_patch_size)
+    # no image size in the config: the tiny zoo config carries one; real configs get 224 px (16x16 at patch 14)
+    size = int(getattr(v, "graphred_image_size", 0) or 224)
+    gh = gw = max(merge, (size // patch) // merge * merge)
+    n_img = gh * gw // (merge * merge)
+    ids = {config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id}
+    pre = max(2, text_len // 4)
+    out = _decoder_text(
+        gen, batch,
+        [("text", pre), ("tok", config.vision_start_token_id), ("image", n_img), ("tok", config.vision_end_token_id),
+         ("text", text_len - 2 - pre)],
+        vocab=_text_vocab(config), pad_id=_pad_id(config), image_id=config.image_token_id, avoid=ids, pad=3,
+    )
+    in_ch = int(_first(getattr(v, "in_channels", None), getattr(v, "in_chans", None), default=3))
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "mm_token_type_ids": out["image_mask"].to(torch.int32),
+        "pixel_values": _pixels(gen, batch * gh * gw, in_ch * tpatch * patch * patch),
+        "image_grid_thw": torch.tensor([[1, gh, gw]] * batch, dtype=torch.long),
+        "use_cache": False,
+    }
+    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+
+
+def _mrope_positions(model: torch.nn.Module, kwargs: dict) -> None:
+    """Qwen2-VL: precompute the 3-axis M-RoPE ``position_ids`` with the model's own ``get_rope_index``.
+
+    Left to the model, this index is computed by Python-level loops over token values
+    (``tolist``, ``groupby``), which torch.export cannot trace, and the forward stores
+    ``rope_deltas`` on the model. Passed in, the captured graph takes positions as an input,
+    as a processor-side computation; the outputs are the same.
+    """
+    inner = getattr(model, "model", model)
+    position_ids, _ = inner.get_rope_index(
+        kwargs["input_ids"],
+        mm_token_type_ids=kwargs["mm_token_type_ids"],
+        image_grid_thw=kwargs["image_grid_thw"],
+        attention_mask=kwargs["attention_mask"],
+    )
+    kwargs["position_ids"] = position_ids
+
+
+def _vilt_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    size = _size(config.image_size)
+    text_len = min(text_len, config.max_position_embeddings)
+    t = _encoder_text(gen, batch, text_len, vocab=config.vocab_size, cls_id=101 % config.vocab_size,
+                      sep_id=102 % config.vocab_size, pad_id=_first(config.pad_token_id, default=0), pad=3)
+    kwargs = {
+        "input_ids": t["input_ids"],
+        "attention_mask": t["attention_mask"],
+        "token_type_ids": torch.zeros_like(t["input_ids"]),
+        "pixel_values": _pixels(gen, batch, _channels(config), size, size),
+        "pixel_mask": torch.ones(batch, size, size, dtype=torch.long),
+    }
+    n_img = (size // _size(config.patch_size)) ** 2 + 1  # + the image [CLS]
+    return kwargs, {"image": n_img, "text": text_len, "padding": "right"}
+
+
+def _dual_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    """CLIP, SigLIP, BLIP: a text stream and an image stream."""
+    t, v = config.text_config, config.vision_config
+    size = _size(v.image_size)
+    text_len = min(text_len, t.max_position_embeddings)
+    pad_id = int(_first(t.pad_token_id, default=0))
+    model_type = config.model_type
+    if model_type == "blip":
+        # [CLS] text [SEP]; BLIP's tokenizer is BERT's
+        cls_id, sep_id = 101 % t.vocab_size, _first(t.sep_token_id, default=102) % t.vocab_size
+    elif model_type == "clip":
+        # <bos> text <eos>: CLIP pools the first <eos>
+        cls_id, sep_id = t.bos_token_id, t.eos_token_id
+    else:
+        # SigLIP: text then </s>; padded to length, pooled at the last position
+        cls_id, sep_id = None, _first(t.eos_token_id, default=1)
+    out = _encoder_text(gen, batch, text_len, vocab=t.vocab_size, cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, pad=3)
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "pixel_values": _pixels(gen, batch, _channels(v), size, size),
+    }
+    if cls_name == "BlipForImageTextRetrieval":
+        kwargs["use_itm_head"] = True
+    n_img = (size // _size(v.patch_size)) ** 2 + (0 if model_type == "siglip" else 1)  # + [CLS] for CLIP/BLIP
+    return kwargs, {"image": n_img, "text": text_len, "padding": "right"}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What the zoo knows about a model family: its classes and how to build inputs."""
+
+    classes: tuple[str, ...]  # transformers classes, preferred first
+    inputs: Callable[[Any, torch.Generator, int, int, str], tuple[dict, dict]]
+    text_len: int  # text tokens per sample for configs read from a directory
+    decoder: bool
+    # inputs computed with the built model (host-side logic a processor would do), or None
+    finish: Callable[[torch.nn.Module, dict], None] | None = None
+
+
+_FAMILIES: dict[str, _Family] = {
+    "llava": _Family(("LlavaForConditionalGeneration",), _llava_inputs, 32, True),
+    "paligemma": _Family(("PaliGemmaForConditionalGeneration",), _paligemma_inputs, 16, True),
+    "idefics3": _Family(("Idefics3ForConditionalGeneration",), _idefics3_inputs, 24, True),
+    "smolvlm": _Family(("SmolVLMForConditionalGeneration",), _idefics3_inputs, 24, True),
+    "qwen2_vl": _Family(("Qwen2VLForConditionalGeneration",), _qwen2_vl_inputs, 24, True, _mrope_positions),
+    "qwen2_5_vl": _Family(("Qwen2_5_VLForConditionalGeneration",), _qwen2_vl_inputs, 24, True, _mrope_positions),
+    "vilt": _Family(("ViltForQuestionAnswering", "ViltModel"), _vilt_inputs, 16, False),
+    "blip": _Family(("BlipForImageTextRetrieval",), _dual_inputs, 16, False),
+    "clip": _Family(("CLIPModel",), _dual_inputs, 16, False),
+    "siglip": _Family(("SiglipModel",), _dual_inputs, 16, False),
+}
+
+
+def supported_model_types() -> list[str]:
+    """The Hugging Face ``model_type`` values the zoo can build inputs for."""
+    return sorted(_FAMILIES)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny configs (the presets)
+# --------------------------------------------------------------------------------------------
+
+_VOCAB = 320  # tiny vocabulary; the top ids are the image/special tokens
+
+
+def _llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, inter: int = 128,
+           vocab: int = _VOCAB, max_pos: int = 1024):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max_pos,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def _clip_vision(hidden: int = 32, layers: int = 2, heads: int = 2, inter: int = 64, image: int = 32, patch: int = 4):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image, patch_size=patch, projection_dim=hidden)
+
+
+def _siglip_vision(hidden: int = 32, layers: int = 2, heads: int = 2, inter: int = 64, image: int = 32, patch: int = 4,
+                   cls: Any = None, **extra: Any):
+    if cls is None:
+        from transformers import SiglipVisionConfig as cls
+    return cls(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+               image_size=image, patch_size=patch, **extra)
+
+
+def _cfg_llava():
+    from transformers import LlavaConfig
+
+    # CLIP 32 px / patch 4 -> 8x8 = 64 patches (+CLS, dropped by the "default" strategy); Llama with GQA 4q/2kv
+    return LlavaConfig(vision_config=_clip_vision(), text_config=_llama(), image_token_index=_VOCAB - 1,
+                       image_seq_length=64, vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def _cfg_llava_bench():
+    from transformers import LlavaConfig
+
+    # LLaVA-1.5 shape at reduced width: CLIP 336 px / patch 14 -> 24x24 = 576 image tokens,
+    # 8 Llama layers at hidden 384 (6 q heads / 2 kv heads)
+    return LlavaConfig(
+        vision_config=_clip_vision(hidden=128, layers=4, heads=4, inter=512, image=336, patch=14),
+        text_config=_llama(hidden=384, layers=8, heads=6, kv=2, inter=1024, vocab=8000, max_pos=2048),
+        image_token_index=7999, image_seq_length=576, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def _cfg_paligemma():
+    from transformers import GemmaConfig, PaliGemmaConfig
+
+    text = GemmaConfig(vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    return PaliGemmaConfig(vision_config=_siglip_vision(projection_dim=64), text_config=text,
+                           image_token_index=_VOCAB - 1, projection_dim=64, hidden_size=64, vocab_size=_VOCAB)
+
+
+def _cfg_idefics3():
+    from transformers import Idefics3Config
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    # 32 px / patch 4 -> 64 patches; pixel shuffle with scale 2 -> 16 image tokens
+    vision = _siglip_vision(cls=Idefics3VisionConfig)
+    return Idefics3Config(vision_config=vision, text_config=_llama(), image_token_id=_VOCAB - 1, scale_factor=2,
+                          pad_token_id=0)
+
+
+def _cfg_qwen2_vl():
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+
+    vision = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, in_channels=3,
+                                 patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    # 32 px / patch 4 -> 8x8 patches -> 2x2 merge -> 16 image tokens (not a config field: a zoo hint)
+    vision.graphred_image_size = 32
+    text = Qwen2VLTextConfig(vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                             rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=_VOCAB - 4,
+                         video_token_id=_VOCAB - 3, vision_start_token_id=_VOCAB - 2, vision_end_token_id=_VOCAB - 1)
+
+
+def _cfg_vilt():
+    from transformers import ViltConfig
+
+    return ViltConfig(vocab_size=_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, image_size=32, patch_size=4, max_position_embeddings=40,
+                      num_labels=8, id2label={i: f"answer{i}" for i in range(8)},
+                      label2id={f"answer{i}": i for i in range(8)}, pad_token_id=0)
+
+
+def _cfg_blip():
+    from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
+
+    text = BlipTextConfig(vocab_size=_VOCAB, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                          projection_dim=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                          bos_token_id=_VOCAB - 2, pad_token_id=0, sep_token_id=102, eos_token_id=2)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=32, patch_size=4, initializer_range=0.02)
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=32, image_text_hidden_size=32)
+
+
+def _cfg_clip():
+    from transformers import CLIPConfig, CLIPTextConfig
+
+    text = CLIPTextConfig(vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, projection_dim=32,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
+                          pad_token_id=0, bos_token_id=_VOCAB - 2, eos_token_id=_VOCAB - 1)
+    return CLIPConfig(text_config=text, vision_config=_clip_vision(), projection_dim=32)
+
+
+def _cfg_siglip():
+    from transformers import SiglipConfig, SiglipTextConfig
+
+    text = SiglipTextConfig(vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=_VOCAB - 1, projection_size=32)
+    return SiglipConfig(text_config=text, vision_config=_siglip_vision())
+
+
+@dataclass(frozen=True)
+class _Preset:
+    family: str  # a key of _FAMILIES
+    cls: str  # transformers class
+    config: Callable[[], Any]
+    summary: str
+    text_len: int = 12
+    batch: int = 2
+    bench: bool = False
+
+
+_PRESETS: dict[str, _Preset] = {
+    "llava": _Preset("llava", "LlavaForConditionalGeneration", _cfg_llava,
+                     "Llama decoder (2 layers, hidden 64, GQA 4q/2kv) + CLIP vision tower, image tokens scattered "
+                     "into the text"),
+    "paligemma": _Preset("paligemma", "PaliGemmaForConditionalGeneration", _cfg_paligemma,
+                         "Gemma decoder (2 layers, GQA 4q/2kv, prefix-LM mask) + SigLIP vision tower, image first"),
+    "idefics3": _Preset("idefics3", "Idefics3ForConditionalGeneration", _cfg_idefics3,
+                        "SmolVLM-style: SigLIP-like tower, pixel shuffle (scale 2) connector, Llama decoder"),
+    "qwen2-vl": _Preset("qwen2_vl", "Qwen2VLForConditionalGeneration", _cfg_qwen2_vl,
+                        "Qwen2 decoder with M-RoPE (3-axis positions) + 2x2-merging ViT over flattened patches"),
+    "vilt": _Preset("vilt", "ViltForQuestionAnswering", _cfg_vilt,
+                    "single-stream encoder: text and image patches concatenated into one BERT-style sequence"),
+    "blip": _Preset("blip", "BlipForImageTextRetrieval", _cfg_blip,
+                    "image-text matching: BERT text encoder cross-attending to a ViT (use_itm_head=True)"),
+    "clip": _Preset("clip", "CLIPModel", _cfg_clip, "dual encoder: separate text and vision transformers, contrastive"),
+    "siglip": _Preset("siglip", "SiglipModel", _cfg_siglip,
+                      "dual encoder with sigmoid loss: text transformer + ViT (no CLS, attention-pool head)"),
+    "llava-bench": _Preset("llava", "LlavaForConditionalGeneration", _cfg_llava_bench,
+                           "LLaVA-1.5-shaped benchmark model: 576 image tokens, 8 Llama layers at hidden 384 "
+                           "(GQA 6q/2kv), 4-layer CLIP-336/14 tower", text_len=40, batch=4, bench=True),
+}
+
+
+def names(include_bench: bool = True) -> list[str]:
+    """The zoo's model names; ``include_bench=False`` leaves out the (larger) benchmark presets."""
+    return [n for n, p in _PRESETS.items() if include_bench or not p.bench]
+
+
+TEST_NAMES: list[str] = names(include_bench=False)
+
+
+def is_bench(name: str) -> bool:
+    """True for presets meant for benchmarks rather than unit tests (bigger, slower)."""
+    return _preset(name).bench
+
+
+def _preset(name: str) -> _Preset:
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown zoo model {name!r}. Zoo models: {', '.join(names())}.") from None
+
+
+def _example_inputs(preset: _Preset, config: Any, seed: int) -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return _FAMILIES[preset.family].inputs(config, gen, preset.batch, preset.text_len, preset.cls)
+
+
+def info(name: str) -> dict:
+    """Per-sample token counts and shape facts of a zoo model's example inputs (no model built).
+
+    >>> info("llava")["image"], info("llava")["batch"]
+    (64, 2)
+    """
+    p = _preset(name)
+    _, meta = _example_inputs(p, p.config(), 0)
+    return {"name": name, "class": p.cls, "batch": p.batch, "bench": p.bench, **meta}
+
+
+def describe(name: str) -> str:
+    """One line: the class, what it is, and its example inputs."""
+    p = _preset(name)
+    i = info(name)
+    return (f"{name}: {p.cls} - {p.summary}; batch {i['batch']} x ({i['image']} image + {i['text']} text tokens, "
+            f"{i['padding']} padding)")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's CPU RNG for model init without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001 - logging is best effort
+        pass
+
+
+def _transformers_class(cls_name: str):
+    import transformers
+
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"transformers {transformers.__version__} has no class {cls_name}.")
+    return cls
+
+
+def load(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Build zoo model ``name`` (random init seeded by ``seed``, eval mode) and its example inputs.
+
+    >>> model, kwargs = load("llava")
+    >>> type(model).__name__, tuple(kwargs["input_ids"].shape)
+    ('LlavaForConditionalGeneration', (2, 76))
+    """
+    p = _preset(name)
+    _quiet_transformers()
+    config = p.config()
+    cls = _transformers_class(p.cls)
+    with _seeded(seed):
+        model = cls(config)
+    model.eval()
+    kwargs, _ = _example_inputs(p, config, seed)
+    finish = _FAMILIES[p.family].finish
+    if finish is not None:
+        finish(model, kwargs)
+    return model, kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# Local model directories
+# --------------------------------------------------------------------------------------------
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _has_weights(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES) or any(
+        f.endswith(".safetensors") for f in os.listdir(path)
+    )
+
+
+def _pick_class(config: Any, path: str):
+    """The transformers class for a config: its ``architectures`` first, then the family's."""
+    import transformers
+
+    model_type = getattr(config, "model_type", None)
+    archs = list(getattr(config, "architectures", None) or [])
+    family = _FAMILIES.get(model_type)
+    tried = []
+    if family is not None:
+        for name in archs + [c for c in family.classes if c not in archs]:
+            tried.append(name)
+            cls = getattr(transformers, name, None)
+            if cls is not None:
+                return cls, family
+    else:
+        tried = archs
+    raise ConfigError(
+        f"Cannot build a model from {path}: model_type {model_type!r}, architectures {archs or 'none'}"
+        + (f"; tried classes {', '.join(tried)}" if tried else "")
+        + f". graphred's zoo builds inputs for model types: {', '.join(supported_model_types())}."
+    )
+
+
+def from_config_dir(path: str | os.PathLike, device: str = "meta", seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Build a model and example inputs from a local Hugging Face model directory.
+
+    ``device="meta"`` builds the model on the meta device (no memory, no weights loaded; for
+    analysis and estimates). ``device="cpu"`` loads the weights when the directory has them
+    (safetensors or ``pytorch_model.bin``), else initialises randomly (seeded). Example inputs
+    are built from the config (image size, patch size, image token id, vocabulary) with the
+    same per-family builders as the zoo, on ``device``.
+    """
+    path = os.fspath(path)
+    if device not in ("meta", "cpu"):
+        raise ConfigError(f"from_config_dir: device must be 'meta' or 'cpu', got {device!r}.")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{path} is not a Hugging Face model directory: it has no config.json.")
+    _quiet_transformers()
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - unknown model_type, broken json, ...
+        raise ConfigError(
+            f"Cannot read the config in {path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
+            f"graphred's zoo builds inputs for model types: {', '.join(supported_model_types())}."
+        ) from None
+    cls, family = _pick_class(config, path)
+    try:
+        if device == "meta":
+            with torch.device("meta"):
+                model = cls(config)
+        elif _has_weights(path):
+            model = cls.from_pretrained(path, local_files_only=True)
+        else:
+            with _seeded(seed):
+                model = cls(config)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"Building {cls.__name__} from {path} failed: {type(e).__name__}: {e}") from None
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    kwargs, _ = family.inputs(config, gen, 2, family.text_len, cls.__name__)
+    if family.finish is not None:
+        family.finish(model, kwargs)
+    if device == "meta":
+        kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return model, kwargs
+
+
+def resolve(spec: str | os.PathLike, device: str | None = None) -> tuple[torch.nn.Module, dict, str]:
+    """A zoo name or a local model directory -> ``(model, kwargs, name)``.
+
+    For a directory, ``device=None`` means ``"cpu"`` when it holds weights, else ``"meta"``.
+    """
+    s = os.fspath(spec)
+    if s in _PRESETS:
+        model, kwargs = load(s)
+        return model, kwargs, s
+    if os.path.isdir(s):
+        dev = device or ("cpu" if _has_weights(s) else "meta")
+        model, kwargs = from_config_dir(s, device=dev)
+        return model, kwargs, os.path.basename(os.path.normpath(s)) or s
+    raise ConfigError(
+        f"{s!r} is neither a zoo model nor a local model directory. Zoo models: {', '.join(names())}; "
+        "or pass a directory holding a Hugging Face config.json."
+    )
