@@ -175,7 +175,11 @@ def find_attention(gm: fx.GraphModule) -> list[dict]:
 
 
 def _is_causal_mask(m) -> bool | None:
-    if not isinstance(m, torch.Tensor) or m.dim() < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] < 2:
+    if not isinstance(m, torch.Tensor) or m.dim() < 2:
+        return None
+    if m.shape[-2] == 1 and m.shape[-1] > 1:
+        return False  # one row broadcast over every query: a padding mask, never causal
+    if m.shape[-1] != m.shape[-2] or m.shape[-1] < 2:
         return None
     allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2 if m.is_floating_point() else m != 0
     L = m.shape[-1]
@@ -206,15 +210,20 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             qk = a["qk"]
             qm, qs = _modalities(prov, qk, -2, prov.tokens(a["q"]).taint)
             km, ks = _modalities(prov, qk, -1, prov.tokens(a["k"]).taint)
+        if not qm and prov.tokens(a["q"]).learned or not qm and not prov.tokens(a["q"]).taint:
+            qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, Q-Former queries)
         same = qs is not None and ks is not None and qs.id == ks.id
+        data = (qm | km) & {IMAGE, TEXT}
         if same or (qs is None and ks is None and qm == km):
-            kind = CROSS_MODAL_SELF if {IMAGE, TEXT} <= qm or (REGISTER in qm and len(qm) > 1) else UNIMODAL_SELF
+            kind = CROSS_MODAL_SELF if {IMAGE, TEXT} <= qm else UNIMODAL_SELF
         else:
-            kind = CROSS_ATTENTION if qm != km or qs is not None and ks is not None else UNIMODAL_SELF
+            # two sequences: cross-modal when the data on the two sides differs (text queries on image
+            # keys); learned queries pooling one modality stay unimodal
+            kind = CROSS_ATTENTION if len(data) == 2 or (qm & {IMAGE, TEXT} and km & {IMAGE, TEXT} and qm != km) else UNIMODAL_SELF
         per_sample = qs.counts() if qs is not None else []
         tokens = _collapse(per_sample)
         key_tokens = _collapse(ks.counts()) if ks is not None and not same else {}
-        if kind == CROSS_ATTENTION:
+        if kind == CROSS_ATTENTION or (not tokens and key_tokens):
             tokens = {**tokens, **{k: v for k, v in key_tokens.items() if k not in tokens}}
         qshape = _shape(a["q"])
         path = module_path(node)
@@ -222,6 +231,9 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
         causal = True if a["is_causal"] else None
         if causal is None and a["mask"] is not None:
             causal = _is_causal_mask(prov.values.get(a["mask"]))
+            mshape = _shape(a["mask"])
+            if causal is None and mshape and len(mshape) >= 2 and mshape[-2] == 1 and mshape[-1] > 1:
+                causal = False  # a single mask row broadcast over all queries: padding only
         if causal is None and a["mask"] is None:
             causal = False
         blocks.append(AttentionBlock(

@@ -295,6 +295,11 @@ class TokenProvenance:
         return self.streams[self.find(sid)]
 
     def _new_stream(self, kind, length, node, rule, recipe, parents=()) -> int:
+        if rule == "slice":  # the same range of the same stream is the same stream (q, k, v split alike)
+            key = (self.find(recipe[1]),) + tuple(recipe[2:])
+            for st in self.streams:
+                if st.rule == "slice" and (self.find(st.recipe[1]),) + tuple(st.recipe[2:]) == key:
+                    return self.find(st.id)
         sid = len(self.streams)
         self.streams.append(Stream(sid, kind, int(length), node.name, rule, recipe, tuple(parents)))
         self._parent.append(sid)
@@ -423,6 +428,8 @@ class TokenProvenance:
             return self._split(node, taint, learned)
         if pk in SDPA:
             return self._sdpa(node, taint, learned)
+        if pk is aten.index and len(node.args) == 2:
+            return self._index(node, taint, learned)
         if pk in (aten.linear,):
             x = node.args[0]
             xs = _shape(x)
@@ -732,6 +739,23 @@ class TokenProvenance:
             outs.append(TokenInfo(tuple(axes), taint, xi.direct_ids, learned))
         return outs
 
+    def _index(self, node, taint, learned):
+        """Advanced indexing ``x[i0, i1, ...]``: indexed dims are consumed (a token axis there is a
+        selection, e.g. pooling one token per sample); the others keep their axes."""
+        x, indices = node.args
+        xs, shape = _shape(x), _shape(node)
+        idx = [i for i, t in enumerate(indices) if t is not None]
+        if not idx or idx != list(range(idx[0], idx[-1] + 1)):
+            return self._opaque(node, taint, learned)
+        n_out_idx = len(shape) - (len(xs) - len(idx))
+        dm = {}
+        for d in range(len(xs)):
+            if d < idx[0]:
+                dm[d] = d
+            elif d > idx[-1]:
+                dm[d] = d - len(idx) + n_out_idx
+        return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+
     def _sdpa(self, node, taint, learned):
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if isinstance(mask, fx.Node):
@@ -863,9 +887,16 @@ class TokenProvenance:
                     out.append(c.expand(rows, -1))
                     spec.append(s)
                 else:
-                    code = next(iter(mods)) if len(mods) == 1 else CODE[REGISTER]
+                    _, learned, taint = p
+                    data = taint & {IMAGE, TEXT}
+                    if not learned and len(data) == 1:
+                        # input-derived tokens whose stream was lost upstream: their data says what they are
+                        code, special = CODE[next(iter(data))], False
+                    else:
+                        code = next(iter(mods)) if len(mods) == 1 else CODE[REGISTER]
+                        special = True
                     out.append(torch.full((rows, n), code, dtype=torch.int8))
-                    spec.append(torch.ones(n, dtype=torch.bool))
+                    spec.append(torch.full((n,), special, dtype=torch.bool))
             return torch.cat(out, 1), torch.cat(spec)
         if r[0] == "slice":
             _, parent, s0, e0, step = r
