@@ -1,0 +1,282 @@
+"""Reduction plans: what to reduce, where, by how much. Plans are data; they are validated at
+construction and compose with ``+``.
+
+>>> import graphred
+>>> plan = graphred.plans.pumer(prune=0.3, merge=0.2) + graphred.plans.tome(r=4)
+>>> print(plan)
+pumer:prune=0.3,merge=0.2 + tome:r=4
+>>> graphred.plans.parse_plan("fastv:layer=2,keep=0.5")
+Plan(fastv:layer=2,keep=0.5)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from .errors import PlanError
+
+Ratio = Union[float, Sequence[float]]
+LayerSelector = Union[None, int, str, Sequence[int], slice]
+
+__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "parse_plan", "select_layers"]
+
+
+def _check_ratio(name: str, value: Ratio, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True) -> tuple[float, ...]:
+    vals = (value,) if isinstance(value, (int, float)) else tuple(value)
+    if not vals:
+        raise ValueError(f"{name} must be a ratio or a non-empty list of ratios, got {value!r}")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a number in [{lo}, {hi}), got {v!r}")
+        if not (lo <= v < hi if hi_open else lo <= v <= hi):
+            raise ValueError(f"{name}={v} is out of range: use {lo} <= {name} {'<' if hi_open else '<='} {hi}")
+    return tuple(float(v) for v in vals)
+
+
+def _check_layers(layers: LayerSelector) -> LayerSelector:
+    if layers is None or isinstance(layers, slice):
+        return layers
+    if isinstance(layers, bool):
+        raise ValueError(f"layers must be indices, a slice or a selector string, got {layers!r}")
+    if isinstance(layers, int):
+        if layers < 0:
+            raise ValueError(f"layer index must be >= 0, got {layers}")
+        return (layers,)
+    if isinstance(layers, str):
+        s = layers.strip()
+        if s == "all" or s.startswith("from:") or s.startswith("every:"):
+            try:
+                if s != "all":
+                    n = int(s.split(":", 1)[1])
+                    if n < 0 or (s.startswith("every:") and n < 1):
+                        raise ValueError
+            except ValueError:
+                raise ValueError(f"bad layer selector {layers!r}: use 'all', 'from:K' (K>=0) or 'every:K' (K>=1)") from None
+            return s
+        raise ValueError(f"bad layer selector {layers!r}: use indices, 'all', 'from:K' or 'every:K'")
+    vals = tuple(layers)
+    if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in vals):
+        raise ValueError(f"layers must be non-negative integers, got {layers!r}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"layers has duplicates: {layers!r}")
+    return tuple(sorted(vals))
+
+
+def select_layers(selector: LayerSelector, available: Sequence[int], default: LayerSelector = None) -> list[int]:
+    """Resolve a selector against the layer indices a model has (e.g. its cross-modal layers).
+
+    >>> select_layers("from:2", [0, 1, 2, 3])
+    [2, 3]
+    >>> select_layers("every:2", [0, 1, 2, 3, 4])
+    [0, 2, 4]
+    """
+    sel = default if selector is None else selector
+    avail = list(available)
+    if sel is None or sel == "all":
+        return avail
+    if isinstance(sel, slice):
+        return avail[sel]
+    if isinstance(sel, str) and sel.startswith("from:"):
+        k = int(sel.split(":")[1])
+        return [a for a in avail if a >= k]
+    if isinstance(sel, str) and sel.startswith("every:"):
+        k = int(sel.split(":")[1])
+        return [a for a in avail if (a - avail[0]) % k == 0] if avail else []
+    return [a for a in sel]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "/".join(_fmt(x) for x in v) if len(v) > 1 else _fmt(v[0])
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, slice):
+        return f"from:{v.start or 0}"
+    return str(v)
+
+
+@dataclass(frozen=True)
+class PumerStep:
+    """PuMer: text-informed image pruning, then modality-aware merging, at cross-modal layers.
+
+    ``prune``/``merge``/``merge_text`` are ratios (or one ratio per selected layer: a progressive
+    schedule). ``layers`` selects among the layer indices of the cross-modal blocks.
+    """
+
+    prune: tuple[float, ...] = (0.0,)
+    merge: tuple[float, ...] = (0.0,)
+    merge_text: tuple[float, ...] = (0.0,)
+    layers: LayerSelector = None
+    proportional: bool = False
+
+    def ratio_at(self, which: str, i: int) -> float:
+        vals = getattr(self, which)
+        return vals[i] if len(vals) > 1 else vals[0]
+
+    def spec(self) -> str:
+        parts = [f"prune={_fmt(self.prune)}", f"merge={_fmt(self.merge)}"]
+        if any(self.merge_text):
+            parts.append(f"merge_text={_fmt(self.merge_text)}")
+        if self.layers is not None:
+            parts.append(f"layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}")
+        return "pumer:" + ",".join(parts)
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(self.prune) and not any(self.merge) and not any(self.merge_text)
+
+
+@dataclass(frozen=True)
+class FastVStep:
+    """FastV: after decoder layer ``layer - 1``, keep the ``keep`` fraction of image tokens that
+    the last token attends to most. Training-free; decoders only."""
+
+    layer: int = 2
+    keep: float = 0.5
+
+    def spec(self) -> str:
+        return f"fastv:layer={self.layer},keep={_fmt(self.keep)}"
+
+    @property
+    def is_identity(self) -> bool:
+        return self.keep >= 1.0
+
+
+@dataclass(frozen=True)
+class ToMeStep:
+    """ToMe: merge ``r`` tokens per layer (bipartite soft matching) inside image-only attention
+    stacks (vision towers), class tokens protected."""
+
+    r: int = 8
+    layers: LayerSelector = None
+    proportional: bool = True
+
+    def spec(self) -> str:
+        s = f"tome:r={self.r}"
+        if self.layers is not None:
+            s += f",layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}"
+        return s
+
+    @property
+    def is_identity(self) -> bool:
+        return self.r == 0
+
+
+Step = Union[PumerStep, FastVStep, ToMeStep]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An ordered list of reduction steps. ``plan_a + plan_b`` composes."""
+
+    steps: tuple = field(default_factory=tuple)
+
+    def __add__(self, other: "Plan") -> "Plan":
+        if not isinstance(other, Plan):
+            return NotImplemented
+        return Plan(self.steps + other.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def is_identity(self) -> bool:
+        return all(s.is_identity for s in self.steps)
+
+    def __str__(self) -> str:
+        return " + ".join(s.spec() for s in self.steps) or "identity"
+
+    def __repr__(self) -> str:
+        return f"Plan({self})"
+
+
+def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None,
+          proportional: bool = False) -> Plan:
+    """PuMer (Cao et al., 2023): text-informed image pruning + modality-aware merging.
+
+    >>> pumer(prune=0.3, merge=0.2, layers="from:1")
+    Plan(pumer:prune=0.3,merge=0.2,layers=from:1)
+    >>> pumer(prune=[0.1, 0.2, 0.3], layers=[2, 5, 8])   # a progressive schedule
+    Plan(pumer:prune=0.1/0.2/0.3,merge=0,layers=2/5/8)
+    """
+    p = _check_ratio("prune", prune)
+    m = _check_ratio("merge", merge, hi=0.5, hi_open=False)
+    mt = _check_ratio("merge_text", merge_text, hi=0.5, hi_open=False)
+    lay = _check_layers(layers)
+    for name, vals in (("prune", p), ("merge", m), ("merge_text", mt)):
+        if len(vals) > 1 and not (isinstance(lay, tuple) and len(lay) == len(vals)):
+            raise ValueError(f"a per-layer schedule for {name} ({len(vals)} values) needs layers= with as many indices")
+    return Plan((PumerStep(p, m, mt, lay, bool(proportional)),))
+
+
+def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
+    """FastV (Chen et al., 2024): prune image tokens after decoder layer ``layer-1``.
+
+    >>> fastv(layer=2, keep=0.25)
+    Plan(fastv:layer=2,keep=0.25)
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise ValueError(f"fastv layer must be an integer >= 1 (scores come from layer-1), got {layer!r}")
+    (k,) = _check_ratio("keep", keep, lo=0.0, hi=1.0, hi_open=False)
+    if k <= 0.0:
+        raise ValueError("fastv keep must be > 0: at least one image token is kept")
+    return Plan((FastVStep(layer, k),))
+
+
+def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) -> Plan:
+    """ToMe (Bolya et al., 2023): merge ``r`` tokens per layer in vision towers.
+
+    >>> tome(r=4)
+    Plan(tome:r=4)
+    """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"tome r must be a non-negative integer, got {r!r}")
+    return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
+
+
+_BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome}
+
+
+def parse_plan(text: str) -> Plan:
+    """Parse the CLI form: ``pumer:prune=0.3,merge=0.2``, ``fastv:layer=2,keep=0.5``, ``tome:r=8``,
+    several joined with ``+``. Lists use ``/`` (``prune=0.1/0.2,layers=2/5``)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty plan: use e.g. 'pumer:prune=0.3,merge=0.2' or 'fastv:layer=2,keep=0.5'")
+    plan = Plan()
+    for part in text.split("+"):
+        part = part.strip()
+        name, _, args = part.partition(":")
+        name = name.strip().lower()
+        if name not in _BUILDERS:
+            raise ValueError(f"unknown plan {name!r} in {text!r}: choose from {', '.join(sorted(_BUILDERS))}")
+        kwargs = {}
+        for kv in filter(None, (a.strip() for a in args.split(","))):
+            k, eq, v = kv.partition("=")
+            if not eq:
+                raise ValueError(f"bad plan argument {kv!r} in {text!r}: use key=value")
+            kwargs[k.strip()] = _parse_value(k.strip(), v.strip())
+        try:
+            plan = plan + _BUILDERS[name](**kwargs)
+        except TypeError as e:
+            raise ValueError(f"bad arguments for {name} in {text!r}: {e}") from None
+    return plan
+
+
+def _parse_value(key: str, v: str):
+    if key == "layers" and (v in ("all",) or v.startswith("from") or v.startswith("every")):
+        return v.replace("from", "from:").replace("every", "every:").replace("::", ":") if ":" not in v else v
+    if "/" in v:
+        items = [_parse_value(key, x) for x in v.split("/")]
+        return items
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"bad value {v!r} for {key}") from None
