@@ -558,7 +558,7 @@ def describe(name: str) -> str:
     """One line: the class, what it is, and its example inputs."""
     p = _preset(name)
     i = info(name)
-    return (f"{name}: {p.cls} - {p.summary}; batch {i['batch']} x ({i['image']} image + {i['text']} text tokens, "
+    return (f"{p.cls} - {p.summary}; batch {i['batch']} x ({i['image']} image + {i['text']} text tokens, "
             f"{i['padding']} padding)")
 
 
@@ -570,13 +570,21 @@ def _seeded(seed: int):
         yield
 
 
+@contextlib.contextmanager
 def _quiet_transformers():
-    try:
-        from transformers.utils import logging as hf_logging
+    """transformers' warnings and progress bars off while the zoo builds a model; restored after."""
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001 - logging is best effort
-        pass
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _transformers_class(cls_name: str):
@@ -596,10 +604,9 @@ def load(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     ('LlavaForConditionalGeneration', (2, 76))
     """
     p = _preset(name)
-    _quiet_transformers()
     config = p.config()
     cls = _transformers_class(p.cls)
-    with _seeded(seed):
+    with _quiet_transformers(), _seeded(seed):
         model = cls(config)
     model.eval()
     kwargs, _ = _example_inputs(p, config, seed)
@@ -660,11 +667,11 @@ def from_config_dir(path: str | os.PathLike, device: str = "meta", seed: int = 0
         raise ConfigError(f"from_config_dir: device must be 'meta' or 'cpu', got {device!r}.")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"{path} is not a Hugging Face model directory: it has no config.json.")
-    _quiet_transformers()
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - unknown model_type, broken json, ...
         raise ConfigError(
             f"Cannot read the config in {path}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}. "
@@ -672,14 +679,8 @@ def from_config_dir(path: str | os.PathLike, device: str = "meta", seed: int = 0
         ) from None
     cls, family = _pick_class(config, path)
     try:
-        if device == "meta":
-            with torch.device("meta"):
-                model = cls(config)
-        elif _has_weights(path):
-            model = cls.from_pretrained(path, local_files_only=True)
-        else:
-            with _seeded(seed):
-                model = cls(config)
+        with _quiet_transformers():
+            model = _build(cls, config, path, device, seed)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -692,6 +693,16 @@ def from_config_dir(path: str | os.PathLike, device: str = "meta", seed: int = 0
     if device == "meta":
         kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return model, kwargs
+
+
+def _build(cls, config: Any, path: str, device: str, seed: int) -> torch.nn.Module:
+    if device == "meta":
+        with torch.device("meta"):
+            return cls(config)
+    if _has_weights(path):
+        return cls.from_pretrained(path, local_files_only=True)
+    with _seeded(seed):
+        return cls(config)
 
 
 def resolve(spec: str | os.PathLike, device: str | None = None) -> tuple[torch.nn.Module, dict, str]:
