@@ -57,7 +57,6 @@ An op without a formula is never counted as zero: :func:`lookup` returns ``None`
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -565,21 +564,26 @@ def _einsum_letters(equation: str, shapes: Sequence[Shape]) -> tuple[list[str], 
 
 @register_cost("einsum", params=("equation", "tensors", "path"), matmul=True)
 def _einsum(call: Call, mode: str):
-    """Left-to-right pairwise contraction, as torch's einsum runs it with bmm: each pair costs
-    2 * prod(sizes of the letters kept or shared). A single operand (a sum/permute) costs its numel."""
+    """Left-to-right pairwise contraction, as torch's einsum runs it: a pair with summed letters is a
+    bmm costing 2 * prod(sizes of the letters kept or summed) (letters only one side needs are summed
+    out first); a pair with nothing to sum is an elementwise product (kind="all"). A single operand
+    (a sum/permute) costs its numel (kind="all")."""
     terms, rhs, sizes = _einsum_letters(call.get("equation"), call.get("tensors"))
     if len(terms) == 1:
         return _ZERO, numel([sizes[c] for c in terms[0]])
-    mm = []
+    mm, other = [], []
     left = set(terms[0])
     for i, t in enumerate(terms[1:], start=1):
         right = set(t)
         later = set(rhs).union(*[set(x) for x in terms[i + 1:]]) if i + 1 < len(terms) else set(rhs)
         kept = (left | right) & later
-        shared = left & right
-        mm.append(2 * _prod(sizes[c] for c in sorted(kept | shared)))
+        summed = (left & right) - later
+        if summed:
+            mm.append(2 * _prod(sizes[c] for c in sorted(kept | summed)))
+        else:  # nothing to contract: torch multiplies elementwise (no bmm)
+            other.append(_prod(sizes[c] for c in sorted(kept)))
         left = kept
-    return sympy.Add(*mm), _ZERO
+    return sympy.Add(*mm), sympy.Add(*other)
 
 
 # ---------------------------------------------------------------------------------------
@@ -876,7 +880,8 @@ def _reduction(per_input: int, per_output: int = 0):
 
 
 register_cost(["sum", "nansum", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "any", "all",
-               "aminmax", "count_nonzero", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"])(_reduction(1))
+               "_is_all_true", "_is_any_true", "aminmax", "count_nonzero", "cumsum", "cumprod", "cummax", "cummin",
+               "logcumsumexp", "multinomial"])(_reduction(1))
 register_cost(["mean", "nanmean"])(_reduction(1, 1))
 register_cost(["var", "std", "var_mean", "std_mean"])(_reduction(3))
 register_cost(["logsumexp"])(_reduction(4, 1))
@@ -900,6 +905,13 @@ register_cost(["sort", "argsort", "msort"], params=("self", "dim"))(_sort_like("
 register_cost(["topk"], params=("self", "k", "dim"))(_sort_like("dim", -1))
 register_cost(["kthvalue"], params=("self", "k", "dim"))(_sort_like("dim", -1))
 register_cost(["median", "nanmedian", "mode"], params=("self", "dim"))(_sort_like("dim", -1))
+
+
+@register_cost(["_unique2", "unique_dim", "unique_consecutive", "_unique"])
+def _unique(call: Call, mode: str):
+    """unique: a sort of the flattened input, numel * ceil(log2(numel)) comparisons."""
+    n = numel(call.arg(0))
+    return _ZERO, n * _log2_ceil(n)
 
 
 @register_cost(["searchsorted", "bucketize"], params=("sorted_sequence", "self"))
@@ -1049,7 +1061,7 @@ _ZERO_COST_NAMES = (
     "view", "reshape", "_unsafe_view", "_reshape_alias", "expand", "expand_as", "permute", "transpose", "t",
     "unsqueeze", "squeeze", "slice", "select", "alias", "detach", "detach_", "flatten", "unflatten", "unbind",
     "split", "split_with_sizes", "tensor_split", "chunk", "narrow", "as_strided", "view_as", "reshape_as",
-    "diagonal", "movedim", "moveaxis", "swapaxes", "swapdims", "unfold", "view_as_real", "view_as_complex",
+    "diagonal", "movedim", "moveaxis", "meshgrid", "broadcast_tensors", "swapaxes", "swapdims", "unfold", "view_as_real", "view_as_complex",
     "real", "imag", "conj", "resolve_conj", "resolve_neg", "numpy_T", "mT", "mH", "adjoint",
     "_assert_async", "_assert_scalar", "_assert_tensor_metadata", "_functional_assert_async",
     "_functional_assert_scalar", "_functional_sym_constrain_range", "_functional_sym_constrain_range_for_size",
