@@ -507,3 +507,24 @@ def test_graphred_ops_registry_equals_oracle_and_fastv_is_an_upper_bound():
     w1 = torch.zeros(2, 5)
     w1[:, -1] = 1
     assert count_flops_executed(model, q, k, x, w1) < int(ours.flops)
+
+
+def test_submodules_of_run_once_higher_order_ops_are_counted():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            with torch.no_grad():  # exported as higher_order.wrap_with_set_grad_enabled(submodule)
+                z = self.b(y)
+            return y + z
+
+    model, x = M().train(), R(3, 8)
+    gm = _export(model, (x,)).module()
+    assert any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in gm.graph.nodes)
+    totals = count_graph(gm, kind="matmul")
+    assert totals.uncounted == []
+    assert int(totals.flops) == count_flops_executed(model, x) == 2 * 2 * 3 * 8 * 8
+    assert any("/" in name for name in totals.per_node)

@@ -1298,7 +1298,8 @@ def count_graph(
     outputs -- or None to keep the concrete one. Nodes without a formula are listed in
     ``uncounted`` (never counted as zero). Submodules of run-once higher-order ops
     (``wrap_with_set_grad_enabled``, ``wrap_with_autocast``) are counted as part of the graph,
-    their nodes named ``"outer/inner"``.
+    their nodes named ``"outer/inner"``. ``call_module`` nodes other than export's guard check are
+    listed as uncounted too.
 
     >>> import torch
     >>> ep = torch.export.export(torch.nn.Linear(8, 4), (torch.randn(2, 8),))
@@ -1316,6 +1317,11 @@ def count_graph(
 
 def _count_into(gm, shape_of, kind, mode, per_node, uncounted, prefix):
     for node in gm.graph.nodes:
+        if node.op == "call_module":
+            if not str(node.target).startswith("_guards"):  # export's guard check costs nothing
+                uncounted.append(Uncounted(prefix + node.name, f"call_module {node.target}",
+                                           "a module call, not an op: lower the graph to aten first"))
+            continue
         if node.op != "call_function":
             continue
         t = node.target
