@@ -355,6 +355,18 @@ def _describe(v: Any) -> str:
     return ", ".join(f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
 
 
+def _graph_fake_mode(graph: fx.Graph) -> FakeTensorMode:
+    """The fake mode of a graph's own values (so that new nodes without tensor inputs, such as
+    an ``arange``, share it); a fresh one if the graph has none."""
+    mode = getattr(graph, "_graphred_fake_mode", None)
+    if mode is None:
+        vals = [n.meta.get("val") for n in graph.nodes if n.op in ("placeholder", "get_attr", "call_function")
+                and isinstance(n.meta.get("val"), torch.Tensor)][:64]
+        mode = detect_fake_mode(vals) or FakeTensorMode()
+        graph._graphred_fake_mode = mode
+    return mode
+
+
 def set_fake_val(node: fx.Node) -> Any:
     """Recompute ``node.meta["val"]`` by running its target on its inputs' fake values, under
     the inputs' FakeTensorMode; returns the new val.
@@ -375,7 +387,7 @@ def set_fake_val(node: fx.Node) -> Any:
         return arg.meta["val"]
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
-    mode = detect_fake_mode(tree_flatten((args, kwargs))[0]) or detect_fake_mode() or FakeTensorMode()
+    mode = detect_fake_mode(tree_flatten((args, kwargs))[0]) or detect_fake_mode() or _graph_fake_mode(node.graph)
     with mode:
         if node.op == "call_method":
             val = getattr(args[0], node.target)(*args[1:], **kwargs)

@@ -1,0 +1,419 @@
+"""Apply a :class:`graphred.plans.Plan` to a captured program: a new, reduced graph module.
+
+The program's own graph is never changed: the plan is applied to a copy that shares the
+parameter tensors (no weights are copied).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF, AttentionBlock, detect_blocks
+from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, TokenProvenance, _shape
+from ..errors import PlanError
+from ..plans import FastVStep, Plan, PumerStep, ToMeStep, select_layers
+from ..program import Program
+from .infra import set_fake_val
+from .reduce import _node, emit_codes, emit_valid, key_source, layer_input, residual_after
+from .token_axis import StreamState, _call, reduce_stream
+
+aten = torch.ops.aten
+gr = torch.ops.graphred
+
+
+@dataclass
+class AppliedPlan:
+    """The reduced graph and what was done to it."""
+
+    graph_module: fx.GraphModule
+    plan: Plan
+    steps: list[dict] = field(default_factory=list)
+    subs_at: dict[str, dict] = field(default_factory=dict)  # original node name -> {symbol: expr}
+    positions_output: bool = False
+    provenance: TokenProvenance | None = None
+    blocks: list[AttentionBlock] = field(default_factory=list)
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its parameters and buffers."""
+    new_graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, new_graph, class_name=type(gm).__name__)
+    for k in ("_in_spec", "_out_spec"):
+        if hasattr(gm, k):
+            setattr(new, k, getattr(gm, k))
+    for n_old, n_new in zip(gm.graph.nodes, new.graph.nodes):
+        n_new.meta = dict(n_old.meta)
+    return new
+
+
+class _Ctx:
+    def __init__(self, gm, prov, blocks, program):
+        self.gm, self.prov, self.blocks, self.program = gm, prov, blocks, program
+        self.states: dict[int, StreamState] = {}
+        self.codes_cache: dict = {}
+        self.counts: dict[int, dict[str, int]] = {}  # stream -> current tokens per modality
+        self.subs: list[tuple[str, dict]] = []  # (first original node affected, substitution)
+        self.log: list[dict] = []
+        self.original_names = {n.name for n in gm.graph.nodes}
+
+    def state(self, sid: int) -> StreamState:
+        sid = self.prov.find(sid)
+        if sid not in self.states:
+            st = self.prov.streams[sid]
+            self.states[sid] = StreamState(sid, st.length, st.length)
+            counts = st.counts()
+            per = {}
+            for m in (IMAGE, TEXT, REGISTER):
+                vals = {c.get(m, 0) for c in counts}
+                if len(vals) > 1:
+                    raise PlanError(
+                        f"samples hold different numbers of {m} tokens ({sorted(vals)}) in the sequence at "
+                        f"{st.origin}: graphred keeps k tokens per sample, so every sample must have the same count")
+                per[m] = vals.pop() if vals else 0
+            self.counts[sid] = per
+        return self.states[sid]
+
+    def codes(self, sid: int, before: fx.Node) -> fx.Node:
+        """Current-level modality codes of the stream, inserted before ``before``."""
+        st = self.state(sid)
+        graph = self.gm.graph
+        with graph.inserting_before(before):
+            c = emit_codes(self.gm, self.prov, st.stream, self.codes_cache)
+        # the cache holds original-length codes; bring them to the current numbering
+        if st.abs_index is not None:
+            with graph.inserting_before(before):
+                rows = _shape(st.abs_index)[0]
+                if _shape(c)[0] != rows:
+                    c = _call(graph, aten.expand.default, (c, [rows, _shape(c)[1]]))
+                c = _call(graph, gr.gather_tokens.default, (c, st.abs_index, 1))
+        return c
+
+    def special(self, sid: int, before: fx.Node) -> fx.Node | None:
+        st = self.prov.streams[self.prov.find(sid)]
+        if st.special is None or not bool(st.special.any()):
+            return None
+        name = f"_graphred_special_{st.id}"
+        if not hasattr(self.gm, name):
+            self.gm.register_buffer(name, st.special.view(1, -1).clone(), persistent=False)
+        graph = self.gm.graph
+        with graph.inserting_before(before):
+            node = graph.get_attr(name)
+            from .reduce import _fake_like
+            node.meta["val"] = _fake_like(self.gm, st.special.view(1, -1))
+            s = self.states[self.prov.find(sid)]
+            if s.abs_index is not None:
+                node = _call(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
+        return node
+
+
+def _after(gm, nodes) -> fx.Node:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return max([n for n in nodes if n is not None], key=lambda n: order[n])
+
+
+def _mask_of(gm, block: AttentionBlock):
+    return _node(gm, block.mask) if block.mask else None
+
+
+def _scale(block: AttentionBlock) -> float:
+    return block.scale if block.scale is not None else (block.head_dim or 1) ** -0.5
+
+
+def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weights_kind: str, ratio: float = 0.0,
+           keep: float | None = None, step_name: str = "pumer") -> fx.Node | None:
+    """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point``."""
+    gm, graph = ctx.gm, ctx.gm.graph
+    st = ctx.state(stream)
+    n_img = ctx.counts[st.stream][IMAGE]
+    if n_img == 0:
+        raise PlanError(f"{step_name}: no image tokens left in the sequence at {block.module_path}")
+    n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)
+    n_keep = max(n_keep, 1)
+    n_drop = n_img - n_keep
+    if n_drop <= 0:
+        return None
+    q, k = _node(gm, block.query), _node(gm, block.key)
+    sdpa = _node(gm, block.node)
+    mask = _mask_of(gm, block)
+    anchor = _after(gm, [point, sdpa, q, k] + ([mask] if mask is not None else []))
+    nxt = anchor.next
+    with graph.inserting_before(nxt):
+        key_codes = ctx.codes(stream, nxt)
+    with graph.inserting_before(nxt):
+        Lk = _shape(k)[-2]
+        B = _shape(q)[0]
+        valid_k = emit_valid(graph, mask, Lk, B)
+        Lq = _shape(q)[-2]
+        if weights_kind == "text":  # PuMer: valid text queries
+            if block.kind == CROSS_MODAL_SELF:
+                qc = key_codes
+                is_text = _call(graph, aten.eq.Scalar, (qc, CODE[TEXT]))
+                if _shape(is_text)[0] != B:
+                    is_text = _call(graph, aten.expand.default, (is_text, [B, Lq]))
+                w = _call(graph, aten.logical_and.default, (is_text, valid_k))
+            else:
+                w = _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool})
+        else:  # FastV: the last valid query
+            pos = _call(graph, aten.arange.default, (Lq,), {"dtype": torch.long})
+            vq = valid_k if Lq == Lk else _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool})
+            last = _call(graph, aten.where.ScalarOther, (vq, pos, -1))
+            last = _call(graph, aten.amax.default, (last, [1], True))
+            w = _call(graph, aten.eq.Tensor, (pos, last))
+        wf = _call(graph, aten._to_copy.default, (w,), {"dtype": torch.float32})
+        scores = _call(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
+        is_image = _call(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
+        if _shape(is_image)[0] != B:
+            is_image = _call(graph, aten.expand.default, (is_image, [B, Lk]))
+        idx = _call(graph, gr.select_tokens.default, (scores, is_image, n_drop))
+    for n in (key_codes, valid_k, w, wf, scores, is_image, idx):
+        n.meta["graphred_side"] = True
+    new_len = st.length - n_drop
+    g = reduce_stream(gm, ctx.prov, st, point, idx, new_len, pass_name=f"{step_name} at {block.module_path}")
+    ctx.counts[st.stream][IMAGE] = n_keep
+    ctx.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
+                    "image_after": n_keep, "length_after": new_len})
+    ctx.subs.append((g.name, {"stream": st.stream, IMAGE: n_keep}))
+    return g
+
+
+def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
+           step_name: str) -> fx.Node | None:
+    gm, graph = ctx.gm, ctx.gm.graph
+    st = ctx.state(stream)
+    n_mod = ctx.counts[st.stream][modality]
+    r = min(round(ratio * n_mod), n_mod // 2)
+    if r <= 0:
+        return None
+    k = _node(gm, block.key)
+    mask = _mask_of(gm, block)
+    nxt = _after(gm, [point, k]).next
+    with graph.inserting_before(nxt):
+        codes = ctx.codes(stream, nxt)
+    with graph.inserting_before(nxt):
+        kk = k
+        # keys [B, H, L, D] as they are now (k may predate a pruning at this layer)
+        if _shape(kk)[-2] != st.length:
+            # k was computed before this layer's pruning: bring it to the current numbering
+            idx_prev = ctx.last_index
+            kk = _call(graph, gr.gather_tokens.default, (kk, idx_prev, len(_shape(kk)) - 2))
+        metric = _call(graph, aten.mean.dim, (kk, [1]))  # head mean
+        B = _shape(metric)[0]
+        cand = _call(graph, aten.eq.Scalar, (codes, CODE[modality]))
+        if _shape(cand)[0] != B:
+            cand = _call(graph, aten.expand.default, (cand, [B, st.length]))
+        protected = ctx.special(stream, nxt)
+        if modality == TEXT:
+            valid = emit_valid(graph, mask, _shape(mask)[-1] if mask is not None else st.length, B) if mask is not None else None
+            if valid is not None and _shape(valid)[-1] == st.length:
+                invalid = _call(graph, aten.logical_not.default, (valid,))
+                protected = invalid if protected is None else _call(graph, aten.logical_or.default, (protected, invalid))
+        if protected is not None and _shape(protected)[0] != B:
+            protected = _call(graph, aten.expand.default, (protected, [B, st.length]))
+        match = _call(graph, gr.bipartite_match.default, (metric, cand, r, protected))
+        keep = _call(graph, __import__("operator").getitem, (match, 0))
+        src = _call(graph, __import__("operator").getitem, (match, 1))
+        dst = _call(graph, __import__("operator").getitem, (match, 2))
+        if st.sizes is None:
+            sizes = _call(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32})
+        else:
+            sizes = st.sizes
+    for n in (codes, metric, cand, match, keep, src, dst, sizes):
+        n.meta["graphred_side"] = True
+
+    merged = {}
+
+    def transform(x: fx.Node) -> fx.Node:
+        out = _call(graph, gr.merge_tokens.default, (x, sizes, src, dst))
+        x2 = _call(graph, __import__("operator").getitem, (out, 0))
+        merged["sizes"] = _call(graph, __import__("operator").getitem, (out, 1))
+        return x2
+
+    with graph.inserting_before(nxt):
+        pass
+    g = reduce_stream(gm, ctx.prov, st, point, keep, st.length - r, transform=transform,
+                      pass_name=f"{step_name} at {block.module_path}")
+    with graph.inserting_after(g):
+        st.sizes = _call(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
+        st.sizes.meta["graphred_side"] = True
+    ctx.counts[st.stream][modality] = n_mod - r
+    ctx.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
+                    f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
+    ctx.subs.append((g.name, {"stream": st.stream, modality: n_mod - r}))
+    return g
+
+
+def _cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[AttentionBlock]]:
+    cm = [b for b in blocks if b.kind in (CROSS_MODAL_SELF, CROSS_ATTENTION)]
+    if not cm:
+        return "", []
+    by_stack: dict[str, list[AttentionBlock]] = {}
+    for b in cm:
+        by_stack.setdefault(b.stack, []).append(b)
+    stack = max(by_stack, key=lambda s: len(by_stack[s]))
+    return stack, by_stack[stack]
+
+
+def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
+    stack, blocks = _cross_modal_layers(ctx.blocks)
+    if not blocks:
+        raise PlanError(
+            f"pumer: {ctx.program.model_class} has no cross-modal attention block (image and text never meet "
+            "inside attention), so text-informed pruning has nowhere to apply. Use graphred.plans.tome(...) to "
+            "merge tokens inside the vision tower instead.")
+    available = [b.layer_index for b in blocks]
+    default = [a for a in available if a >= 1] or available  # scores need one cross-modal layer of context
+    chosen = select_layers(step.layers, available, default=None) if step.layers is not None else default
+    missing = [l for l in chosen if l not in available]
+    if missing:
+        raise PlanError(f"pumer: layers {missing} are not cross-modal layers of {stack}; it has cross-modal layers {available}")
+    causal = any(b.causal for b in blocks)
+    if any(step.merge_text) and causal:
+        raise PlanError("pumer: merge_text is not defined for a causal decoder (text tokens, their order and logits are "
+                        "kept); set merge_text=0")
+    by_layer = {b.layer_index: b for b in blocks}
+    ctx.last_index = None
+    for i, layer in enumerate(chosen):
+        b = by_layer[layer]
+        p, m, mt = step.ratio_at("prune", i), step.ratio_at("merge", i), step.ratio_at("merge_text", i)
+        stream = b.query_stream if b.kind == CROSS_MODAL_SELF else b.key_stream
+        if stream is None:
+            raise PlanError(f"pumer: the token axis of {b.module_path} is unknown (see the analysis report's unknown ops)")
+        point = residual_after(ctx.gm, ctx.prov, b, stream) if b.kind == CROSS_MODAL_SELF else key_source(ctx.gm, ctx.prov, b, stream)
+        g = _prune(ctx, b, stream, point, "text", ratio=p, step_name="pumer")
+        if g is not None:
+            point = g
+            ctx.last_index = _node(ctx.gm, g.args[1].name)
+        g2 = _merge(ctx, b, stream, point, m, IMAGE, "pumer") if m > 0 else None
+        if g2 is not None:
+            point = g2
+        if mt > 0:
+            ctx.last_index = _compose_last(ctx, stream)
+            _merge(ctx, b, stream, point, mt, TEXT, "pumer")
+
+
+def _compose_last(ctx, stream):
+    # for a second merge at the same layer, keys must follow every reduction made at this layer;
+    # the absolute index composes them, and keys are re-gathered from their original numbering
+    return ctx.states[ctx.prov.find(stream)].abs_index
+
+
+def _apply_fastv(ctx: _Ctx, step: FastVStep) -> None:
+    stack, blocks = _cross_modal_layers(ctx.blocks)
+    decoder = [b for b in blocks if b.kind == CROSS_MODAL_SELF]
+    if not decoder:
+        raise PlanError(f"fastv: {ctx.program.model_class} has no decoder layer holding image and text tokens together")
+    if not all(b.causal for b in decoder):
+        raise PlanError(
+            f"fastv: the cross-modal layers of {stack} are not causal (their attention masks let earlier tokens see "
+            "later ones), and FastV scores with the last token of a causal decoder. Use graphred.plans.pumer(...).")
+    by_layer = {b.layer_index: b for b in decoder}
+    layers = sorted(by_layer)
+    if step.layer not in by_layer or step.layer - 1 not in by_layer:
+        raise PlanError(f"fastv: layer={step.layer} needs decoder layers {step.layer - 1} and {step.layer}; "
+                        f"{stack} has cross-modal layers {layers}. Choose 1 <= layer <= {layers[-1]}.")
+    score_block = by_layer[step.layer - 1]
+    stream = score_block.query_stream
+    point = layer_input(ctx.gm, ctx.prov, stack, step.layer, stream)
+    _prune(ctx, score_block, stream, point, "last", keep=step.keep, step_name="fastv")
+
+
+def _apply_tome(ctx: _Ctx, step: ToMeStep) -> None:
+    towers: dict[str, list[AttentionBlock]] = {}
+    for b in ctx.blocks:
+        if b.kind == UNIMODAL_SELF and b.query_modalities == frozenset({IMAGE}) and b.query_stream is not None:
+            towers.setdefault(b.stack, []).append(b)
+    if not towers:
+        raise PlanError("tome: no image-only attention stack (vision tower) was found in the graph")
+    for stack, blocks in towers.items():
+        by_layer = {}
+        for b in blocks:
+            by_layer.setdefault(b.layer_index, b)
+        chosen = select_layers(step.layers, sorted(by_layer))
+        ctx.last_index = None
+        for layer in chosen:
+            b = by_layer[layer]
+            point = residual_after(ctx.gm, ctx.prov, b, b.query_stream)
+            st = ctx.state(b.query_stream)
+            ctx.last_index = None
+            _merge(ctx, b, b.query_stream, point, step.r / max(ctx.counts[st.stream][IMAGE], 1), IMAGE, "tome")
+
+
+def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
+    """Apply ``plan`` to a copy of ``program``'s graph.
+
+    >>> import graphred
+    >>> model, inputs = graphred.zoo.load("llava")
+    >>> applied = apply_plan(graphred.capture(model, **inputs), graphred.plans.fastv(layer=1, keep=0.5))
+    >>> applied.steps[0]["op"]
+    'prune'
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
+    gm = copy_graph_module(program.graph_module)
+    prov = TokenProvenance(gm, program.example_inputs())
+    blocks = detect_blocks(gm, prov)
+    ctx = _Ctx(gm, prov, blocks, program)
+    for step in plan.steps:
+        if step.is_identity:
+            continue
+        if isinstance(step, PumerStep):
+            _apply_pumer(ctx, step)
+        elif isinstance(step, FastVStep):
+            _apply_fastv(ctx, step)
+        elif isinstance(step, ToMeStep):
+            _apply_tome(ctx, step)
+        else:
+            raise PlanError(f"unknown plan step {step!r}")
+    positions = False
+    if ctx.states and not plan.is_identity:
+        positions = _add_positions_output(gm, ctx)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return AppliedPlan(gm, plan, ctx.log, _subs_at(gm, ctx, prov), positions, prov, blocks)
+
+
+def _add_positions_output(gm: fx.GraphModule, ctx: _Ctx) -> bool:
+    """Append the kept original positions of the model's output stream to the graph outputs."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    flat = list(out.args[0]) if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+    idx = None
+    for sid, st in ctx.states.items():
+        if st.abs_index is not None:
+            idx = st.abs_index
+    if idx is None:
+        return False
+    cg = gm.graph._codegen
+    info = getattr(cg, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return False
+    out.args = (tuple(flat) + (idx,),)
+    new_spec = pytree.TreeSpec(tuple, None, [info.out_spec, pytree.LeafSpec()])
+    cg.pytree_info = info._replace(out_spec=new_spec)
+    return True
+
+
+def _subs_at(gm, ctx: _Ctx, prov: TokenProvenance) -> dict[str, dict]:
+    """For every original node, the symbol substitution in effect where it runs."""
+    out: dict[str, dict] = {}
+    current: dict = {}
+    marks = {name: s for name, s in ctx.subs}
+    for n in gm.graph.nodes:
+        if n.name in marks:
+            s = marks[n.name]
+            st = prov.streams[s["stream"]]
+            for mod, val in s.items():
+                if mod == "stream":
+                    continue
+                sym = st.symbols.get(mod)
+                if sym is not None:
+                    current[sym] = sympy.Integer(val)
+        if n.name in ctx.original_names and current:
+            out[n.name] = dict(current)
+    return out

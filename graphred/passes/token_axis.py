@@ -1,0 +1,295 @@
+"""The token-axis rewrite: after a reduction node, make every downstream tensor consistent.
+
+``reduce_stream`` inserts ``graphred::gather_tokens`` on one tensor of a token stream and walks
+the graph forward. Every op that consumes a reduced tensor is revisited:
+
+* its other tensor operands that still hold the stream at full length on an aligned dim
+  (attention masks on both axes, rotary cos/sin, position ids, labels, ...) are gathered with
+  the same indices right before the op;
+* shape constants on the token axis (``view``/``reshape``/``expand`` sizes, slice bounds) are
+  re-specialised to the new length;
+* ``meta["val"]`` is recomputed.
+
+Which dims of a tensor are the stream's is read from :class:`TokenProvenance` (computed on the
+original graph, whose nodes the rewrite keeps); nothing is model-specific.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
+
+from ..analysis.provenance import (
+    IDENTITY, RESHAPES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
+)
+from ..errors import PassError
+from ..fx_utils import module_path
+from .infra import set_fake_val
+
+aten = torch.ops.aten
+graphred_ops = torch.ops.graphred
+
+_SHAPE_ARG_OPS = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.new_zeros, aten.new_ones,
+                  aten.new_full, aten.new_empty, aten.broadcast_to}
+
+
+@dataclass
+class StreamState:
+    """What a sequence of reductions did to one stream."""
+
+    stream: int
+    length0: int  # original length
+    length: int  # current length
+    abs_index: fx.Node | None = None  # [B, length] original positions of the current tokens
+    sizes: fx.Node | None = None  # [B, length] token sizes (merging)
+    history: list[dict] = field(default_factory=list)
+
+
+def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
+    n = graph.call_function(target, tuple(args), kwargs or {})
+    set_fake_val(n)
+    return n
+
+
+def stream_dims(prov: TokenProvenance, node: fx.Node, stream: int, shape=None) -> list[tuple[int, int]]:
+    """``[(dim, factor)]``: dims of ``node`` (original) that hold ``stream``; the dim's size is
+    ``factor * length`` (factor > 1 for folded layouts such as ``[B*L, C]``)."""
+    shape = shape or _shape(node)
+    out = []
+    if shape is None:
+        return out
+    target = prov.find(stream)
+    for ax in prov.tokens(node).axes:
+        st = prov.stream(ax.stream)
+        if st.id != target or st.kind != TOKENS:
+            continue
+        loc = locate(TokAxis(st.id, ax.stride, ax.length), shape)
+        if loc is None or loc[0] != loc[1]:
+            continue
+        out.append((loc[1], shape[loc[1]] // ax.length))
+    return out
+
+
+class ReductionError(PassError):
+    pass
+
+
+def _fail(msg: str, node: fx.Node | None, pass_name: str) -> ReductionError:
+    where = f" at node {node.format_node()} (module {module_path(node) or '<top>'})" if node is not None else ""
+    return ReductionError(f"{pass_name}: {msg}{where}", pass_name=pass_name)
+
+
+def reduce_stream(
+    gm: fx.GraphModule,
+    prov: TokenProvenance,
+    state: StreamState,
+    point: fx.Node,
+    index: fx.Node,
+    new_length: int,
+    *,
+    transform: Callable[[fx.Node], fx.Node] | None = None,
+    pass_name: str = "reduce_stream",
+) -> fx.Node:
+    """Reduce ``state.stream`` at ``point`` to the ``new_length`` tokens in ``index`` ([B, new_length],
+    positions in the stream's *current* numbering) and fix up everything downstream.
+
+    ``index`` must already be in the graph; the gather is inserted right after it, and only uses of
+    ``point`` that come after the gather are redirected. ``transform`` may rewrite ``point``'s value
+    before the gather (merging). Returns the gather node.
+    """
+    graph = gm.graph
+    dims = stream_dims(prov, point, state.stream) if point.op != "call_function" or point in prov.info else []
+    if not dims:
+        dims = [(d, 1) for d, s in prov.axes(point) if prov.find(s.id) == prov.find(state.stream)]
+    if not dims:
+        raise _fail(f"{point.name} does not carry the token stream being reduced", point, pass_name)
+    dim = dims[0][0]
+    old = state.length
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_after(index):
+        src = transform(point) if transform is not None else point
+    after = src if transform is not None else index
+    if order.get(after, 0) < order[index]:
+        after = index
+    with graph.inserting_after(_last(graph, [index, src])):
+        g = _call(graph, graphred_ops.gather_tokens.default, (src, index, dim))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(point.users):
+        if user is g or user is src or order[user] <= order[g]:
+            continue
+        user.replace_input_with(point, g)
+    # update the absolute positions
+    with graph.inserting_after(g):
+        if state.abs_index is None:
+            abs_index = index
+        else:
+            abs_index = _call(graph, graphred_ops.gather_tokens.default, (state.abs_index, index, 1))
+    state.abs_index = abs_index
+    state.length = new_length
+    reduced: dict[fx.Node, set[int]] = {g: {dim}}
+    if transform is not None:
+        reduced[g] = {dim}
+    _propagate(gm, prov, state, g, index, old, new_length, reduced, pass_name)
+    return g
+
+
+def _last(graph: fx.Graph, nodes) -> fx.Node:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return max(nodes, key=lambda n: order[n])
+
+
+def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
+    graph = gm.graph
+    started = False
+    for n in list(graph.nodes):
+        if n is g:
+            started = True
+            continue
+        if not started or n.op != "call_function":
+            if n.op == "output":
+                continue
+            continue
+        if n.meta.get("graphred_side"):
+            continue
+        ins = [a for a in n.all_input_nodes if a in reduced and reduced[a]]
+        if not ins:
+            continue
+        _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name)
+
+
+def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced_inputs) -> list[int]:
+    """Dims of operand ``a`` of op ``n`` that line up with the reduced output dims ``out_dims``."""
+    pk = _packet(n)
+    ashape = _shape(a)
+    if ashape is None:
+        return []
+    if pk in SDPA:
+        q, k = n.args[0], n.args[1]
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        if a is mask:
+            dims = []
+            if q in reduced_inputs:
+                dims.append(len(ashape) - 2)
+            if k in reduced_inputs:
+                dims.append(len(ashape) - 1)
+            return dims
+        return []
+    if pk in (aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm):
+        R = len(out_shape)
+        r = len(ashape)
+        # batch dims broadcast from the right, excluding the two matrix dims
+        return [d + R - r for d in range(r - 2) if (d + R - r) in out_dims] if r > 2 else []
+    R = len(out_shape)
+    r = len(ashape)
+    return [d for d in range(r) if (d + R - r) in out_dims]
+
+
+def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
+    graph = gm.graph
+    pk = _packet(n)
+    orig_shape = _shape(n)
+    sd = stream_dims(prov, n, state.stream, orig_shape) if orig_shape is not None else []
+    out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
+    reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
+
+    if n.target is operator.getitem:
+        src = n.args[0]
+        reduced[n] = set(out_dims) if out_dims else set()
+        set_fake_val(n)
+        return
+    # gather full-length external operands on their aligned dims
+    for a in list(n.all_input_nodes):
+        if a in reduced_inputs:
+            continue
+        ashape = _shape(a)
+        if ashape is None:
+            continue
+        for d in sorted(_aligned_dims(n, a, out_dims, orig_shape, reduced_inputs), reverse=True):
+            if d < len(ashape) and ashape[d] == old:
+                with graph.inserting_before(n):
+                    ga = _call(graph, graphred_ops.gather_tokens.default, (a, state.abs_index if False else index, d))
+                n.replace_input_with(a, ga)
+                a = ga
+                ashape = _shape(ga)
+    # re-specialise shape arguments
+    if pk in _SHAPE_ARG_OPS:
+        size_arg = 1
+        sizes = list(n.args[size_arg])
+        for d, f in sd:
+            if d < len(sizes) and isinstance(sizes[d], int) and sizes[d] != -1:
+                sizes[d] = f * new
+        args = list(n.args)
+        args[size_arg] = sizes
+        n.args = tuple(args)
+    elif pk in (aten.flatten, aten.unflatten) and pk is aten.unflatten:
+        sizes = list(n.args[2])
+        base = n.args[1]
+        for d, f in sd:
+            j = d - base
+            if 0 <= j < len(sizes) and sizes[j] != -1:
+                sizes[j] = f * new
+        n.args = (n.args[0], n.args[1], sizes)
+    elif pk is aten.slice:
+        src = n.args[0]
+        sdim = n.args[1] if len(n.args) > 1 else 0
+        sshape = _shape(src) if src not in reduced else None
+        src_dims = reduced.get(src, set())
+        if sdim % len(orig_shape) in src_dims:
+            start = n.args[2] if len(n.args) > 2 else 0
+            end = n.args[3] if len(n.args) > 3 else None
+            step = n.args[4] if len(n.args) > 4 else 1
+            start = 0 if start is None else start
+            if start == 0 and (end is None or end >= old) and step == 1:
+                args = list(n.args) + [None] * (4 - len(n.args))
+                args[3] = new if end is not None and end < 2**62 else end
+                n.args = tuple(args[:max(len(n.args), 4)])
+            elif start < 0 and (end is None or end >= old or end == 0):
+                pass  # end-aligned: the last tokens stay last
+            else:
+                raise _fail(f"a slice [{start}:{end}:{step}] on the reduced token axis cannot be re-specialised", n, pass_name)
+            out_dims = {sdim % len(orig_shape)} if start == 0 or start < 0 else set()
+    elif pk in (aten.select,):
+        sdim = n.args[1] % len(_shape(n.args[0]))
+        if sdim in reduced.get(n.args[0], set()):
+            idx = n.args[2]
+            if idx < 0 or idx == 0:
+                pass
+            else:
+                raise _fail(f"select of token {idx} on the reduced axis: its position moved", n, pass_name)
+    elif pk is aten.index:
+        src = n.args[0]
+        idxs = n.args[1]
+        for d, ix in enumerate(idxs):
+            if ix is not None and d in reduced.get(src, set()):
+                raise _fail("advanced indexing on the reduced token axis (positions moved)", n, pass_name)
+    elif pk in (aten.cat, aten.concat):
+        cdim = n.args[1] if len(n.args) > 1 else 0
+        for t in n.args[0]:
+            if isinstance(t, fx.Node) and cdim % len(orig_shape) in reduced.get(t, set()):
+                raise _fail("concatenation along the reduced token axis", n, pass_name)
+    try:
+        set_fake_val(n)
+    except Exception as e:  # the op did not accept the reduced shapes
+        raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", n, pass_name) from e
+    new_shape = _shape(n)
+    if new_shape is None:
+        v = n.meta.get("val")
+        if isinstance(v, (tuple, list)):
+            reduced[n] = set(out_dims)
+        return
+    reduced[n] = {d for d in out_dims if d < len(new_shape) and new_shape[d] != orig_shape[d]}
+    if not reduced[n] and out_dims and new != old:
+        # an op we could not re-specialise left the stream at full length
+        raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
+
+
+def _factor(sd, d):
+    for dd, f in sd:
+        if dd == d:
+            return f
+    return 1
