@@ -224,6 +224,60 @@ def _quiet_torch_logs():
             lg.setLevel(level)
 
 
+_MISSING = object()
+
+
+def _contents(v: Any) -> Any:
+    """A shallow copy of a mutable container attribute's contents, else _MISSING."""
+    if isinstance(v, dict):
+        return dict(v)
+    if isinstance(v, (list, set)):
+        return type(v)(v) if type(v) in (list, set) else list(v)
+    return _MISSING
+
+
+def _same_contents(box: Any, saved: Any) -> bool:
+    if isinstance(box, dict):
+        return box.keys() == saved.keys() and all(box[k] is v for k, v in saved.items())
+    if isinstance(box, list):
+        return len(box) == len(saved) and all(a is b for a, b in zip(box, saved))
+    return box == saved
+
+
+@contextlib.contextmanager
+def _preserve_attributes(model: nn.Module):
+    """Leave every submodule's ``__dict__`` exactly as it was, object for object.
+
+    Tracing runs the model's Python forward, and what a forward does to its module stays: Hugging
+    Face models install output-capturing forward hooks on their first call (and set a flag
+    attribute); torch.export (non-strict) writes attributes back after tracing as rebuilt copies
+    of dict/list attributes (``_tp_plan`` and friends) and keeps any attribute a forward adds.
+    Capture must not change the model at all, so after it (success or failure) every submodule
+    gets back its original attribute objects, the original contents of its container attributes
+    (parameters, buffers, submodules, hook dicts) and loses attributes added during capture.
+    """
+    saved = []
+    for m in model.modules():
+        attrs = dict(m.__dict__)
+        containers = {k: c for k, v in attrs.items() if (c := _contents(v)) is not _MISSING}
+        saved.append((m, attrs, containers))
+    try:
+        yield
+    finally:
+        for m, attrs, containers in saved:
+            current = m.__dict__
+            for k in [k for k in current if k not in attrs]:
+                del current[k]
+            for k, v in attrs.items():
+                if current.get(k, _MISSING) is not v:
+                    current[k] = v
+            for k, items in containers.items():
+                box = current[k]
+                if not _same_contents(box, items):
+                    box.clear()
+                    box.update(items) if isinstance(box, (dict, set)) else box.extend(items)
+
+
 def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """torch.export with real-tensor propagation: data-dependent guards are decided by the
     example inputs' values. This is the mechanism of ``torch.export.draft_export`` without its
@@ -254,7 +308,7 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     cls = type(model).__name__
     notes: list[str] = []
     method = "export"
-    with warnings.catch_warnings(), _quiet_torch_logs():
+    with warnings.catch_warnings(), _quiet_torch_logs(), _preserve_attributes(model):
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)
