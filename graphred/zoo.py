@@ -540,11 +540,17 @@ def _preset(name: str) -> _Preset:
 
 def _example_inputs(preset: _Preset, config: Any, seed: int) -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(seed)
-    return _FAMILIES[preset.family].inputs(config, gen, preset.batch, preset.text_len, preset.cls)
+    kwargs, meta = _FAMILIES[preset.family].inputs(config, gen, preset.batch, preset.text_len, preset.cls)
+    meta["pad"] = int((kwargs["attention_mask"][-1] == 0).sum())  # padding positions in the last sample
+    return kwargs, meta
 
 
 def info(name: str) -> dict:
     """Per-sample token counts and shape facts of a zoo model's example inputs (no model built).
+
+    ``image`` and ``text`` count sequence positions per sample (``text`` includes the ``pad``
+    padding positions of the last sample; ``image`` includes a vision [CLS] where the image
+    stream has one).
 
     >>> info("llava")["image"], info("llava")["batch"]
     (64, 2)
@@ -559,7 +565,7 @@ def describe(name: str) -> str:
     p = _preset(name)
     i = info(name)
     return (f"{p.cls} - {p.summary}; batch {i['batch']} x ({i['image']} image + {i['text']} text tokens, "
-            f"{i['padding']} padding)")
+            f"the last sample {i['padding']}-padded by {i['pad']})")
 
 
 @contextlib.contextmanager
