@@ -170,8 +170,26 @@ def find_attention(gm: fx.GraphModule) -> list[dict]:
             qargs = qk.args[1:] if _packet(qk) is aten.baddbmm else qk.args
             pargs = pv.args[1:] if _packet(pv) is aten.baddbmm else pv.args
             found.append(dict(node=node, q=qargs[0], k=qargs[1], v=pargs[1], mask=_mask_of(node.args[0], qk),
-                              out=pv, fused=False, scale=None, is_causal=False, qk=qk))
+                              out=pv, fused=False, scale=_scale_between(node.args[0], qk), is_causal=False, qk=qk))
     return found
+
+
+def _scale_between(node: fx.Node, qk: fx.Node) -> float:
+    """The constant the scores are multiplied by between Q·Kᵀ and the softmax (1.0 if none)."""
+    scale, n, seen = 1.0, node, 0
+    while isinstance(n, fx.Node) and n is not qk and seen < 12:
+        pk = _packet(n)
+        consts = [a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if pk is aten.mul and consts:
+            scale *= float(consts[0])
+        elif pk is aten.div and consts:
+            scale /= float(consts[0])
+        cands = [a for a in n.all_input_nodes if _shape(a) is not None]
+        if not cands:
+            break
+        n = max(cands, key=lambda a: (len(_shape(a)), _numel(_shape(a))))
+        seen += 1
+    return scale
 
 
 def _is_causal_mask(m) -> bool | None:

@@ -21,7 +21,7 @@ from ..plans import FastVStep, Plan, PumerStep, ToMeStep, select_layers
 from ..program import Program
 from .infra import set_fake_val
 from .reduce import _node, emit_codes, emit_valid, key_source, layer_input, residual_after
-from .token_axis import StreamState, _call, reduce_stream
+from .token_axis import StreamState, _call, record_original_shapes, reduce_stream
 
 aten = torch.ops.aten
 gr = torch.ops.graphred
@@ -143,6 +143,7 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     mask = _mask_of(gm, block)
     anchor = _after(gm, [point, sdpa, q, k] + ([mask] if mask is not None else []))
     nxt = anchor.next
+    k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
         key_codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
@@ -182,6 +183,16 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     return g
 
 
+def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
+    """Keys as [..., L, D]: an unfused attention multiplies by Kᵀ, so undo the transpose."""
+    if block.fused:
+        return k
+    with gm.graph.inserting_before(before):
+        kt = _call(gm.graph, aten.transpose.int, (k, -1, -2))
+        kt.meta["graphred_side"] = True
+    return kt
+
+
 def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
            step_name: str) -> fx.Node | None:
     gm, graph = ctx.gm, ctx.gm.graph
@@ -193,6 +204,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     k = _node(gm, block.key)
     mask = _mask_of(gm, block)
     nxt = _after(gm, [point, k]).next
+    k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
         codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
@@ -215,14 +227,14 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
                 protected = invalid if protected is None else _call(graph, aten.logical_or.default, (protected, invalid))
         if protected is not None and _shape(protected)[0] != B:
             protected = _call(graph, aten.expand.default, (protected, [B, st.length]))
-        match = _call(graph, gr.bipartite_match.default, (metric, cand, r, protected))
-        keep = _call(graph, __import__("operator").getitem, (match, 0))
-        src = _call(graph, __import__("operator").getitem, (match, 1))
-        dst = _call(graph, __import__("operator").getitem, (match, 2))
         if st.sizes is None:
             sizes = _call(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32})
         else:
             sizes = st.sizes
+        match = _call(graph, gr.bipartite_match.default, (metric, cand, r, protected))
+        keep = _call(graph, __import__("operator").getitem, (match, 0))
+        src = _call(graph, __import__("operator").getitem, (match, 1))
+        dst = _call(graph, __import__("operator").getitem, (match, 2))
     for n in (codes, metric, cand, match, keep, src, dst, sizes):
         n.meta["graphred_side"] = True
 
@@ -236,9 +248,10 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
 
     with graph.inserting_before(nxt):
         pass
+    dim = point.args[2] if point.target is gr.gather_tokens.default else None
     g = reduce_stream(gm, ctx.prov, st, point, keep, st.length - r, transform=transform,
-                      pass_name=f"{step_name} at {block.module_path}")
-    with graph.inserting_after(g):
+                      pass_name=f"{step_name} at {block.module_path}", dim=dim, inputs_ready=_after(gm, [src, dst, sizes]))
+    with graph.inserting_before(_after(gm, [g, merged["sizes"]]).next):
         st.sizes = _call(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
         st.sizes.meta["graphred_side"] = True
     ctx.counts[st.stream][modality] = n_mod - r
@@ -356,6 +369,7 @@ def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
     gm = copy_graph_module(program.graph_module)
+    record_original_shapes(gm)
     prov = TokenProvenance(gm, program.example_inputs())
     blocks = detect_blocks(gm, prov)
     ctx = _Ctx(gm, prov, blocks, program)

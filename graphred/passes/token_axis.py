@@ -38,6 +38,16 @@ _SHAPE_ARG_OPS = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.
                   aten.new_full, aten.new_empty, aten.broadcast_to}
 
 
+ORIG_SHAPE = "graphred_orig_shape"  # node.meta key: the shape before any rewrite
+
+
+def record_original_shapes(gm: fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        s = _shape(n)
+        if s is not None:
+            n.meta[ORIG_SHAPE] = s
+
+
 @dataclass
 class StreamState:
     """What a sequence of reductions did to one stream."""
@@ -59,7 +69,7 @@ def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
 def stream_dims(prov: TokenProvenance, node: fx.Node, stream: int, shape=None) -> list[tuple[int, int]]:
     """``[(dim, factor)]``: dims of ``node`` (original) that hold ``stream``; the dim's size is
     ``factor * length`` (factor > 1 for folded layouts such as ``[B*L, C]``)."""
-    shape = shape or _shape(node)
+    shape = node.meta.get(ORIG_SHAPE) or shape or _shape(node)
     out = []
     if shape is None:
         return out
@@ -94,6 +104,8 @@ def reduce_stream(
     *,
     transform: Callable[[fx.Node], fx.Node] | None = None,
     pass_name: str = "reduce_stream",
+    dim: int | None = None,
+    inputs_ready: fx.Node | None = None,
 ) -> fx.Node:
     """Reduce ``state.stream`` at ``point`` to the ``new_length`` tokens in ``index`` ([B, new_length],
     positions in the stream's *current* numbering) and fix up everything downstream.
@@ -103,15 +115,15 @@ def reduce_stream(
     before the gather (merging). Returns the gather node.
     """
     graph = gm.graph
-    dims = stream_dims(prov, point, state.stream) if point.op != "call_function" or point in prov.info else []
-    if not dims:
-        dims = [(d, 1) for d, s in prov.axes(point) if prov.find(s.id) == prov.find(state.stream)]
-    if not dims:
-        raise _fail(f"{point.name} does not carry the token stream being reduced", point, pass_name)
-    dim = dims[0][0]
+    if dim is None:
+        dims = stream_dims(prov, point, state.stream) if point in prov.info else []
+        if not dims:
+            raise _fail(f"{point.name} does not carry the token stream being reduced", point, pass_name)
+        dim = dims[0][0]
     old = state.length
     order = {n: i for i, n in enumerate(graph.nodes)}
-    with graph.inserting_after(index):
+    ready = _last(graph, [index] + ([inputs_ready] if inputs_ready is not None else []))
+    with graph.inserting_before(ready.next):  # (inserting_after would reverse several new nodes)
         src = transform(point) if transform is not None else point
     after = src if transform is not None else index
     if order.get(after, 0) < order[index]:
@@ -192,15 +204,22 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
 def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     graph = gm.graph
     pk = _packet(n)
-    orig_shape = _shape(n)
-    sd = stream_dims(prov, n, state.stream, orig_shape) if orig_shape is not None else []
+    orig_shape = _shape(n)  # as it is now (after earlier reductions)
+    sd = stream_dims(prov, n, state.stream) if orig_shape is not None else []
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
 
     if n.target is operator.getitem:
-        src = n.args[0]
-        reduced[n] = set(out_dims) if out_dims else set()
         set_fake_val(n)
+        new_shape = _shape(n)
+        reduced[n] = {d for d in out_dims if new_shape and orig_shape and new_shape[d] != orig_shape[d]}
+        return
+    if orig_shape is None:  # several outputs (split, native_layer_norm, sdpa kernels): getitems follow
+        try:
+            set_fake_val(n)
+        except Exception as e:
+            raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__})", n, pass_name) from e
+        reduced[n] = {-1}
         return
     # gather full-length external operands on their aligned dims
     for a in list(n.all_input_nodes):
@@ -212,7 +231,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         for d in sorted(_aligned_dims(n, a, out_dims, orig_shape, reduced_inputs), reverse=True):
             if d < len(ashape) and ashape[d] == old:
                 with graph.inserting_before(n):
-                    ga = _call(graph, graphred_ops.gather_tokens.default, (a, state.abs_index if False else index, d))
+                    ga = _call(graph, graphred_ops.gather_tokens.default, (a, index, d))
                 n.replace_input_with(a, ga)
                 a = ga
                 ashape = _shape(ga)
@@ -282,7 +301,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         if isinstance(v, (tuple, list)):
             reduced[n] = set(out_dims)
         return
-    reduced[n] = {d for d in out_dims if d < len(new_shape) and new_shape[d] != orig_shape[d]}
+    changed = {d for d in range(min(len(new_shape), len(orig_shape))) if new_shape[d] != orig_shape[d]}
+    if changed - out_dims or len(new_shape) != len(orig_shape):
+        raise _fail(f"the reduced token axis reached dims {sorted(changed - out_dims)} that the analysis did not "
+                    "trace (an op without a provenance rule upstream)", n, pass_name)
+    reduced[n] = changed
     if not reduced[n] and out_dims and new != old:
         # an op we could not re-specialise left the stream at full length
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
