@@ -322,7 +322,8 @@ class TokenProvenance:
 
     def axes(self, node, kind: str = TOKENS) -> list[tuple[int, Stream]]:
         """``[(dim, stream)]`` for every axis of ``node`` that occupies a whole dim."""
-        shape = _shape(node)
+        shape = node.meta.get("graphred_orig_shape") if isinstance(node, fx.Node) else None
+        shape = shape or _shape(node)
         out = []
         if shape is None:
             return out

@@ -66,7 +66,7 @@ class _Ctx:
         sid = self.prov.find(sid)
         if sid not in self.states:
             st = self.prov.streams[sid]
-            self.states[sid] = StreamState(sid, st.length, st.length)
+            self.states[sid] = StreamState(sid, st.length, st.length, kept_prefix=_leading_fixed(st))
             counts = st.counts()
             per = {}
             for m in (IMAGE, TEXT, REGISTER):
@@ -110,6 +110,17 @@ class _Ctx:
             if s.abs_index is not None:
                 node = _call(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
         return node
+
+
+def _leading_fixed(st) -> int:
+    """Leading positions no step of ours drops: protected (learned) tokens, or text before the first
+    image token in every sample (image tokens are the only pruning candidates)."""
+    if st.special is not None and bool(st.special[:1].all()):
+        n = 0
+        while n < len(st.special) and bool(st.special[n]):
+            n += 1
+        return n
+    return 0
 
 
 def _after(gm, nodes) -> fx.Node:

@@ -57,6 +57,8 @@ class StreamState:
     length: int  # current length
     abs_index: fx.Node | None = None  # [B, length] original positions of the current tokens
     sizes: fx.Node | None = None  # [B, length] token sizes (merging)
+    kept_prefix: int = 0  # leading positions no reduction ever drops (protected class tokens, leading text)
+    aliases: set = field(default_factory=set)  # child streams that are this stream minus its kept prefix
     history: list[dict] = field(default_factory=list)
 
 
@@ -66,17 +68,17 @@ def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
     return n
 
 
-def stream_dims(prov: TokenProvenance, node: fx.Node, stream: int, shape=None) -> list[tuple[int, int]]:
+def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> list[tuple[int, int]]:
     """``[(dim, factor)]``: dims of ``node`` (original) that hold ``stream``; the dim's size is
     ``factor * length`` (factor > 1 for folded layouts such as ``[B*L, C]``)."""
     shape = node.meta.get(ORIG_SHAPE) or shape or _shape(node)
     out = []
     if shape is None:
         return out
-    target = prov.find(stream)
+    targets = {prov.find(s) for s in (stream if isinstance(stream, (set, frozenset, list, tuple)) else {stream})}
     for ax in prov.tokens(node).axes:
         st = prov.stream(ax.stream)
-        if st.id != target or st.kind != TOKENS:
+        if st.id not in targets or st.kind != TOKENS:
             continue
         loc = locate(TokAxis(st.id, ax.stride, ax.length), shape)
         if loc is None or loc[0] != loc[1]:
@@ -196,6 +198,8 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
         r = len(ashape)
         # batch dims broadcast from the right, excluding the two matrix dims
         return [d + R - r for d in range(r - 2) if (d + R - r) in out_dims] if r > 2 else []
+    if not (_is_pointwise(n) or pk in (aten.cat, aten.concat, aten.where, aten.masked_fill, aten.stack)):
+        return []  # weights, norms' affine parameters, indices of other ops: never token-aligned
     R = len(out_shape)
     r = len(ashape)
     return [d for d in range(r) if (d + R - r) in out_dims]
@@ -205,7 +209,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     graph = gm.graph
     pk = _packet(n)
     orig_shape = _shape(n)  # as it is now (after earlier reductions)
-    sd = stream_dims(prov, n, state.stream) if orig_shape is not None else []
+    sd = stream_dims(prov, n, {state.stream} | state.aliases) if orig_shape is not None else []
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
 
@@ -269,9 +273,18 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 n.args = tuple(args[:max(len(n.args), 4)])
             elif start < 0 and (end is None or end >= old or end == 0):
                 pass  # end-aligned: the last tokens stay last
+            elif 0 < start <= state.kept_prefix and (end is None or end >= old) and step == 1:
+                # drops leading tokens that no reduction touches (e.g. a class token): still the same ones
+                args = list(n.args) + [None] * (4 - len(n.args))
+                args[3] = new if end is not None and end < 2**62 else end
+                n.args = tuple(args[:max(len(n.args), 4)])
+                for d, st in prov.axes(n):
+                    if d == sdim % len(orig_shape):
+                        state.aliases.add(prov.find(st.id))
+                sd = stream_dims(prov, n, {state.stream} | state.aliases)
             else:
                 raise _fail(f"a slice [{start}:{end}:{step}] on the reduced token axis cannot be re-specialised", n, pass_name)
-            out_dims = {sdim % len(orig_shape)} if start == 0 or start < 0 else set()
+            out_dims = {sdim % len(orig_shape)}
     elif pk in (aten.select,):
         sdim = n.args[1] % len(_shape(n.args[0]))
         if sdim in reduced.get(n.args[0], set()):
@@ -286,6 +299,10 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         for d, ix in enumerate(idxs):
             if ix is not None and d in reduced.get(src, set()):
                 raise _fail("advanced indexing on the reduced token axis (positions moved)", n, pass_name)
+    elif pk in (aten.masked_scatter, aten.index_put, aten.index_put_, aten.scatter, aten.scatter_add):
+        if any(a in reduced_inputs for a in n.args[1:]):
+            raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
+                        "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
     elif pk in (aten.cat, aten.concat):
         cdim = n.args[1] if len(n.args) > 1 else 0
         for t in n.args[0]:
