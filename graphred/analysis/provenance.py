@@ -264,7 +264,7 @@ class TokenProvenance:
     """Run the provenance analysis over ``gm`` (read-only).
 
     >>> import graphred
-    >>> model, inputs = graphred.zoo.load("llava")
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
     >>> prov = TokenProvenance(graphred.capture(model, **inputs).graph_module)
     >>> sorted(prov.streams_with(graphred.analysis.provenance.IMAGE))  # doctest: +SKIP
     """
@@ -280,6 +280,11 @@ class TokenProvenance:
         self._value_nodes: set[fx.Node] = set()
         self.batch_size: int | None = None
         self._run()
+        from .blocks import find_attention  # the masks of every attention: their values tell causality
+
+        for a in find_attention(gm):
+            if isinstance(a.get("mask"), fx.Node):
+                self._value_nodes.add(a["mask"])
         self.values: dict[fx.Node, Any] = self._evaluate(example_inputs) if example_inputs else {}
         self._layouts()
         self._symbolize()

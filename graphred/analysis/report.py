@@ -14,7 +14,7 @@ class Report:
     """What :func:`analyze` found. ``blocks`` lists every attention block in graph order.
 
     >>> import graphred
-    >>> model, inputs = graphred.zoo.load("llava")
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
     >>> report = graphred.analyze(graphred.capture(model, **inputs))
     >>> report.cross_modal[0].kind
     'cross_modal_self'
@@ -97,7 +97,7 @@ def analyze(program: Program) -> Report:
     """Token provenance and attention blocks of a captured program.
 
     >>> import graphred
-    >>> model, inputs = graphred.zoo.load("clip")
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[-2])  # a dual encoder
     >>> report = graphred.analyze(graphred.capture(model, **inputs))
     >>> len(report.cross_modal)
     0

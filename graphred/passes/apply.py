@@ -372,7 +372,7 @@ def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
     """Apply ``plan`` to a copy of ``program``'s graph.
 
     >>> import graphred
-    >>> model, inputs = graphred.zoo.load("llava")
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
     >>> applied = apply_plan(graphred.capture(model, **inputs), graphred.plans.fastv(layer=1, keep=0.5))
     >>> applied.steps[0]["op"]
     'prune'
