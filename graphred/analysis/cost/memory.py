@@ -45,7 +45,7 @@ import torch.fx as fx
 from ...fx_utils import module_path
 
 __all__ = ["MemoryProfile", "WeightBytes", "activation_memory", "weight_bytes", "transient_bytes",
-           "storage_key", "tensors_of"]
+           "storage_key", "tensors_of", "transient", "hint_int"]
 
 aten = torch.ops.aten
 
@@ -200,50 +200,76 @@ def _foldable(t: torch.Tensor, keep_last: int, ub: Mapping | None = None) -> boo
 
 
 def transient_bytes(node: fx.Node, unbacked: Mapping[str, int] | None = None) -> int:
-    """Bytes ``node``'s kernel allocates through the dispatcher besides its outputs (CPU eager).
+    """Bytes ``node``'s kernel allocates through the dispatcher besides its outputs (eager).
 
     * ``scaled_dot_product_attention`` with a boolean mask: the mask converted to the query's float
-      dtype (``where(mask, 0, -inf)``), plus the CPU flash kernel's log-sum-exp ``[B, H, Lq]`` (fp32);
+      dtype (``where(mask, 0, -inf)``), plus the flash kernel's log-sum-exp ``[B, H, Lq]`` (fp32);
     * ``linear`` / ``matmul`` of an operand whose batch dims cannot fold into one as a view: the
       contiguous copy the kernel makes first (as ``torch.matmul`` reshapes before ``mm``/``bmm``).
 
     Anything else: 0 (a workspace a kernel allocates below the dispatcher is not counted).
     """
+    return transient(node, None, unbacked)[0]
+
+
+def transient(node: fx.Node, sym_shape: Callable[[fx.Node], Any] | None = None,
+              unbacked: Mapping[str, int] | None = None) -> tuple[int, sympy.Expr]:
+    """:func:`transient_bytes` and the same bytes as an expression over ``sym_shape`` (node -> symbolic shape)."""
+    parts: list[tuple[int, sympy.Expr]] = []
+
+    def numel(src: fx.Node, t: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[int, sympy.Expr]:
+        dims = list(t.shape)[lo:hi]
+        n = 1
+        for d in dims:
+            n *= hint_int(d, unbacked)
+        e = sympy.Integer(n)
+        if sym_shape is not None:
+            try:
+                s = sym_shape(src)
+            except Exception:  # noqa: BLE001
+                s = None
+            if isinstance(s, tuple) and len(s) == t.dim():
+                cand = sympy.Mul(*[sympy.sympify(x) for x in list(s)[lo:hi]]) if dims else sympy.Integer(1)
+                e = cand
+        return n, e
+
     if node.op != "call_function":
-        return 0
+        return 0, sympy.Integer(0)
     t = node.target
     pk = t.overloadpacket if isinstance(t, torch._ops.OpOverload) else t
-    out = 0
     if pk in _SDPA:
         args = list(node.args) + [None] * 4
-        q = args[0].meta.get("val") if isinstance(args[0], fx.Node) else None
+        qn = args[0] if isinstance(args[0], fx.Node) else None
+        q = qn.meta.get("val") if qn is not None else None
         mask = args[3] if isinstance(args[3], fx.Node) else node.kwargs.get("attn_mask")
         mv = mask.meta.get("val") if isinstance(mask, fx.Node) else None
         if isinstance(mv, torch.Tensor) and mv.dtype == torch.bool and isinstance(q, torch.Tensor):
-            n = 1
-            for s in mv.shape:
-                n *= hint_int(s, unbacked)
-            out += n * q.element_size()
-        if isinstance(q, torch.Tensor) and q.dim() >= 3 and q.device.type == "cpu":
-            n = 1
-            for s in q.shape[:-1]:
-                n *= hint_int(s, unbacked)
-            out += n * 4
+            n, e = numel(mask, mv)
+            parts.append((n * q.element_size(), e * q.element_size()))
+        if isinstance(q, torch.Tensor) and q.dim() >= 3:
+            n, e = numel(qn, q, 0, q.dim() - 1)
+            parts.append((n * 4, e * 4))
     elif pk in _LINEAR:
-        x = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
-        w = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+        xn = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        wn = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+        x = xn.meta.get("val") if xn is not None else None
+        w = wn.meta.get("val") if wn is not None else None
         if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor):
             if x.dim() >= 3 and w.dim() <= 2:
                 # folded to [rows, k] for one mm (linear's weight is used transposed, as a view)
                 if not _foldable(x, 1, unbacked):
-                    out += _tensor_nbytes(x, unbacked)
+                    n, e = numel(xn, x)
+                    parts.append((n * x.element_size(), e * x.element_size()))
             elif x.dim() >= 3 and w.dim() >= 3:
                 # batched: each operand expanded to the common batch shape and folded to [b, m, k]
-                for t in (x, w):
-                    if not _foldable(t, 2, unbacked) or any(hint_int(st, unbacked) == 0 and hint_int(s, unbacked) > 1
-                                                            for s, st in zip(t.shape[:-2], t.stride()[:-2])):
-                        out += _tensor_nbytes(t, unbacked)
-    return out
+                for src, tt in ((xn, x), (wn, w)):
+                    if not _foldable(tt, 2, unbacked) or any(hint_int(st, unbacked) == 0 and hint_int(sz, unbacked) > 1
+                                                             for sz, st in zip(tt.shape[:-2], tt.stride()[:-2])):
+                        n, e = numel(src, tt)
+                        parts.append((n * tt.element_size(), e * tt.element_size()))
+    if not parts:
+        return 0, sympy.Integer(0)
+    return sum(p[0] for p in parts), sympy.Add(*[p[1] for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +312,8 @@ class MemoryProfile:
     storages: int = 0
     exact_symbolic: bool = True  # False when some storage's size could not be written in the symbols
     constant_storages: list[str] = field(default_factory=list, repr=False)
+    allocations: list[Storage] = field(default_factory=list, repr=False)
+    transients: dict[int, tuple[int, sympy.Expr]] = field(default_factory=dict, repr=False)
 
 
 def _expand_poly(expr: sympy.Expr) -> dict:
@@ -336,7 +364,7 @@ def activation_memory(
     end = len(nodes)
     storages: dict[int, Storage] = {}
     weight_keys: set[int] = set()
-    transient = [0] * (end + 1)
+    trans = [0] * (end + 1)
     transient_expr: dict[int, sympy.Expr] = {}
     values = dict(symbol_values or {})
     constant: list[str] = []
@@ -386,21 +414,38 @@ def activation_memory(
                 storages[k] = st
             else:
                 st.last = max(st.last, users_last, i)
-                if st.expr is None and _nbytes(t, ub) == st.nbytes:
-                    st.expr = sym_bytes(node, t, st.nbytes, j)
+                if (st.expr is None or not st.expr.free_symbols) and _nbytes(t, ub) == st.nbytes:
+                    better = sym_bytes(node, t, st.nbytes, j)  # a later holder (a getitem, a view) may know more
+                    if better is not None and (st.expr is None or better.free_symbols):
+                        st.expr = better
         if node.op == "call_function":
-            tb = transient_bytes(node, ub)
+            tb, te = transient(node, sym_shape, ub)
+            try:
+                if int(sympy.sympify(te).subs(values)) != tb:
+                    te = sympy.Integer(tb)
+            except Exception:  # noqa: BLE001
+                te = sympy.Integer(tb)
             tgt = node.target
             if isinstance(tgt, torch._ops.HigherOrderOperator) and tgt.name() in _RUN_ONCE_HOPS:
                 subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
                 subs = [s for s in subs if isinstance(s, fx.GraphModule)]
                 if len(subs) == 1:
-                    inner = activation_memory(subs[0], None, None, count_inputs=False, unbacked=ub)
+                    inner = activation_memory(subs[0], sym_shape, values, count_inputs=False, unbacked=ub)
                     out_b = sum(_nbytes(t, ub) for t in ts)
-                    tb += max(0, inner.peak_bytes - out_b)
+                    extra = max(0, inner.peak_bytes - out_b)
+                    if extra:
+                        out_e = sympy.Add(*[sym_bytes(node, t, _nbytes(t, ub), j) or sympy.Integer(_nbytes(t, ub))
+                                            for j, t in enumerate(ts)])
+                        extra_e = sympy.Max(0, inner.peak_expr - out_e, evaluate=False)
+                        try:
+                            ok = int(extra_e.subs(values)) == extra
+                        except Exception:  # noqa: BLE001
+                            ok = False
+                        tb += extra
+                        te = te + (extra_e if ok else extra)
             if tb:
-                transient[i] += tb
-                transient_expr[i] = sympy.Integer(tb)
+                trans[i] += tb
+                transient_expr[i] = te
 
     # graph outputs live to the end
     out_node = nodes[-1] if nodes and nodes[-1].op == "output" else None
@@ -439,7 +484,7 @@ def activation_memory(
     for i in range(end):
         live += delta[i]
         _add_into(live_poly, delta_poly[i], 1)
-        total = live + transient[i]
+        total = live + trans[i]
         timeline.append(total)
         snap = dict(live_poly)
         if i in transient_expr:
@@ -461,7 +506,7 @@ def activation_memory(
         if len(kept) >= max_terms:
             exact = False
             break
-    peak_expr = sympy.Max(*[_poly_expr(p) for p in kept]) if len(kept) > 1 else _poly_expr(kept[0])
+    peak_expr = sympy.Max(*[_poly_expr(p) for p in kept], evaluate=False) if len(kept) > 1 else _poly_expr(kept[0])
     live_at = sorted(((st.producer, st.nbytes) for st in storages.values()
                       if st.first <= peak_step <= st.last and (count_inputs or st.kind != "input")),
                      key=lambda x: -x[1])
@@ -470,5 +515,6 @@ def activation_memory(
         peak_bytes=int(peak), peak_node=pnode.name, peak_module=module_path(pnode), peak_expr=peak_expr,
         input_bytes=int(input_bytes), input_expr=_poly_expr(input_poly), timeline=timeline,
         live_at_peak=live_at[:12], storages=len(storages), exact_symbolic=exact and not constant,
-        constant_storages=constant,
+        constant_storages=constant, allocations=list(storages.values()),
+        transients={i: (trans[i], transient_expr[i]) for i in transient_expr},
     )
