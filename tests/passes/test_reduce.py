@@ -12,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import graphred
 from graphred import zoo
 from graphred.plans import fastv, pumer, tome
-# ``graphred.transform`` resolves lazily; see test_transform_attribute_is_the_function for why the
-# tests bind the function itself.
-from graphred.transform import transform
+
+# bound once: a name lookup per call would also see a submodule that shadowed the function
+transform = graphred.transform
 
 gr = torch.ops.graphred
 
@@ -40,17 +40,19 @@ def _logits(out):
 # ------------------------------------------------------------------- 0. the public name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "graphred/__init__.py resolves `transform` lazily through module __getattr__ with "
-    "importlib.import_module('graphred.transform'); importing that submodule binds the attribute "
-    "graphred.transform to the *module* graphred/transform.py, so after the first access "
-    "graphred.transform(program, plan) raises TypeError: 'module' object is not callable"))
 def test_transform_attribute_is_the_function(zoo_program):
-    import graphred.transform  # noqa: F401  (what any first use of graphred.transform does)
+    """``graphred.transform`` stays the function after every graphred submodule is imported
+    (a submodule named ``transform`` would shadow the lazily resolved function)."""
+    import importlib
+    import pkgutil
 
-    assert callable(graphred.transform)
-    reduced = graphred.transform(zoo_program("llava"), fastv(layer=1, keep=0.5))
-    assert isinstance(reduced, torch.nn.Module)
+    for info in pkgutil.walk_packages(graphred.__path__, "graphred."):
+        if info.name.split(".")[-1] not in ("__main__", "cli", "demo"):
+            importlib.import_module(info.name)
+    for _ in range(2):
+        assert callable(graphred.transform) and not isinstance(graphred.transform, type(graphred))
+        reduced = graphred.transform(zoo_program("llava"), fastv(layer=1, keep=0.5))
+        assert isinstance(reduced, torch.nn.Module)
 
 
 # ------------------------------------------------------------------- 1. zero reduction is identity
@@ -59,8 +61,12 @@ def test_transform_attribute_is_the_function(zoo_program):
 def test_zero_reduction_is_identity(zoo_name, zoo_model, zoo_program):
     model, kwargs = zoo_model(zoo_name)
     reduced = transform(zoo_program(zoo_name), pumer(prune=0, merge=0))
+    # ViLT samples its patch order with torch.multinomial: the same seed gives the same draws to
+    # the eager model and the graph (the eager model is not bit-reproducible across calls otherwise)
     with torch.no_grad():
+        torch.manual_seed(0)
         want = model(**kwargs)
+        torch.manual_seed(0)
         got = reduced(**kwargs)
     assert reduced.steps == []
     w, g = dict(_leaves(want)), dict(_leaves(got))
@@ -74,7 +80,10 @@ def test_fastv_keep_all_is_identity(zoo_model, zoo_program):
     model, kwargs = zoo_model("llava")
     reduced = transform(zoo_program("llava"), fastv(layer=1, keep=1.0))
     with torch.no_grad():
-        want, got = model(**kwargs), reduced(**kwargs)
+        torch.manual_seed(0)
+        want = model(**kwargs)
+        torch.manual_seed(0)
+        got = reduced(**kwargs)
     w, g = dict(_leaves(want)), dict(_leaves(got))
     assert w.keys() == g.keys()
     for k in w:
