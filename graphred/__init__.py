@@ -28,7 +28,8 @@ _LAZY_ATTRS = {
     "Report": ("graphred.analysis.report", "Report"),
     "estimate": ("graphred.analysis.cost.estimate", "estimate"),
     "Estimate": ("graphred.analysis.cost.estimate", "Estimate"),
-    "transform": ("graphred.transform", "transform"),
+    "transform": ("graphred.reduced_module", "transform"),
+    "ReducedModule": ("graphred.reduced_module", "ReducedModule"),
 }
 
 

@@ -129,7 +129,17 @@ def _after(gm, nodes) -> fx.Node:
 
 
 def _mask_of(gm, block: AttentionBlock):
-    return _node(gm, block.mask) if block.mask else None
+    """The mask the attention consumes *now* (an earlier reduction may have gathered it)."""
+    if not block.mask:
+        return None
+    att = _node(gm, block.node)
+    if block.fused:
+        m = att.args[3] if len(att.args) > 3 else att.kwargs.get("attn_mask")
+        return m if isinstance(m, fx.Node) else None
+    from ..analysis.blocks import _mask_of as find_mask, _walk_up
+
+    qk = _walk_up(att.args[0])
+    return find_mask(att.args[0], qk) if qk is not None else _node(gm, block.mask)
 
 
 def _scale(block: AttentionBlock) -> float:
