@@ -625,12 +625,109 @@ class _Coster:
     """Costs of nodes, memoised over (op, input shapes, arguments): a model's identical layers cost
     one evaluation of each formula."""
 
-    def __init__(self, shapes: _Shapes):
+    def __init__(self, shapes: _Shapes, gm: fx.GraphModule | None = None, flat_inputs: Sequence | None = None):
         self.shapes = shapes
         self.cache: dict = {}
+        self.gm = gm
+        self.flat_inputs = flat_inputs
+        self._rows: dict[fx.Node, int | None] = {}
+
+    def _scored_rows(self, node: fx.Node) -> int | None:
+        """Query rows ``graphred::attention_scores`` really runs: the rows with weight in some sample
+        (read from the bookkeeping that computes the weights, at the example inputs), as its kernel does."""
+        if node in self._rows:
+            return self._rows[node]
+        rows = None
+        w = node.args[2] if len(node.args) > 2 else node.kwargs.get("query_weight")
+        if isinstance(w, fx.Node) and self.gm is not None and self.flat_inputs is not None:
+            got = partial_evaluate(self.gm, self.flat_inputs, [w]).get(w)
+            if isinstance(got, torch.Tensor) and got.dim() >= 1:
+                rows = int((got != 0).reshape(got.shape[0], -1).any(0).sum()) if got.dim() >= 2 else int((got != 0).sum())
+        self._rows[node] = rows
+        return rows
+
+    def _attention_scores(self, node: fx.Node, shape_of: Callable, symbolic: bool):
+        rows = self._scored_rows(node)
+        q = node.args[0]
+        qs = shape_of(q) if isinstance(q, fx.Node) else None
+        if rows is None or not isinstance(qs, tuple) or len(qs) != 4:
+            return None
+        lq = sympy.sympify(qs[2])
+        try:
+            if int(lq.subs(self.shapes.values)) == rows:
+                return None  # every row is scored
+        except Exception:  # noqa: BLE001
+            return None
+        r_expr: sympy.Expr = sympy.Integer(rows)
+        if symbolic:  # the scored rows are one modality's span of the query stream (the text): keep its symbol
+            for term in sympy.Add.make_args(sympy.expand(lq)):
+                if term.free_symbols and int(term.subs(self.shapes.values)) == rows:
+                    r_expr = term
+                    break
+
+        def with_rows(n: fx.Node):
+            s = shape_of(n)
+            if n is q and isinstance(s, tuple):
+                return (s[0], s[1], r_expr, s[3])
+            return s
+
+        a = node_cost(node, with_rows, kind="all")
+        m = node_cost(node, with_rows, kind="matmul")
+        if not isinstance(a, NodeCost) or not isinstance(m, NodeCost):
+            return None
+        return (sympy.sympify(a.flops), sympy.sympify(m.flops), sympy.sympify(a.bytes))
+
+    def _candidate_split(self, node: fx.Node) -> tuple[int, int] | None:
+        """``(|A|, |B|)`` ``graphred::bipartite_match`` really uses: the most even-/odd-ranked candidates of
+        any sample (candidates read from the bookkeeping at the example inputs), as its kernel splits them."""
+        if node in self._rows:
+            return self._rows[node]
+        split = None
+        cand = node.args[1] if len(node.args) > 1 else node.kwargs.get("candidates")
+        if isinstance(cand, fx.Node) and self.gm is not None and self.flat_inputs is not None:
+            c = partial_evaluate(self.gm, self.flat_inputs, [cand]).get(cand)
+            if isinstance(c, torch.Tensor) and c.dim() == 2 and c.dtype == torch.bool and c.shape[0] > 0:
+                rank = torch.cumsum(c.to(torch.int64), dim=1) - 1
+                split = (int((c & (rank % 2 == 0)).sum(1).max()), int((c & (rank % 2 == 1)).sum(1).max()))
+        self._rows[node] = split
+        return split
+
+    def _bipartite_match(self, node: fx.Node, shape_of: Callable, symbolic: bool):
+        r = node.args[2] if len(node.args) > 2 else node.kwargs.get("r")
+        metric = node.args[0]
+        ms = shape_of(metric) if isinstance(metric, fx.Node) else None
+        split = self._candidate_split(node)
+        if split is None or not isinstance(ms, tuple) or len(ms) != 3 or (isinstance(r, int) and r == 0):
+            return None
+        b, l, c = (sympy.sympify(x) for x in ms)
+        na, nb = sympy.Integer(split[0]), sympy.Integer(split[1])
+        if symbolic:  # the candidates are one modality's span (the image tokens): keep its symbol
+            vals = self.shapes.values
+            for term in sympy.Add.make_args(sympy.expand(l)):
+                if term.free_symbols and int(term.subs(vals)) == split[0] + split[1]:
+                    ea, eb = sympy.ceiling(term / 2), sympy.floor(term / 2)
+                    if int(ea.subs(vals)) == split[0] and int(eb.subs(vals)) == split[1]:
+                        na, nb = ea, eb
+                    break
+        # the registry's formula (graphred::bipartite_match) with the split the kernel makes
+        lg = sympy.Integer(max(split[0] - 1, 0).bit_length())
+        mm = 2 * b * na * nb * c
+        other = 3 * b * l * c + b * na * nb + b * na * lg
+        base = node_cost(node, shape_of, kind="all")
+        if not isinstance(base, NodeCost):
+            return None
+        return (mm + other, mm, sympy.sympify(base.bytes))
 
     def cost(self, node: fx.Node, symbolic: bool) -> tuple | Uncounted | None:
         shape_of = self.shapes.symbolic if symbolic else self.shapes.concrete
+        if node.op == "call_function" and "graphred" in str(node.target):
+            res = None
+            if "attention_scores" in str(node.target):
+                res = self._attention_scores(node, shape_of, symbolic)
+            elif "bipartite_match" in str(node.target):
+                res = self._bipartite_match(node, shape_of, symbolic)
+            if res is not None:
+                return res
         try:
             key = (node.target, symbolic, _key_of(node.args, shape_of), _key_of(dict(node.kwargs), shape_of),
                    _key_of(node, shape_of))
@@ -1295,8 +1392,8 @@ def _analysis(program: Program, value_inputs: tuple | None):
 
 def _count(gm: fx.GraphModule, shapes: _Shapes, grouper: _Grouper | None, group_index: dict[str, int],
            groups: list[GroupCost], symbolic: bool = True,
-           sym_override: Callable[[fx.Node, tuple], tuple] | None = None) -> tuple[list[_NodeCost], list[Uncounted]]:
-    coster = _Coster(shapes)
+           flat_inputs: Sequence | None = None) -> tuple[list[_NodeCost], list[Uncounted]]:
+    coster = _Coster(shapes, gm, flat_inputs)
     nodes: list[_NodeCost] = []
     uncounted: list[Uncounted] = []
     for order, (qual, node, anchor) in enumerate(_walk(gm)):
@@ -1362,7 +1459,7 @@ def _check_expr(name: str, expr: sympy.Expr, value: int, symbols: Mapping, notes
 
 def _estimate_graph(program: Program, gm: fx.GraphModule, prov: TokenProvenance | None, blocks: list[AttentionBlock],
                     unbacked: Mapping[str, int], notes: list[str], *, grouper: _Grouper | None = None,
-                    name: str = "", sym_nodes: Callable | None = None) -> Estimate:
+                    name: str = "", sym_nodes: Callable | None = None, flat_inputs: Sequence | None = None) -> Estimate:
     t0 = time.perf_counter()
     symbols = dict(prov.symbol_values) if prov is not None else {}
     shapes = _Shapes(prov, symbols, unbacked)
@@ -1382,7 +1479,7 @@ def _estimate_graph(program: Program, gm: fx.GraphModule, prov: TokenProvenance 
             st, idx = split_stack(gname)
             groups.append(GroupCost(gname, "layer", grouper.tower_of(gname), *((st, idx) if st != gname else (None, None))))
         groups[group_index[gname]].blocks.append(b)
-    nodes, uncounted = _count(gm, shapes, grouper, group_index, groups)
+    nodes, uncounted = _count(gm, shapes, grouper, group_index, groups, flat_inputs=flat_inputs)
     # groups in order of first node
     first = {}
     for n in nodes:
@@ -1484,7 +1581,7 @@ class _AfterShapes(_Shapes):
 
 
 def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenProvenance, grouper: _Grouper,
-                    shapes_before: _Shapes, unbacked: Mapping[str, int]) -> Estimate:
+                    shapes_before: _Shapes, unbacked: Mapping[str, int], flat_inputs: Sequence | None = None) -> Estimate:
     apply_plan = _apply_plan_fn()
     applied = apply_plan(program, plan)
     gm2 = applied.graph_module
@@ -1500,7 +1597,7 @@ def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPr
     blocks2 = [b for b in blocks2 if b.node in names2] or [b for b in before.blocks if b.node in names2]
     est = _estimate_graph(
         program, gm2, prov, blocks2, unbacked, notes, grouper=grouper, name=before.name,
-        sym_nodes=lambda base: _AfterShapes(base, before_sym, subs_at),
+        sym_nodes=lambda base: _AfterShapes(base, before_sym, subs_at), flat_inputs=flat_inputs,
     )
     # the expression the brief asks for: each original node's symbolic cost under subs_at, plus the new ops
     orig = {n.name: n for n in before._nodes}
@@ -1515,8 +1612,18 @@ def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPr
             n.original = False
             parts_all.append(n.flops_expr)
             parts_mm.append(n.flops_matmul_expr)
-    est.flops_expr = sympy.Add(*parts_all) if parts_all else _ZERO
-    est.flops_matmul_expr = sympy.Add(*parts_mm) if parts_mm else _ZERO
+    sub_all = sympy.Add(*parts_all) if parts_all else _ZERO
+    sub_mm = sympy.Add(*parts_mm) if parts_mm else _ZERO
+    try:
+        ok = int(sub_all.subs(est.symbols)) == est.flops and int(sub_mm.subs(est.symbols)) == est.flops_matmul
+    except Exception:  # noqa: BLE001
+        ok = False
+    if ok:
+        est.flops_expr, est.flops_matmul_expr = sub_all, sub_mm
+    else:  # subs_at does not say what every reduction did: cost the reduced graph's own shapes instead
+        est.notes.append("after: the plan's symbol substitutions (subs_at) do not account for every reduced "
+                         "size; the expression is the reduced graph's cost, with the sizes no substitution "
+                         "explains kept at their example values")
     _check_expr("after: flops", est.flops_expr, est.flops, est.symbols, est.notes)
     est.plan = plan
     est.applied = applied  # type: ignore[attr-defined]
@@ -1531,6 +1638,7 @@ class _Prepared:
     grouper: _Grouper
     unbacked: dict[str, int]
     notes: list[str]
+    flat_values: list | None = None
 
 
 def _prepare(program: Program, value_inputs: tuple | None) -> _Prepared:
@@ -1542,7 +1650,7 @@ def _prepare(program: Program, value_inputs: tuple | None) -> _Prepared:
     if unresolved:
         notes.append(f"symbols {', '.join(unresolved)} (sizes that depend on input data) could not be resolved: "
                      "nodes whose shapes use them are listed as uncounted")
-    return _Prepared(program, prov, blocks, _Grouper(blocks), unbacked, notes)
+    return _Prepared(program, prov, blocks, _Grouper(blocks), unbacked, notes, flat_values)
 
 
 def _before(prep: _Prepared) -> tuple[Estimate, _Shapes]:
@@ -1553,7 +1661,7 @@ def _before(prep: _Prepared) -> tuple[Estimate, _Shapes]:
         return base
 
     est = _estimate_graph(prep.program, prep.program.graph_module, prep.prov, prep.blocks, prep.unbacked,
-                          list(prep.notes), grouper=prep.grouper, sym_nodes=keep)
+                          list(prep.notes), grouper=prep.grouper, sym_nodes=keep, flat_inputs=prep.flat_values)
     return est, holder["s"]
 
 
@@ -1586,7 +1694,7 @@ def estimate(program: Program, plan: Any = None, *, value_inputs: tuple | None =
     est, shapes = _before(prep)
     if plan is not None:
         est.plan = plan
-        est.after = _estimate_after(program, est, plan, prep.prov, prep.grouper, shapes, prep.unbacked)
+        est.after = _estimate_after(program, est, plan, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values)
     est.seconds = time.perf_counter() - t0
     return est
 
@@ -1695,7 +1803,7 @@ def sweep(program: Program, plans: Iterable[Any], *, value_inputs: tuple | None 
     rows = [{"plan": "none", "flops": base.flops, "flops_matmul": base.flops_matmul, "flops_reduction": 0.0,
              "speedup": 1.0, "peak_activation_bytes": base.peak_activation_bytes, "kv_cache_bytes": base.kv_cache_bytes}]
     for p in plans:
-        a = _estimate_after(program, base, p, prep.prov, prep.grouper, shapes, prep.unbacked)
+        a = _estimate_after(program, base, p, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values)
         rows.append({"plan": str(p), "flops": a.flops, "flops_matmul": a.flops_matmul,
                      "flops_reduction": 1.0 - a.flops / base.flops if base.flops else 0.0,
                      "speedup": base.flops / a.flops if a.flops else float("inf"),
