@@ -35,7 +35,7 @@ def run_demo(name: str = "llava-bench") -> int:
     print(f"[2/4] analysis: {report.summary}")
     for b in report.cross_modal[:3]:
         print(f"      {b.module_path}: {b.kind}, tokens {b.tokens}")
-    plans = {"fastv(layer=2, keep=0.25)": fastv(layer=2, keep=0.25), "pumer(prune=0.5, merge=0.2)": pumer(prune=0.5, merge=0.2, layers="from:2")}
+    plans = {"fastv(layer=2, keep=0.25)": fastv(layer=2, keep=0.25), "pumer(prune=0.5, merge=0.2, layers=[2])": pumer(prune=0.5, merge=0.2, layers=[2])}
     est_fn = getattr(graphred, "estimate", None)
     print("[3/4] transform and measure (median of 5 runs, CPU, same process)")
     with torch.no_grad():

@@ -145,6 +145,10 @@ def reduce_stream(
             abs_index = _call(graph, graphred_ops.gather_tokens.default, (state.abs_index, index, 1))
     state.abs_index = abs_index
     state.length = new_length
+    if state.sizes is not None and transform is None:  # merged-token sizes follow every pruning
+        with graph.inserting_before(g):
+            state.sizes = _call(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))
+            state.sizes.meta["graphred_side"] = True
     reduced: dict[fx.Node, set[int]] = {g: {dim}}
     if transform is not None:
         reduced[g] = {dim}
