@@ -903,7 +903,7 @@ def _pre_expansion(node: fx.Node) -> fx.Node:
         v = cur.meta.get("val")
         if not isinstance(v, torch.Tensor):
             break
-        if numel(cur) < numel(best):
+        if numel(cur) <= numel(best):  # on a tie, the tensor further up (before unsqueeze/expand)
             best = cur
     return best
 
