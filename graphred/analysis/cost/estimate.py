@@ -32,6 +32,7 @@ True
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import os
@@ -1583,7 +1584,23 @@ class _AfterShapes(_Shapes):
 def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenProvenance, grouper: _Grouper,
                     shapes_before: _Shapes, unbacked: Mapping[str, int], flat_inputs: Sequence | None = None) -> Estimate:
     apply_plan = _apply_plan_fn()
-    applied = apply_plan(program, plan)
+    try:
+        params = inspect.signature(apply_plan).parameters
+    except (TypeError, ValueError):
+        params = {}
+    meta = _is_meta_program(program)
+    try:
+        if "provenance" in params:  # the rewrite reads the example values through our provenance
+            applied = apply_plan(program, plan, provenance=prov)
+        else:
+            applied = apply_plan(program, plan)
+    except PlanError as e:
+        if meta and "provenance" not in params:
+            raise PlanError(f"{e}\n(this program was captured on the meta device: graphred.passes.apply_plan reads the "
+                            "example values -- attention masks, where the image tokens are -- by running the graph, "
+                            "which a meta-device graph cannot do; estimate the plan on a program captured on the CPU, "
+                            "or use Estimate.flops_with for the analytic effect)") from e
+        raise
     gm2 = applied.graph_module
     subs_at = {k: dict(v) for k, v in (getattr(applied, "subs_at", None) or {}).items()}
     before_sym = {}
