@@ -25,7 +25,7 @@ How the figures are made (``docs/cost-model.md`` has the long form):
   new ops' cost. Speedup = FLOPs before / FLOPs after.
 
 >>> import graphred
->>> model, inputs = graphred.zoo.load("clip")
+>>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[-2])  # a dual encoder
 >>> est = graphred.estimate(graphred.capture(model, **inputs))
 >>> est.flops_matmul == graphred.analysis.cost.count_flops_executed(model, **inputs)
 True
@@ -1034,7 +1034,7 @@ class Estimate:
     is the same quantity as a sympy expression in the token symbols and batch ``B``.
 
     >>> import graphred
-    >>> model, inputs = graphred.zoo.load("llava")
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
     >>> est = graphred.estimate(graphred.capture(model, **inputs))
     >>> n_img = est.symbol("n_img")
     >>> int(est.flops_matmul_expr.subs(est.symbols)) == est.flops_matmul
@@ -1147,7 +1147,7 @@ class Estimate:
         """FLOPs as an expression in one symbol, the others fixed at their example values.
 
         >>> import graphred
-        >>> model, inputs = graphred.zoo.load("llava")
+        >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
         >>> est = graphred.estimate(graphred.capture(model, **inputs))
         >>> f = est.flops_as_function_of("n_img", kind="matmul")
         >>> f.free_symbols == {est.symbol("n_img")}
@@ -1196,7 +1196,7 @@ class Estimate:
         node name; None: everywhere) -- e.g. a pruning step's analytic effect, without the step's own cost.
 
         >>> import graphred, sympy
-        >>> model, inputs = graphred.zoo.load("llava")
+        >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
         >>> est = graphred.estimate(graphred.capture(model, **inputs))
         >>> n = est.symbol("n_img")
         >>> e = est.flops_with({n: n / 2}, start=1, kind="matmul")
@@ -1260,7 +1260,7 @@ class Estimate:
         """The keep ratio of ``symbol`` tokens (from ``start`` on) that reduces FLOPs by ``target``.
 
         >>> import graphred
-        >>> model, inputs = graphred.zoo.load("llava")
+        >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
         >>> est = graphred.estimate(graphred.capture(model, **inputs))
         >>> keep = est.solve_keep_for_reduction(0.2, "n_img", start=1)
         >>> 0 < keep < 1
@@ -1746,7 +1746,7 @@ def _cpu_inputs_for_dir(path: str, model: torch.nn.Module) -> tuple | None:
 
 
 def estimate_model(spec: str | os.PathLike, plan: Any = None) -> Estimate:
-    """Estimate a zoo model (``"llava"``) or a Hugging Face model directory at full size.
+    """Estimate a zoo model (a name from ``graphred zoo``) or a Hugging Face model directory at full size.
 
     A directory needs only its ``config.json``: the model is built on the meta device (no weights, no
     memory), captured with meta tensors, and the example inputs' bookkeeping (where the image tokens
