@@ -1582,20 +1582,22 @@ class _AfterShapes(_Shapes):
 
 
 def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenProvenance, grouper: _Grouper,
-                    shapes_before: _Shapes, unbacked: Mapping[str, int], flat_inputs: Sequence | None = None) -> Estimate:
+                    shapes_before: _Shapes, unbacked: Mapping[str, int], flat_inputs: Sequence | None = None,
+                    value_inputs: tuple | None = None) -> Estimate:
     apply_plan = _apply_plan_fn()
     try:
         params = inspect.signature(apply_plan).parameters
     except (TypeError, ValueError):
         params = {}
     meta = _is_meta_program(program)
+    hook = meta and value_inputs is not None and "value_inputs" in params
     try:
-        if "provenance" in params:  # the rewrite reads the example values through our provenance
-            applied = apply_plan(program, plan, provenance=prov)
+        if hook:  # CPU copies of the inputs, for the example values a meta-device graph cannot compute
+            applied = apply_plan(program, plan, value_inputs=value_inputs)
         else:
             applied = apply_plan(program, plan)
     except PlanError as e:
-        if meta and "provenance" not in params:
+        if meta and not hook:
             raise PlanError(f"{e}\n(this program was captured on the meta device: graphred.passes.apply_plan reads the "
                             "example values -- attention masks, where the image tokens are -- by running the graph, "
                             "which a meta-device graph cannot do; estimate the plan on a program captured on the CPU, "
@@ -1656,6 +1658,7 @@ class _Prepared:
     unbacked: dict[str, int]
     notes: list[str]
     flat_values: list | None = None
+    value_inputs: tuple | None = None
 
 
 def _prepare(program: Program, value_inputs: tuple | None) -> _Prepared:
@@ -1667,7 +1670,7 @@ def _prepare(program: Program, value_inputs: tuple | None) -> _Prepared:
     if unresolved:
         notes.append(f"symbols {', '.join(unresolved)} (sizes that depend on input data) could not be resolved: "
                      "nodes whose shapes use them are listed as uncounted")
-    return _Prepared(program, prov, blocks, _Grouper(blocks), unbacked, notes, flat_values)
+    return _Prepared(program, prov, blocks, _Grouper(blocks), unbacked, notes, flat_values, value_inputs)
 
 
 def _before(prep: _Prepared) -> tuple[Estimate, _Shapes]:
@@ -1711,7 +1714,8 @@ def estimate(program: Program, plan: Any = None, *, value_inputs: tuple | None =
     est, shapes = _before(prep)
     if plan is not None:
         est.plan = plan
-        est.after = _estimate_after(program, est, plan, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values)
+        est.after = _estimate_after(program, est, plan, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values,
+                                    prep.value_inputs)
     est.seconds = time.perf_counter() - t0
     return est
 
@@ -1820,7 +1824,8 @@ def sweep(program: Program, plans: Iterable[Any], *, value_inputs: tuple | None 
     rows = [{"plan": "none", "flops": base.flops, "flops_matmul": base.flops_matmul, "flops_reduction": 0.0,
              "speedup": 1.0, "peak_activation_bytes": base.peak_activation_bytes, "kv_cache_bytes": base.kv_cache_bytes}]
     for p in plans:
-        a = _estimate_after(program, base, p, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values)
+        a = _estimate_after(program, base, p, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values,
+                            prep.value_inputs)
         rows.append({"plan": str(p), "flops": a.flops, "flops_matmul": a.flops_matmul,
                      "flops_reduction": 1.0 - a.flops / base.flops if base.flops else 0.0,
                      "speedup": base.flops / a.flops if a.flops else float("inf"),
