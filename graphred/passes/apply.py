@@ -162,7 +162,7 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     q, k = _node(gm, block.query), _node(gm, block.key)
     sdpa = _node(gm, block.node)
     mask = _mask_of(gm, block)
-    anchor = _after(gm, [point, sdpa, q, k] + ([mask] if mask is not None else []))
+    anchor = _after(gm, [point, sdpa, q, k, mask, st.abs_index, st.sizes])
     nxt = anchor.next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
@@ -224,7 +224,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
         return None
     k = _node(gm, block.key)
     mask = _mask_of(gm, block)
-    nxt = _after(gm, [point, k]).next
+    nxt = _after(gm, [point, k, mask, st.abs_index, st.sizes]).next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
         codes = ctx.codes(stream, nxt)

@@ -288,12 +288,6 @@ def test_user_model_unchanged(zoo_capture, model_state):
     model_state.assert_unchanged(model, snap)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "composing fastv(layer=1) + pumer (cross-modal layer 1) on llava: apply_plan fails with a raw "
-    "RuntimeError instead of producing a graph (or a PlanError). In passes/apply.py::_prune, PuMer's "
-    "text-query weights are logical_and(is_text, valid_k): is_text follows the already-reduced stream "
-    "([2, 44] after FastV) but valid_k = emit_valid(mask, ...) comes from the layer's attention mask at "
-    "its original length ([2, 76]); fake-tensor propagation of aten.logical_and cannot broadcast 76 to 44"))
 def test_composed_plan_fastv_then_pumer(zoo_program):
     _, kwargs = zoo_program("llava").example_inputs()
     reduced = transform(zoo_program("llava"), fastv(layer=1, keep=0.5) + pumer(prune=0.2, merge=0.1, layers=[1]))
@@ -301,6 +295,20 @@ def test_composed_plan_fastv_then_pumer(zoo_program):
         out = reduced(**kwargs)
     assert [s["step"] for s in reduced.steps] == ["fastv", "pumer", "pumer"]
     assert _logits(out).shape[1] == reduced.steps[-1]["length_after"]
+    assert reduced.kept_positions.shape == (2, reduced.steps[-1]["length_after"])
+
+
+def test_pumer_on_every_layer_with_merging(zoo_program):
+    """Prune and merge at two successive layers: sizes, keys and masks follow each reduction."""
+    _, kwargs = zoo_program("llava").example_inputs()
+    reduced = transform(zoo_program("llava"), pumer(prune=0.2, merge=0.2, layers=[0, 1]))
+    with torch.no_grad():
+        out = reduced(**kwargs)
+    images = [s.get("image_after") for s in reduced.steps]
+    assert images == [51, 41, 33, 26]  # 64 -prune 13-> 51 -merge 10-> 41 -prune 8-> 33 -merge 7-> 26
+    assert _logits(out).shape[1] == 12 + 26 and torch.isfinite(_logits(out)).all()
+    pos = reduced.kept_positions
+    assert (pos[:, 1:] > pos[:, :-1]).all()
 
 
 # ------------------------------------------------------------------- 6. ToMe
