@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except GraphredError as e:
+    except (GraphredError, ValueError) as e:  # bad plans, models, inputs: one clear line, no traceback
         print(f"graphred: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

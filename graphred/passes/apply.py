@@ -397,14 +397,20 @@ def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
     for step in plan.steps:
         if step.is_identity:
             continue
-        if isinstance(step, PumerStep):
-            _apply_pumer(ctx, step)
-        elif isinstance(step, FastVStep):
-            _apply_fastv(ctx, step)
-        elif isinstance(step, ToMeStep):
-            _apply_tome(ctx, step)
-        else:
+        apply_step = {PumerStep: _apply_pumer, FastVStep: _apply_fastv, ToMeStep: _apply_tome}.get(type(step))
+        if apply_step is None:
             raise PlanError(f"unknown plan step {step!r}")
+        try:
+            apply_step(ctx, step)
+        except PlanError:
+            raise
+        except Exception as e:  # a rewrite that cannot be done is the plan's error, said in its terms
+            hint = {
+                ToMeStep: "ToMe applies to vision towers whose tokens stay in their own stream (dual encoders, "
+                          "cross-attention models); for a decoder VLM use pumer(...) or fastv(...).",
+            }.get(type(step), "Try other layers or ratios, or report the node named above.")
+            raise PlanError(f"{step.spec()}: the rewrite of {program.model_class} failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}. {hint}") from e
     positions = False
     if ctx.states and not plan.is_identity:
         positions = _add_positions_output(gm, ctx)

@@ -255,7 +255,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         n.args = tuple(args)
     elif pk in (aten.flatten, aten.unflatten) and pk is aten.unflatten:
         sizes = list(n.args[2])
-        base = n.args[1]
+        base = n.args[1] % len(n.args[0].meta[ORIG_SHAPE] if ORIG_SHAPE in n.args[0].meta else _shape(n.args[0]))
         for d, f in sd:
             j = d - base
             if 0 <= j < len(sizes) and sizes[j] != -1:
