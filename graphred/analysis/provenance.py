@@ -271,7 +271,8 @@ class TokenProvenance:
 
     name = "token_provenance"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[tuple, dict] | None = None):
+    def __init__(self, gm: fx.GraphModule, example_inputs: tuple[tuple, dict] | None = None,
+                 value_inputs: tuple[tuple, dict] | None = None):
         self.gm = gm
         self.info: dict[fx.Node, Any] = {}
         self.streams: list[Stream] = []
@@ -285,7 +286,8 @@ class TokenProvenance:
         for a in find_attention(gm):
             if isinstance(a.get("mask"), fx.Node):
                 self._value_nodes.add(a["mask"])
-        self.values: dict[fx.Node, Any] = self._evaluate(example_inputs) if example_inputs else {}
+        # values of the masks come from the inputs' bookkeeping only (CPU copies for a meta program)
+        self.values: dict[fx.Node, Any] = self._evaluate(value_inputs or example_inputs) if (value_inputs or example_inputs) else {}
         self._layouts()
         self._symbolize()
 
@@ -820,30 +822,17 @@ class TokenProvenance:
         return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
 
     # ---- example values and layouts
-    def _evaluate(self, example_inputs) -> dict:
-        """Run the graph once on the example inputs, keeping the values of the mask nodes."""
+    def _evaluate(self, inputs) -> dict:
+        """Values of the mask nodes at ``inputs``, from their ancestors only (not the model's layers)."""
         if not self._value_nodes:
             return {}
-        args, kwargs = example_inputs
-        flat = _flat_inputs(self.gm, args, kwargs)
+        from .evaluate import partial_evaluate
+
+        flat = _flat_inputs(self.gm, *inputs)
         if flat is None or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in flat):
             return {}
-        wanted = set(self._value_nodes)
-        keep: dict = {}
-
-        class Keep(fx.Interpreter):
-            def run_node(self_inner, n):
-                r = super().run_node(n)
-                if n in wanted:
-                    keep[n] = r.detach() if isinstance(r, torch.Tensor) else r
-                return r
-
-        try:
-            with torch.no_grad():
-                Keep(self.gm).run(*flat)
-        except Exception:
-            return keep
-        return keep
+        vals = partial_evaluate(self.gm, flat, self._value_nodes)
+        return {n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in vals.items()}
 
     def _layouts(self) -> None:
         for st in self.streams:

@@ -20,7 +20,7 @@ from ..errors import PlanError
 from ..plans import FastVStep, Plan, PumerStep, ToMeStep, select_layers
 from ..program import Program
 from .infra import set_fake_val
-from .reduce import _node, emit_codes, emit_valid, key_source, layer_input, residual_after
+from .reduce import _node, emit_codes, emit_valid, graph_device, key_source, layer_input, residual_after
 from .token_axis import StreamState, _call, record_original_shapes, reduce_stream
 
 aten = torch.ops.aten
@@ -100,12 +100,13 @@ class _Ctx:
             return None
         name = f"_graphred_special_{st.id}"
         if not hasattr(self.gm, name):
-            self.gm.register_buffer(name, st.special.view(1, -1).clone(), persistent=False)
+            from .reduce import graph_device
+            self.gm.register_buffer(name, st.special.view(1, -1).clone().to(graph_device(self.gm)), persistent=False)
         graph = self.gm.graph
         with graph.inserting_before(before):
             node = graph.get_attr(name)
             from .reduce import _fake_like
-            node.meta["val"] = _fake_like(self.gm, st.special.view(1, -1))
+            node.meta["val"] = _fake_like(self.gm, getattr(self.gm, name))
             s = self.states[self.prov.find(sid)]
             if s.abs_index is not None:
                 node = _call(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
@@ -180,10 +181,10 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
                     is_text = _call(graph, aten.expand.default, (is_text, [B, Lq]))
                 w = _call(graph, aten.logical_and.default, (is_text, valid_k))
             else:
-                w = _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool})
+                w = _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
         else:  # FastV: the last valid query
-            pos = _call(graph, aten.arange.default, (Lq,), {"dtype": torch.long})
-            vq = valid_k if Lq == Lk else _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool})
+            pos = _call(graph, aten.arange.default, (Lq,), {"dtype": torch.long, "device": graph_device(graph.owning_module)})
+            vq = valid_k if Lq == Lk else _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
             last = _call(graph, aten.where.ScalarOther, (vq, pos, -1))
             last = _call(graph, aten.amax.default, (last, [1], True))
             w = _call(graph, aten.eq.Tensor, (pos, last))
@@ -249,7 +250,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
         if protected is not None and _shape(protected)[0] != B:
             protected = _call(graph, aten.expand.default, (protected, [B, st.length]))
         if st.sizes is None:
-            sizes = _call(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32})
+            sizes = _call(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32, "device": graph_device(graph.owning_module)})
         else:
             sizes = st.sizes
         match = _call(graph, gr.bipartite_match.default, (metric, cand, r, protected))
@@ -378,8 +379,9 @@ def _apply_tome(ctx: _Ctx, step: ToMeStep) -> None:
             _merge(ctx, b, b.query_stream, point, step.r / max(ctx.counts[st.stream][IMAGE], 1), IMAGE, "tome")
 
 
-def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
-    """Apply ``plan`` to a copy of ``program``'s graph.
+def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = None) -> AppliedPlan:
+    """Apply ``plan`` to a copy of ``program``'s graph. For a program captured on the meta device,
+    ``value_inputs=(args, kwargs)`` gives CPU copies of the inputs from which the token layout is read.
 
     >>> import graphred
     >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
@@ -391,7 +393,7 @@ def apply_plan(program: Program, plan: Plan) -> AppliedPlan:
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
     gm = copy_graph_module(program.graph_module)
     record_original_shapes(gm)
-    prov = TokenProvenance(gm, program.example_inputs())
+    prov = TokenProvenance(gm, program.example_inputs(), value_inputs=value_inputs)
     blocks = detect_blocks(gm, prov)
     ctx = _Ctx(gm, prov, blocks, program)
     for step in plan.steps:

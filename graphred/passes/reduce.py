@@ -56,9 +56,10 @@ def emit_codes(gm: fx.GraphModule, prov: TokenProvenance, sid: int, cache: dict)
     if r[0] == "uniform" or st.codes is not None and r[0] in ("cat", "slice") and st.codes.shape[0] == 1:
         codes = st.codes if st.codes is not None else torch.full((1, st.length), r[1], dtype=torch.int8)
         name = f"_graphred_codes_{sid}"
-        gm.register_buffer(name, codes[:1].clone(), persistent=False)
+        buf = codes[:1].clone().to(graph_device(gm))
+        gm.register_buffer(name, buf, persistent=False)
         out = graph.get_attr(name)
-        out.meta["val"] = _fake_like(gm, codes[:1])
+        out.meta["val"] = _fake_like(gm, buf)
     elif r[0] == "mask":
         _, base, mask, d, code = r
         b = emit_codes(gm, prov, base, cache)
@@ -71,7 +72,7 @@ def emit_codes(gm: fx.GraphModule, prov: TokenProvenance, sid: int, cache: dict)
         b = emit_codes(gm, prov, base, cache)
         origin = _node(gm, st.origin)
         z = _call(graph, aten.zeros_like.default, (origin,), {"dtype": torch.bool})
-        t = _call(graph, aten.scalar_tensor.default, (True,), {"dtype": torch.bool})
+        t = _call(graph, aten.scalar_tensor.default, (True,), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
         m = _call(graph, aten.index_put.default, (z, list(indices), t))
         m = _reduce_mask_to(graph, m, d)
         out = _call(graph, aten.where.ScalarSelf, (m, code, b))
@@ -96,6 +97,15 @@ def emit_codes(gm: fx.GraphModule, prov: TokenProvenance, sid: int, cache: dict)
     return out
 
 
+def graph_device(gm: fx.GraphModule) -> torch.device:
+    """The device the graph's inputs live on (meta for a program captured without weights)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
 def _fake_like(gm, t: torch.Tensor):
     from torch._guards import detect_fake_mode
 
@@ -108,7 +118,7 @@ def emit_valid(graph: fx.Graph, mask: fx.Node | None, length: int, rows: int) ->
     """``[B, L]`` bool: key positions some query may attend to (padding excluded), from an attention
     mask of any rank (bool = attend, float = additive)."""
     if mask is None:
-        return _call(graph, aten.ones.default, ([rows, length],), {"dtype": torch.bool})
+        return _call(graph, aten.ones.default, ([rows, length],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
     v = mask.meta["val"]
     if v.dtype == torch.bool:
         allowed = mask

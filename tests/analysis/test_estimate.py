@@ -465,7 +465,7 @@ def test_llava15_7b_config_estimates_in_under_a_minute(tmp_path):
 
 
 @needs_apply_plan
-def test_plan_on_a_meta_device_program_says_why_or_works(tmp_path):
+def test_plan_on_a_meta_device_program(tmp_path):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     LlavaConfig(
@@ -476,9 +476,5 @@ def test_plan_on_a_meta_device_program_says_why_or_works(tmp_path):
                                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
         image_token_index=127, image_seq_length=16, vision_feature_layer=-1, vision_feature_select_strategy="default",
     ).save_pretrained(tmp_path)
-    try:
-        est = estimate_model(tmp_path, graphred.plans.fastv(layer=2, keep=0.5))
-    except PlanError as e:  # apply_plan cannot read example values from a meta-device graph (yet)
-        assert "meta device" in str(e)
-    else:
-        assert est.after.flops < est.flops
+    est = estimate_model(tmp_path, graphred.plans.fastv(layer=2, keep=0.5))
+    assert est.after.flops < est.flops  # the plan applies to a graph with no weights at all

@@ -80,77 +80,7 @@ _ZERO = sympy.Integer(0)
 # =============================================================================================
 
 
-def _to_cpu_device(x: Any) -> Any:
-    if isinstance(x, torch.device) and x.type == "meta":
-        return torch.device("cpu")
-    if isinstance(x, str) and x == "meta":
-        return "cpu"
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu_device(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to_cpu_device(v) for k, v in x.items()}
-    return x
-
-
-def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable[fx.Node],
-                     max_weight_numel: int = 1 << 22) -> dict[fx.Node, Any]:
-    """Values of ``wanted`` nodes at ``flat_inputs`` (CPU tensors, in placeholder order), computing
-    only their ancestors -- the input bookkeeping (masks from ``input_ids == image_token``, counts of
-    real images, ...), never the model's layers. Works on a graph captured on the meta device: device
-    arguments are mapped to the CPU, and a meta parameter/buffer the bookkeeping reads is taken as
-    zeros when it is small (``max_weight_numel``). A node that cannot be computed is left out."""
-    wanted = [w for w in wanted if isinstance(w, fx.Node)]
-    need = _ancestors(wanted)
-    env: dict[fx.Node, Any] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, n in enumerate(placeholders):
-        if i < len(flat_inputs):
-            env[n] = flat_inputs[i]
-    failed: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node not in need or node.op in ("placeholder", "output"):
-            continue
-        if any(a in failed or a not in env for a in node.all_input_nodes):
-            failed.add(node)
-            continue
-        try:
-            if node.op == "get_attr":
-                v = _fetch_attr(gm, node.target)
-                if isinstance(v, torch.Tensor) and v.device.type == "meta":
-                    if v.numel() > max_weight_numel:
-                        raise ValueError("a large meta weight")
-                    v = torch.zeros(v.shape, dtype=v.dtype)
-            elif node.op == "call_function":
-                args = _to_cpu_device(fx.node.map_arg(node.args, lambda a: env[a]))
-                kwargs = _to_cpu_device(fx.node.map_arg(node.kwargs, lambda a: env[a]))
-                with torch.no_grad():
-                    v = node.target(*args, **kwargs)
-            else:
-                raise ValueError(node.op)
-        except Exception:  # noqa: BLE001 - not computable here: its users are skipped too
-            failed.add(node)
-            continue
-        env[node] = v
-    return {w: env[w] for w in wanted if w in env}
+from ..evaluate import _ancestors, _fetch_attr, _to_cpu_device, partial_evaluate  # noqa: E402,F401
 
 
 def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list | None:
@@ -249,21 +179,6 @@ def resolve_unbacked(gm: fx.GraphModule, flat_inputs: Sequence | None) -> tuple[
                     except Exception:  # noqa: BLE001
                         continue
     return values, [n for n in intro if n not in values]
-
-
-class _ValueProvenance(TokenProvenance):
-    """Token provenance whose example values come from :func:`partial_evaluate` on CPU copies of the
-    inputs: for programs captured on the meta device, where the graph itself cannot run."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs, flat_values: Sequence):
-        self._flat_values = list(flat_values)
-        super().__init__(gm, example_inputs)
-
-    def _evaluate(self, example_inputs) -> dict:  # noqa: D401 - TokenProvenance hook
-        if not self._value_nodes:
-            return {}
-        vals = partial_evaluate(self.gm, self._flat_values, self._value_nodes)
-        return {n: (v.detach() if isinstance(v, torch.Tensor) else v) for n, v in vals.items()}
 
 
 # =============================================================================================
@@ -1378,15 +1293,14 @@ def _analysis(program: Program, value_inputs: tuple | None):
     if _is_meta_program(program):
         if value_inputs is not None:
             flat_values = _flat_inputs(gm, *value_inputs)
-            prov = _ValueProvenance(gm, program.example_inputs(), flat_values)
+            prov = TokenProvenance(gm, program.example_inputs(), value_inputs=value_inputs)
         else:
             prov = TokenProvenance(gm, program.example_inputs())
             notes.append("captured on the meta device without value_inputs: the image/text split of the token "
                          "streams could not be read (pass value_inputs=(args, kwargs) on the CPU)")
     else:  # the bookkeeping only, not the model: the same values as running the graph, at a fraction of the cost
         flat_values = _flat_inputs(gm, *program.example_inputs())
-        prov = _ValueProvenance(gm, program.example_inputs(), flat_values) if flat_values is not None \
-            else TokenProvenance(gm, program.example_inputs())
+        prov = TokenProvenance(gm, program.example_inputs())
     blocks = detect_blocks(gm, prov)
     return prov, blocks, flat_values, notes
 
