@@ -18,7 +18,7 @@ from .errors import PlanError
 Ratio = Union[float, Sequence[float]]
 LayerSelector = Union[None, int, str, Sequence[int], slice]
 
-__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "parse_plan", "select_layers"]
+__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "prune", "parse_plan", "select_layers"]
 
 
 def _check_ratio(name: str, value: Ratio, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True) -> tuple[float, ...]:
@@ -108,12 +108,19 @@ class PumerStep:
     merge_text: tuple[float, ...] = (0.0,)
     layers: LayerSelector = None
     proportional: bool = False
+    scorer: str = "text"  # "text" (PuMer), or the baselines "random" and "norm" (text-agnostic)
+    seed: int = 0
 
     def ratio_at(self, which: str, i: int) -> float:
         vals = getattr(self, which)
         return vals[i] if len(vals) > 1 else vals[0]
 
     def spec(self) -> str:
+        if self.scorer != "text":
+            s = f"prune:ratio={_fmt(self.prune)},scorer={self.scorer}"
+            if self.layers is not None:
+                s += f",layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}"
+            return s + (f",seed={self.seed}" if self.scorer == "random" and self.seed else "")
         parts = [f"prune={_fmt(self.prune)}", f"merge={_fmt(self.merge)}"]
         if any(self.merge_text):
             parts.append(f"merge_text={_fmt(self.merge_text)}")
@@ -212,6 +219,28 @@ def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layer
     return Plan((PumerStep(p, m, mt, lay, bool(proportional)),))
 
 
+SCORERS = ("random", "norm")
+
+
+def prune(ratio: Ratio = 0.3, layers: LayerSelector = None, scorer: str = "random", seed: int = 0) -> Plan:
+    """Baseline image-token pruning at PuMer's places with a text-agnostic score: ``"random"`` (a
+    fixed, seeded random priority per position) or ``"norm"`` (the L2 norm of each token's hidden
+    state). A text-informed method should beat both at equal kept tokens.
+
+    >>> prune(ratio=0.5, scorer="norm", layers=[2])
+    Plan(prune:ratio=0.5,scorer=norm,layers=2)
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}: choose from {', '.join(SCORERS)} (or use pumer(...) for text-informed)")
+    p = _check_ratio("ratio", ratio)
+    lay = _check_layers(layers)
+    if len(p) > 1 and not (isinstance(lay, tuple) and len(lay) == len(p)):
+        raise ValueError(f"a per-layer schedule for ratio ({len(p)} values) needs layers= with as many indices")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return Plan((PumerStep(p, (0.0,), (0.0,), lay, False, scorer, seed),))
+
+
 def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
     """FastV (Chen et al., 2024): prune image tokens after decoder layer ``layer-1``.
 
@@ -237,7 +266,7 @@ def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) ->
     return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
 
 
-_BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome}
+_BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome, "prune": prune}
 
 
 def parse_plan(text: str) -> Plan:
@@ -266,6 +295,8 @@ def parse_plan(text: str) -> Plan:
 
 
 def _parse_value(key: str, v: str):
+    if key == "scorer":
+        return v
     if key == "layers" and (v in ("all",) or v.startswith("from") or v.startswith("every")):
         return v.replace("from", "from:").replace("every", "every:").replace("::", ":") if ":" not in v else v
     if "/" in v:

@@ -148,7 +148,7 @@ def _scale(block: AttentionBlock) -> float:
 
 
 def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weights_kind: str, ratio: float = 0.0,
-           keep: float | None = None, step_name: str = "pumer") -> fx.Node | None:
+           keep: float | None = None, step_name: str = "pumer", scorer: str = "attention", seed: int = 0) -> fx.Node | None:
     """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point``."""
     gm, graph = ctx.gm, ctx.gm.graph
     st = ctx.state(stream)
@@ -189,7 +189,19 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
             last = _call(graph, aten.amax.default, (last, [1], True))
             w = _call(graph, aten.eq.Tensor, (pos, last))
         wf = _call(graph, aten._to_copy.default, (w,), {"dtype": torch.float32})
-        scores = _call(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
+        if scorer == "norm":  # text-agnostic baseline: the norm of each token's hidden state
+            scores = _call(graph, aten.linalg_vector_norm.default, (point, 2, [-1]))
+            scores = _call(graph, aten._to_copy.default, (scores,), {"dtype": torch.float32})
+        elif scorer == "random":  # baseline: a fixed random priority per position (seeded)
+            name = f"_graphred_random_{len(ctx.log)}"
+            gen = torch.Generator().manual_seed(seed + 7919 * len(ctx.log))
+            gm.register_buffer(name, torch.rand(1, st.length, generator=gen).to(graph_device(gm)), persistent=False)
+            scores = graph.get_attr(name)
+            from .reduce import _fake_like
+            scores.meta["val"] = _fake_like(gm, getattr(gm, name))
+            scores = _call(graph, aten.expand.default, (scores, [B, st.length]))
+        else:
+            scores = _call(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
         is_image = _call(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
         if _shape(is_image)[0] != B:
             is_image = _call(graph, aten.expand.default, (is_image, [B, Lk]))
@@ -320,7 +332,8 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
         if stream is None:
             raise PlanError(f"pumer: the token axis of {b.module_path} is unknown (see the analysis report's unknown ops)")
         point = residual_after(ctx.gm, ctx.prov, b, stream) if b.kind == CROSS_MODAL_SELF else key_source(ctx.gm, ctx.prov, b, stream)
-        g = _prune(ctx, b, stream, point, "text", ratio=p, step_name="pumer")
+        g = _prune(ctx, b, stream, point, "text", ratio=p, step_name="pumer" if step.scorer == "text" else f"prune[{step.scorer}]",
+                   scorer=step.scorer, seed=step.seed)
         if g is not None:
             point = g
             ctx.last_index = _node(ctx.gm, g.args[1].name)
