@@ -59,6 +59,7 @@ class StreamState:
     sizes: fx.Node | None = None  # [B, length] token sizes (merging)
     kept_prefix: int = 0  # leading positions no reduction ever drops (protected class tokens, leading text)
     aliases: set = field(default_factory=set)  # child streams that are this stream minus its kept prefix
+    _gathered: dict = field(default_factory=dict, repr=False)
     history: list[dict] = field(default_factory=list)
 
 
@@ -164,6 +165,7 @@ def _last(graph: fx.Graph, nodes) -> fx.Node:
 def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
     graph = gm.graph
     started = False
+    state._gathered = {}  # (operand, dim) -> its gathered version: shared masks/rotary tables gathered once
     for n in list(graph.nodes):
         if n is g:
             started = True
@@ -238,8 +240,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             continue
         for d in sorted(_aligned_dims(n, a, out_dims, orig_shape, reduced_inputs), reverse=True):
             if d < len(ashape) and ashape[d] == old:
-                with graph.inserting_before(n):
-                    ga = _call(graph, graphred_ops.gather_tokens.default, (a, index, d))
+                key = (a, d)
+                ga = state._gathered.get(key)
+                if ga is None:
+                    # right after the operand (and the index), so later layers reuse the same gather
+                    with graph.inserting_after(_last(graph, [a, index])):
+                        ga = _call(graph, graphred_ops.gather_tokens.default, (a, index, d))
+                    state._gathered[key] = ga
                 n.replace_input_with(a, ga)
                 a = ga
                 ashape = _shape(ga)
