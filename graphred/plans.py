@@ -107,7 +107,6 @@ class PumerStep:
     merge: tuple[float, ...] = (0.0,)
     merge_text: tuple[float, ...] = (0.0,)
     layers: LayerSelector = None
-    proportional: bool = False
     scorer: str = "text"  # "text" (PuMer), or the baselines "random" and "norm" (text-agnostic)
     seed: int = 0
 
@@ -156,7 +155,6 @@ class ToMeStep:
 
     r: int = 8
     layers: LayerSelector = None
-    proportional: bool = True
 
     def spec(self) -> str:
         s = f"tome:r={self.r}"
@@ -200,8 +198,7 @@ class Plan:
         return f"Plan({self})"
 
 
-def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None,
-          proportional: bool = False) -> Plan:
+def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None) -> Plan:
     """PuMer (Cao et al., 2023): text-informed image pruning + modality-aware merging.
 
     >>> pumer(prune=0.3, merge=0.2, layers="from:1")
@@ -216,7 +213,7 @@ def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layer
     for name, vals in (("prune", p), ("merge", m), ("merge_text", mt)):
         if len(vals) > 1 and not (isinstance(lay, tuple) and len(lay) == len(vals)):
             raise ValueError(f"a per-layer schedule for {name} ({len(vals)} values) needs layers= with as many indices")
-    return Plan((PumerStep(p, m, mt, lay, bool(proportional)),))
+    return Plan((PumerStep(p, m, mt, lay),))
 
 
 SCORERS = ("random", "norm")
@@ -238,7 +235,7 @@ def prune(ratio: Ratio = 0.3, layers: LayerSelector = None, scorer: str = "rando
         raise ValueError(f"a per-layer schedule for ratio ({len(p)} values) needs layers= with as many indices")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return Plan((PumerStep(p, (0.0,), (0.0,), lay, False, scorer, seed),))
+    return Plan((PumerStep(p, (0.0,), (0.0,), lay, scorer, seed),))
 
 
 def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
@@ -255,7 +252,7 @@ def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
     return Plan((FastVStep(layer, k),))
 
 
-def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) -> Plan:
+def tome(r: int = 8, layers: LayerSelector = None) -> Plan:
     """ToMe (Bolya et al., 2023): merge ``r`` tokens per layer in vision towers.
 
     >>> tome(r=4)
@@ -263,7 +260,7 @@ def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) ->
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"tome r must be a non-negative integer, got {r!r}")
-    return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
+    return Plan((ToMeStep(r, _check_layers(layers)),))
 
 
 _BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome, "prune": prune}
