@@ -73,7 +73,8 @@ class Stream:
     codes: torch.Tensor | None = None  # [B or 1, length] int8 modality codes at the example inputs
     special: torch.Tensor | None = None  # [length] bool: learned (input-free) tokens, e.g. a class token
     sym_length: Any = None
-    symbols: dict = field(default_factory=dict)
+    symbols: dict = field(default_factory=dict)  # modality -> symbol: its count is symbol + offsets[modality]
+    offsets: dict = field(default_factory=dict)
 
     def modalities(self) -> set[str]:
         if self.codes is None:
@@ -922,6 +923,8 @@ class TokenProvenance:
             if st.kind == BATCH:
                 st.sym_length = B
                 continue
+            if self.find(st.id) != st.id and st.rule == "embedding":
+                continue  # the same positions as its canonical stream (e.g. token-type embeddings)
             r = st.recipe
             if st.rule == "embedding" and self._scatter_child(st) is None:
                 s = sym("n_txt")
@@ -948,10 +951,26 @@ class TokenProvenance:
                 total = 0
                 for p, n in r[1]:
                     if isinstance(p, int):
-                        total += self.streams[p].sym_length if self.streams[p].sym_length is not None else n
+                        ps = self.streams[self.find(p)]
+                        total += ps.sym_length if ps.sym_length is not None else n
+                        for mod, s_ in ps.symbols.items():
+                            st.symbols.setdefault(mod, s_)
                     else:
-                        total += n
+                        _, learned, taint = p
+                        data = taint & {IMAGE, TEXT}
+                        if not learned and len(data) == 1:  # input-derived tokens whose stream was lost upstream
+                            mod = next(iter(data))
+                            s_ = sym("n_img" if mod == IMAGE else "n_txt")
+                            self.symbol_values[s_] = n
+                            st.symbols.setdefault(mod, s_)
+                            total += s_
+                        else:
+                            total += n
                 st.sym_length = total
+                counts = st.counts()
+                for mod, s_ in st.symbols.items():  # learned special tokens counted under a modality
+                    if counts and s_ in self.symbol_values:
+                        st.offsets[mod] = counts[0].get(mod, 0) - int(self.symbol_values[s_])
             elif st.rule == "slice":
                 parent = self.streams[r[1]]
                 base = parent.sym_length if parent.sym_length is not None else parent.length

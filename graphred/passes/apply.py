@@ -469,7 +469,7 @@ def _subs_at(gm, ctx: _Ctx, prov: TokenProvenance) -> dict[str, dict]:
                     continue
                 sym = st.symbols.get(mod)
                 if sym is not None:
-                    current[sym] = sympy.Integer(val)
+                    current[sym] = sympy.Integer(val - st.offsets.get(mod, 0))
         if n.name in ctx.original_names and current:
             out[n.name] = dict(current)
     return out
