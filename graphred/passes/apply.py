@@ -61,12 +61,26 @@ class _Ctx:
         self.subs: list[tuple[str, dict]] = []  # (first original node affected, substitution)
         self.log: list[dict] = []
         self.original_names = {n.name for n in gm.graph.nodes}
+        self.layer_chain: list[fx.Node] = []  # indices applied at the current layer, in order
+        self.last_point: dict[int, fx.Node] = {}  # stream -> the latest reduction's gather
+
+    def check_order(self, sid: int, point: fx.Node, step_name: str) -> None:
+        """Steps are applied in the order given; each must act later in the graph than the previous
+        reductions of the same stream."""
+        last = self.last_point.get(self.prov.find(sid))
+        if last is not None:
+            order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+            if order[point] < order[last]:
+                raise PlanError(f"{step_name}: it acts earlier in the graph than a step listed before it on the same "
+                                "tokens; list the plan's steps in graph order (vision-tower steps such as tome(...) "
+                                "before steps at later layers)")
 
     def state(self, sid: int) -> StreamState:
         sid = self.prov.find(sid)
         if sid not in self.states:
             st = self.prov.streams[sid]
-            self.states[sid] = StreamState(sid, st.length, st.length, kept_prefix=_leading_fixed(st))
+            self.states[sid] = StreamState(sid, st.length, st.length, kept_prefix=_leading_fixed(st),
+                                           kept_suffix=_trailing_fixed(st))
             counts = st.counts()
             per = {}
             for m in (IMAGE, TEXT, REGISTER):
@@ -114,14 +128,31 @@ class _Ctx:
 
 
 def _leading_fixed(st) -> int:
-    """Leading positions no step of ours drops: protected (learned) tokens, or text before the first
-    image token in every sample (image tokens are the only pruning candidates)."""
+    """Leading positions image-token reductions never drop: protected (learned) tokens, or text before
+    the first image token in every sample."""
     if st.special is not None and bool(st.special[:1].all()):
         n = 0
         while n < len(st.special) and bool(st.special[n]):
             n += 1
         return n
-    return 0
+    return _run_of_text(st.codes, from_end=False)
+
+
+def _trailing_fixed(st) -> int:
+    """Trailing positions that are text in every sample (image-token reductions keep them last)."""
+    return _run_of_text(st.codes, from_end=True)
+
+
+def _run_of_text(codes, from_end: bool) -> int:
+    if codes is None:
+        return 0
+    text = (codes == CODE[TEXT]).all(0)
+    if from_end:
+        text = text.flip(0)
+    n = 0
+    while n < len(text) and bool(text[n]):
+        n += 1
+    return n
 
 
 def _after(gm, nodes) -> fx.Node:
@@ -152,6 +183,7 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point``."""
     gm, graph = ctx.gm, ctx.gm.graph
     st = ctx.state(stream)
+    ctx.check_order(stream, point, step_name)
     n_img = ctx.counts[st.stream][IMAGE]
     if n_img == 0:
         raise PlanError(f"{step_name}: no image tokens left in the sequence at {block.module_path}")
@@ -210,6 +242,7 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
         n.meta["graphred_side"] = True
     new_len = st.length - n_drop
     g = reduce_stream(gm, ctx.prov, st, point, idx, new_len, pass_name=f"{step_name} at {block.module_path}")
+    ctx.last_point[st.stream] = g
     ctx.counts[st.stream][IMAGE] = n_keep
     ctx.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
                     "image_after": n_keep, "length_after": new_len})
@@ -231,6 +264,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
            step_name: str) -> fx.Node | None:
     gm, graph = ctx.gm, ctx.gm.graph
     st = ctx.state(stream)
+    ctx.check_order(stream, point, step_name)
     n_mod = ctx.counts[st.stream][modality]
     r = min(round(ratio * n_mod), n_mod // 2)
     if r <= 0:
@@ -243,11 +277,13 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
         codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
         kk = k
-        # keys [B, H, L, D] as they are now (k may predate a pruning at this layer)
+        # this layer's keys were computed before the reductions made at this layer: follow them
+        for idx in ctx.layer_chain:
+            kk = _call(graph, gr.gather_tokens.default, (kk, idx, len(_shape(kk)) - 2))
         if _shape(kk)[-2] != st.length:
-            # k was computed before this layer's pruning: bring it to the current numbering
-            idx_prev = ctx.last_index
-            kk = _call(graph, gr.gather_tokens.default, (kk, idx_prev, len(_shape(kk)) - 2))
+            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {_shape(kk)[-2]} tokens but the stream "
+                            f"holds {st.length} there: list the plan's steps in graph order (vision-tower steps such "
+                            "as tome(...) before steps at later layers)")
         metric = _call(graph, aten.mean.dim, (kk, [1]))  # head mean
         B = _shape(metric)[0]
         cand = _call(graph, aten.eq.Scalar, (codes, CODE[modality]))
@@ -259,6 +295,13 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
             if valid is not None and _shape(valid)[-1] == st.length:
                 invalid = _call(graph, aten.logical_not.default, (valid,))
                 protected = invalid if protected is None else _call(graph, aten.logical_or.default, (protected, invalid))
+            # the first text token of each sample is a class token (ToMe protects class tokens)
+            rank = _call(graph, aten.cumsum.default, (cand, 1))
+            first = _call(graph, aten.logical_and.default, (cand, _call(graph, aten.eq.Scalar, (rank, 1))))
+            protected = first if protected is None else _call(graph, aten.logical_or.default, (protected, first))
+            # only the first token of a leading text run stays fixed now; the end moves
+            st.kept_prefix = min(st.kept_prefix, 1)
+            st.kept_suffix = 0
         if protected is not None and _shape(protected)[0] != B:
             protected = _call(graph, aten.expand.default, (protected, [B, st.length]))
         if st.sizes is None:
@@ -288,6 +331,8 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     with graph.inserting_before(_after(gm, [g, merged["sizes"]]).next):
         st.sizes = _call(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
         st.sizes.meta["graphred_side"] = True
+    ctx.layer_chain.append(keep)
+    ctx.last_point[st.stream] = g
     ctx.counts[st.stream][modality] = n_mod - r
     ctx.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
                     f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
@@ -324,8 +369,8 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
         raise PlanError("pumer: merge_text is not defined for a causal decoder (text tokens, their order and logits are "
                         "kept); set merge_text=0")
     by_layer = {b.layer_index: b for b in blocks}
-    ctx.last_index = None
     for i, layer in enumerate(chosen):
+        ctx.layer_chain = []
         b = by_layer[layer]
         p, m, mt = step.ratio_at("prune", i), step.ratio_at("merge", i), step.ratio_at("merge_text", i)
         stream = b.query_stream if b.kind == CROSS_MODAL_SELF else b.key_stream
@@ -336,19 +381,12 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
                    scorer=step.scorer, seed=step.seed)
         if g is not None:
             point = g
-            ctx.last_index = _node(ctx.gm, g.args[1].name)
+            ctx.layer_chain.append(g.args[1])
         g2 = _merge(ctx, b, stream, point, m, IMAGE, "pumer") if m > 0 else None
         if g2 is not None:
             point = g2
         if mt > 0:
-            ctx.last_index = _compose_last(ctx, stream)
             _merge(ctx, b, stream, point, mt, TEXT, "pumer")
-
-
-def _compose_last(ctx, stream):
-    # for a second merge at the same layer, keys must follow every reduction made at this layer;
-    # the absolute index composes them, and keys are re-gathered from their original numbering
-    return ctx.states[ctx.prov.find(stream)].abs_index
 
 
 def _apply_fastv(ctx: _Ctx, step: FastVStep) -> None:
@@ -383,12 +421,11 @@ def _apply_tome(ctx: _Ctx, step: ToMeStep) -> None:
         for b in blocks:
             by_layer.setdefault(b.layer_index, b)
         chosen = select_layers(step.layers, sorted(by_layer))
-        ctx.last_index = None
         for layer in chosen:
             b = by_layer[layer]
             point = residual_after(ctx.gm, ctx.prov, b, b.query_stream)
             st = ctx.state(b.query_stream)
-            ctx.last_index = None
+            ctx.layer_chain = []
             _merge(ctx, b, b.query_stream, point, step.r / max(ctx.counts[st.stream][IMAGE], 1), IMAGE, "tome")
 
 

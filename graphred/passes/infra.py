@@ -388,11 +388,18 @@ def set_fake_val(node: fx.Node) -> Any:
 
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
     mode = detect_fake_mode(tree_flatten((args, kwargs))[0]) or detect_fake_mode() or _graph_fake_mode(node.graph)
-    with mode:
-        if node.op == "call_method":
-            val = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            val = node.target(*args, **kwargs)
+    # a graph captured with real-tensor propagation (data-dependent fallback) has a mode that also runs
+    # the real kernels; new nodes need shapes only, and their inputs may carry no real values
+    real = getattr(mode, "propagate_real_tensors", False)
+    mode.propagate_real_tensors = False
+    try:
+        with mode:
+            if node.op == "call_method":
+                val = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                val = node.target(*args, **kwargs)
+    finally:
+        mode.propagate_real_tensors = real
     node.meta["val"] = val
     if "tensor_meta" in node.meta and isinstance(val, torch.Tensor):
         from torch.fx.passes.shape_prop import _extract_tensor_metadata

@@ -58,6 +58,7 @@ class StreamState:
     abs_index: fx.Node | None = None  # [B, length] original positions of the current tokens
     sizes: fx.Node | None = None  # [B, length] token sizes (merging)
     kept_prefix: int = 0  # leading positions no reduction ever drops (protected class tokens, leading text)
+    kept_suffix: int = 0  # trailing positions no reduction ever drops (a decoder's trailing text)
     aliases: set = field(default_factory=set)  # child streams that are this stream minus its kept prefix
     _gathered: dict = field(default_factory=dict, repr=False)
     history: list[dict] = field(default_factory=list)
@@ -282,8 +283,8 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 args = list(n.args) + [None] * (4 - len(n.args))
                 args[3] = new if end is not None and end < 2**62 else end
                 n.args = tuple(args[:max(len(n.args), 4)])
-            elif start < 0 and (end is None or end >= old or end == 0):
-                pass  # end-aligned: the last tokens stay last
+            elif start < 0 and -start <= state.kept_suffix and (end is None or end >= old or end == 0):
+                pass  # end-aligned within the trailing tokens that stay last
             elif 0 < start <= state.kept_prefix and (end is None or end >= old) and step == 1:
                 # drops leading tokens that no reduction touches (e.g. a class token): still the same ones
                 args = list(n.args) + [None] * (4 - len(n.args))
@@ -300,10 +301,9 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         sdim = n.args[1] % len(_shape(n.args[0]))
         if sdim in reduced.get(n.args[0], set()):
             idx = n.args[2]
-            if idx < 0 or idx == 0:
-                pass
-            else:
-                raise _fail(f"select of token {idx} on the reduced axis: its position moved", n, pass_name)
+            if not (0 <= idx < state.kept_prefix or (idx < 0 and -idx <= state.kept_suffix)):
+                raise _fail(f"select of token {idx} on the reduced token axis: that token is not one the reductions "
+                            "keep in place (protect it, or reduce after it is read)", n, pass_name)
     elif pk is aten.index:
         src = n.args[0]
         idxs = n.args[1]

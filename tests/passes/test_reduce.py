@@ -353,3 +353,27 @@ def test_fastv_reduces_flops(zoo_model, zoo_program):
     after = _count(reduced, kwargs)
     assert before > 0
     assert after < before, (before, after)
+
+
+def test_pumer_prune_merge_and_merge_text_at_one_layer_vilt(zoo_program):
+    """Three reductions at one layer: keys follow each; the text [CLS] the pooler reads is protected."""
+    prog = zoo_program("vilt")
+    _, kwargs = prog.example_inputs()
+    reduced = transform(prog, pumer(prune=0.3, merge=0.2, merge_text=0.2, layers=[1]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = reduced(**kwargs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = prog(**kwargs)
+    assert [s["op"] for s in reduced.steps] == ["prune", "merge_image", "merge_text"]
+    assert (reduced.kept_positions[:, 0] == 0).all()  # the [CLS] stays first
+    # reductions after the last layer's attention leave the pooled [CLS] exactly as it was
+    torch.testing.assert_close(_logits(out), _logits(ref), atol=1e-5, rtol=0)
+
+
+def test_steps_out_of_graph_order_say_so(zoo_program):
+    with pytest.raises(graphred.PlanError, match="graph order"):
+        transform(zoo_program("blip"), pumer(prune=0.3, merge=0.2) + tome(r=4))
+    reduced = transform(zoo_program("blip"), tome(r=4) + pumer(prune=0.3, merge=0.2))
+    assert [s["step"] for s in reduced.steps][:2] == ["tome", "tome"]
