@@ -300,7 +300,7 @@ def section_limits():
         graphred.transform(prog2, P.fastv(layer=1, keep=0.5))
     except graphred.PlanError as e:
         print(f"PlanError: {e}")
-    header("PuMer on ViLT: prune + merge + merge_text at the same layer")
+    header("PuMer on ViLT: prune + merge + merge_text at the same layer (composes)")
     attempt("vilt", "pumer:prune=0,merge=0.2,merge_text=0.1")
     attempt("vilt", "pumer:prune=0.3,merge=0,merge_text=0.1")
     attempt("vilt", "pumer:prune=0.3,merge=0.2,merge_text=0.1")

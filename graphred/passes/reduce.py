@@ -149,7 +149,10 @@ def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBl
                     return n
         if len(down) > 400:
             break
-    raise PlanError(f"no residual add after the attention at {block.module_path}: cannot place the reduction")
+    raise PlanError(
+        f"no residual add follows the attention at {block.module_path} on its token stream (for example, attention "
+        "computed separately per image and concatenated), so there is no single tensor to reduce after it. "
+        "Reduce at a layer whose attention output is added back to the token stream, or use another plan.")
 
 
 def layer_input(gm: fx.GraphModule, prov: TokenProvenance, stack: str, layer: int, stream: int) -> fx.Node:
