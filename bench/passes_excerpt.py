@@ -282,11 +282,8 @@ def section_limits():
         _, _, prog = load(name)
         fast = graphred.transform(prog, P.tome(r=4))
         ops = sorted({str(n.target).split(".")[-2] for n in fast.graph_module.graph.nodes if n.target in GR_OPS})
-        # proportional attention would add log(sizes) to the attention mask: count inserted log ops
-        original = {n.name for n in prog.graph_module.graph.nodes}
-        logs = sum(1 for n in fast.graph_module.graph.nodes if n.name not in original and n.target is torch.ops.aten.log.default)
         print(f"{name}: " + ", ".join(f"{s['block'].split('.self_attn')[0]} {s['image_before']}->{s['image_after']}"
-                                      for s in fast.steps) + f"; graphred ops: {', '.join(ops)}; inserted log ops: {logs}")
+                                      for s in fast.steps) + f"; graphred ops: {', '.join(ops)}")
     header("samples with different image counts")
     model, inputs, _ = load("llava")
     img = model.config.image_token_index

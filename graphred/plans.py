@@ -109,6 +109,7 @@ class PumerStep:
     layers: LayerSelector = None
     scorer: str = "text"  # "text" (PuMer), or the baselines "random" and "norm" (text-agnostic)
     seed: int = 0
+    proportional: bool = False  # add log(token size) to later attention logits (ToMe's proportional attention)
 
     def ratio_at(self, which: str, i: int) -> float:
         vals = getattr(self, which)
@@ -123,6 +124,8 @@ class PumerStep:
         parts = [f"prune={_fmt(self.prune)}", f"merge={_fmt(self.merge)}"]
         if any(self.merge_text):
             parts.append(f"merge_text={_fmt(self.merge_text)}")
+        if self.proportional:
+            parts.append("proportional=true")
         if self.layers is not None:
             parts.append(f"layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}")
         return "pumer:" + ",".join(parts)
@@ -155,9 +158,10 @@ class ToMeStep:
 
     r: int = 8
     layers: LayerSelector = None
+    proportional: bool = True  # add log(token size) to later attention logits, as ToMe does
 
     def spec(self) -> str:
-        s = f"tome:r={self.r}"
+        s = f"tome:r={self.r}" + ("" if self.proportional else ",proportional=false")
         if self.layers is not None:
             s += f",layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}"
         return s
@@ -198,7 +202,8 @@ class Plan:
         return f"Plan({self})"
 
 
-def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None) -> Plan:
+def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None,
+          proportional: bool = False) -> Plan:
     """PuMer (Cao et al., 2023): text-informed image pruning + modality-aware merging.
 
     >>> pumer(prune=0.3, merge=0.2, layers="from:1")
@@ -213,7 +218,7 @@ def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layer
     for name, vals in (("prune", p), ("merge", m), ("merge_text", mt)):
         if len(vals) > 1 and not (isinstance(lay, tuple) and len(lay) == len(vals)):
             raise ValueError(f"a per-layer schedule for {name} ({len(vals)} values) needs layers= with as many indices")
-    return Plan((PumerStep(p, m, mt, lay),))
+    return Plan((PumerStep(p, m, mt, lay, proportional=bool(proportional)),))
 
 
 SCORERS = ("random", "norm")
@@ -252,7 +257,7 @@ def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
     return Plan((FastVStep(layer, k),))
 
 
-def tome(r: int = 8, layers: LayerSelector = None) -> Plan:
+def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) -> Plan:
     """ToMe (Bolya et al., 2023): merge ``r`` tokens per layer in vision towers.
 
     >>> tome(r=4)
@@ -260,7 +265,7 @@ def tome(r: int = 8, layers: LayerSelector = None) -> Plan:
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"tome r must be a non-negative integer, got {r!r}")
-    return Plan((ToMeStep(r, _check_layers(layers)),))
+    return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
 
 
 _BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome, "prune": prune}

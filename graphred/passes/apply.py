@@ -62,6 +62,8 @@ class _Ctx:
         self.log: list[dict] = []
         self.original_names = {n.name for n in gm.graph.nodes}
         self.layer_chain: list[fx.Node] = []  # indices applied at the current layer, in order
+        self.size_marks: dict[int, list[tuple[fx.Node, fx.Node]]] = {}  # stream -> [(reduction gather, sizes after it)]
+        self.proportional: set[int] = set()  # streams whose later attention gets log(size) on its key logits
         self.last_point: dict[int, fx.Node] = {}  # stream -> the latest reduction's gather
 
     def check_order(self, sid: int, point: fx.Node, step_name: str) -> None:
@@ -243,6 +245,8 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     new_len = st.length - n_drop
     g = reduce_stream(gm, ctx.prov, st, point, idx, new_len, pass_name=f"{step_name} at {block.module_path}")
     ctx.last_point[st.stream] = g
+    if st.sizes is not None:
+        ctx.size_marks.setdefault(st.stream, []).append((g, st.sizes))
     ctx.counts[st.stream][IMAGE] = n_keep
     ctx.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
                     "image_after": n_keep, "length_after": new_len})
@@ -261,7 +265,7 @@ def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
 
 
 def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
-           step_name: str) -> fx.Node | None:
+           step_name: str, proportional: bool = False) -> fx.Node | None:
     gm, graph = ctx.gm, ctx.gm.graph
     st = ctx.state(stream)
     ctx.check_order(stream, point, step_name)
@@ -333,6 +337,9 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
         st.sizes.meta["graphred_side"] = True
     ctx.layer_chain.append(keep)
     ctx.last_point[st.stream] = g
+    ctx.size_marks.setdefault(st.stream, []).append((g, st.sizes))
+    if proportional:
+        ctx.proportional.add(st.stream)
     ctx.counts[st.stream][modality] = n_mod - r
     ctx.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
                     f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
@@ -382,11 +389,11 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
         if g is not None:
             point = g
             ctx.layer_chain.append(g.args[1])
-        g2 = _merge(ctx, b, stream, point, m, IMAGE, "pumer") if m > 0 else None
+        g2 = _merge(ctx, b, stream, point, m, IMAGE, "pumer", step.proportional) if m > 0 else None
         if g2 is not None:
             point = g2
         if mt > 0:
-            _merge(ctx, b, stream, point, mt, TEXT, "pumer")
+            _merge(ctx, b, stream, point, mt, TEXT, "pumer", step.proportional)
 
 
 def _apply_fastv(ctx: _Ctx, step: FastVStep) -> None:
@@ -426,7 +433,8 @@ def _apply_tome(ctx: _Ctx, step: ToMeStep) -> None:
             point = residual_after(ctx.gm, ctx.prov, b, b.query_stream)
             st = ctx.state(b.query_stream)
             ctx.layer_chain = []
-            _merge(ctx, b, b.query_stream, point, step.r / max(ctx.counts[st.stream][IMAGE], 1), IMAGE, "tome")
+            _merge(ctx, b, b.query_stream, point, step.r / max(ctx.counts[st.stream][IMAGE], 1), IMAGE, "tome",
+                   step.proportional)
 
 
 def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = None) -> AppliedPlan:
@@ -463,6 +471,7 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
             }.get(type(step), "Try other layers or ratios, or report the node named above.")
             raise PlanError(f"{step.spec()}: the rewrite of {program.model_class} failed: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}. {hint}") from e
+    _proportional_attention(ctx)
     positions = False
     if ctx.states and not plan.is_identity:
         positions = _add_positions_output(gm, ctx)
@@ -470,6 +479,56 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
     gm.graph.lint()
     gm.recompile()
     return AppliedPlan(gm, plan, ctx.log, _subs_at(gm, ctx, prov), positions, prov, blocks)
+
+
+def _proportional_attention(ctx: _Ctx) -> None:
+    """ToMe's proportional attention: every attention after a merge adds ``log(size)`` of each key to
+    its logits, so a merged token weighs as the tokens it stands for. With SDPA this is an additive
+    float mask; an unfused attention gets the bias before its softmax."""
+    gm, graph = ctx.gm, ctx.gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for sid in ctx.proportional:
+        marks = sorted(ctx.size_marks.get(sid, []), key=lambda m: order[m[0]])
+        for b in ctx.blocks:
+            if b.key_stream is None or ctx.prov.find(b.key_stream) != sid:
+                continue
+            att = _node(gm, b.node)
+            live = [m for m in marks if order[m[0]] < order[att]]
+            if not live:
+                continue
+            sizes = live[-1][1]
+            with graph.inserting_before(att):
+                bias = _call(graph, aten.log.default, (sizes,))
+                B, L = _shape(bias)
+                bias = _call(graph, aten.view.default, (bias, [B, 1, 1, L]))
+                if b.fused:
+                    if att.kwargs.get("is_causal"):
+                        raise PlanError(f"proportional attention at {b.module_path}: the attention uses is_causal=True, "
+                                        "which takes no additive mask; use proportional=False")
+                    mask = att.args[3] if len(att.args) > 3 else att.kwargs.get("attn_mask")
+                    q = att.args[0]
+                    if isinstance(mask, fx.Node):
+                        if mask.meta["val"].dtype == torch.bool:
+                            zeros = _call(graph, aten.zeros_like.default, (mask,), {"dtype": q.meta["val"].dtype})
+                            mask = _call(graph, aten.masked_fill.Scalar, (zeros, _call(graph, aten.logical_not.default, (mask,)), float("-inf")))
+                        new_mask = _call(graph, aten.add.Tensor, (mask, bias))
+                    else:
+                        new_mask = _call(graph, aten._to_copy.default, (bias,), {"dtype": q.meta["val"].dtype})
+                    if len(att.args) > 3:
+                        args = list(att.args)
+                        args[3] = new_mask
+                        att.args = tuple(args)
+                    else:
+                        att.kwargs = {**att.kwargs, "attn_mask": new_mask}
+                else:
+                    scores = att.args[0]
+                    sshape = _shape(scores)
+                    if len(sshape) == 3:  # heads folded into the batch: [B*H, Lq, Lk]
+                        heads = sshape[0] // B
+                        bias = _call(graph, aten.expand.default, (bias, [B, heads, 1, L]))
+                        bias = _call(graph, aten.reshape.default, (bias, [B * heads, 1, L]))
+                    biased = _call(graph, aten.add.Tensor, (scores, bias))
+                    att.args = (biased,) + tuple(att.args[1:])
 
 
 def _add_positions_output(gm: fx.GraphModule, ctx: _Ctx) -> bool:

@@ -377,3 +377,25 @@ def test_steps_out_of_graph_order_say_so(zoo_program):
         transform(zoo_program("blip"), pumer(prune=0.3, merge=0.2) + tome(r=4))
     reduced = transform(zoo_program("blip"), tome(r=4) + pumer(prune=0.3, merge=0.2))
     assert [s["step"] for s in reduced.steps][:2] == ["tome", "tome"]
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_tome_proportional_attention(zoo_program, name):
+    """log(size) is added to the key logits of every attention after the first merge, and it brings the
+    merged model closer to the unmerged one than plain merging does."""
+    prog = zoo_program(name)
+    _, kwargs = prog.example_inputs()
+    prop = transform(prog, tome(r=8))
+    plain = transform(prog, tome(r=8, proportional=False))
+    logs = [n for n in prop.graph_module.graph.nodes if n.target is torch.ops.aten.log.default]
+    # one bias per attention after the first merge: the tower's later layers (and a pooling head)
+    later = [b for b in graphred.analyze(prog).blocks if b.query_modalities == {"image"} and b.layer_index >= 1
+             or b.query_modalities == {"register"}]
+    assert len(logs) == len(later) >= 1
+    assert not any(n.target is torch.ops.aten.log.default for n in plain.graph_module.graph.nodes)
+    with torch.no_grad():
+        ref, a, b = prog(**kwargs), prop(**kwargs), plain(**kwargs)
+    ref_img = ref.image_embeds
+    err_prop = (a.image_embeds - ref_img).abs().max()
+    err_plain = (b.image_embeds - ref_img).abs().max()
+    assert err_prop < err_plain, (float(err_prop), float(err_plain))
