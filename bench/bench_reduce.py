@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import re
-import statistics
 import sys
 import time
 import warnings
@@ -29,7 +28,9 @@ warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
 from graphred.fx_utils import module_path  # noqa: E402
+from graphred.measure import median_times  # noqa: E402
 from graphred.plans import fastv, prune, pumer, tome  # noqa: E402
+from _common import write_section  # noqa: E402
 
 PLANS = {
     "fastv(layer=2, keep=0.25)": fastv(layer=2, keep=0.25),
@@ -40,20 +41,6 @@ PLANS = {
 }
 TARGET_RATIO = 0.85  # measured speedup >= 0.85 x predicted
 MARK = "bench_reduce"
-
-
-def _median_pair(fa, fb, inputs, rounds: int) -> tuple[float, float]:
-    """Alternate A and B so that drift on a shared machine hits both alike; medians."""
-    ta, tb = [], []
-    with torch.no_grad():
-        for f in (fa, fb):
-            f(**inputs)
-        for _ in range(rounds):
-            for f, acc in ((fa, ta), (fb, tb)):
-                t0 = time.perf_counter()
-                f(**inputs)
-                acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
 
 
 class _NodeTimer(fx.Interpreter):
@@ -106,7 +93,7 @@ def run(threads: int, rounds: int) -> dict:
         reduced = graphred.transform(prog, plan)
         t_transform = time.perf_counter() - t0
         est = graphred.estimate(prog, plan)
-        base, fast = _median_pair(prog, reduced, inputs, rounds)
+        base, fast = median_times(prog, reduced, inputs, rounds)
         ours_ms, served_ms, share = _op_overhead(reduced, inputs)
         measured = base / fast
         rows.append({
@@ -164,13 +151,6 @@ def to_markdown(res: dict) -> str:
     return "\n".join(out)
 
 
-def write_section(md: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pat = re.compile(rf"<!-- {MARK}:start.*?<!-- {MARK}:end -->", re.S)
-    text = pat.sub(md, text) if pat.search(text) else text.rstrip() + "\n\n" + md + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -184,7 +164,7 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / "bench_reduce.json").write_text(json.dumps(res, indent=2))
     if not args.no_write:
-        write_section(md, ROOT / "docs" / "benchmarks.md")
+        write_section(md, MARK)
     return 0
 
 

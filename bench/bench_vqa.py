@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +26,9 @@ warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
 from graphred.data import models, scenes  # noqa: E402
+from graphred.measure import median_times  # noqa: E402
 from graphred.plans import fastv, prune, pumer, tome  # noqa: E402
+from _common import write_section  # noqa: E402
 
 MARK = "bench_vqa"
 RATIOS = (0.3, 0.5, 0.7)
@@ -49,18 +49,6 @@ def plans_for(name: str) -> dict[str, list]:
     if name == "vqa-blip":
         out["tome"] = [(tome(r=r), None) for r in (6, 12, 18)]
     return out
-
-
-def _time_pair(fa, fb, kwargs, rounds: int) -> tuple[float, float]:
-    ta, tb = [], []
-    with torch.no_grad():
-        fa(**kwargs), fb(**kwargs)
-        for _ in range(rounds):
-            for f, acc in ((fa, ta), (fb, tb)):
-                t0 = time.perf_counter()
-                f(**kwargs)
-                acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
 
 
 def _progress(label):
@@ -89,7 +77,7 @@ def run_model(name: str, limit: int | None, batch: int, rounds: int) -> dict:
                 rows.append({"method": method, "plan": str(plan), "error": str(e).splitlines()[0][:160]})
                 continue
             acc = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n, progress=_progress(str(plan)))
-            tb, tf = _time_pair(prog, fast, example, rounds)
+            tb, tf = median_times(prog, fast, example, rounds)
             est = graphred.estimate(prog, plan)
             img = [s.get("image_after") for s in fast.steps if s.get("image_after") is not None]
             rows.append({"method": method, "plan": str(plan), "ratio": ratio, "accuracy": acc, "measured": tb / tf,
@@ -185,13 +173,6 @@ def _verdicts(res: dict) -> list[str]:
     return lines + [""]
 
 
-def write_section(md: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pat = re.compile(rf"<!-- {MARK}:start.*?<!-- {MARK}:end -->", re.S)
-    text = pat.sub(lambda _: md, text) if pat.search(text) else text.rstrip() + "\n\n" + md + "\n"
-    path.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=list(models.MODEL_NAMES))
@@ -213,7 +194,7 @@ def main() -> int:
         img.mkdir(parents=True, exist_ok=True)
         for res in results:
             pareto_png(res, img / f"pareto_{res['model']}.png")
-        write_section(md, ROOT / "docs" / "benchmarks.md")
+        write_section(md, MARK)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import warnings
@@ -27,6 +26,7 @@ warnings.filterwarnings("ignore")
 import graphred  # noqa: E402
 from graphred.data import models, scenes  # noqa: E402
 from graphred.plans import parse_plan  # noqa: E402
+from _common import write_section  # noqa: E402
 
 MARK = "bench_finetune"
 
@@ -112,11 +112,7 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     (out / "bench_finetune.json").write_text(json.dumps(rows, indent=2))
     if not args.no_write:
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-        pat = re.compile(rf"<!-- {MARK}:start.*?<!-- {MARK}:end -->", re.S)
-        text = pat.sub(lambda _: md, text) if pat.search(text) else text.rstrip() + "\n\n" + md + "\n"
-        path.write_text(text)
+        write_section(md, MARK)
     return 0
 
 
