@@ -64,6 +64,7 @@ class _Ctx:
         self.layer_chain: list[fx.Node] = []  # indices applied at the current layer, in order
         self.size_marks: dict[int, list[tuple[fx.Node, fx.Node]]] = {}  # stream -> [(reduction gather, sizes after it)]
         self.proportional: set[int] = set()  # streams whose later attention gets log(size) on its key logits
+        self.valid0: dict[int, fx.Node] = {}  # stream -> key validity [B, L] at the original numbering
         self.last_point: dict[int, fx.Node] = {}  # stream -> the latest reduction's gather
 
     def check_order(self, sid: int, point: fx.Node, step_name: str) -> None:
@@ -109,6 +110,27 @@ class _Ctx:
                     c = _call(graph, aten.expand.default, (c, [rows, _shape(c)[1]]))
                 c = _call(graph, gr.gather_tokens.default, (c, st.abs_index, 1))
         return c
+
+    def valid(self, sid: int, mask: fx.Node | None, length: int, rows: int, before: fx.Node) -> fx.Node:
+        """``[B, L]`` key validity at the current numbering. Read from the attention mask once, while the
+        stream is still at its original numbering, then gathered (a reduce over an ``[B, 1, L, L]`` mask
+        per step would cost O(L²) each time)."""
+        st = self.state(sid)
+        graph = self.gm.graph
+        cached = self.valid0.get(st.stream)
+        if cached is None and st.abs_index is None:
+            with graph.inserting_before(before):
+                cached = emit_valid(graph, mask, length, rows)
+            cached.meta["graphred_side"] = True
+            self.valid0[st.stream] = cached
+            return cached
+        if cached is None:  # the first step on this stream came after other reductions
+            with graph.inserting_before(before):
+                return emit_valid(graph, mask, length, rows)
+        if st.abs_index is None:
+            return cached
+        with graph.inserting_before(before):
+            return _call(graph, gr.gather_tokens.default, (cached, st.abs_index, 1))
 
     def special(self, sid: int, before: fx.Node) -> fx.Node | None:
         st = self.prov.streams[self.prov.find(sid)]
@@ -205,7 +227,7 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     with graph.inserting_before(nxt):
         Lk = _shape(k)[-2]
         B = _shape(q)[0]
-        valid_k = emit_valid(graph, mask, Lk, B)
+        valid_k = ctx.valid(stream, mask, Lk, B, nxt)
         Lq = _shape(q)[-2]
         if weights_kind == "text":  # PuMer: valid text queries
             if block.kind == CROSS_MODAL_SELF:
