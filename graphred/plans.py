@@ -110,6 +110,7 @@ class PumerStep:
     scorer: str = "text"  # "text" (PuMer), or the baselines "random" and "norm" (text-agnostic)
     seed: int = 0
     proportional: bool = False  # add log(token size) to later attention logits (ToMe's proportional attention)
+    renumber: bool = False  # kept tokens take positions 0..K-1 instead of keeping their original ones
 
     def ratio_at(self, which: str, i: int) -> float:
         vals = getattr(self, which)
@@ -126,6 +127,8 @@ class PumerStep:
             parts.append(f"merge_text={_fmt(self.merge_text)}")
         if self.proportional:
             parts.append("proportional=true")
+        if self.renumber:
+            parts.append("renumber=true")
         if self.layers is not None:
             parts.append(f"layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}")
         return "pumer:" + ",".join(parts)
@@ -142,9 +145,10 @@ class FastVStep:
 
     layer: int = 2
     keep: float = 0.5
+    renumber: bool = False  # kept tokens take positions 0..K-1 instead of keeping their original ones
 
     def spec(self) -> str:
-        return f"fastv:layer={self.layer},keep={_fmt(self.keep)}"
+        return f"fastv:layer={self.layer},keep={_fmt(self.keep)}" + (",renumber=true" if self.renumber else "")
 
     @property
     def is_identity(self) -> bool:
@@ -203,7 +207,7 @@ class Plan:
 
 
 def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None,
-          proportional: bool = False) -> Plan:
+          proportional: bool = False, renumber: bool = False) -> Plan:
     """PuMer (Cao et al., 2023): text-informed image pruning + modality-aware merging.
 
     >>> pumer(prune=0.3, merge=0.2, layers="from:1")
@@ -218,7 +222,7 @@ def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layer
     for name, vals in (("prune", p), ("merge", m), ("merge_text", mt)):
         if len(vals) > 1 and not (isinstance(lay, tuple) and len(lay) == len(vals)):
             raise ValueError(f"a per-layer schedule for {name} ({len(vals)} values) needs layers= with as many indices")
-    return Plan((PumerStep(p, m, mt, lay, proportional=bool(proportional)),))
+    return Plan((PumerStep(p, m, mt, lay, proportional=bool(proportional), renumber=bool(renumber)),))
 
 
 SCORERS = ("random", "norm")
@@ -243,7 +247,7 @@ def prune(ratio: Ratio = 0.3, layers: LayerSelector = None, scorer: str = "rando
     return Plan((PumerStep(p, (0.0,), (0.0,), lay, scorer, seed),))
 
 
-def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
+def fastv(layer: int = 2, keep: float = 0.5, renumber: bool = False) -> Plan:
     """FastV (Chen et al., 2024): prune image tokens after decoder layer ``layer-1``.
 
     >>> fastv(layer=2, keep=0.25)
@@ -254,7 +258,7 @@ def fastv(layer: int = 2, keep: float = 0.5) -> Plan:
     (k,) = _check_ratio("keep", keep, lo=0.0, hi=1.0, hi_open=False)
     if k <= 0.0:
         raise ValueError("fastv keep must be > 0: at least one image token is kept")
-    return Plan((FastVStep(layer, k),))
+    return Plan((FastVStep(layer, k, bool(renumber)),))
 
 
 def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) -> Plan:

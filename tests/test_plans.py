@@ -18,7 +18,8 @@ def test_bad_values_raise_valueerror_at_construction(make):
 def test_text_form_roundtrip_and_composition():
     for text in ["pumer:prune=0.3,merge=0.2", "fastv:layer=2,keep=0.25", "tome:r=8",
                  "pumer:prune=0.1/0.2/0.3,merge=0,layers=2/5/8", "prune:ratio=0.5,scorer=norm,layers=2",
-                 "pumer:prune=0.3,merge=0.2 + tome:r=4"]:
+                 "pumer:prune=0.3,merge=0.2 + tome:r=4", "fastv:layer=2,keep=0.25,renumber=true",
+                 "tome:r=4,proportional=false", "pumer:prune=0.3,merge=0.2,proportional=true"]:
         assert str(parse_plan(text)) == text
     plan = pumer(prune=0.3) + fastv(layer=2) + tome(r=4)
     assert [type(s) for s in plan] == [PumerStep, FastVStep, ToMeStep]

@@ -203,11 +203,13 @@ def _scale(block: AttentionBlock) -> float:
 
 
 def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weights_kind: str, ratio: float = 0.0,
-           keep: float | None = None, step_name: str = "pumer", scorer: str = "attention", seed: int = 0) -> fx.Node | None:
+           keep: float | None = None, step_name: str = "pumer", scorer: str = "attention", seed: int = 0,
+           renumber: bool = False) -> fx.Node | None:
     """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point``."""
     gm, graph = ctx.gm, ctx.gm.graph
     st = ctx.state(stream)
     ctx.check_order(stream, point, step_name)
+    st.renumber = st.renumber or renumber
     n_img = ctx.counts[st.stream][IMAGE]
     if n_img == 0:
         raise PlanError(f"{step_name}: no image tokens left in the sequence at {block.module_path}")
@@ -407,7 +409,7 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
             raise PlanError(f"pumer: the token axis of {b.module_path} is unknown (see the analysis report's unknown ops)")
         point = residual_after(ctx.gm, ctx.prov, b, stream) if b.kind == CROSS_MODAL_SELF else key_source(ctx.gm, ctx.prov, b, stream)
         g = _prune(ctx, b, stream, point, "text", ratio=p, step_name="pumer" if step.scorer == "text" else f"prune[{step.scorer}]",
-                   scorer=step.scorer, seed=step.seed)
+                   scorer=step.scorer, seed=step.seed, renumber=step.renumber)
         if g is not None:
             point = g
             ctx.layer_chain.append(g.args[1])
@@ -435,7 +437,7 @@ def _apply_fastv(ctx: _Ctx, step: FastVStep) -> None:
     score_block = by_layer[step.layer - 1]
     stream = score_block.query_stream
     point = layer_input(ctx.gm, ctx.prov, stack, step.layer, stream)
-    _prune(ctx, score_block, stream, point, "last", keep=step.keep, step_name="fastv")
+    _prune(ctx, score_block, stream, point, "last", keep=step.keep, step_name="fastv", renumber=step.renumber)
 
 
 def _apply_tome(ctx: _Ctx, step: ToMeStep) -> None:

@@ -61,6 +61,7 @@ class StreamState:
     kept_suffix: int = 0  # trailing positions no reduction ever drops (a decoder's trailing text)
     aliases: set = field(default_factory=set)  # child streams that are this stream minus its kept prefix
     _gathered: dict = field(default_factory=dict, repr=False)
+    renumber: bool = False  # position tables meeting the stream elementwise take slots 0..K-1
     history: list[dict] = field(default_factory=list)
 
 
@@ -244,9 +245,19 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 key = (a, d)
                 ga = state._gathered.get(key)
                 if ga is None:
+                    which = index
+                    if state.renumber and _is_pointwise(n):
+                        # renumbered: an operand combined elementwise with the tokens (a rotary cos/sin table,
+                        # position ids) takes the first K slots; masks at the attention still follow the tokens
+                        which = state._gathered.get("slots")
+                        if which is None:
+                            with graph.inserting_before(index.next):
+                                ar = _call(graph, aten.arange.default, (new,), {"dtype": torch.long, "device": index.meta["val"].device})
+                                which = _call(graph, aten.expand.default, (ar, list(_shape(index))))
+                            state._gathered["slots"] = which
                     # right after the operand (and the index), so later layers reuse the same gather
-                    with graph.inserting_after(_last(graph, [a, index])):
-                        ga = _call(graph, graphred_ops.gather_tokens.default, (a, index, d))
+                    with graph.inserting_after(_last(graph, [a, which])):
+                        ga = _call(graph, graphred_ops.gather_tokens.default, (a, which, d))
                     state._gathered[key] = ga
                 n.replace_input_with(a, ga)
                 a = ga

@@ -179,7 +179,7 @@ def test_pumer_merge_keeps_text_vilt(zoo_model, zoo_program):
 # ------------------------------------------------------------------- 4. FastV reference on LLaVA
 
 
-def _fastv_reference(model, kwargs, keep: float):
+def _fastv_reference(model, kwargs, keep: float, renumber: bool = False):
     """FastV by hand on a private eager copy: layer-0 attention of the last query, top-k image
     tokens, then decoder layer 1, the final norm and lm_head on the kept tokens."""
     m = copy.deepcopy(model).eval()
@@ -214,7 +214,8 @@ def _fastv_reference(model, kwargs, keep: float):
     K = kept.shape[1]
 
     hk = torch.gather(h0, 1, kept[..., None].expand(B, K, h0.shape[-1]))
-    pos = kept                                                        # original position ids
+    # original position ids, or (renumbered) slots 0..K-1
+    pos = torch.arange(K).expand(B, K) if renumber else kept
     cos, sin = lm.rotary_emb(hk, pos)
     allowed = (kept[:, None, :] <= kept[:, :, None]) & amask.bool().gather(1, kept)[:, None, :]
     mask = torch.zeros(B, 1, K, K, dtype=hk.dtype)
@@ -226,10 +227,11 @@ def _fastv_reference(model, kwargs, keep: float):
     return kept, logits, scores
 
 
-def test_fastv_matches_reference_llava(zoo_model, zoo_program):
+@pytest.mark.parametrize("renumber", [False, True])
+def test_fastv_matches_reference_llava(zoo_model, zoo_program, renumber):
     model, kwargs = zoo_model("llava")
-    kept_ref, logits_ref, _ = _fastv_reference(model, kwargs, keep=0.5)
-    reduced = transform(zoo_program("llava"), fastv(layer=1, keep=0.5))
+    kept_ref, logits_ref, _ = _fastv_reference(model, kwargs, keep=0.5, renumber=renumber)
+    reduced = transform(zoo_program("llava"), fastv(layer=1, keep=0.5, renumber=renumber))
     with torch.no_grad():
         out = reduced(**kwargs)
     assert torch.equal(reduced.kept_positions, kept_ref), (
