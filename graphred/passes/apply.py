@@ -399,9 +399,15 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
     if any(step.merge_text) and causal:
         raise PlanError("pumer: merge_text is not defined for a causal decoder (text tokens, their order and logits are "
                         "kept); set merge_text=0")
-    by_layer = {b.layer_index: b for b in blocks}
+    by_layer: dict[int, AttentionBlock] = {}
+    for b in blocks:  # per layer, the block where text queries meet image keys (text-informed scoring)
+        fits = b.kind == CROSS_MODAL_SELF or (TEXT in b.query_modalities and IMAGE in b.key_modalities)
+        if fits and b.layer_index not in by_layer:
+            by_layer[b.layer_index] = b
     for i, layer in enumerate(chosen):
         ctx.layer_chain = []
+        if layer not in by_layer:
+            raise PlanError(f"pumer: layer {layer} of {stack} has no attention where text queries meet image keys")
         b = by_layer[layer]
         p, m, mt = step.ratio_at("prune", i), step.ratio_at("merge", i), step.ratio_at("merge_text", i)
         stream = b.query_stream if b.kind == CROSS_MODAL_SELF else b.key_stream
