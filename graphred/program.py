@@ -289,6 +289,18 @@ def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.e
         return torch.export.export(model, args, kwargs, strict=False)
 
 
+def _register_output_types() -> None:
+    """Let torch.export return Hugging Face key/value caches (``use_cache=True``) as pytrees."""
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except Exception:  # an older or newer transformers without it: caches stay unsupported
+        return
+    try:
+        register_dynamic_cache_export_support()
+    except Exception:  # already registered
+        pass
+
+
 def capture(model: nn.Module, *args, **kwargs) -> Program:
     """Capture ``model`` on example inputs as an aten-level FX graph.
 
@@ -305,6 +317,7 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     'CLIPModel'
     """
     _check_inputs(model, args, kwargs)
+    _register_output_types()
     cls = type(model).__name__
     notes: list[str] = []
     method = "export"

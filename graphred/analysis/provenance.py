@@ -661,7 +661,17 @@ class TokenProvenance:
                     seg = st.id
                     any_tok = True
             segments.append((seg, ts[dim], t))
+        for t in tensors:  # legacy cat accepts empty 1-d tensors (an empty cache): zero-length segments
+            ts = _shape(t)
+            if ts is not None and len(ts) != len(shape) and 0 in ts:
+                segments.append((None, 0, t))
         axes = list(carried.values())
+        nonempty = [(seg, n) for seg, n, _ in segments if n > 0]
+        if any_tok and len(nonempty) == 1 and nonempty[0][0] is not None:
+            # an empty segment (e.g. an empty key/value cache before the first step): the same stream
+            seg, n = nonempty[0]
+            axes.append(TokAxis(seg, _suffix(shape, dim), n))
+            return TokenInfo(tuple(axes), taint, False, learned)
         if any_tok:
             parts = []
             others = {c for s, _, _ in segments if s is not None for c in [s]}

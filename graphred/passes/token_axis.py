@@ -326,10 +326,15 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
                         "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
     elif pk in (aten.cat, aten.concat):
-        cdim = n.args[1] if len(n.args) > 1 else 0
-        for t in n.args[0]:
-            if isinstance(t, fx.Node) and cdim % len(orig_shape) in reduced.get(t, set()):
-                raise _fail("concatenation along the reduced token axis", n, pass_name)
+        cdim = (n.args[1] if len(n.args) > 1 else 0) % len(orig_shape)
+        parts = [t for t in n.args[0] if isinstance(t, fx.Node)]
+        on_axis = [t for t in parts if cdim in reduced.get(t, set())]
+        others_empty = all(t.meta["val"].numel() == 0 for t in parts if t not in on_axis)
+        if on_axis and not (len(on_axis) == 1 and others_empty):
+            # (appending to an empty key/value cache is fine: the result is the reduced tokens)
+            raise _fail("concatenation along the reduced token axis", n, pass_name)
+        if on_axis:
+            out_dims = set(out_dims) | {cdim}
     try:
         set_fake_val(n)
     except Exception as e:  # the op did not accept the reduced shapes
