@@ -304,12 +304,11 @@ def section_limits():
     header("BLIP: a composed plan's steps in graph order and out of it")
     attempt("blip", "tome:r=4 + pumer:prune=0.3,merge=0.2")
     attempt("blip", "pumer:prune=0.3,merge=0.2 + tome:r=4")
-    header("KV cache: capture with use_cache=True")
-    try:
-        graphred.capture(model, **dict(inputs, use_cache=True))
-        print("captured")
-    except graphred.CaptureError as e:
-        print(f"CaptureError: {str(e).splitlines()[0][:200]}...")
+    header("KV cache: prefill with use_cache=True, cache entries per layer after fastv(layer=1)")
+    fast = graphred.transform(graphred.capture(model, **dict(inputs, use_cache=True)), P.fastv(layer=1, keep=0.5))
+    with torch.no_grad():
+        out = fast(**dict(inputs, use_cache=True))
+    print("cached tokens per layer:", [int(layer.keys.shape[-2]) for layer in out.past_key_values.layers])
 
 
 SECTIONS = {"cli": section_cli, "sweep": section_sweep, "graph": section_graph, "semantics": section_semantics,
