@@ -240,7 +240,12 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         ashape = _shape(a)
         if ashape is None:
             continue
-        for d in sorted(_aligned_dims(n, a, out_dims, orig_shape, reduced_inputs), reverse=True):
+        dims = [d for d in _aligned_dims(n, a, out_dims, orig_shape, reduced_inputs) if d < len(ashape) and ashape[d] == old]
+        composed = _compose_gather_chain(graph, state, a, dims, index, old)
+        if composed is not None:  # a is a previous reduction's gather: one gather with the composed index
+            n.replace_input_with(a, composed)
+            continue
+        for d in sorted(dims, reverse=True):
             if d < len(ashape) and ashape[d] == old:
                 key = (a, d)
                 ga = state._gathered.get(key)
@@ -353,6 +358,35 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     if not reduced[n] and out_dims and new != old:
         # an op we could not re-specialise left the stream at full length
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
+
+
+def _compose_gather_chain(graph, state, a, dims, index, old):
+    """If ``a`` is ``gather(...gather(root, prev, d1)..., prev, dk)`` from an earlier reduction and ``dims``
+    are among d1..dk, return ``root`` gathered once per dim with ``prev∘index`` (not a second full gather)."""
+    if not dims or state.renumber:
+        return None
+    chain, root, prev = [], a, None
+    while root.op == "call_function" and root.target is graphred_ops.gather_tokens.default and \
+            (prev is None or root.args[1] is prev):
+        prev = root.args[1]
+        chain.append(root.args[2])
+        root = root.args[0]
+    if prev is None or not set(dims) <= set(chain) or _shape(prev)[1] != old:
+        return None
+    key = (a, "composed")
+    if key in state._gathered:
+        return state._gathered[key]
+    comp = state._gathered.get((prev, "index"))
+    if comp is None:
+        with graph.inserting_after(_last(graph, [prev, index])):
+            comp = _call(graph, graphred_ops.gather_tokens.default, (prev, index, 1))
+        state._gathered[(prev, "index")] = comp
+    x = root
+    for d in reversed(chain):
+        with graph.inserting_after(_last(graph, [x, comp])):
+            x = _call(graph, graphred_ops.gather_tokens.default, (x, comp, d))
+    state._gathered[key] = x
+    return x
 
 
 def _factor(sd, d):
