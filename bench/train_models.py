@@ -14,6 +14,7 @@ accuracies to ``graphred/weights/<name>.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -26,9 +27,9 @@ from graphred.data import models, scenes
 
 #: name -> steps, peak learning rate, questions per step, description scenes per step
 SCHEDULE: dict[str, dict] = {
-    "vqa-llava": {"steps": 3000, "lr": 2e-3, "batch_size": 32, "describe_batch": 16},
-    "vqa-vilt": {"steps": 3000, "lr": 2e-3, "batch_size": 32, "describe_batch": 16},
-    "vqa-blip": {"steps": 3000, "lr": 2e-3, "batch_size": 64, "describe_batch": 32},
+    "vqa-llava": {"steps": 2500, "lr": 2e-3, "batch_size": 32, "describe_batch": 8, "describe_until": 1.0},
+    "vqa-vilt": {"steps": 2500, "lr": 2e-3, "batch_size": 64, "describe_batch": 16, "describe_until": 0.4},
+    "vqa-blip": {"steps": 3000, "lr": 2e-3, "batch_size": 64, "describe_batch": 32, "describe_until": 1.0},
 }
 
 
@@ -48,16 +49,19 @@ def cell_pooling(grid: int = scenes.GRID, cell: int = scenes.CELL, patch: int = 
 class CellProbe:
     """Auxiliary training signal on the image tokens: what is in each grid cell (10 classes or empty).
 
-    The image-token states a model produces (the vision tower's output; ViLT's image tokens at
-    its last layer, put back in grid order) are averaged over each cell by patch overlap and
-    classified by a linear probe. It plays the part of the pretrained vision tower real VLMs
-    start from, and keeps each object's information on the tokens that cover it. The probe is
-    discarded after training.
+    Each image-token state a model produces (the vision tower's output; ViLT's image tokens at
+    its last layer, put back in grid order) is classified by a linear probe as the content of
+    the cell the token's patch mostly covers (``per_token``; otherwise the states are averaged
+    over each cell by patch overlap first). It plays the part of the pretrained vision tower
+    real VLMs start from, and keeps each object's information on the tokens that cover it. The
+    probe is discarded after training.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, hidden: int):
+    def __init__(self, name: str, model: torch.nn.Module, hidden: int, per_token: bool = True):
         self.name, self.model = name, model
         self.pool = cell_pooling()
+        self.cell_of_token = self.pool.argmax(0)  # (patches,)
+        self.per_token = per_token
         self.head = torch.nn.Linear(hidden, len(scenes.CLASSES) + 1)
         self.captured: dict[str, torch.Tensor] = {}
         if name == "vqa-llava":
@@ -90,8 +94,11 @@ class CellProbe:
             tokens = torch.zeros_like(tokens).scatter(1, idx, tokens)
         else:
             tokens = self.captured["tokens"]
-        cells = torch.einsum("cp,bpd->bcd", self.pool, tokens)
         labels = torch.where(layout >= 0, layout, len(scenes.CLASSES)).long()
+        if self.per_token:  # every token: the content of the cell it mostly covers
+            return torch.nn.functional.cross_entropy(self.head(tokens).flatten(0, 1),
+                                                     labels[:, self.cell_of_token].flatten())
+        cells = torch.einsum("cp,bpd->bcd", self.pool, tokens)
         return torch.nn.functional.cross_entropy(self.head(cells).flatten(0, 1), labels.flatten())
 
 
@@ -169,6 +176,53 @@ class DescribeTask:
         return torch.nn.functional.cross_entropy(self.heads[mode](states).flatten(0, 1), target.flatten())
 
 
+def packed_turns(tok: scenes.SceneTokenizer, data: scenes.SceneSet, scene_ids: list[int],
+                 gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Decoder training batch with all four questions of a scene sharing one image prefix.
+
+    ``<bos> <image>*49 q1 q2 q3 q4 <pad>...``, the questions in a random order. A 4-D attention
+    mask lets each question see the prefix and itself only, and ``position_ids`` restart each
+    question right after the image, so every question is computed exactly as it would be alone
+    (the evaluation prompt ``<bos> <image>*49 q``) while the image prefix is computed once.
+    Returns the model kwargs, the positions of each question's last word ``(B, 4)`` (where its
+    answer is predicted) and the answer token ids ``(B, 4)``.
+    """
+    n_img = (scenes.IMAGE_SIZE // models.PATCH) ** 2
+    prefix = 1 + n_img
+    rows = []
+    for s in scene_ids:
+        qs = data.questions[4 * s: 4 * s + 4]
+        assert all(q.scene == s for q in qs)
+        rows.append([qs[i] for i in torch.randperm(len(qs), generator=gen).tolist()])
+    enc = [[tok.encode(q.text) for q in row] for row in rows]
+    length = prefix + max(sum(len(w) for w in row) for row in enc)
+    b = len(rows)
+    ids = torch.full((b, length), tok.pad_id, dtype=torch.long)
+    pos = torch.zeros((b, length), dtype=torch.long)
+    block = torch.full((b, length), -2, dtype=torch.long)  # -1: prefix, k: question k, -2: padding
+    ids[:, 0], ids[:, 1:prefix] = tok.bos_id, tok.image_id
+    pos[:, :prefix] = torch.arange(prefix)
+    block[:, :prefix] = -1
+    where = torch.zeros((b, 4), dtype=torch.long)
+    answers = torch.tensor([[tok.token_to_id[q.answer] for q in row] for row in rows])
+    for i, row in enumerate(enc):
+        at = prefix
+        for k, words in enumerate(row):
+            n = len(words)
+            ids[i, at: at + n] = torch.tensor(words)
+            pos[i, at: at + n] = prefix + torch.arange(n)
+            block[i, at: at + n] = k
+            where[i, k] = at + n - 1
+            at += n
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    bq, bk = block[:, :, None], block[:, None, :]
+    allowed = causal & ((bk == -1) | (bq == bk)) & (bq != -2)
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax rows)
+    kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
+              "pixel_values": scenes.pixel_values(data.images[scene_ids]), "use_cache": False}
+    return kwargs, where, answers
+
+
 def sincos_2d(grid: int, dim: int, base: float = 100.0) -> torch.Tensor:
     """``(grid*grid, dim)`` fixed 2-D sine-cosine position codes (as MAE initialises ViTs)."""
     quarter = dim // 4
@@ -211,10 +265,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 def train_one(name: str, train: scenes.SceneSet, test: scenes.SceneSet, shipped: scenes.SceneSet, *,
               steps: int, lr: float, batch_size: int, seed: int, eval_every: int, out: str | None,
               eval_limit: int, aux_weight: float, describe_weight: float, describe_batch: int,
-              sincos: bool = True) -> dict:
+              sincos: bool = True, describe_until: float = 1.0, overrides: list[str] | None = None) -> dict:
     tok = scenes.SceneTokenizer()
     torch.manual_seed(seed)
     config = models.default_config(name, tok)
+    for item in overrides or ():
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = json.loads(value)
     model = models.build_model(name, config, tok).train()
     n_params = sum(p.numel() for p in model.parameters())
     if sincos:
@@ -234,7 +295,10 @@ def train_one(name: str, train: scenes.SceneSet, test: scenes.SceneSet, shipped:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=gen)
+    # the decoder packs a scene's four questions into one sequence: it steps over scenes
+    packed = name == "vqa-llava"
+    n_items = train.num_scenes if packed else len(train)
+    order = torch.randperm(n_items, generator=gen)
     pos = 0
     warmup = max(1, steps // 20)
     print(f"[{name}] {type(model).__name__}, {n_params / 1e6:.2f}M parameters, {steps} steps x {batch_size}, "
@@ -246,24 +310,33 @@ def train_one(name: str, train: scenes.SceneSet, test: scenes.SceneSet, shipped:
     ema = lambda old, new: new if old is None else 0.95 * old + 0.05 * new  # noqa: E731
     for step in range(steps):
         if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(train), generator=gen), 0
-        qs = train.select(order[pos: pos + batch_size].tolist())
+            order, pos = torch.randperm(n_items, generator=gen), 0
+        picked = order[pos: pos + batch_size].tolist()
         pos += batch_size
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        kwargs = models.build_inputs(name, tok, train, qs)
-        if probe is not None:
-            kwargs.update(probe.extra_kwargs())
-        output = model(**kwargs)
-        logits = models.training_logits(name, output)
-        loss = torch.nn.functional.cross_entropy(logits, models.targets(name, tok, qs))
+        if packed:
+            scene_ids = picked
+            kwargs, at, answers = packed_turns(tok, train, scene_ids, gen)
+            output = model(**kwargs)
+            logits = output.logits[torch.arange(len(scene_ids))[:, None], at]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), answers.flatten())
+        else:
+            qs = train.select(picked)
+            scene_ids = [q.scene for q in qs]
+            kwargs = models.build_inputs(name, tok, train, qs)
+            if probe is not None:
+                kwargs.update(probe.extra_kwargs())
+            output = model(**kwargs)
+            logits = models.training_logits(name, output)
+            loss = torch.nn.functional.cross_entropy(logits, models.targets(name, tok, qs))
         running = ema(running, loss.item())
         if probe is not None:  # right after the forward whose image tokens it captured
-            layout = torch.from_numpy(train.layout[[q.scene for q in qs]])
+            layout = torch.from_numpy(train.layout[scene_ids])
             aux = probe.loss(output, layout)
             aux_running = ema(aux_running, aux.item())
             loss = loss + aux_weight * aux
-        if describe is not None:
+        if describe is not None and step < describe_until * steps:
             ids = torch.randint(0, train.num_scenes, (describe_batch,), generator=gen).tolist()
             mode = DescribeTask.MODES[step % 2]
             desc = describe.loss(train, ids, gen, mode)
@@ -298,6 +371,19 @@ def train_one(name: str, train: scenes.SceneSet, test: scenes.SceneSet, shipped:
         "training": {
             "steps": steps, "batch_size": batch_size, "peak_lr": lr, "warmup_steps": warmup, "seed": seed,
             "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), cosine decay to 5%, grad clip 1.0",
+            "questions_per_step": batch_size * (4 if packed else 1),
+            "packing": ("each step takes batch_size scenes; a scene's four questions share its image prefix "
+                        "(block attention mask, positions restarted), each computed as if alone") if packed else None,
+            "auxiliary": {
+                "cell_probe_weight": aux_weight if probe is not None else 0.0,
+                "describe_weight": describe_weight if describe is not None else 0.0,
+                "describe_batch": describe_batch if describe is not None else 0,
+                "describe_until": describe_until,
+                "image_position_init": "2-D sine-cosine" if sincos else "default",
+                "note": "per-token cell-content probe on the image tokens and a grounded description task "
+                        "(cell contents, class counts), both discarded after training; see bench/train_models.py",
+            },
+            "overrides": list(overrides or []),
             "train_questions": len(train), "train_scenes": train.num_scenes,
             "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -331,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the cell-probe loss (0: none)")
     ap.add_argument("--describe-weight", type=float, default=1.0, help="weight of the description loss (0: none)")
     ap.add_argument("--describe-batch", type=int, default=None, help="override the description scenes per step")
+    ap.add_argument("--describe-until", type=float, default=None,
+                    help="stop the description task after this fraction of the steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config entry, e.g. text_config.hidden_size=128 (for experiments)")
     ap.add_argument("--no-sincos", action="store_true", help="keep the default image position init")
     ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
     args = ap.parse_args(argv)
@@ -342,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                   batch_size=args.batch_size or sched["batch_size"], seed=args.seed, eval_every=args.eval_every,
                   out=None if args.out == "-" else args.out, eval_limit=args.eval_limit, aux_weight=args.aux_weight,
                   describe_weight=args.describe_weight, describe_batch=args.describe_batch or sched["describe_batch"],
-                  sincos=not args.no_sincos)
+                  sincos=not args.no_sincos,
+                  overrides=args.set,
+                  describe_until=args.describe_until if args.describe_until is not None else sched["describe_until"])
     return 0
 
 
