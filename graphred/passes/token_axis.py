@@ -272,7 +272,9 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         size_arg = 1
         sizes = list(n.args[size_arg])
         for d, f in sd:
-            if d < len(sizes) and isinstance(sizes[d], int) and sizes[d] != -1:
+            # an int, or a symbolic size computed in the graph (data-dependent capture): both become the
+            # reduced length, which is static
+            if d < len(sizes) and (isinstance(sizes[d], fx.Node) or isinstance(sizes[d], int) and sizes[d] != -1):
                 sizes[d] = f * new
         args = list(n.args)
         args[size_arg] = sizes
