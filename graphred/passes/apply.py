@@ -294,7 +294,10 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     st = ctx.state(stream)
     ctx.check_order(stream, point, step_name)
     n_mod = ctx.counts[st.stream][modality]
-    r = min(round(ratio * n_mod), n_mod // 2)
+    # at most what bipartite matching can merge: half the unprotected candidates, less protected A slots
+    st_info = ctx.prov.streams[st.stream]
+    n_special = int(st_info.special.sum()) if st_info.special is not None and modality == IMAGE else 0
+    r = min(round(ratio * n_mod), (n_mod - n_special) // 2 - n_special)
     if r <= 0:
         return None
     k = _node(gm, block.key)
