@@ -32,17 +32,9 @@ PAPER_REDUCTION = 0.45  # FastV paper, LLaVA-1.5-13B, K=2 R=50% (Chen et al., 20
 
 
 def write_config(path: str, hidden: int, layers: int, heads: int, inter: int) -> None:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from graphred.zoo import llava15_config
 
-    LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        architectures=["LlavaForConditionalGeneration"],
-    ).save_pretrained(path)
+    llava15_config(hidden, layers, heads, inter).save_pretrained(path)
 
 
 def paper_formula(n: float, d: int, m: int, T: int, n_hat: float) -> float:

@@ -728,3 +728,20 @@ def resolve(spec: str | os.PathLike, device: str | None = None) -> tuple[torch.n
         f"{s!r} is neither a zoo model nor a local model directory. Zoo models: {', '.join(names())}; "
         "or pass a directory holding a Hugging Face config.json."
     )
+
+
+def llava15_config(hidden: int = 4096, layers: int = 32, heads: int = 32, intermediate: int = 11008):
+    """A LLaVA-1.5-shaped ``LlavaConfig`` (CLIP ViT-L/14 at 336 px, 576 image tokens, Llama decoder);
+    the defaults are the 7B decoder, ``(5120, 40, 40, 13824)`` gives 13B. For estimates without weights:
+    ``llava15_config().save_pretrained(path)`` then ``graphred estimate path``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        architectures=["LlavaForConditionalGeneration"],
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import sympy
 import torch
@@ -578,39 +578,29 @@ class TokenProvenance:
         return TokenInfo(tuple(axes), taint, False, learned)
 
     def _scatter(self, node, kind, mask, source, taint):
-        base = node.args[0]
-        bi = self._in(base)
-        shape = _shape(node)
         src_taint = self.tokens(source).taint if isinstance(source, fx.Node) else frozenset()
-        code = CODE[IMAGE] if IMAGE in src_taint else CODE[REGISTER] if not src_taint - {TEXT} and not src_taint else CODE[TEXT]
-        axes = list(bi.axes)
-        for i, ax in enumerate(axes):
-            st = self.stream(ax.stream)
-            d = axis_dim(ax, shape)
-            if st.kind != TOKENS or d is None:
-                continue
-            sid = self._new_stream(TOKENS, ax.length, node, "scatter", ("mask", st.id, mask, d, code), parents=(st.id,))
-            self._value_nodes.add(mask)
-            axes[i] = TokAxis(sid, ax.stride, ax.length)
-            return TokenInfo(tuple(axes), taint, False, False)
-        return TokenInfo(tuple(axes), taint, False, False)
+        code = CODE[IMAGE] if IMAGE in src_taint else CODE[REGISTER] if not src_taint else CODE[TEXT]
+        return self._write_into_stream(node, "scatter", lambda st, d: ("mask", st.id, mask, d, code), [mask], taint)
 
     def _index_put(self, node, taint):
-        base, indices, values = node.args[0], node.args[1], node.args[2]
-        bi = self._in(base)
-        shape = _shape(node)
+        indices, values = node.args[1], node.args[2]
         vt = self.tokens(values).taint if isinstance(values, fx.Node) else frozenset()
         code = CODE[IMAGE] if IMAGE in vt else CODE[TEXT]
-        axes = list(bi.axes)
+        return self._write_into_stream(node, "index_put", lambda st, d: ("index_put", st.id, tuple(indices), d, code),
+                                       [ix for ix in indices if isinstance(ix, fx.Node)], taint)
+
+    def _write_into_stream(self, node, rule, recipe, value_nodes, taint):
+        """Values written into a token stream at run-time positions (``masked_scatter``, ``index_put``):
+        a new stream whose layout is read from ``value_nodes`` (the mask or indices)."""
+        shape = _shape(node)
+        axes = list(self._in(node.args[0]).axes)
         for i, ax in enumerate(axes):
             st = self.stream(ax.stream)
             d = axis_dim(ax, shape)
             if st.kind != TOKENS or d is None:
                 continue
-            sid = self._new_stream(TOKENS, ax.length, node, "index_put", ("index_put", st.id, tuple(indices), d, code), parents=(st.id,))
-            for ix in indices:
-                if isinstance(ix, fx.Node):
-                    self._value_nodes.add(ix)
+            sid = self._new_stream(TOKENS, ax.length, node, rule, recipe(st, d), parents=(st.id,))
+            self._value_nodes.update(value_nodes)
             axes[i] = TokAxis(sid, ax.stride, ax.length)
             break
         return TokenInfo(tuple(axes), taint, False, False)
@@ -701,7 +691,6 @@ class TokenProvenance:
         xs, shape = _shape(x), _shape(node)
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
         start = node.args[2] if len(node.args) > 2 else 0
-        end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
         xi = self._in(x)
         dm = {i: i for i in range(len(xs)) if i != dim}
@@ -856,7 +845,6 @@ class TokenProvenance:
 
     def _codes(self, st: Stream):
         r = st.recipe
-        B = self.batch_size or 1
         if r[0] == "uniform":
             return torch.full((1, st.length), r[1], dtype=torch.int8), torch.zeros(st.length, dtype=torch.bool)
         if r[0] == "mask":

@@ -428,17 +428,7 @@ def test_unknown_architecture_in_config_dir_is_a_clear_config_error(tmp_path):
 
 
 def _llava15_config(tmp_path, hidden=4096, layers=32, heads=32, inter=11008):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        text_config=LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_index=32000, image_seq_length=576, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        architectures=["LlavaForConditionalGeneration"],
-    ).save_pretrained(tmp_path)
+    graphred.zoo.llava15_config(hidden, layers, heads, inter).save_pretrained(tmp_path)
     return tmp_path
 
 

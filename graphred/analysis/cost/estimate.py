@@ -59,7 +59,7 @@ from .memory import (
     tensors_of,
     weight_bytes,
 )
-from .registry import _RUN_ONCE_HOPS, NodeCost, Uncounted, lookup, node_cost, to_expr
+from .registry import _RUN_ONCE_HOPS, NodeCost, Uncounted, lookup, node_cost, to_expr, walk_costable
 
 __all__ = [
     "Estimate",
@@ -664,24 +664,6 @@ class _Coster:
         if key is not None:
             self.cache[key] = res
         return res
-
-
-def _walk(gm: fx.GraphModule, prefix: str = "", parent: fx.Node | None = None):
-    """``(qualified name, node, node giving the group)`` for every costable node, HOP bodies inlined."""
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            yield prefix + node.name, node, parent or node
-            continue
-        if node.op != "call_function":
-            continue
-        t = node.target
-        if isinstance(t, torch._ops.HigherOrderOperator) and t.name() in _RUN_ONCE_HOPS:
-            subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-            subs = [s for s in subs if isinstance(s, fx.GraphModule)]
-            if len(subs) == 1:
-                yield from _walk(subs[0], prefix + node.name + "/", parent or node)
-                continue
-        yield prefix + node.name, node, parent or node
 
 
 # =============================================================================================
@@ -1311,7 +1293,7 @@ def _count(gm: fx.GraphModule, shapes: _Shapes, grouper: _Grouper | None, group_
     coster = _Coster(shapes, gm, flat_inputs)
     nodes: list[_NodeCost] = []
     uncounted: list[Uncounted] = []
-    for order, (qual, node, anchor) in enumerate(_walk(gm)):
+    for order, (qual, node, anchor) in enumerate(walk_costable(gm)):
         if node.op == "call_module":
             if not str(node.target).startswith("_guards"):
                 uncounted.append(Uncounted(qual, f"call_module {node.target}", "a module call, not an op"))

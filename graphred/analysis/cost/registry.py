@@ -1315,27 +1315,33 @@ def count_graph(
     return CostTotals(flops=flops, bytes=nbytes, per_node=per_node, uncounted=uncounted, kind=kind, mode=mode)
 
 
-def _count_into(gm, shape_of, kind, mode, per_node, uncounted, prefix):
+def walk_costable(gm: fx.GraphModule, prefix: str = "", parent: fx.Node | None = None):
+    """``(qualified name, node, anchor)`` for every ``call_function`` and ``call_module`` node, with the
+    bodies of run-once higher-order ops (``wrap_with_set_grad_enabled``, ...) inlined as ``"outer/inner"``;
+    ``anchor`` is the outermost node (its module path groups the cost)."""
     for node in gm.graph.nodes:
-        if node.op == "call_module":
-            if not str(node.target).startswith("_guards"):  # export's guard check costs nothing
-                uncounted.append(Uncounted(prefix + node.name, f"call_module {node.target}",
-                                           "a module call, not an op: lower the graph to aten first"))
-            continue
-        if node.op != "call_function":
-            continue
-        t = node.target
-        if isinstance(t, torch._ops.HigherOrderOperator) and t.name() in _RUN_ONCE_HOPS:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator) \
+                and node.target.name() in _RUN_ONCE_HOPS:
             subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
             subs = [s for s in subs if isinstance(s, fx.GraphModule)]
             if len(subs) == 1:
-                per_node[prefix + node.name] = NodeCost(_op_name(t), _ZERO, _ZERO)
-                _count_into(subs[0], shape_of, kind, mode, per_node, uncounted, prefix + node.name + "/")
+                yield from walk_costable(subs[0], prefix + node.name + "/", parent or node)
                 continue
+        if node.op in ("call_function", "call_module"):
+            yield prefix + node.name, node, parent or node
+
+
+def _count_into(gm, shape_of, kind, mode, per_node, uncounted, prefix):
+    for qual, node, _ in walk_costable(gm, prefix):
+        if node.op == "call_module":
+            if not str(node.target).startswith("_guards"):  # export's guard check costs nothing
+                uncounted.append(Uncounted(qual, f"call_module {node.target}",
+                                           "a module call, not an op: lower the graph to aten first"))
+            continue
         r = node_cost(node, shape_of, kind=kind, mode=mode)
         if r is None:
             continue
         if isinstance(r, Uncounted):
-            uncounted.append(r._replace(name=prefix + r.name))
+            uncounted.append(r._replace(name=qual))
         else:
-            per_node[prefix + node.name] = r
+            per_node[qual] = r
