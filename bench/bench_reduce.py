@@ -65,6 +65,8 @@ def _op_overhead(reduced, inputs, repeats: int = 3) -> tuple[float, float, float
     flat = _flat_inputs(gm, *((), inputs))
     timer = _NodeTimer(gm)
     with torch.no_grad():
+        timer.run(*flat)  # warm-up: first calls pay one-off costs (allocator growth, lazy dispatch set-up)
+        timer.times.clear()
         for _ in range(repeats):
             timer.run(*flat)
     nodes = list(gm.graph.nodes)

@@ -72,14 +72,6 @@ def _check_attention_args(q: Tensor, k: Tensor, query_weight: Tensor) -> None:
     )
 
 
-def _as_float_bias(attn_bias: Tensor) -> Tensor:
-    if attn_bias.dtype == torch.bool:
-        zero = torch.zeros((), dtype=torch.float32, device=attn_bias.device)
-        ninf = torch.full((), float("-inf"), dtype=torch.float32, device=attn_bias.device)
-        return torch.where(attn_bias, zero, ninf)
-    return attn_bias.to(torch.float32)
-
-
 @torch.library.custom_op("graphred::attention_scores", mutates_args=())
 def _attention_scores(
     q: Tensor, k: Tensor, query_weight: Tensor, attn_bias: Optional[Tensor] = None,
@@ -95,32 +87,45 @@ def _attention_scores(
     bias = None
     if attn_bias is not None:
         _check(attn_bias.dim() <= 4, f"graphred::attention_scores: attn_bias has rank {attn_bias.dim()} > 4")
-        bias = _as_float_bias(attn_bias)
-        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(B, H, Lq, Lk)
-        # [B, Hk, G, Lq, Lk]; a view of the (possibly broadcast) bias, nothing materialised
-        bias = bias.unflatten(1, (Hk, G))
+        bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+        bias = bias.expand(bias.shape[0], bias.shape[1], Lq, Lk)  # [Bb, Hb, Lq, Lk], a view
+    # normalised weights, with the head mean folded in: sum_t w_t / (H * sum_t w_t); 0 where the sum is 0
+    total = w.sum(dim=1, keepdim=True)
+    w = w * torch.where(total == 0, 0.0, 1.0 / (total * H))
 
-    acc = torch.zeros(B, Lk, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(B, 1, Lk, dtype=torch.float32, device=q.device)
     # Only query rows that carry weight in some sample contribute: FastV scores one row,
     # PuMer the text rows. This selection is data-dependent, which is fine in the real
     # kernel (the op is opaque to tracers).
     rows = torch.nonzero((w != 0).any(0)).flatten()
-    kf = k.to(torch.float32).unsqueeze(2)  # [B, Hk, 1, Lk, D]
+    kt = k.to(torch.float32).transpose(-1, -2)  # [B, Hk, D, Lk]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk]
-        qr = q.index_select(2, r).to(torch.float32).unflatten(1, (Hk, G))  # [B,Hk,G,n,D]
-        logits = torch.matmul(qr, kf.transpose(-1, -2)) * scale  # [B,Hk,G,n,Lk]
+        n = r.numel()
+        # scale folded into the (small) query rows; query heads grouped by their key head
+        qr = q.index_select(2, r).to(torch.float32) * scale  # [B, H, n, D]
+        logits = torch.matmul(qr.view(B, Hk, G * n, D), kt).view(B, H, n, Lk)
+        wh = w.index_select(1, r).unsqueeze(1).expand(B, H, n)  # weight of each probability row
         if bias is not None:
-            logits = logits + bias.index_select(3, r)
-        # a fully masked row has no distribution; it contributes nothing (instead of NaN)
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
-        head_mean = probs.mean(dim=(1, 2))  # [B, n, Lk]
-        wr = w.index_select(1, r)  # [B, n]
-        acc += torch.bmm(wr.unsqueeze(1), head_mean).squeeze(1)
-    total = w.sum(dim=1, keepdim=True)
-    safe = torch.where(total == 0, torch.ones_like(total), total)
-    return torch.where(total == 0, torch.zeros_like(acc), acc / safe)
+            br = bias.index_select(2, r)  # [Bb, Hb, n, Lk]: Hb/H of the logits' size
+            # a row masked everywhere has no distribution: it contributes nothing (not NaN), and its
+            # logits are kept finite so that the weighted sum below stays finite
+            if br.dtype == torch.bool:
+                dead = ~br.any(-1)
+                fill = torch.finfo(torch.float32).min if bool(dead.any()) else float("-inf")
+                # the small float bias broadcast-added is cheaper than a broadcast masked_fill on the logits
+                br = torch.zeros(br.shape, dtype=torch.float32, device=br.device).masked_fill_(~br, fill)
+            else:
+                dead = torch.isneginf(br).all(-1)
+                if bool(dead.any()):
+                    br = br.clamp_min(torch.finfo(torch.float32).min)
+            logits += br
+            wh = wh * ~dead
+        probs = torch.softmax(logits, dim=-1)
+        # sum_t w_t mean_h P[h, t, :] as one [1, H*n] x [H*n, Lk] product per sample
+        acc.baddbmm_(wh.reshape(B, 1, H * n), probs.view(B, H * n, Lk))
+    return acc.squeeze(1)
 
 
 @_attention_scores.register_fake
@@ -276,11 +281,41 @@ def _expanded_index(index: Tensor, nd: int, shape: list) -> Tensor:
     return index.reshape(view).expand(shape)
 
 
+def _row_layout(x: Tensor, nd: int):
+    """``(rows, P, L, T)`` when ``x`` can be read as a row table ``[bx*P*L, T]`` without a copy
+    (contiguous after its batch dim, batch contiguous or broadcast), else ``None``."""
+    shape = x.shape
+    P = math.prod(shape[1:nd])
+    L = shape[nd]
+    T = math.prod(shape[nd + 1:])
+    inner = x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
+    if not inner.is_contiguous() or T == 1:
+        # T == 1 (the last dim) is a per-element gather: torch.gather is faster there
+        return None
+    return inner.reshape(inner.shape[0] * P * L, T), P, L, T
+
+
+def _flat_rows(bx: int, P: int, L: int, index: Tensor) -> Tensor:
+    """Row numbers into ``[bx*P*L, T]`` for ``index`` ``[B, K]``, batch major: ``[B*P*K]``."""
+    B, K = index.shape
+    dev = index.device
+    base = torch.arange(P, device=dev).view(1, P, 1) * L
+    if bx > 1:
+        base = base + torch.arange(bx, device=dev).view(bx, 1, 1) * (P * L)
+    return (base + index.view(B, 1, K)).reshape(-1)
+
+
 @torch.library.custom_op(
     "graphred::gather_tokens", mutates_args=(), schema="(Tensor x, Tensor index, int dim) -> Tensor"
 )
 def _gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
     nd, B, out_shape = _gather_geometry(x, index, dim)
+    layout = _row_layout(x, nd)
+    if layout is not None:
+        # whole rows of T contiguous elements: an index_select of rows (memcpy speed)
+        table, P, L, _T = layout
+        bx = table.shape[0] // (P * L)
+        return table.index_select(0, _flat_rows(bx, P, L, index.expand(B, index.shape[1]))).view(out_shape)
     xs = list(x.shape)
     xs[0] = B
     xe = x.expand(xs)
@@ -306,7 +341,14 @@ def _gather_backward(ctx, grad):
     nd = ctx.dim + len(x_shape) if ctx.dim < 0 else ctx.dim
     full = list(x_shape)
     full[0] = grad.shape[0]
-    gx = grad.new_zeros(full).scatter_add(nd, _expanded_index(index, nd, list(grad.shape)), grad)
+    B, K = grad.shape[0], grad.shape[nd]
+    P, L, T = math.prod(full[1:nd]), full[nd], math.prod(full[nd + 1:])
+    if T > 1:
+        # rows back into place: index_add over the row table (the inverse of the forward's index_select)
+        rows = _flat_rows(B, P, L, index.expand(B, K))
+        gx = grad.new_zeros(B * P * L, T).index_add_(0, rows, grad.reshape(B * P * K, T)).view(full)
+    else:
+        gx = grad.new_zeros(full).scatter_add(nd, _expanded_index(index, nd, list(grad.shape)), grad)
     if x_shape[0] != full[0]:
         gx = gx.sum(dim=0, keepdim=True)
     return gx, None, None
@@ -361,70 +403,59 @@ def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Opt
     _check(r <= metric.shape[1], f"graphred::bipartite_match: r={r} > sequence length {metric.shape[1]}")
 
 
-def _pack(mask: Tensor):
-    """Positions where ``mask`` is true, packed left per row: ([B, M] positions, [B, M] valid)."""
-    B, L = mask.shape
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    m = int(mask.sum(dim=1).max()) if B > 0 else 0
-    pos = order[:, :m]
-    return pos, mask.gather(1, pos)
-
-
 @torch.library.custom_op("graphred::bipartite_match", mutates_args=())
 def _bipartite_match(
     metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_match_args(metric, candidates, r, protected)
-    B, L, _C = metric.shape
+    B, L, C = metric.shape
     dev = metric.device
     if r == 0:
         empty = torch.empty(B, 0, dtype=torch.int64, device=dev)
         return torch.arange(L, device=dev).expand(B, L).clone(), empty, empty.clone()
-    rank = torch.cumsum(candidates.to(torch.int64), dim=1) - 1
-    is_a = candidates & (rank % 2 == 0)
-    is_b = candidates & (rank % 2 == 1)
+    # candidate positions packed left per sample, in sequence order: even ranks are set A, odd ranks set B
+    n_cand = candidates.sum(dim=1)
+    M = int(n_cand.max())
+    cpos = torch.sort((~candidates).to(torch.int8), dim=1, stable=True).indices[:, :M]  # [B, M]
+    rank = torch.arange(M, device=dev)
+    ok = rank < n_cand.unsqueeze(1)  # [B, M]: a real candidate (samples may hold fewer)
     if protected is not None:
         # protected tokens never take part in a merge, neither as source nor as destination
-        is_a_free = is_a & ~protected
-        is_b_free = is_b & ~protected
+        ok_free = ok & ~protected.gather(1, cpos)
     else:
-        is_a_free, is_b_free = is_a, is_b
-    a_pos, a_ok = _pack(is_a)
-    b_pos, b_ok = _pack(is_b)
-    a_ok = a_ok & is_a_free.gather(1, a_pos)
-    b_ok = b_ok & is_b_free.gather(1, b_pos)
+        ok_free = ok
+    a_pos, b_pos = cpos[:, 0::2], cpos[:, 1::2]
+    a_ok, b_ok = ok_free[:, 0::2], ok_free[:, 1::2]
 
-    m = metric.to(torch.float32)
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    C = m.shape[-1]
-    ma = m.gather(1, a_pos.unsqueeze(-1).expand(B, a_pos.shape[1], C))
-    mb = m.gather(1, b_pos.unsqueeze(-1).expand(B, b_pos.shape[1], C))
-    sim = ma @ mb.transpose(1, 2)  # [B, A, Bn]
-    sim = sim.masked_fill(~(a_ok.unsqueeze(2) & b_ok.unsqueeze(1)), float("-inf"))
-    if sim.shape[2] == 0:
+    # cosine similarity of each A token to every B token; B slots that cannot take a merge get -inf
+    m = torch.nn.functional.normalize(metric.to(torch.float32).gather(1, cpos.unsqueeze(-1).expand(B, M, C)), dim=-1)
+    neg_inf = torch.tensor(float("-inf"), device=dev)
+    b_bias = torch.where(b_ok, torch.tensor(0.0, device=dev), neg_inf).unsqueeze(1)  # [B, 1, nB]
+    if b_pos.shape[1] == 0:
         node_max = torch.full(a_pos.shape, float("-inf"), device=dev)
         node_idx = torch.zeros(a_pos.shape, dtype=torch.int64, device=dev)
     else:
+        sim = torch.baddbmm(b_bias, m[:, 0::2], m[:, 1::2].transpose(1, 2))  # [B, nA, nB]
         node_max, node_idx = sim.max(dim=-1)
-    mergeable = node_max > float("-inf")
+    # NaN similarities (NaN metric) count as unmergeable and sort last
+    mergeable = a_ok & (node_max > float("-inf"))
     n_merge = mergeable.sum(dim=1)
     if bool((n_merge < r).any()):
         bad = int(torch.nonzero(n_merge < r)[0, 0])
         raise ValueError(
             f"graphred::bipartite_match: sample {bad} can merge at most {int(n_merge[bad])} tokens "
-            f"({int(is_a[bad].sum())} A candidates of {int(candidates[bad].sum())} candidates, "
+            f"({int(ok[bad, 0::2].sum())} A candidates of {int(n_cand[bad])} candidates, "
             f"minus protected ones and those without an unprotected B partner), but r={r}"
         )
-    # NaN similarities (NaN metric) sort last; -inf rows are never chosen (checked above).
-    key = torch.where(mergeable, node_max, torch.full_like(node_max, float("-inf")))
+    key = torch.where(mergeable, node_max, neg_inf)
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :r]  # [B, r] rows of A
     src = a_pos.gather(1, order)
     dst = b_pos.gather(1, node_idx.gather(1, order))
     # canonical order: by source position
     src, perm = torch.sort(src, dim=1)
     dst = dst.gather(1, perm)
-    keep = torch.ones(B, L, dtype=torch.bool, device=dev).scatter(1, src, False)
-    keep_index = torch.arange(L, device=dev).expand(B, L)[keep].view(B, L - r)
+    dropped = torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, src, True)
+    keep_index = torch.nonzero(~dropped)[:, 1].clone().view(B, L - r)
     return keep_index, src, dst
 
 
@@ -496,28 +527,31 @@ def _expand_rows(idx: Tensor, feat: int) -> Tensor:
     return idx.unsqueeze(-1).expand(idx.shape[0], idx.shape[1], feat)
 
 
-def _merge_forward(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor):
-    """Returns (x_merged, sizes_merged, is_dst) for x flattened to [B, L, F]."""
-    B, L, F = x.shape
-    ct = torch.promote_types(x.dtype, sizes.dtype)
-    xc, sc = x.to(ct), sizes.to(ct)
-    s_src = sc.gather(1, src)
-    sizes_m = sc.scatter_add(1, dst, s_src)
-    num = (xc * sc.unsqueeze(-1)).scatter_add(
-        1, _expand_rows(dst, F), xc.gather(1, _expand_rows(src, F)) * s_src.unsqueeze(-1)
-    )
-    is_dst = torch.zeros(B, L, dtype=torch.bool, device=x.device).scatter(1, dst, True)
-    den = torch.where(is_dst, sizes_m, torch.ones_like(sizes_m))
-    x_m = torch.where(is_dst.unsqueeze(-1), num / den.unsqueeze(-1), xc)
-    return x_m.to(x.dtype), sizes_m.to(sizes.dtype), is_dst
-
-
 @torch.library.custom_op("graphred::merge_tokens", mutates_args=())
 def _merge_tokens(x: Tensor, sizes: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
     _check_merge_args(x, sizes, src, dst)
     shape = x.shape
-    x_m, s_m, _ = _merge_forward(x.reshape(shape[0], shape[1], -1), sizes, src, dst)
-    return x_m.reshape(shape), s_m
+    B, L = shape[0], shape[1]
+    r = src.shape[1]
+    ct = torch.promote_types(x.dtype, sizes.dtype)
+    sc = sizes.to(ct)
+    s_src = sc.gather(1, src)
+    s_m = sc.scatter_add(1, dst, s_src)
+    out = x.reshape(B, L, -1).clone(memory_format=torch.contiguous_format)  # other rows stay bit for bit
+    if r == 0:
+        return out.reshape(shape), s_m.to(sizes.dtype)
+    F = out.shape[2]
+    rows = out.view(B * L, F)
+    offs = torch.arange(B, device=x.device).unsqueeze(1) * L
+    src_rows, dst_rows = (src + offs).reshape(-1), (dst + offs).reshape(-1)
+    # only the r destination rows per sample are touched: s_d x_d + sum of s_src x_src, over the merged size
+    d_uniq = torch.unique(dst_rows)
+    acc = rows.index_select(0, d_uniq).to(ct) * sc.reshape(-1).index_select(0, d_uniq).unsqueeze(1)
+    slot = torch.searchsorted(d_uniq, dst_rows)
+    acc.index_add_(0, slot, rows.index_select(0, src_rows).to(ct) * s_src.reshape(-1, 1))
+    acc /= s_m.reshape(-1).index_select(0, d_uniq).unsqueeze(1)
+    rows.index_copy_(0, d_uniq, acc.to(x.dtype))
+    return out.reshape(shape), s_m.to(sizes.dtype)
 
 
 @_merge_tokens.register_fake

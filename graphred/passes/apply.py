@@ -307,15 +307,15 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     with graph.inserting_before(nxt):
         codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
-        kk = k
+        # head mean first (the gathers below then move H times fewer elements)
+        metric = _call(graph, aten.mean.dim, (k, [1]))  # [B, L, D]
         # this layer's keys were computed before the reductions made at this layer: follow them
         for idx in ctx.layer_chain:
-            kk = _call(graph, gr.gather_tokens.default, (kk, idx, len(_shape(kk)) - 2))
-        if _shape(kk)[-2] != st.length:
-            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {_shape(kk)[-2]} tokens but the stream "
+            metric = _call(graph, gr.gather_tokens.default, (metric, idx, 1))
+        if _shape(metric)[-2] != st.length:
+            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {_shape(metric)[-2]} tokens but the stream "
                             f"holds {st.length} there: list the plan's steps in graph order (vision-tower steps such "
                             "as tome(...) before steps at later layers)")
-        metric = _call(graph, aten.mean.dim, (kk, [1]))  # head mean
         B = _shape(metric)[0]
         cand = _call(graph, aten.eq.Scalar, (codes, CODE[modality]))
         if _shape(cand)[0] != B:
@@ -508,10 +508,44 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
     positions = False
     if ctx.states and not plan.is_identity:
         positions = _add_positions_output(gm, ctx)
+    _dedupe_inserted(gm, keep={name for name, _ in ctx.subs})
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return AppliedPlan(gm, plan, ctx.log, _subs_at(gm, ctx, prov), positions, prov, blocks)
+
+
+def _dedupe_inserted(gm: fx.GraphModule, keep: set[str]) -> int:
+    """Common-subexpression elimination over the nodes the plan inserted: separate bookkeeping paths
+    (kept original positions, composed gather indices, modality codes) often compute the same index
+    twice. Only graphred's ops and side computations take part; all are pure. Returns the count removed."""
+    seen: dict = {}
+    removed = 0
+
+    def norm(v):
+        if isinstance(v, (list, tuple)):
+            return tuple(norm(x) for x in v)
+        if isinstance(v, torch.dtype | torch.device):
+            return str(v)
+        return v
+
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.name in keep:
+            continue
+        ours = str(n.target).startswith("graphred.") or n.meta.get("graphred_side")
+        if not ours or n.target in (aten.rand.default, aten.randn.default, aten.empty.memory_format):
+            continue
+        try:
+            key = (n.target, norm(n.args), tuple(sorted((k, norm(v)) for k, v in n.kwargs.items())))
+            hash(key)
+        except TypeError:
+            continue
+        first = seen.setdefault(key, n)
+        if first is not n:
+            n.replace_all_uses_with(first)
+            gm.graph.erase_node(n)
+            removed += 1
+    return removed
 
 
 def _proportional_attention(ctx: _Ctx) -> None:

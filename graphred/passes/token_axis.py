@@ -164,10 +164,47 @@ def _last(graph: fx.Graph, nodes) -> fx.Node:
     return max(nodes, key=lambda n: order[n])
 
 
+# Views of one tensor: two such nodes with the same op and arguments are the same tensor, so one
+# gather serves both (each decoder layer unsqueezes the shared rotary cos/sin tables afresh).
+_VIEW_OPS = {aten.unsqueeze, aten.squeeze, aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.slice,
+             aten.select, aten.transpose, aten.permute, aten.t, aten.alias, aten.unflatten, aten.flatten}
+
+
+def _graph_mutates(graph: fx.Graph) -> bool:
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
+def _structural_key(a: fx.Node, memo: dict):
+    """``a`` itself, or for a chain of views a key equal for every node computing the same view."""
+    if a in memo:
+        return memo[a]
+    key = a
+    if a.op == "call_function" and _packet(a) in _VIEW_OPS:
+        def norm(v):
+            if isinstance(v, fx.Node):
+                return _structural_key(v, memo)
+            if isinstance(v, (list, tuple)):
+                return tuple(norm(x) for x in v)
+            return v
+        try:
+            key = (a.target, norm(a.args), tuple(sorted((k, norm(v)) for k, v in a.kwargs.items())))
+            hash(key)
+        except TypeError:
+            key = a
+    memo[a] = key
+    return key
+
+
 def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
     graph = gm.graph
     started = False
     state._gathered = {}  # (operand, dim) -> its gathered version: shared masks/rotary tables gathered once
+    # views are shared by structure only where nothing writes in place (a view taken after a write would differ)
+    state._view_keys = None if _graph_mutates(graph) else {}
     for n in list(graph.nodes):
         if n is g:
             started = True
@@ -245,9 +282,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         if composed is not None:  # a is a previous reduction's gather: one gather with the composed index
             n.replace_input_with(a, composed)
             continue
-        for d in sorted(dims, reverse=True):
+        # leading dims first: a row gather (fast) shrinks what the last-dim gather reads
+        for d in sorted(dims):
             if d < len(ashape) and ashape[d] == old:
-                key = (a, d)
+                akey = a if state._view_keys is None else _structural_key(a, state._view_keys)
+                key = (akey, d)
                 ga = state._gathered.get(key)
                 if ga is None:
                     which = index

@@ -595,3 +595,27 @@ def test_compile_aot_eager_with_backward():
     got, want = compiled_all(inp), _all_ops(inp)
     for name in want:
         torch.testing.assert_close(got[name], want[name])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "broadcast_batch", "sliced"])
+def test_gather_and_merge_on_non_contiguous_inputs(layout):
+    """The row-table fast paths must give what they give on a contiguous copy of the same tensor."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 5, 9, 4, generator=g)  # [B, H, L, D]
+    x = {
+        "transposed": base.transpose(1, 2),  # [B, L, H, D] view
+        "broadcast_batch": base[:1].expand(3, 5, 9, 4).transpose(1, 2),
+        "sliced": base[:, :, :, 1:3].transpose(1, 2),
+    }[layout]
+    assert not x.is_contiguous()
+    idx = torch.stack([torch.randperm(9, generator=g)[:6].sort().values for _ in range(3)])
+    for dim in (1, 2):
+        got = gops.gather_tokens(x, idx[:, : min(6, x.shape[dim])] % x.shape[dim], dim)
+        want = gops.gather_tokens(x.contiguous(), idx[:, : min(6, x.shape[dim])] % x.shape[dim], dim)
+        assert torch.equal(got, want)
+    src, dst = torch.tensor([[0, 2]] * 3), torch.tensor([[1, 3]] * 3)
+    sizes = torch.rand(3, 9, generator=g) + 0.5
+    xm, sm = gops.merge_tokens(x, sizes, src, dst)
+    xc, sc = gops.merge_tokens(x.contiguous(), sizes, src, dst)
+    assert xm.is_contiguous() and torch.equal(xm, xc) and torch.equal(sm, sc)
+    assert torch.equal(xm[:, 4:], x[:, 4:])  # rows that are no destination are untouched

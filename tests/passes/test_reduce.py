@@ -93,6 +93,28 @@ def test_fastv_keep_all_is_identity(zoo_model, zoo_program):
 # ------------------------------------------------------------------- 2. structure (FastV on LLaVA)
 
 
+def test_no_duplicate_gathers_after_pumer(zoo_program):
+    """Each (tensor, index, dim) is gathered once: per-layer views of a shared table (rotary cos/sin
+    unsqueezed in every layer) share one gather, and bookkeeping paths do not recompute an index."""
+    reduced = transform(zoo_program("llava-bench"), pumer(prune=0.3, merge=0.2, layers=[2, 4]))
+    graph = reduced.graph_module.graph
+    gathers = [n for n in graph.nodes if n.op == "call_function" and n.target is gr.gather_tokens.default]
+    keys = [(n.args[0], n.args[1], n.args[2]) for n in gathers]
+    assert len(keys) == len(set(keys)), "a gather is repeated"
+
+    def root(n):  # through view ops to the gathered table
+        while n.op == "call_function" and n.target in (torch.ops.aten.unsqueeze.default, torch.ops.aten.view.default):
+            n = n.args[0]
+        return n
+    by_root = {}
+    for n in gathers:
+        by_root.setdefault((root(n.args[0]), n.args[1], n.args[2]), []).append(n)
+    shared = [v for v in by_root.values() if len(v) > 1]
+    assert not shared, f"views of one table gathered separately: {[[n.name for n in v] for v in shared]}"
+    graph.lint()
+
+
+
 def test_fastv_structure_llava(zoo_model, zoo_program):
     model, kwargs = zoo_model("llava")
     reduced = transform(zoo_program("llava"), fastv(layer=1, keep=0.5))
