@@ -6,7 +6,8 @@ the layers they serve; and transform time per zoo model.
     python bench/bench_reduce.py --threads 1 --rounds 9 --no-write
 
 Model: the zoo's ``llava-bench`` (LLaVA-1.5 shaped at reduced width: 576 image tokens, 40 text
-tokens, 8 decoder layers; random weights, so this measures speed, not accuracy), batch 4, CPU.
+tokens, 8 decoder layers at width 384; random weights, so this measures speed, not accuracy), batch 4,
+CPU; then three of the plans again on ``llava-bench-1024`` (the same at width 1024).
 """
 from __future__ import annotations
 
@@ -57,8 +58,12 @@ class _NodeTimer(fx.Interpreter):
         return out
 
 
-def _op_overhead(reduced, inputs, repeats: int = 3) -> tuple[float, float, float]:
-    """(ms in graphred's side computation + gathers, ms in the layers after the first reduction, share)."""
+_MERGING = ("bipartite_match", "merge_tokens")
+
+
+def _op_overhead(reduced, inputs, repeats: int = 5) -> dict:
+    """ms in graphred's ops (scoring and selection, merging, gathers of the token axis) against ms in the
+    layers after the first reduction, from per-node wall times (warm-up run excluded)."""
     gm = reduced.graph_module
     from graphred.analysis.provenance import _flat_inputs
 
@@ -71,41 +76,57 @@ def _op_overhead(reduced, inputs, repeats: int = 3) -> tuple[float, float, float
             timer.run(*flat)
     nodes = list(gm.graph.nodes)
     first = next(i for i, n in enumerate(nodes) if n.op == "call_function" and str(n.target).startswith("graphred."))
-    ours, served = 0.0, 0.0
+    parts = {"scoring": 0.0, "merging": 0.0, "gathers": 0.0}
+    served = 0.0
     for n in nodes[first:]:
-        t = timer.times.get(n, 0.0) / repeats
+        t = timer.times.get(n, 0.0) / repeats * 1e3
         if n.op != "call_function":
             continue
-        mine = str(n.target).startswith("graphred.") or n.meta.get("graphred_side") or "graphred" in n.name
-        if mine or module_path(n) == "":
-            ours += t if mine else 0.0
-            continue
-        if re.search(r"\.layers?\.\d+", module_path(n)):
+        target = str(n.target)
+        mine = target.startswith("graphred.") or n.meta.get("graphred_side") or "graphred" in n.name
+        if mine:
+            part = "gathers" if "gather_tokens" in target else "merging" if any(m in target for m in _MERGING) else "scoring"
+            parts[part] += t
+        elif re.search(r"\.layers?\.\d+", module_path(n)):
             served += t
-    return ours * 1e3, served * 1e3, ours / served if served else float("nan")
+    ours = sum(parts.values())
+    return {"ops_ms": ours, "served_ms": served, "ops_share": ours / served if served else float("nan"),
+            **{f"{k}_ms": v for k, v in parts.items()}}
 
 
-def run(threads: int, rounds: int) -> dict:
-    torch.set_num_threads(threads)
-    model, inputs = graphred.zoo.load("llava-bench")
+WIDE_MODEL = "llava-bench-1024"
+WIDE_PLANS = ["fastv(layer=2, keep=0.25)", "pumer(prune=0.5, merge=0.2, layers=[2])",
+              "pumer(prune=0.3, merge=0.2, layers=[2, 4, 6])"]
+
+
+def _plan_rows(name: str, plans: dict, rounds: int, repeats: int) -> list[dict]:
+    model, inputs = graphred.zoo.load(name)
     prog = graphred.capture(model, **inputs)
     rows = []
-    for label, plan in PLANS.items():
+    for label, plan in plans.items():
         t0 = time.perf_counter()
         reduced = graphred.transform(prog, plan)
         t_transform = time.perf_counter() - t0
         est = graphred.estimate(prog, plan)
         base, fast = median_times(prog, reduced, inputs, rounds)
-        ours_ms, served_ms, share = _op_overhead(reduced, inputs)
+        overhead = _op_overhead(reduced, inputs, repeats)
         measured = base / fast
         rows.append({
             "plan": label, "tokens": f"{reduced.steps[0].get('length_after', '?')}..{reduced.steps[-1]['length_after']}" if reduced.steps else "",
             "base_ms": base * 1e3, "reduced_ms": fast * 1e3, "measured": measured,
             "predicted": float(est.speedup), "predicted_matmul": float(est.speedup_matmul),
-            "ratio": measured / float(est.speedup), "ops_ms": ours_ms, "served_ms": served_ms, "ops_share": share,
-            "transform_s": t_transform,
+            "ratio": measured / float(est.speedup), **overhead, "transform_s": t_transform,
         })
-        print(f"{label}: measured {measured:.2f}x, predicted {float(est.speedup):.2f}x, ops {100 * share:.1f}% of served layers", flush=True)
+        print(f"{name} {label}: measured {measured:.2f}x, predicted {float(est.speedup):.2f}x, "
+              f"ops {100 * overhead['ops_share']:.1f}% of served layers", flush=True)
+    return rows
+
+
+def run(threads: int, rounds: int, wide: bool = True) -> dict:
+    torch.set_num_threads(threads)
+    rows = _plan_rows("llava-bench", PLANS, rounds, repeats=5)
+    # the same plans at a wider decoder: the ops' share of the layers should fall about as 1/width
+    wide_rows = _plan_rows(WIDE_MODEL, {k: PLANS[k] for k in WIDE_PLANS}, max(3, rounds // 2), repeats=2) if wide else []
     zoo_rows = []
     for name in graphred.zoo.TEST_NAMES:
         m, kw = graphred.zoo.load(name)
@@ -124,7 +145,21 @@ def run(threads: int, rounds: int) -> dict:
         zoo_rows.append({"model": name, "plan": str(plan), "capture_s": t1 - t0, "analyze_s": t2 - t1,
                          "rewrite_s": t3 - t2, "total_s": t3 - t0, "error": err})
     return {"threads": threads, "rounds": rounds, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "rows": rows, "zoo": zoo_rows}
+            "rows": rows, "wide_rows": wide_rows, "zoo": zoo_rows}
+
+
+def _plan_table(rows: list[dict]) -> list[str]:
+    out = ["| plan | sequence after steps | unreduced ms | reduced ms | measured | predicted (matmul) | measured / predicted | "
+           "target | graphred ops / served layers | scoring + selection / matching + merging / gathers ms |",
+           "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        ok = "met" if r["ratio"] >= TARGET_RATIO else "**missed**"
+        ops_ok = "" if r["ops_share"] < 0.03 else " **(over 3%)**"
+        out.append(f"| {r['plan']} | {r['tokens']} | {r['base_ms']:.0f} | {r['reduced_ms']:.0f} | {r['measured']:.2f}x | "
+                   f"{r['predicted']:.2f}x ({r['predicted_matmul']:.2f}x) | {r['ratio']:.2f} | {ok} | "
+                   f"{100 * r['ops_share']:.1f}% ({r['ops_ms']:.1f} / {r['served_ms']:.0f} ms){ops_ok} | "
+                   f"{r['scoring_ms']:.1f} / {r['merging_ms']:.1f} / {r['gathers_ms']:.1f} |")
+    return out
 
 
 def to_markdown(res: dict) -> str:
@@ -136,14 +171,11 @@ def to_markdown(res: dict) -> str:
            "FLOPs before / after from `graphred.estimate` (all ops; matmul-only beside it). Target: measured >= "
            f"{TARGET_RATIO} x predicted; graphred's ops < 3% of the time of the layers they serve.",
            "",
-           "| plan | sequence after steps | unreduced ms | reduced ms | measured | predicted (matmul) | measured / predicted | target | graphred ops / served layers |",
-           "|---|---|---:|---:|---:|---:|---:|---|---:|"]
-    for r in res["rows"]:
-        ok = "met" if r["ratio"] >= TARGET_RATIO else "**missed**"
-        ops_ok = "" if r["ops_share"] < 0.03 else " **(over 3%)**"
-        out.append(f"| {r['plan']} | {r['tokens']} | {r['base_ms']:.0f} | {r['reduced_ms']:.0f} | {r['measured']:.2f}x | "
-                   f"{r['predicted']:.2f}x ({r['predicted_matmul']:.2f}x) | {r['ratio']:.2f} | {ok} | "
-                   f"{100 * r['ops_share']:.1f}% ({r['ops_ms']:.1f} / {r['served_ms']:.0f} ms){ops_ok} |")
+           *_plan_table(res["rows"])]
+    if res.get("wide_rows"):
+        out += ["", f"The same plans on `{WIDE_MODEL}` (decoder width 1024, 16 heads; the same 576 + 40 tokens and "
+                "batch 4), to show how graphred's share of the served layers scales with width:", "",
+                *_plan_table(res["wide_rows"])]
     out += ["", "Capture + analysis + rewrite per zoo model (target: under 5 s):", "",
             "| model | plan | capture s | analyze s | rewrite s | total s | result |", "|---|---|---:|---:|---:|---:|---|"]
     for z in res["zoo"]:
@@ -158,8 +190,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--no-wide", action="store_true", help=f"skip the {WIDE_MODEL} rows (about 3 minutes)")
     args = ap.parse_args()
-    res = run(args.threads, args.rounds)
+    res = run(args.threads, args.rounds, wide=not args.no_wide)
     md = to_markdown(res)
     print(md)
     out = ROOT / "bench" / "out"

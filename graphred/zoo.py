@@ -6,7 +6,7 @@ them. Everything else in graphred works from the captured graph.
 
 >>> import graphred
 >>> graphred.zoo.names()                                   # doctest: +ELLIPSIS
-['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench']
+['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench', 'llava-bench-1024']
 >>> model, kwargs = graphred.zoo.load("clip")
 >>> sorted(kwargs)
 ['attention_mask', 'input_ids', 'pixel_values']
@@ -410,6 +410,18 @@ def _cfg_llava_bench():
     )
 
 
+def _cfg_llava_bench_1024():
+    from transformers import LlavaConfig
+
+    # the same sequence at a wider decoder: hidden 1024, 16 heads (multi-head, as LLaVA-1.5), 8 layers
+    return LlavaConfig(
+        vision_config=_clip_vision(hidden=128, layers=4, heads=4, inter=512, image=336, patch=14),
+        text_config=_llama(hidden=1024, layers=8, heads=16, kv=16, inter=2816, vocab=8000, max_pos=2048),
+        image_token_index=7999, image_seq_length=576, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
 def _cfg_paligemma():
     from transformers import GemmaConfig, PaliGemmaConfig
 
@@ -515,6 +527,9 @@ _PRESETS: dict[str, _Preset] = {
     "llava-bench": _Preset("llava", "LlavaForConditionalGeneration", _cfg_llava_bench,
                            "LLaVA-1.5-shaped benchmark model: 576 image tokens, 8 Llama layers at hidden 384 "
                            "(GQA 6q/2kv), 4-layer CLIP-336/14 tower", text_len=40, batch=4, bench=True),
+    "llava-bench-1024": _Preset("llava", "LlavaForConditionalGeneration", _cfg_llava_bench_1024,
+                                "llava-bench at decoder width 1024 (16 heads, 8 layers): how costs scale with width",
+                                text_len=40, batch=4, bench=True),
 }
 
 

@@ -40,9 +40,9 @@ __all__ = [
     "size_bias",
 ]
 
-# The real attention_scores kernel scores query rows in chunks so that the temporary
-# [B, H, rows, Lk] float32 logits/probabilities stay under about this many elements.
-_CHUNK_ELEMENTS = 1 << 24
+# The real attention_scores kernel scores (samples x query rows) in chunks so that the temporary
+# float32 logits/probabilities stay under about this many elements (2 MiB: they stay in cache).
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -72,6 +72,15 @@ def _check_attention_args(q: Tensor, k: Tensor, query_weight: Tensor) -> None:
     )
 
 
+def _as_matrix_batch(k: Tensor) -> Optional[Tensor]:
+    """``k`` ``[B, Hk, L, D]`` as ``[B*Hk, L, D]`` when that is a view whose matrices BLAS reads in place."""
+    try:
+        k3 = k.view(k.shape[0] * k.shape[1], k.shape[2], k.shape[3])
+    except RuntimeError:
+        return None
+    return k3 if k3.stride(-1) == 1 or k3.stride(-2) == 1 else None
+
+
 @torch.library.custom_op("graphred::attention_scores", mutates_args=())
 def _attention_scores(
     q: Tensor, k: Tensor, query_weight: Tensor, attn_bias: Optional[Tensor] = None,
@@ -98,33 +107,50 @@ def _attention_scores(
     # PuMer the text rows. This selection is data-dependent, which is fine in the real
     # kernel (the op is opaque to tracers).
     rows = torch.nonzero((w != 0).any(0)).flatten()
-    kt = k.to(torch.float32).transpose(-1, -2)  # [B, Hk, D, Lk]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
-    for start in range(0, rows.numel(), chunk):
-        r = rows[start:start + chunk]
-        n = r.numel()
-        # scale folded into the (small) query rows; query heads grouped by their key head
-        qr = q.index_select(2, r).to(torch.float32) * scale  # [B, H, n, D]
-        logits = torch.matmul(qr.view(B, Hk, G * n, D), kt).view(B, H, n, Lk)
-        wh = w.index_select(1, r).unsqueeze(1).expand(B, H, n)  # weight of each probability row
-        if bias is not None:
-            br = bias.index_select(2, r)  # [Bb, Hb, n, Lk]: Hb/H of the logits' size
-            # a row masked everywhere has no distribution: it contributes nothing (not NaN), and its
-            # logits are kept finite so that the weighted sum below stays finite
-            if br.dtype == torch.bool:
-                dead = ~br.any(-1)
-                fill = torch.finfo(torch.float32).min if bool(dead.any()) else float("-inf")
-                # the small float bias broadcast-added is cheaper than a broadcast masked_fill on the logits
-                br = torch.zeros(br.shape, dtype=torch.float32, device=br.device).masked_fill_(~br, fill)
+    kf = k.to(torch.float32)
+    # chunks of samples x query rows whose [b, H, n, Lk] logits stay about cache-sized
+    per_row = H * Lk
+    n_rows = max(1, min(rows.numel(), _CHUNK_ELEMENTS // per_row))
+    n_samples = max(1, _CHUNK_ELEMENTS // (per_row * n_rows))
+    for b0 in range(0, B, n_samples):
+        b1 = min(B, b0 + n_samples)
+        kc = kf[b0:b1]
+        k3 = _as_matrix_batch(kc)  # [b*Hk, Lk, D] without a copy, or None for a layout BLAS cannot batch
+        for start in range(0, rows.numel(), n_rows):
+            r = rows[start:start + n_rows]
+            n, nb = r.numel(), b1 - b0
+            # scale folded into the (small) query rows; query heads grouped by their key head
+            qr = q[b0:b1].index_select(2, r).to(torch.float32) * scale  # [nb, H, n, D], contiguous
+            if k3 is not None:
+                logits = torch.bmm(qr.view(nb * Hk, G * n, D), k3.transpose(1, 2)).view(nb, H, n, Lk)
             else:
-                dead = torch.isneginf(br).all(-1)
-                if bool(dead.any()):
-                    br = br.clamp_min(torch.finfo(torch.float32).min)
-            logits += br
-            wh = wh * ~dead
-        probs = torch.softmax(logits, dim=-1)
-        # sum_t w_t mean_h P[h, t, :] as one [1, H*n] x [H*n, Lk] product per sample
-        acc.baddbmm_(wh.reshape(B, 1, H * n), probs.view(B, H * n, Lk))
+                # keys as a strided view (e.g. [B, L, H, D] transposed to [B, H, L, D]): one matrix product
+                # per (sample, key head) reads them in place; a batched matmul would first copy all keys
+                logits = torch.empty(nb, Hk, G * n, Lk, dtype=torch.float32, device=q.device)
+                qg = qr.view(nb, Hk, G * n, D)
+                for i in range(nb):
+                    for h in range(Hk):
+                        torch.mm(qg[i, h], kc[i, h].t(), out=logits[i, h])
+                logits = logits.view(nb, H, n, Lk)
+            wh = w[b0:b1].index_select(1, r).unsqueeze(1).expand(nb, H, n)  # weight of each probability row
+            if bias is not None:
+                br = (bias[b0:b1] if bias.shape[0] > 1 else bias).index_select(2, r)  # [nb|1, Hb, n, Lk]
+                # a row masked everywhere has no distribution: it contributes nothing (not NaN), and its
+                # logits are kept finite so that the weighted sum below stays finite
+                if br.dtype == torch.bool:
+                    dead = ~br.any(-1)
+                    fill = torch.finfo(torch.float32).min if bool(dead.any()) else float("-inf")
+                    # a small float bias broadcast-added is cheaper than a broadcast masked_fill of the logits
+                    br = torch.zeros(br.shape, dtype=torch.float32, device=br.device).masked_fill_(~br, fill)
+                else:
+                    dead = torch.isneginf(br).all(-1)
+                    if bool(dead.any()):
+                        br = br.clamp_min(torch.finfo(torch.float32).min)
+                logits += br
+                wh = wh * ~dead
+            probs = torch.softmax(logits, dim=-1)
+            # sum_t w_t mean_h P[h, t, :] as one [1, H*n] x [H*n, Lk] product per sample
+            acc[b0:b1].baddbmm_(wh.reshape(nb, 1, H * n), probs.view(nb, H * n, Lk))
     return acc.squeeze(1)
 
 

@@ -556,7 +556,11 @@ def test_attention_scores_chunked(monkeypatch):
     q, k = torch.randn(2, 4, 9, 3), torch.randn(2, 2, 5, 3)
     w = torch.rand(2, 9)
     full = gops.attention_scores(q, k, w)
-    monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 2)  # two query rows per chunk
+    monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 2)  # two query rows per chunk, one sample
+    torch.testing.assert_close(gops.attention_scores(q, k, w), full)
+    k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, Hk, D] memory, per-head matrix products
+    torch.testing.assert_close(gops.attention_scores(q, k_strided, w), full)
+    monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 4 * 5 * 9)  # all rows of one sample per chunk
     torch.testing.assert_close(gops.attention_scores(q, k, w), full)
 
 
