@@ -244,6 +244,24 @@ SDPA = _packets(
 )
 REDUCTIONS = _packets("sum", "mean", "amax", "amin", "max", "min", "any", "all", "prod", "var", "std", "argmax", "argmin", "norm", "linalg_vector_norm", "logsumexp")
 CONV = _packets("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
+# (input, target, ...) losses: the target lines up with the input position by position; class-index
+# losses (target rank = input rank - 1) skip the input's class dim 1
+CLASS_INDEX_LOSSES = _packets("cross_entropy_loss", "nll_loss", "nll_loss_forward", "nll_loss_nd", "nll_loss2d",
+                              "nll_loss2d_forward", "multi_margin_loss", "multilabel_margin_loss")
+LOSSES = CLASS_INDEX_LOSSES | _packets(
+    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+    "kl_div", "soft_margin_loss", "poisson_nll_loss", "hinge_embedding_loss")
+
+
+def loss_target_dims(node: fx.Node) -> dict[int, int]:
+    """For a loss node: input dim -> the target dim that lines up with it (the target is ``args[1]``)."""
+    xs, ts = _shape(node.args[0]), _shape(node.args[1]) if len(node.args) > 1 else None
+    if xs is None or ts is None:
+        return {}
+    if _packet(node) in CLASS_INDEX_LOSSES and len(ts) == len(xs) - 1:
+        return {0: 0, **{d: d - 1 for d in range(2, len(xs))}} if xs else {}
+    off = len(xs) - len(ts)  # same shape, or broadcast from the right
+    return {d: d - off for d in range(len(xs)) if d - off >= 0 and ts[d - off] == xs[d]}
 SILENT = _packets(
     "_assert_scalar", "_assert_async", "sym_size", "sym_numel", "sym_stride", "item",
     "_is_all_true", "_local_scalar_dense", "sym_constrain_range_for_size", "lift_fresh",
@@ -448,6 +466,8 @@ class TokenProvenance:
             return self._matmul(node, taint, learned)
         if pk in REDUCTIONS:
             return self._reduce(node, taint, learned)
+        if pk in LOSSES:
+            return self._loss(node, taint, learned)
         if pk in IDENTITY or _is_pointwise(node):
             if isinstance(node.meta.get("val"), (tuple, list)):
                 first = self._broadcast_info(node, [node.args[0]], _shape_of_val(node.meta["val"][0]), taint, learned)
@@ -820,6 +840,23 @@ class TokenProvenance:
             dm[i] = j
             j += 1
         return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+
+    def _loss(self, node, taint, learned):
+        """A loss: reduced to a scalar, or per position (``reduction='none'``) on the input's non-class dims."""
+        v = node.meta.get("val")
+        outs = list(v) if isinstance(v, (tuple, list)) else [v]
+        x = node.args[0]
+        xs = _shape(x)
+        infos = []
+        for o in outs:
+            shape = tuple(o.shape) if isinstance(o, torch.Tensor) else None
+            if not shape or xs is None:
+                infos.append(TokenInfo(taint=taint, learned=learned))
+                continue
+            keep = [d for d in range(len(xs)) if not (_packet(node) in CLASS_INDEX_LOSSES and d == 1)]
+            dm = {d: i for i, d in enumerate(keep) if i < len(shape)} if len(shape) < len(xs) else {d: d for d in range(len(xs))}
+            infos.append(TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned))
+        return infos if isinstance(v, (tuple, list)) else infos[0]
 
     # ---- example values and layouts
     def _evaluate(self, inputs) -> dict:

@@ -25,7 +25,8 @@ import torch.fx as fx
 from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 
 from ..analysis.provenance import (
-    IDENTITY, RESHAPES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
+    IDENTITY, LOSSES, RESHAPES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
+    loss_target_dims,
 )
 from ..errors import PassError
 from ..fx_utils import module_path
@@ -258,6 +259,8 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
 
+    if pk in LOSSES:
+        _gather_loss_target(graph, state, n, index, old, new, reduced)
     if n.target is operator.getitem:
         set_fake_val(n)
         new_shape = _shape(n)
@@ -399,6 +402,36 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     if not reduced[n] and out_dims and new != old:
         # an op we could not re-specialise left the stream at full length
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
+
+
+def _gather_loss_target(graph, state, n, index, old, new, reduced):
+    """A loss whose input lost tokens: gather its target (labels) at the same positions. The target may
+    be flattened with the batch (``labels.view(-1)`` against ``logits.view(-1, V)``): it is unflattened,
+    gathered and flattened again."""
+    inp, tgt = n.args[0], n.args[1] if len(n.args) > 1 else None
+    if not isinstance(tgt, fx.Node) or inp not in reduced or tgt in reduced and reduced[tgt]:
+        return
+    tshape = _shape(tgt)
+    B = _shape(index)[0]
+    mapping = loss_target_dims(n)
+    x = tgt
+    for d in sorted(reduced[inp]):
+        td = mapping.get(d)
+        if td is None or tshape is None:
+            continue
+        with graph.inserting_before(n):
+            if td >= 1 and tshape[td] == old:
+                x = _call(graph, graphred_ops.gather_tokens.default, (x, index, td))
+            elif td == 0 and tshape[0] == B * old:  # batch-major flattened [B*L, ...]
+                rest = list(_shape(x)[1:])
+                x = _call(graph, aten.view.default, (x, [B, old, *rest]))
+                x = _call(graph, graphred_ops.gather_tokens.default, (x, index, 1))
+                x = _call(graph, aten.view.default, (x, [B * new, *rest]))
+            else:
+                continue
+        tshape = _shape(x)
+    if x is not tgt:
+        n.replace_input_with(tgt, x)
 
 
 def _compose_gather_chain(graph, state, a, dims, index, old):
