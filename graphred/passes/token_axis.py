@@ -25,7 +25,7 @@ import torch.fx as fx
 from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 
 from ..analysis.provenance import (
-    IDENTITY, LOSSES, RESHAPES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
+    LOSSES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
     loss_target_dims,
 )
 from ..errors import PassError
@@ -332,7 +332,6 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     elif pk is aten.slice:
         src = n.args[0]
         sdim = n.args[1] if len(n.args) > 1 else 0
-        sshape = _shape(src) if src not in reduced else None
         src_dims = reduced.get(src, set())
         if sdim % len(orig_shape) in src_dims:
             start = n.args[2] if len(n.args) > 2 else 0
