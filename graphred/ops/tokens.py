@@ -43,6 +43,9 @@ __all__ = [
 # The real attention_scores kernel scores (samples x query rows) in chunks so that the temporary
 # float32 logits/probabilities stay under about this many elements (2 MiB: they stay in cache).
 _CHUNK_ELEMENTS = 1 << 19
+# Strided keys with fewer elements per (sample, head) than this are copied once rather than multiplied
+# head by head (a matrix product call costs about as much as copying ~8k floats).
+_SMALL_MATRIX = 8192
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -116,6 +119,9 @@ def _attention_scores(
         b1 = min(B, b0 + n_samples)
         kc = kf[b0:b1]
         k3 = _as_matrix_batch(kc)  # [b*Hk, Lk, D] without a copy, or None for a layout BLAS cannot batch
+        if k3 is None and Lk * D < _SMALL_MATRIX:
+            # small matrices: one copy is cheaper than a Python-level product per (sample, head)
+            k3 = _as_matrix_batch(kc.contiguous())
         for start in range(0, rows.numel(), n_rows):
             r = rows[start:start + n_rows]
             n, nb = r.numel(), b1 - b0

@@ -559,7 +559,9 @@ def test_attention_scores_chunked(monkeypatch):
     monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 2 * 4 * 5 * 2)  # two query rows per chunk, one sample
     torch.testing.assert_close(gops.attention_scores(q, k, w), full)
     k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, Hk, D] memory, per-head matrix products
-    torch.testing.assert_close(gops.attention_scores(q, k_strided, w), full)
+    torch.testing.assert_close(gops.attention_scores(q, k_strided, w), full)  # copied once (small)
+    monkeypatch.setattr(tokens, "_SMALL_MATRIX", 0)
+    torch.testing.assert_close(gops.attention_scores(q, k_strided, w), full)  # per-head products
     monkeypatch.setattr(tokens, "_CHUNK_ELEMENTS", 4 * 5 * 9)  # all rows of one sample per chunk
     torch.testing.assert_close(gops.attention_scores(q, k, w), full)
 
