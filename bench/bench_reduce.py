@@ -12,7 +12,6 @@ CPU; then three of the plans again on ``llava-bench-1024`` (the same at width 10
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import sys
@@ -31,7 +30,7 @@ import graphred  # noqa: E402
 from graphred.fx_utils import module_path  # noqa: E402
 from graphred.measure import median_times  # noqa: E402
 from graphred.plans import fastv, prune, pumer, tome  # noqa: E402
-from _common import write_section  # noqa: E402
+from _common import publish  # noqa: E402
 
 PLANS = {
     "fastv(layer=2, keep=0.25)": fastv(layer=2, keep=0.25),
@@ -193,13 +192,7 @@ def main() -> int:
     ap.add_argument("--no-wide", action="store_true", help=f"skip the {WIDE_MODEL} rows (about 3 minutes)")
     args = ap.parse_args()
     res = run(args.threads, args.rounds, wide=not args.no_wide)
-    md = to_markdown(res)
-    print(md)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "bench_reduce.json").write_text(json.dumps(res, indent=2))
-    if not args.no_write:
-        write_section(md, MARK)
+    publish(to_markdown(res), MARK, res, "bench_reduce.json", write=not args.no_write)
     return 0
 
 

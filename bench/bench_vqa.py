@@ -12,7 +12,6 @@ predicted speedup from ``graphred.estimate`` beside it. CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -28,7 +27,7 @@ import graphred  # noqa: E402
 from graphred.data import models, scenes  # noqa: E402
 from graphred.measure import median_times  # noqa: E402
 from graphred.plans import fastv, prune, pumer, tome  # noqa: E402
-from _common import write_section  # noqa: E402
+from _common import publish  # noqa: E402
 
 MARK = "bench_vqa"
 RATIOS = (0.3, 0.5, 0.7)
@@ -184,17 +183,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = [run_model(m, args.limit, args.batch, args.rounds) for m in args.models]
-    md = to_markdown(results, args.threads)
-    print(md)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "bench_vqa.json").write_text(json.dumps(results, indent=2))
     if not args.no_write:
         img = ROOT / "docs" / "img"
         img.mkdir(parents=True, exist_ok=True)
         for res in results:
             pareto_png(res, img / f"pareto_{res['model']}.png")
-        write_section(md, MARK)
+    publish(to_markdown(results, args.threads), MARK, results, "bench_vqa.json", write=not args.no_write)
     return 0
 
 

@@ -10,7 +10,6 @@ Needs the training scenes (Debian package dataset-fashion-mnist). CPU, a few min
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -26,7 +25,7 @@ warnings.filterwarnings("ignore")
 import graphred  # noqa: E402
 from graphred.data import models, scenes  # noqa: E402
 from graphred.plans import parse_plan  # noqa: E402
-from _common import write_section  # noqa: E402
+from _common import publish  # noqa: E402
 
 MARK = "bench_finetune"
 
@@ -106,13 +105,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = [finetune(m, args.plan, args.steps, args.batch, args.lr, args.temperature, args.limit) for m in args.model]
-    md = to_markdown(rows)
-    print(md)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "bench_finetune.json").write_text(json.dumps(rows, indent=2))
-    if not args.no_write:
-        write_section(md, MARK)
+    publish(to_markdown(rows), MARK, rows, "bench_finetune.json", write=not args.no_write)
     return 0
 
 

@@ -397,29 +397,22 @@ def _cfg_llava():
                        image_seq_length=64, vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def _cfg_llava_bench():
+def _cfg_llava_bench(hidden: int = 384, heads: int = 6, kv: int = 2, inter: int = 1024):
     from transformers import LlavaConfig
 
-    # LLaVA-1.5 shape at reduced width: CLIP 336 px / patch 14 -> 24x24 = 576 image tokens,
-    # 8 Llama layers at hidden 384 (6 q heads / 2 kv heads)
+    # LLaVA-1.5 shape at reduced width: CLIP 336 px / patch 14 -> 24x24 = 576 image tokens, 8 Llama
+    # layers (default: hidden 384, 6 q heads / 2 kv heads)
     return LlavaConfig(
         vision_config=_clip_vision(hidden=128, layers=4, heads=4, inter=512, image=336, patch=14),
-        text_config=_llama(hidden=384, layers=8, heads=6, kv=2, inter=1024, vocab=8000, max_pos=2048),
+        text_config=_llama(hidden=hidden, layers=8, heads=heads, kv=kv, inter=inter, vocab=8000, max_pos=2048),
         image_token_index=7999, image_seq_length=576, vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
 
 
 def _cfg_llava_bench_1024():
-    from transformers import LlavaConfig
-
-    # the same sequence at a wider decoder: hidden 1024, 16 heads (multi-head, as LLaVA-1.5), 8 layers
-    return LlavaConfig(
-        vision_config=_clip_vision(hidden=128, layers=4, heads=4, inter=512, image=336, patch=14),
-        text_config=_llama(hidden=1024, layers=8, heads=16, kv=16, inter=2816, vocab=8000, max_pos=2048),
-        image_token_index=7999, image_seq_length=576, vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    # the same sequence at a wider decoder: hidden 1024, 16 heads (multi-head, as LLaVA-1.5)
+    return _cfg_llava_bench(hidden=1024, heads=16, kv=16, inter=2816)
 
 
 def _cfg_paligemma():

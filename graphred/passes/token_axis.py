@@ -64,6 +64,7 @@ class StreamState:
     _gathered: dict = field(default_factory=dict, repr=False)
     renumber: bool = False  # position tables meeting the stream elementwise take slots 0..K-1
     history: list[dict] = field(default_factory=list)
+    graph_mutates: bool | None = None  # whether the graph has in-place ops (then views are not shared by structure)
 
 
 def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
@@ -205,7 +206,9 @@ def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
     started = False
     state._gathered = {}  # (operand, dim) -> its gathered version: shared masks/rotary tables gathered once
     # views are shared by structure only where nothing writes in place (a view taken after a write would differ)
-    state._view_keys = None if _graph_mutates(graph) else {}
+    if state.graph_mutates is None:  # the rewrite inserts only functional ops: computed once per stream
+        state.graph_mutates = _graph_mutates(graph)
+    state._view_keys = None if state.graph_mutates else {}
     for n in list(graph.nodes):
         if n is g:
             started = True
@@ -260,7 +263,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
 
     if pk in LOSSES:
-        _gather_loss_target(graph, state, n, index, old, new, reduced)
+        _gather_loss_target(graph, n, index, old, new, reduced)
     if n.target is operator.getitem:
         set_fake_val(n)
         new_shape = _shape(n)
@@ -403,7 +406,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
 
 
-def _gather_loss_target(graph, state, n, index, old, new, reduced):
+def _gather_loss_target(graph, n, index, old, new, reduced):
     """A loss whose input lost tokens: gather its target (labels) at the same positions. The target may
     be flattened with the batch (``labels.view(-1)`` against ``logits.view(-1, V)``): it is unflattened,
     gathered and flattened again."""
