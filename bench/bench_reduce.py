@@ -64,9 +64,9 @@ def _op_overhead(reduced, inputs, repeats: int = 5) -> dict:
     """ms in graphred's ops (scoring and selection, merging, gathers of the token axis) against ms in the
     layers after the first reduction, from per-node wall times (warm-up run excluded)."""
     gm = reduced.graph_module
-    from graphred.analysis.provenance import _flat_inputs
+    from graphred.fx_utils import flat_inputs
 
-    flat = _flat_inputs(gm, *((), inputs))
+    flat = flat_inputs(gm, *((), inputs))
     timer = _NodeTimer(gm)
     with torch.no_grad():
         timer.run(*flat)  # warm-up: first calls pay one-off costs (allocator growth, lazy dispatch set-up)

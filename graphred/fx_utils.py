@@ -66,3 +66,231 @@ def is_op(node: fx.Node, *packets) -> bool:
         if isinstance(t, torch._ops.OpOverload) and t.overloadpacket is p:
             return True
     return False
+
+
+# ----------------------------------------------------------------------------- shapes and ops
+
+
+def size_hint(s: Any) -> int:
+    """An int for a size that may be symbolic: its value, its hint, or its unbacked example value; -1 if none."""
+    try:
+        return int(s)
+    except Exception:
+        node = getattr(s, "node", None)
+        h = getattr(node, "hint", None) if node is not None else None
+        if h is not None:
+            return int(h)
+        unbacked = getattr(getattr(node, "shape_env", None), "unbacked_var_to_val", {}) if node is not None else {}
+        expr = getattr(node, "expr", None)
+        if expr is not None and unbacked:
+            try:
+                return int(expr.xreplace(unbacked))
+            except Exception:
+                pass
+        return -1
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of ``node.meta['val']`` as ints (symbolic sizes by their hints), or None.
+
+    >>> gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).graph_module
+    >>> node_shape(next(iter(gm.graph.nodes)))
+    (2, 3)
+    """
+    v = val(node)
+    if isinstance(v, torch.Tensor):
+        try:
+            return tuple(int(s) for s in v.shape)
+        except Exception:  # unbacked symbols: use the hint where there is one
+            return tuple(size_hint(s) for s in v.shape)
+    return None
+
+
+def node_dtype(node: Any) -> torch.dtype | None:
+    """The dtype of ``node.meta['val']``, or None."""
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def op_packet(node: fx.Node) -> Any:
+    """The overload packet of an aten call (``aten.add`` for ``aten.add.Tensor``), else the target."""
+    t = node.target
+    return t.overloadpacket if isinstance(t, torch._ops.OpOverload) else t
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """True for a call of an op tagged pointwise."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+
+
+def aten_packets(*names: str) -> set:
+    """The aten packets of these names that exist in this torch build."""
+    aten = torch.ops.aten
+    return {p for p in (getattr(aten, n, None) for n in names) if p is not None}
+
+
+# ----------------------------------------------------------------------------- finding nodes
+
+
+def node_order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Node -> position in graph order (valid until the graph changes)."""
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def node_map(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Name -> node, built once; look nodes up here instead of scanning the graph per name."""
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node called ``name`` (a linear scan: prefer :func:`node_map` for many look-ups)."""
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def last_of(gm: fx.GraphModule, nodes: Any) -> fx.Node:
+    """The node among ``nodes`` (Nones skipped) that comes last in graph order."""
+    order = node_order(gm)
+    return max([n for n in nodes if n is not None], key=lambda n: order[n])
+
+
+def ancestors(nodes: Any) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` target names (dotted path)."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def flat_inputs(gm: fx.GraphModule, args: Any, kwargs: Any) -> list | None:
+    """Flatten ``(args, kwargs)`` the way the graph module's pytree codegen expects (None if it cannot)."""
+    from torch.utils._pytree import tree_flatten
+
+    spec = getattr(gm, "_in_spec", None)
+    try:
+        if spec is not None:
+            flat, got = tree_flatten((tuple(args), dict(kwargs)))
+            if got != spec:
+                try:  # order kwargs like the spec does
+                    from torch.export._tree_utils import reorder_kwargs
+
+                    kwargs = reorder_kwargs(kwargs, spec)
+                except Exception:
+                    pass
+                flat, _ = tree_flatten((tuple(args), dict(kwargs)))
+            return flat
+        flat, _ = tree_flatten((tuple(args), dict(kwargs)))
+        return flat
+    except Exception:
+        return None
+
+
+def graph_device(gm: fx.GraphModule) -> torch.device:
+    """The device the graph's inputs live on (meta for a program captured without weights)."""
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- fake values
+
+FAKE_MODE_ATTR = "_graphred_fake_mode"
+"""Attribute of an ``fx.Graph`` caching the fake mode of its values (a graph has no ``meta``)."""
+
+
+def graph_fake_mode(graph: fx.Graph) -> Any:
+    """The fake mode of a graph's own values (so that new nodes without tensor inputs, such as
+    an ``arange``, share it); a fresh one if the graph has none."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = getattr(graph, FAKE_MODE_ATTR, None)
+    if mode is None:
+        vals = [n.meta.get("val") for n in graph.nodes if n.op in ("placeholder", "get_attr", "call_function")
+                and isinstance(n.meta.get("val"), torch.Tensor)][:64]
+        mode = detect_fake_mode(vals) or FakeTensorMode()
+        setattr(graph, FAKE_MODE_ATTR, mode)
+    return mode
+
+
+def fake_like(gm: fx.GraphModule, t: torch.Tensor) -> Any:
+    """A fake tensor for ``t`` in the fake mode of ``gm``'s graph (for a new ``get_attr`` node's val)."""
+    return graph_fake_mode(gm.graph).from_tensor(t)
+
+
+def set_fake_val(node: fx.Node) -> Any:
+    """Recompute ``node.meta["val"]`` by running its target on its inputs' fake values, under
+    the inputs' FakeTensorMode; returns the new val.
+
+    >>> gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).graph_module
+    >>> x = next(iter(gm.graph.nodes))
+    >>> with gm.graph.inserting_after(x): n = gm.graph.call_function(torch.ops.aten.narrow.default, (x, 1, 0, 2))
+    >>> set_fake_val(n).shape
+    torch.Size([2, 2])
+    """
+    from torch._guards import detect_fake_mode
+    from torch.utils._pytree import tree_flatten
+
+    from .errors import AnalysisError
+
+    if node.op not in ("call_function", "call_method"):
+        raise AnalysisError(f"set_fake_val needs a call_function/call_method node, got {node.format_node()}")
+
+    def fake(arg: fx.Node) -> Any:
+        if "val" not in arg.meta:
+            raise AnalysisError(f"input {arg.format_node()} of {node.format_node()} has no meta['val']; "
+                                "make sure fake propagation (set_fake_val/propagate_meta) has run on it")
+        return arg.meta["val"]
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
+    mode = detect_fake_mode(tree_flatten((args, kwargs))[0]) or detect_fake_mode() or graph_fake_mode(node.graph)
+    # a graph captured with real-tensor propagation (data-dependent fallback) has a mode that also runs
+    # the real kernels; new nodes need shapes only, and their inputs may carry no real values
+    real = getattr(mode, "propagate_real_tensors", False)
+    mode.propagate_real_tensors = False
+    try:
+        with mode:
+            if node.op == "call_method":
+                v = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                v = node.target(*args, **kwargs)
+    finally:
+        mode.propagate_real_tensors = real
+    node.meta["val"] = v
+    if "tensor_meta" in node.meta and isinstance(v, torch.Tensor):
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        node.meta["tensor_meta"] = _extract_tensor_metadata(v)
+    return v
+
+
+def call_with_val(graph: fx.Graph, target: Any, args: Any, kwargs: dict | None = None) -> fx.Node:
+    """Insert ``target(*args, **kwargs)`` at the graph's insertion point and set its ``meta["val"]``.
+
+    >>> gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).graph_module
+    >>> x = next(iter(gm.graph.nodes))
+    >>> with gm.graph.inserting_after(x): n = call_with_val(gm.graph, torch.ops.aten.neg.default, (x,))
+    >>> tuple(n.meta["val"].shape)
+    (2, 3)
+    """
+    n = graph.call_function(target, tuple(args), kwargs or {})
+    set_fake_val(n)
+    return n

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..fx_utils import module_path
-from .provenance import IMAGE, REGISTER, SDPA, TEXT, TOKENS, TokenProvenance, _packet, _shape
+from ..fx_utils import module_path, node_shape
+from .attention import find_attention
+from .provenance import IMAGE, REGISTER, TEXT, TokenProvenance
 
 aten = torch.ops.aten
 
@@ -19,11 +20,6 @@ CROSS_MODAL_SELF = "cross_modal_self"
 CROSS_ATTENTION = "cross_attention"
 UNIMODAL_SELF = "unimodal_self"
 
-_MATMULS = {aten.matmul, aten.bmm, aten.mm, aten.baddbmm}
-_PASS_THROUGH = {aten.mul, aten.div, aten.add, aten.sub, aten.masked_fill, aten.where, aten._to_copy, aten.to,
-                 aten.clone, aten.view, aten.reshape, aten._unsafe_view, aten.dropout, aten.native_dropout,
-                 aten.contiguous, aten.expand, aten.alias, aten.type_as}
-_SOFTMAX = {aten.softmax, aten._softmax}
 
 
 @dataclass
@@ -90,108 +86,6 @@ def split_stack(path: str) -> tuple[str, int]:
     return path, 0
 
 
-def _walk_up(node: fx.Node) -> fx.Node | None:
-    """From a softmax input, up through scaling/masking to the Q·Kᵀ matmul."""
-    seen = 0
-    while isinstance(node, fx.Node) and node.op == "call_function" and seen < 12:
-        pk = _packet(node)
-        if pk in _MATMULS:
-            return node
-        if pk not in _PASS_THROUGH:
-            return None
-        # follow the operand that carries the scores (the largest tensor)
-        cands = [a for a in node.all_input_nodes if _shape(a) is not None]
-        if not cands:
-            return None
-        node = max(cands, key=lambda a: (len(_shape(a)), _numel(_shape(a))))
-        seen += 1
-    return None
-
-
-def _walk_down(node: fx.Node) -> fx.Node | None:
-    """From softmax output, down through dropout/casts to the probs·V matmul."""
-    frontier, seen = [node], 0
-    while frontier and seen < 12:
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                pk = _packet(u) if u.op == "call_function" else None
-                if pk in _MATMULS:
-                    args = u.args[1:] if pk is aten.baddbmm else u.args
-                    if args[0] is n:
-                        return u
-                elif pk in _PASS_THROUGH or u.target is __import__("operator").getitem:
-                    nxt.append(u)
-        frontier, seen = nxt, seen + 1
-    return None
-
-
-def _numel(shape) -> int:
-    p = 1
-    for s in shape:
-        p *= int(s)
-    return p
-
-
-def _mask_of(node: fx.Node, qk: fx.Node) -> fx.Node | None:
-    """The additive/boolean mask applied between Q·Kᵀ and softmax, if any."""
-    n = node
-    while isinstance(n, fx.Node) and n is not qk:
-        pk = _packet(n)
-        if pk in (aten.add, aten.masked_fill, aten.where):
-            for a in n.all_input_nodes:
-                if a is not qk and _walk_up(a) is None and _shape(a) is not None and len(_shape(a)) >= 2:
-                    return a
-        cands = [a for a in n.all_input_nodes if _shape(a) is not None]
-        if not cands:
-            break
-        n = max(cands, key=lambda a: (len(_shape(a)), _numel(_shape(a))))
-    return None
-
-
-def find_attention(gm: fx.GraphModule) -> list[dict]:
-    """Every attention in graph order: ``{node, q, k, v, mask, out, fused, scale, is_causal}``."""
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        pk = _packet(node)
-        if pk in SDPA:
-            args = list(node.args) + [None] * 8
-            mask = args[3] if isinstance(args[3], fx.Node) else node.kwargs.get("attn_mask")
-            is_causal = bool(node.kwargs.get("is_causal", args[5] if pk is aten.scaled_dot_product_attention and isinstance(args[5], bool) else False))
-            found.append(dict(node=node, q=args[0], k=args[1], v=args[2], mask=mask, out=node, fused=True,
-                              scale=node.kwargs.get("scale"), is_causal=is_causal))
-        elif pk in _SOFTMAX:
-            qk = _walk_up(node.args[0])
-            pv = _walk_down(node)
-            if qk is None or pv is None:
-                continue
-            qargs = qk.args[1:] if _packet(qk) is aten.baddbmm else qk.args
-            pargs = pv.args[1:] if _packet(pv) is aten.baddbmm else pv.args
-            found.append(dict(node=node, q=qargs[0], k=qargs[1], v=pargs[1], mask=_mask_of(node.args[0], qk),
-                              out=pv, fused=False, scale=_scale_between(node.args[0], qk), is_causal=False, qk=qk))
-    return found
-
-
-def _scale_between(node: fx.Node, qk: fx.Node) -> float:
-    """The constant the scores are multiplied by between Q·Kᵀ and the softmax (1.0 if none)."""
-    scale, n, seen = 1.0, node, 0
-    while isinstance(n, fx.Node) and n is not qk and seen < 12:
-        pk = _packet(n)
-        consts = [a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)]
-        if pk is aten.mul and consts:
-            scale *= float(consts[0])
-        elif pk is aten.div and consts:
-            scale /= float(consts[0])
-        cands = [a for a in n.all_input_nodes if _shape(a) is not None]
-        if not cands:
-            break
-        n = max(cands, key=lambda a: (len(_shape(a)), _numel(_shape(a))))
-        seen += 1
-    return scale
-
-
 def _is_causal_mask(m) -> bool | None:
     if not isinstance(m, torch.Tensor) or m.dim() < 2:
         return None
@@ -206,7 +100,7 @@ def _is_causal_mask(m) -> bool | None:
 
 
 def _modalities(prov: TokenProvenance, node, dim_from_end: int, fallback) -> tuple[frozenset, Any]:
-    shape = _shape(node)
+    shape = node_shape(node)
     if shape is None:
         return frozenset(fallback & {IMAGE, TEXT, REGISTER}), None
     want = len(shape) + dim_from_end
@@ -243,13 +137,13 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
         key_tokens = _collapse(ks.counts()) if ks is not None and not same else {}
         if kind == CROSS_ATTENTION or (not tokens and key_tokens):
             tokens = {**tokens, **{k: v for k, v in key_tokens.items() if k not in tokens}}
-        qshape = _shape(a["q"])
+        qshape = node_shape(a["q"])
         path = module_path(node)
         stack, layer = split_stack(path)
         causal = True if a["is_causal"] else None
         if causal is None and a["mask"] is not None:
             causal = _is_causal_mask(prov.values.get(a["mask"]))
-            mshape = _shape(a["mask"])
+            mshape = node_shape(a["mask"])
             if causal is None and mshape and len(mshape) >= 2 and mshape[-2] == 1 and mshape[-1] > 1:
                 causal = False  # a single mask row broadcast over all queries: padding only
         if causal is None and a["mask"] is None:

@@ -8,36 +8,22 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
+from ..fx_utils import ancestors, fetch_attr
 
-def _to_cpu_device(x: Any) -> Any:
+
+def to_cpu_device(x: Any) -> Any:
+    """A meta device (or "meta") in ``x`` -> cpu, through lists, tuples and dicts."""
     if isinstance(x, torch.device) and x.type == "meta":
         return torch.device("cpu")
     if isinstance(x, str) and x == "meta":
         return "cpu"
     if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu_device(v) for v in x)
+        return type(x)(to_cpu_device(v) for v in x)
     if isinstance(x, dict):
-        return {k: _to_cpu_device(v) for k, v in x.items()}
+        return {k: to_cpu_device(v) for k, v in x.items()}
     return x
 
 
-def _ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable[fx.Node],
@@ -48,7 +34,7 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
     arguments are mapped to the CPU, and a meta parameter/buffer the bookkeeping reads is taken as
     zeros when it is small (``max_weight_numel``). A node that cannot be computed is left out."""
     wanted = [w for w in wanted if isinstance(w, fx.Node)]
-    need = _ancestors(wanted)
+    need = ancestors(wanted)
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
@@ -63,14 +49,14 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
             continue
         try:
             if node.op == "get_attr":
-                v = _fetch_attr(gm, node.target)
+                v = fetch_attr(gm, node.target)
                 if isinstance(v, torch.Tensor) and v.device.type == "meta":
                     if v.numel() > max_weight_numel:
                         raise ValueError("a large meta weight")
                     v = torch.zeros(v.shape, dtype=v.dtype)
             elif node.op == "call_function":
-                args = _to_cpu_device(fx.node.map_arg(node.args, lambda a: env[a]))
-                kwargs = _to_cpu_device(fx.node.map_arg(node.kwargs, lambda a: env[a]))
+                args = to_cpu_device(fx.node.map_arg(node.args, lambda a: env[a]))
+                kwargs = to_cpu_device(fx.node.map_arg(node.kwargs, lambda a: env[a]))
                 with torch.no_grad():
                     v = node.target(*args, **kwargs)
             else:

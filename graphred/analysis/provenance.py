@@ -32,7 +32,13 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..fx_utils import module_path, op_name
+from ..fx_utils import (
+    aten_packets, flat_inputs, is_pointwise, module_path, node_dtype, node_shape, op_name, op_packet, size_hint,
+)
+from .attention import find_attention
+from .op_tables import (  # noqa: F401  (CLASS_INDEX_LOSSES, LOSSES, loss_target_dims: importable from here too)
+    CLASS_INDEX_LOSSES, CONV, CREATION, IDENTITY, LOSSES, REDUCTIONS, RESHAPES, SDPA, SILENT, loss_target_dims,
+)
 
 aten = torch.ops.aten
 
@@ -179,105 +185,6 @@ def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, in
     return out
 
 
-def _shape(node) -> tuple | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(v, torch.Tensor):
-        try:
-            return tuple(int(s) for s in v.shape)
-        except Exception:  # unbacked symbols: use the hint where there is one
-            return tuple(_hint(s) for s in v.shape)
-    return None
-
-
-def _hint(s) -> int:
-    try:
-        return int(s)
-    except Exception:
-        node = getattr(s, "node", None)
-        h = getattr(node, "hint", None) if node is not None else None
-        if h is not None:
-            return int(h)
-        unbacked = getattr(getattr(node, "shape_env", None), "unbacked_var_to_val", {}) if node is not None else {}
-        expr = getattr(node, "expr", None)
-        if expr is not None and unbacked:
-            try:
-                return int(expr.xreplace(unbacked))
-            except Exception:
-                pass
-        return -1
-
-
-def _dtype(node):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v.dtype if isinstance(v, torch.Tensor) else None
-
-
-# ----------------------------------------------------------------------------- op tables
-def _packets(*names):
-    out = set()
-    for n in names:
-        p = getattr(aten, n, None)
-        if p is not None:
-            out.add(p)
-    return out
-
-
-IDENTITY = _packets(
-    "clone", "contiguous", "_to_copy", "to", "alias", "detach", "lift_fresh_copy", "type_as",
-    "dropout", "softmax", "_softmax", "log_softmax", "_log_softmax", "layer_norm", "rms_norm",
-    "_fused_rms_norm", "group_norm", "batch_norm", "_native_batch_norm_legit_no_training",
-    "native_layer_norm", "native_dropout", "gelu", "silu", "relu", "tanh", "sigmoid", "masked_fill",
-    "fill", "zeros_like", "ones_like", "full_like", "empty_like", "_assert_tensor_metadata",
-    "where", "clamp", "hardtanh", "erf", "pow", "rsqrt", "exp", "neg", "cumsum", "tril", "triu",
-    "bitwise_not", "logical_not", "abs", "sqrt", "mish", "log", "sin", "cos", "round", "floor",
-    "_native_batch_norm_legit_functional", "batch_norm_with_update", "instance_norm",
-)
-RESHAPES = _packets("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as")
-CREATION = _packets(
-    "arange", "zeros", "ones", "full", "empty", "scalar_tensor", "new_ones", "new_zeros", "new_full",
-    "new_empty", "rand", "randn", "randint", "tensor", "linspace", "eye", "empty_strided", "ones_like",
-)
-SDPA = _packets(
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
-)
-REDUCTIONS = _packets("sum", "mean", "amax", "amin", "max", "min", "any", "all", "prod", "var", "std", "argmax", "argmin", "norm", "linalg_vector_norm", "logsumexp")
-CONV = _packets("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
-# (input, target, ...) losses: the target lines up with the input position by position; class-index
-# losses (target rank = input rank - 1) skip the input's class dim 1
-CLASS_INDEX_LOSSES = _packets("cross_entropy_loss", "nll_loss", "nll_loss_forward", "nll_loss_nd", "nll_loss2d",
-                              "nll_loss2d_forward", "multi_margin_loss", "multilabel_margin_loss")
-LOSSES = CLASS_INDEX_LOSSES | _packets(
-    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
-    "kl_div", "soft_margin_loss", "poisson_nll_loss", "hinge_embedding_loss")
-
-
-def loss_target_dims(node: fx.Node) -> dict[int, int]:
-    """For a loss node: input dim -> the target dim that lines up with it (the target is ``args[1]``)."""
-    xs, ts = _shape(node.args[0]), _shape(node.args[1]) if len(node.args) > 1 else None
-    if xs is None or ts is None:
-        return {}
-    if _packet(node) in CLASS_INDEX_LOSSES and len(ts) == len(xs) - 1:
-        return {0: 0, **{d: d - 1 for d in range(2, len(xs))}} if xs else {}
-    off = len(xs) - len(ts)  # same shape, or broadcast from the right
-    return {d: d - off for d in range(len(xs)) if d - off >= 0 and ts[d - off] == xs[d]}
-SILENT = _packets(
-    "_assert_scalar", "_assert_async", "sym_size", "sym_numel", "sym_stride", "item",
-    "_is_all_true", "_local_scalar_dense", "sym_constrain_range_for_size", "lift_fresh",
-)
-
-
-def _packet(node: fx.Node):
-    t = node.target
-    return t.overloadpacket if isinstance(t, torch._ops.OpOverload) else t
-
-
-def _is_pointwise(node: fx.Node) -> bool:
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
-
-
 # ----------------------------------------------------------------------------- the analysis
 class TokenProvenance:
     """Run the provenance analysis over ``gm`` (read-only).
@@ -300,9 +207,7 @@ class TokenProvenance:
         self._value_nodes: set[fx.Node] = set()
         self.batch_size: int | None = None
         self._run()
-        from .blocks import find_attention  # the masks of every attention: their values tell causality
-
-        for a in find_attention(gm):
+        for a in find_attention(gm):  # the masks of every attention: their values tell causality
             if isinstance(a.get("mask"), fx.Node):
                 self._value_nodes.add(a["mask"])
         # values of the masks come from the inputs' bookkeeping only (CPU copies for a meta program)
@@ -349,7 +254,7 @@ class TokenProvenance:
     def axes(self, node, kind: str = TOKENS) -> list[tuple[int, Stream]]:
         """``[(dim, stream)]`` for every axis of ``node`` that occupies a whole dim."""
         shape = node.meta.get("graphred_orig_shape") if isinstance(node, fx.Node) else None
-        shape = shape or _shape(node)
+        shape = shape or node_shape(node)
         out = []
         if shape is None:
             return out
@@ -421,7 +326,7 @@ class TokenProvenance:
         pk = tgt.overloadpacket
         taint = self._taint(node.args, node.kwargs)
         learned = self._learned((node.args, node.kwargs))
-        shape = _shape(node)
+        shape = node_shape(node)
         if pk in SILENT:
             return TokenInfo()
         if pk in CREATION:
@@ -459,7 +364,7 @@ class TokenProvenance:
             return self._index(node, taint, learned)
         if pk in (aten.linear,):
             x = node.args[0]
-            xs = _shape(x)
+            xs = node_shape(x)
             dm = {i: i for i in range(len(xs) - 1)}
             return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
         if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
@@ -468,11 +373,11 @@ class TokenProvenance:
             return self._reduce(node, taint, learned)
         if pk in LOSSES:
             return self._loss(node, taint, learned)
-        if pk in IDENTITY or _is_pointwise(node):
+        if pk in IDENTITY or is_pointwise(node):
             if isinstance(node.meta.get("val"), (tuple, list)):
                 first = self._broadcast_info(node, [node.args[0]], _shape_of_val(node.meta["val"][0]), taint, learned)
                 return [first] + [TokenInfo(taint=taint, learned=learned)] * (len(node.meta["val"]) - 1)
-            ins = [a for a in _flat_nodes(node.args) if _shape(a) is not None]
+            ins = [a for a in _flat_nodes(node.args) if node_shape(a) is not None]
             return self._broadcast(node, ins, taint, learned)
         return self._opaque(node, taint, learned)
 
@@ -487,7 +392,7 @@ class TokenProvenance:
 
     # ---- rules
     def _placeholder(self, node) -> TokenInfo:
-        shape, dt = _shape(node), _dtype(node)
+        shape, dt = node_shape(node), node_dtype(node)
         if shape is None:
             return TokenInfo()
         axes = []
@@ -513,9 +418,9 @@ class TokenProvenance:
 
     def _permute(self, node, taint, learned):
         x = node.args[0]
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         n = len(xs)
-        pk = _packet(node)
+        pk = op_packet(node)
         if pk is aten.permute:
             perm = [p % n for p in node.args[1]]
         elif pk is aten.t:
@@ -535,7 +440,7 @@ class TokenProvenance:
         by_dim: dict[int, TokAxis] = {}
         extra: list[TokAxis] = []
         for a in ins:
-            s = _shape(a)
+            s = node_shape(a)
             if s is None:
                 continue
             r = len(s)
@@ -554,15 +459,15 @@ class TokenProvenance:
                         extra.append(ax)
         direct = all(self._in(a).direct_ids for a in ins) if ins else False
         axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all(locate(a, shape)[1] != locate(b, shape)[1] for b in by_dim.values()))
-        return TokenInfo(axes, taint, direct and _packet(node) in IDENTITY | RESHAPES | _packets("expand"), learned)
+        return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned)
 
     def _broadcast(self, node, ins, taint, learned):
-        return self._broadcast_info(node, ins, _shape(node), taint, learned)
+        return self._broadcast_info(node, ins, node_shape(node), taint, learned)
 
     def _embedding(self, node, taint, learned):
         w, ids = node.args[0], node.args[1]
         ids_info = self._in(ids)
-        ishape, shape = _shape(ids), _shape(node)
+        ishape, shape = node_shape(ids), node_shape(node)
         dm = {i: i for i in range(len(ishape))}
         axes = relocate(ids_info.axes, ishape, shape, dm)
         if not ids_info.direct_ids:
@@ -580,7 +485,7 @@ class TokenProvenance:
 
     def _conv(self, node, taint, learned):
         x = node.args[0]
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         xi = self._in(x)
         axes = relocate(xi.axes, xs, shape, {0: 0})
         tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
@@ -612,7 +517,7 @@ class TokenProvenance:
     def _write_into_stream(self, node, rule, recipe, value_nodes, taint):
         """Values written into a token stream at run-time positions (``masked_scatter``, ``index_put``):
         a new stream whose layout is read from ``value_nodes`` (the mask or indices)."""
-        shape = _shape(node)
+        shape = node_shape(node)
         axes = list(self._in(node.args[0]).axes)
         for i, ax in enumerate(axes):
             st = self.stream(ax.stream)
@@ -632,7 +537,7 @@ class TokenProvenance:
         tb = self.tokens(b).taint if isinstance(b, fx.Node) else frozenset()
         # image features selected into a text stream by a mask: a modality source
         if IMAGE in ta and TEXT in tb and IMAGE not in tb:
-            shape = _shape(node)
+            shape = node_shape(node)
             for i, ax in enumerate(info.axes):
                 st = self.stream(ax.stream)
                 d = axis_dim(ax, shape)
@@ -647,14 +552,14 @@ class TokenProvenance:
     def _cat(self, node, taint, learned):
         tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        shape = _shape(node)
+        shape = node_shape(node)
         dim = dim % len(shape)
         # non-cat dims: like an elementwise op whose inputs all have the output's size there
         carried: dict[int, TokAxis] = {}
         segments = []
         any_tok = False
         for t in tensors:
-            ts = _shape(t)
+            ts = node_shape(t)
             if ts is None or len(ts) != len(shape):
                 continue
             dm = {i: i for i in range(len(ts)) if i != dim}
@@ -672,7 +577,7 @@ class TokenProvenance:
                     any_tok = True
             segments.append((seg, ts[dim], t))
         for t in tensors:  # legacy cat accepts empty 1-d tensors (an empty cache): zero-length segments
-            ts = _shape(t)
+            ts = node_shape(t)
             if ts is not None and len(ts) != len(shape) and 0 in ts:
                 segments.append((None, 0, t))
         axes = list(carried.values())
@@ -697,18 +602,18 @@ class TokenProvenance:
     def _stack(self, node, taint, learned):
         tensors = [t for t in node.args[0] if isinstance(t, fx.Node)]
         dim = node.args[1] if len(node.args) > 1 else 0
-        shape = _shape(node)
+        shape = node_shape(node)
         dim = dim % len(shape)
         axes = []
         for t in tensors[:1]:
-            ts = _shape(t)
+            ts = node_shape(t)
             dm = {i: (i if i < dim else i + 1) for i in range(len(ts))}
             axes = relocate(self._in(t).axes, ts, shape, dm)
         return TokenInfo(tuple(axes), taint, False, learned)
 
     def _slice(self, node, taint, learned):
         x = node.args[0]
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
         start = node.args[2] if len(node.args) > 2 else 0
         step = node.args[4] if len(node.args) > 4 else 1
@@ -729,7 +634,7 @@ class TokenProvenance:
 
     def _select(self, node, taint, learned):
         x = node.args[0]
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         dim = node.args[1] % len(xs)
         dm = {i: (i if i < dim else i - 1) for i in range(len(xs)) if i != dim}
         xi = self._in(x)
@@ -737,9 +642,9 @@ class TokenProvenance:
 
     def _split(self, node, taint, learned):
         x = node.args[0]
-        xs = _shape(x)
+        xs = node_shape(x)
         vals = node.meta.get("val")
-        pk = _packet(node)
+        pk = op_packet(node)
         if pk is aten.unbind:
             dim = (node.args[1] if len(node.args) > 1 else 0) % len(xs)
         else:
@@ -771,7 +676,7 @@ class TokenProvenance:
         """Advanced indexing ``x[i0, i1, ...]``: indexed dims are consumed (a token axis there is a
         selection, e.g. pooling one token per sample); the others keep their axes."""
         x, indices = node.args
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         idx = [i for i, t in enumerate(indices) if t is not None]
         if not idx or idx != list(range(idx[0], idx[-1] + 1)):
             return self._opaque(node, taint, learned)
@@ -789,7 +694,7 @@ class TokenProvenance:
         if isinstance(mask, fx.Node):
             self._value_nodes.add(mask)
         q = node.args[0]
-        qs = _shape(q)
+        qs = node_shape(q)
         v = node.meta.get("val")
         out_shape = _shape_of_val(v[0] if isinstance(v, (tuple, list)) else v)
         dm = {i: i for i in range(len(qs) - 1)}
@@ -799,10 +704,10 @@ class TokenProvenance:
         return out
 
     def _matmul(self, node, taint, learned):
-        pk = _packet(node)
+        pk = op_packet(node)
         args = node.args[1:] if pk in (aten.addmm, aten.baddbmm) else node.args
         a, b = args[0], args[1]
-        as_, bs, shape = _shape(a), _shape(b), _shape(node)
+        as_, bs, shape = node_shape(a), node_shape(b), node_shape(node)
         R = len(shape)
         axes = []
         if len(as_) >= 2:
@@ -821,7 +726,7 @@ class TokenProvenance:
 
     def _reduce(self, node, taint, learned):
         x = node.args[0]
-        xs, shape = _shape(x), _shape(node)
+        xs, shape = node_shape(x), node_shape(node)
         if shape is None:
             return TokenInfo(taint=taint)
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -846,14 +751,14 @@ class TokenProvenance:
         v = node.meta.get("val")
         outs = list(v) if isinstance(v, (tuple, list)) else [v]
         x = node.args[0]
-        xs = _shape(x)
+        xs = node_shape(x)
         infos = []
         for o in outs:
             shape = tuple(o.shape) if isinstance(o, torch.Tensor) else None
             if not shape or xs is None:
                 infos.append(TokenInfo(taint=taint, learned=learned))
                 continue
-            keep = [d for d in range(len(xs)) if not (_packet(node) in CLASS_INDEX_LOSSES and d == 1)]
+            keep = [d for d in range(len(xs)) if not (op_packet(node) in CLASS_INDEX_LOSSES and d == 1)]
             dm = {d: i for i, d in enumerate(keep) if i < len(shape)} if len(shape) < len(xs) else {d: d for d in range(len(xs))}
             infos.append(TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned))
         return infos if isinstance(v, (tuple, list)) else infos[0]
@@ -865,7 +770,7 @@ class TokenProvenance:
             return {}
         from .evaluate import partial_evaluate
 
-        flat = _flat_inputs(self.gm, *inputs)
+        flat = flat_inputs(self.gm, *inputs)
         if flat is None or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in flat):
             return {}
         vals = partial_evaluate(self.gm, flat, self._value_nodes)
@@ -897,7 +802,7 @@ class TokenProvenance:
             _, base, indices, d, code = r
             bcodes, bspecial = self._parent_codes(base)
             origin = next(n for n in self.gm.graph.nodes if n.name == st.origin)
-            marker = torch.zeros(_shape(origin), dtype=torch.bool)
+            marker = torch.zeros(node_shape(origin), dtype=torch.bool)
             idx = [self.values.get(i) if isinstance(i, fx.Node) else None for i in indices]
             if any(isinstance(i, fx.Node) and v is None for i, v in zip(indices, idx)):
                 return None, bspecial
@@ -1022,7 +927,7 @@ class TokenProvenance:
     # ---- symbolic shapes
     def symbolic_shape(self, node) -> tuple | None:
         """``node``'s shape with token and batch dims written in the stream symbols."""
-        shape = _shape(node)
+        shape = node_shape(node)
         if shape is None:
             return None
         out = [sympy.Integer(s) for s in shape]
@@ -1053,7 +958,7 @@ def _flat_nodes(x) -> list[fx.Node]:
 
 def _shape_of_val(v):
     if isinstance(v, torch.Tensor):
-        return tuple(_hint(s) for s in v.shape)
+        return tuple(size_hint(s) for s in v.shape)
     return None
 
 
@@ -1070,27 +975,3 @@ def _reduce_to(m: torch.Tensor, d: int) -> torch.Tensor:
     if dims:
         m = m.any(dim=dims)
     return m
-
-
-def _flat_inputs(gm: fx.GraphModule, args, kwargs):
-    """Flatten (args, kwargs) the way the graph module's pytree codegen expects."""
-    spec = getattr(gm, "_in_spec", None)
-    try:
-        from torch.utils._pytree import tree_flatten
-
-        if spec is not None:
-            flat, got = tree_flatten((tuple(args), dict(kwargs)))
-            if got != spec:
-                # order kwargs like the spec does
-                try:
-                    from torch.export._tree_utils import reorder_kwargs
-
-                    kwargs = reorder_kwargs(kwargs, spec)
-                except Exception:
-                    pass
-                flat, _ = tree_flatten((tuple(args), dict(kwargs)))
-            return flat
-        flat, _ = tree_flatten((tuple(args), dict(kwargs)))
-        return flat
-    except Exception:
-        return None

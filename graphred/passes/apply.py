@@ -15,13 +15,14 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF, AttentionBlock, detect_blocks
-from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, TokenProvenance, _shape
+from ..analysis.attention import mask_between, scores_matmul
+from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, TokenProvenance
+from ..fx_utils import call_with_val, fake_like, graph_device, node_named, node_shape
 from ..errors import PlanError
 from ..plans import FastVStep, Plan, PumerStep, ToMeStep, select_layers
 from ..program import Program
-from .infra import set_fake_val
-from .reduce import _node, emit_codes, emit_valid, graph_device, key_source, layer_input, residual_after
-from .token_axis import StreamState, _call, record_original_shapes, reduce_stream
+from .reduce import emit_codes, emit_valid, key_source, layer_input, residual_after
+from .token_axis import StreamState, record_original_shapes, reduce_stream
 
 aten = torch.ops.aten
 gr = torch.ops.graphred
@@ -105,10 +106,10 @@ class _Ctx:
         # the cache holds original-length codes; bring them to the current numbering
         if st.abs_index is not None:
             with graph.inserting_before(before):
-                rows = _shape(st.abs_index)[0]
-                if _shape(c)[0] != rows:
-                    c = _call(graph, aten.expand.default, (c, [rows, _shape(c)[1]]))
-                c = _call(graph, gr.gather_tokens.default, (c, st.abs_index, 1))
+                rows = node_shape(st.abs_index)[0]
+                if node_shape(c)[0] != rows:
+                    c = call_with_val(graph, aten.expand.default, (c, [rows, node_shape(c)[1]]))
+                c = call_with_val(graph, gr.gather_tokens.default, (c, st.abs_index, 1))
         return c
 
     def valid(self, sid: int, mask: fx.Node | None, length: int, rows: int, before: fx.Node) -> fx.Node:
@@ -130,7 +131,7 @@ class _Ctx:
         if st.abs_index is None:
             return cached
         with graph.inserting_before(before):
-            return _call(graph, gr.gather_tokens.default, (cached, st.abs_index, 1))
+            return call_with_val(graph, gr.gather_tokens.default, (cached, st.abs_index, 1))
 
     def special(self, sid: int, before: fx.Node) -> fx.Node | None:
         st = self.prov.streams[self.prov.find(sid)]
@@ -138,16 +139,14 @@ class _Ctx:
             return None
         name = f"_graphred_special_{st.id}"
         if not hasattr(self.gm, name):
-            from .reduce import graph_device
             self.gm.register_buffer(name, st.special.view(1, -1).clone().to(graph_device(self.gm)), persistent=False)
         graph = self.gm.graph
         with graph.inserting_before(before):
             node = graph.get_attr(name)
-            from .reduce import _fake_like
-            node.meta["val"] = _fake_like(self.gm, getattr(self.gm, name))
+            node.meta["val"] = fake_like(self.gm, getattr(self.gm, name))
             s = self.states[self.prov.find(sid)]
             if s.abs_index is not None:
-                node = _call(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
+                node = call_with_val(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
         return node
 
 
@@ -188,14 +187,12 @@ def _mask_of(gm, block: AttentionBlock):
     """The mask the attention consumes *now* (an earlier reduction may have gathered it)."""
     if not block.mask:
         return None
-    att = _node(gm, block.node)
+    att = node_named(gm, block.node)
     if block.fused:
         m = att.args[3] if len(att.args) > 3 else att.kwargs.get("attn_mask")
         return m if isinstance(m, fx.Node) else None
-    from ..analysis.blocks import _mask_of as find_mask, _walk_up
-
-    qk = _walk_up(att.args[0])
-    return find_mask(att.args[0], qk) if qk is not None else _node(gm, block.mask)
+    qk = scores_matmul(att.args[0])
+    return mask_between(att.args[0], qk) if qk is not None else node_named(gm, block.mask)
 
 
 def _scale(block: AttentionBlock) -> float:
@@ -218,8 +215,8 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     n_drop = n_img - n_keep
     if n_drop <= 0:
         return None
-    q, k = _node(gm, block.query), _node(gm, block.key)
-    sdpa = _node(gm, block.node)
+    q, k = node_named(gm, block.query), node_named(gm, block.key)
+    sdpa = node_named(gm, block.node)
     mask = _mask_of(gm, block)
     anchor = _after(gm, [point, sdpa, q, k, mask, st.abs_index, st.sizes])
     nxt = anchor.next
@@ -227,43 +224,42 @@ def _prune(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, weight
     with graph.inserting_before(nxt):
         key_codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
-        Lk = _shape(k)[-2]
-        B = _shape(q)[0]
+        Lk = node_shape(k)[-2]
+        B = node_shape(q)[0]
         valid_k = ctx.valid(stream, mask, Lk, B, nxt)
-        Lq = _shape(q)[-2]
+        Lq = node_shape(q)[-2]
         if weights_kind == "text":  # PuMer: valid text queries
             if block.kind == CROSS_MODAL_SELF:
                 qc = key_codes
-                is_text = _call(graph, aten.eq.Scalar, (qc, CODE[TEXT]))
-                if _shape(is_text)[0] != B:
-                    is_text = _call(graph, aten.expand.default, (is_text, [B, Lq]))
-                w = _call(graph, aten.logical_and.default, (is_text, valid_k))
+                is_text = call_with_val(graph, aten.eq.Scalar, (qc, CODE[TEXT]))
+                if node_shape(is_text)[0] != B:
+                    is_text = call_with_val(graph, aten.expand.default, (is_text, [B, Lq]))
+                w = call_with_val(graph, aten.logical_and.default, (is_text, valid_k))
             else:
-                w = _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
+                w = call_with_val(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
         else:  # FastV: the last valid query
-            pos = _call(graph, aten.arange.default, (Lq,), {"dtype": torch.long, "device": graph_device(graph.owning_module)})
-            vq = valid_k if Lq == Lk else _call(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
-            last = _call(graph, aten.where.ScalarOther, (vq, pos, -1))
-            last = _call(graph, aten.amax.default, (last, [1], True))
-            w = _call(graph, aten.eq.Tensor, (pos, last))
-        wf = _call(graph, aten._to_copy.default, (w,), {"dtype": torch.float32})
+            pos = call_with_val(graph, aten.arange.default, (Lq,), {"dtype": torch.long, "device": graph_device(graph.owning_module)})
+            vq = valid_k if Lq == Lk else call_with_val(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
+            last = call_with_val(graph, aten.where.ScalarOther, (vq, pos, -1))
+            last = call_with_val(graph, aten.amax.default, (last, [1], True))
+            w = call_with_val(graph, aten.eq.Tensor, (pos, last))
+        wf = call_with_val(graph, aten._to_copy.default, (w,), {"dtype": torch.float32})
         if scorer == "norm":  # text-agnostic baseline: the norm of each token's hidden state
-            scores = _call(graph, aten.linalg_vector_norm.default, (point, 2, [-1]))
-            scores = _call(graph, aten._to_copy.default, (scores,), {"dtype": torch.float32})
+            scores = call_with_val(graph, aten.linalg_vector_norm.default, (point, 2, [-1]))
+            scores = call_with_val(graph, aten._to_copy.default, (scores,), {"dtype": torch.float32})
         elif scorer == "random":  # baseline: a fixed random priority per position (seeded)
             name = f"_graphred_random_{len(ctx.log)}"
             gen = torch.Generator().manual_seed(seed + 7919 * len(ctx.log))
             gm.register_buffer(name, torch.rand(1, st.length, generator=gen).to(graph_device(gm)), persistent=False)
             scores = graph.get_attr(name)
-            from .reduce import _fake_like
-            scores.meta["val"] = _fake_like(gm, getattr(gm, name))
-            scores = _call(graph, aten.expand.default, (scores, [B, st.length]))
+            scores.meta["val"] = fake_like(gm, getattr(gm, name))
+            scores = call_with_val(graph, aten.expand.default, (scores, [B, st.length]))
         else:
-            scores = _call(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
-        is_image = _call(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
-        if _shape(is_image)[0] != B:
-            is_image = _call(graph, aten.expand.default, (is_image, [B, Lk]))
-        idx = _call(graph, gr.select_tokens.default, (scores, is_image, n_drop))
+            scores = call_with_val(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
+        is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
+        if node_shape(is_image)[0] != B:
+            is_image = call_with_val(graph, aten.expand.default, (is_image, [B, Lk]))
+        idx = call_with_val(graph, gr.select_tokens.default, (scores, is_image, n_drop))
     for n in (key_codes, valid_k, w, wf, scores, is_image, idx):
         n.meta["graphred_side"] = True
     new_len = st.length - n_drop
@@ -283,7 +279,7 @@ def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
     if block.fused:
         return k
     with gm.graph.inserting_before(before):
-        kt = _call(gm.graph, aten.transpose.int, (k, -1, -2))
+        kt = call_with_val(gm.graph, aten.transpose.int, (k, -1, -2))
         kt.meta["graphred_side"] = True
     return kt
 
@@ -300,7 +296,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     r = min(round(ratio * n_mod), (n_mod - n_special) // 2 - n_special)
     if r <= 0:
         return None
-    k = _node(gm, block.key)
+    k = node_named(gm, block.key)
     mask = _mask_of(gm, block)
     nxt = _after(gm, [point, k, mask, st.abs_index, st.sizes]).next
     k = _keys(gm, block, k, nxt)
@@ -308,50 +304,50 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
         codes = ctx.codes(stream, nxt)
     with graph.inserting_before(nxt):
         # head mean first (the gathers below then move H times fewer elements)
-        metric = _call(graph, aten.mean.dim, (k, [1]))  # [B, L, D]
+        metric = call_with_val(graph, aten.mean.dim, (k, [1]))  # [B, L, D]
         # this layer's keys were computed before the reductions made at this layer: follow them
         for idx in ctx.layer_chain:
-            metric = _call(graph, gr.gather_tokens.default, (metric, idx, 1))
-        if _shape(metric)[-2] != st.length:
-            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {_shape(metric)[-2]} tokens but the stream "
+            metric = call_with_val(graph, gr.gather_tokens.default, (metric, idx, 1))
+        if node_shape(metric)[-2] != st.length:
+            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {node_shape(metric)[-2]} tokens but the stream "
                             f"holds {st.length} there: list the plan's steps in graph order (vision-tower steps such "
                             "as tome(...) before steps at later layers)")
-        B = _shape(metric)[0]
-        cand = _call(graph, aten.eq.Scalar, (codes, CODE[modality]))
-        if _shape(cand)[0] != B:
-            cand = _call(graph, aten.expand.default, (cand, [B, st.length]))
+        B = node_shape(metric)[0]
+        cand = call_with_val(graph, aten.eq.Scalar, (codes, CODE[modality]))
+        if node_shape(cand)[0] != B:
+            cand = call_with_val(graph, aten.expand.default, (cand, [B, st.length]))
         protected = ctx.special(stream, nxt)
         if modality == TEXT:
-            valid = emit_valid(graph, mask, _shape(mask)[-1] if mask is not None else st.length, B) if mask is not None else None
-            if valid is not None and _shape(valid)[-1] == st.length:
-                invalid = _call(graph, aten.logical_not.default, (valid,))
-                protected = invalid if protected is None else _call(graph, aten.logical_or.default, (protected, invalid))
+            valid = emit_valid(graph, mask, node_shape(mask)[-1] if mask is not None else st.length, B) if mask is not None else None
+            if valid is not None and node_shape(valid)[-1] == st.length:
+                invalid = call_with_val(graph, aten.logical_not.default, (valid,))
+                protected = invalid if protected is None else call_with_val(graph, aten.logical_or.default, (protected, invalid))
             # the first text token of each sample is a class token (ToMe protects class tokens)
-            rank = _call(graph, aten.cumsum.default, (cand, 1))
-            first = _call(graph, aten.logical_and.default, (cand, _call(graph, aten.eq.Scalar, (rank, 1))))
-            protected = first if protected is None else _call(graph, aten.logical_or.default, (protected, first))
+            rank = call_with_val(graph, aten.cumsum.default, (cand, 1))
+            first = call_with_val(graph, aten.logical_and.default, (cand, call_with_val(graph, aten.eq.Scalar, (rank, 1))))
+            protected = first if protected is None else call_with_val(graph, aten.logical_or.default, (protected, first))
             # only the first token of a leading text run stays fixed now; the end moves
             st.kept_prefix = min(st.kept_prefix, 1)
             st.kept_suffix = 0
-        if protected is not None and _shape(protected)[0] != B:
-            protected = _call(graph, aten.expand.default, (protected, [B, st.length]))
+        if protected is not None and node_shape(protected)[0] != B:
+            protected = call_with_val(graph, aten.expand.default, (protected, [B, st.length]))
         if st.sizes is None:
-            sizes = _call(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32, "device": graph_device(graph.owning_module)})
+            sizes = call_with_val(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32, "device": graph_device(graph.owning_module)})
         else:
             sizes = st.sizes
-        match = _call(graph, gr.bipartite_match.default, (metric, cand, r, protected))
-        keep = _call(graph, __import__("operator").getitem, (match, 0))
-        src = _call(graph, __import__("operator").getitem, (match, 1))
-        dst = _call(graph, __import__("operator").getitem, (match, 2))
+        match = call_with_val(graph, gr.bipartite_match.default, (metric, cand, r, protected))
+        keep = call_with_val(graph, __import__("operator").getitem, (match, 0))
+        src = call_with_val(graph, __import__("operator").getitem, (match, 1))
+        dst = call_with_val(graph, __import__("operator").getitem, (match, 2))
     for n in (codes, metric, cand, match, keep, src, dst, sizes):
         n.meta["graphred_side"] = True
 
     merged = {}
 
     def transform(x: fx.Node) -> fx.Node:
-        out = _call(graph, gr.merge_tokens.default, (x, sizes, src, dst))
-        x2 = _call(graph, __import__("operator").getitem, (out, 0))
-        merged["sizes"] = _call(graph, __import__("operator").getitem, (out, 1))
+        out = call_with_val(graph, gr.merge_tokens.default, (x, sizes, src, dst))
+        x2 = call_with_val(graph, __import__("operator").getitem, (out, 0))
+        merged["sizes"] = call_with_val(graph, __import__("operator").getitem, (out, 1))
         return x2
 
     with graph.inserting_before(nxt):
@@ -360,7 +356,7 @@ def _merge(ctx: _Ctx, block: AttentionBlock, stream: int, point: fx.Node, ratio:
     g = reduce_stream(gm, ctx.prov, st, point, keep, st.length - r, transform=transform,
                       pass_name=f"{step_name} at {block.module_path}", dim=dim, inputs_ready=_after(gm, [src, dst, sizes]))
     with graph.inserting_before(_after(gm, [g, merged["sizes"]]).next):
-        st.sizes = _call(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
+        st.sizes = call_with_val(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
         st.sizes.meta["graphred_side"] = True
     ctx.layer_chain.append(keep)
     ctx.last_point[st.stream] = g
@@ -559,15 +555,15 @@ def _proportional_attention(ctx: _Ctx) -> None:
         for b in ctx.blocks:
             if b.key_stream is None or ctx.prov.find(b.key_stream) != sid:
                 continue
-            att = _node(gm, b.node)
+            att = node_named(gm, b.node)
             live = [m for m in marks if order[m[0]] < order[att]]
             if not live:
                 continue
             sizes = live[-1][1]
             with graph.inserting_before(att):
-                bias = _call(graph, aten.log.default, (sizes,))
-                B, L = _shape(bias)
-                bias = _call(graph, aten.view.default, (bias, [B, 1, 1, L]))
+                bias = call_with_val(graph, aten.log.default, (sizes,))
+                B, L = node_shape(bias)
+                bias = call_with_val(graph, aten.view.default, (bias, [B, 1, 1, L]))
                 if b.fused:
                     if att.kwargs.get("is_causal"):
                         raise PlanError(f"proportional attention at {b.module_path}: the attention uses is_causal=True, "
@@ -576,11 +572,11 @@ def _proportional_attention(ctx: _Ctx) -> None:
                     q = att.args[0]
                     if isinstance(mask, fx.Node):
                         if mask.meta["val"].dtype == torch.bool:
-                            zeros = _call(graph, aten.zeros_like.default, (mask,), {"dtype": q.meta["val"].dtype})
-                            mask = _call(graph, aten.masked_fill.Scalar, (zeros, _call(graph, aten.logical_not.default, (mask,)), float("-inf")))
-                        new_mask = _call(graph, aten.add.Tensor, (mask, bias))
+                            zeros = call_with_val(graph, aten.zeros_like.default, (mask,), {"dtype": q.meta["val"].dtype})
+                            mask = call_with_val(graph, aten.masked_fill.Scalar, (zeros, call_with_val(graph, aten.logical_not.default, (mask,)), float("-inf")))
+                        new_mask = call_with_val(graph, aten.add.Tensor, (mask, bias))
                     else:
-                        new_mask = _call(graph, aten._to_copy.default, (bias,), {"dtype": q.meta["val"].dtype})
+                        new_mask = call_with_val(graph, aten._to_copy.default, (bias,), {"dtype": q.meta["val"].dtype})
                     if len(att.args) > 3:
                         args = list(att.args)
                         args[3] = new_mask
@@ -589,12 +585,12 @@ def _proportional_attention(ctx: _Ctx) -> None:
                         att.kwargs = {**att.kwargs, "attn_mask": new_mask}
                 else:
                     scores = att.args[0]
-                    sshape = _shape(scores)
+                    sshape = node_shape(scores)
                     if len(sshape) == 3:  # heads folded into the batch: [B*H, Lq, Lk]
                         heads = sshape[0] // B
-                        bias = _call(graph, aten.expand.default, (bias, [B, heads, 1, L]))
-                        bias = _call(graph, aten.reshape.default, (bias, [B * heads, 1, L]))
-                    biased = _call(graph, aten.add.Tensor, (scores, bias))
+                        bias = call_with_val(graph, aten.expand.default, (bias, [B, heads, 1, L]))
+                        bias = call_with_val(graph, aten.reshape.default, (bias, [B * heads, 1, L]))
+                    biased = call_with_val(graph, aten.add.Tensor, (scores, bias))
                     att.args = (biased,) + tuple(att.args[1:])
 
 

@@ -22,6 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._pytree import tree_flatten
 
 from graphred.errors import AnalysisError, PassError, PostconditionError
+from graphred.fx_utils import set_fake_val
 
 __all__ = [
     "ALL", "META_KEY", "Analysis", "AnalysisManager", "GraphredPass", "PassManager", "PassResult",
@@ -353,58 +354,6 @@ def check_meta_vals(gm: fx.GraphModule) -> None:
 def _describe(v: Any) -> str:
     leaves, _ = tree_flatten(v)
     return ", ".join(f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
-
-
-def _graph_fake_mode(graph: fx.Graph) -> FakeTensorMode:
-    """The fake mode of a graph's own values (so that new nodes without tensor inputs, such as
-    an ``arange``, share it); a fresh one if the graph has none."""
-    mode = getattr(graph, "_graphred_fake_mode", None)
-    if mode is None:
-        vals = [n.meta.get("val") for n in graph.nodes if n.op in ("placeholder", "get_attr", "call_function")
-                and isinstance(n.meta.get("val"), torch.Tensor)][:64]
-        mode = detect_fake_mode(vals) or FakeTensorMode()
-        graph._graphred_fake_mode = mode
-    return mode
-
-
-def set_fake_val(node: fx.Node) -> Any:
-    """Recompute ``node.meta["val"]`` by running its target on its inputs' fake values, under
-    the inputs' FakeTensorMode; returns the new val.
-
-    >>> gm = torch.export.export(torch.nn.ReLU(), (torch.randn(2, 3),)).graph_module
-    >>> x, relu = list(gm.graph.nodes)[:2]
-    >>> with insert_after(x): n = gm.graph.call_function(torch.ops.aten.narrow.default, (x, 1, 0, 2))
-    >>> set_fake_val(n).shape
-    torch.Size([2, 2])
-    """
-    if node.op not in ("call_function", "call_method"):
-        raise AnalysisError(f"set_fake_val needs a call_function/call_method node, got {node.format_node()}")
-
-    def fake(arg: fx.Node) -> Any:
-        if "val" not in arg.meta:
-            raise AnalysisError(f"input {arg.format_node()} of {node.format_node()} has no meta['val']; "
-                                "make sure fake propagation (set_fake_val/propagate_meta) has run on it")
-        return arg.meta["val"]
-
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), fake)
-    mode = detect_fake_mode(tree_flatten((args, kwargs))[0]) or detect_fake_mode() or _graph_fake_mode(node.graph)
-    # a graph captured with real-tensor propagation (data-dependent fallback) has a mode that also runs
-    # the real kernels; new nodes need shapes only, and their inputs may carry no real values
-    real = getattr(mode, "propagate_real_tensors", False)
-    mode.propagate_real_tensors = False
-    try:
-        with mode:
-            if node.op == "call_method":
-                val = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                val = node.target(*args, **kwargs)
-    finally:
-        mode.propagate_real_tensors = real
-    node.meta["val"] = val
-    if "tensor_meta" in node.meta and isinstance(val, torch.Tensor):
-        from torch.fx.passes.shape_prop import _extract_tensor_metadata
-        node.meta["tensor_meta"] = _extract_tensor_metadata(val)
-    return val
 
 
 def propagate_meta(gm: fx.GraphModule, start_nodes: fx.Node | Iterable[fx.Node]) -> list[fx.Node]:

@@ -24,13 +24,10 @@ import torch.fx as fx
 
 from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 
-from ..analysis.provenance import (
-    LOSSES, SDPA, TOKENS, TokAxis, TokenProvenance, _is_pointwise, _packet, _shape, locate,
-    loss_target_dims,
-)
+from ..analysis.op_tables import LOSSES, SDPA, loss_target_dims
+from ..analysis.provenance import TOKENS, TokAxis, TokenProvenance, locate
 from ..errors import PassError
-from ..fx_utils import module_path
-from .infra import set_fake_val
+from ..fx_utils import call_with_val, is_pointwise, module_path, node_shape, op_packet, set_fake_val
 
 aten = torch.ops.aten
 graphred_ops = torch.ops.graphred
@@ -44,7 +41,7 @@ ORIG_SHAPE = "graphred_orig_shape"  # node.meta key: the shape before any rewrit
 
 def record_original_shapes(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
-        s = _shape(n)
+        s = node_shape(n)
         if s is not None:
             n.meta[ORIG_SHAPE] = s
 
@@ -67,16 +64,10 @@ class StreamState:
     graph_mutates: bool | None = None  # whether the graph has in-place ops (then views are not shared by structure)
 
 
-def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
-    n = graph.call_function(target, tuple(args), kwargs or {})
-    set_fake_val(n)
-    return n
-
-
 def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> list[tuple[int, int]]:
     """``[(dim, factor)]``: dims of ``node`` (original) that hold ``stream``; the dim's size is
     ``factor * length`` (factor > 1 for folded layouts such as ``[B*L, C]``)."""
-    shape = node.meta.get(ORIG_SHAPE) or shape or _shape(node)
+    shape = node.meta.get(ORIG_SHAPE) or shape or node_shape(node)
     out = []
     if shape is None:
         return out
@@ -136,7 +127,7 @@ def reduce_stream(
     if order.get(after, 0) < order[index]:
         after = index
     with graph.inserting_after(_last(graph, [index, src])):
-        g = _call(graph, graphred_ops.gather_tokens.default, (src, index, dim))
+        g = call_with_val(graph, graphred_ops.gather_tokens.default, (src, index, dim))
     order = {n: i for i, n in enumerate(graph.nodes)}
     for user in list(point.users):
         if user is g or user is src or order[user] <= order[g]:
@@ -147,12 +138,12 @@ def reduce_stream(
         if state.abs_index is None:
             abs_index = index
         else:
-            abs_index = _call(graph, graphred_ops.gather_tokens.default, (state.abs_index, index, 1))
+            abs_index = call_with_val(graph, graphred_ops.gather_tokens.default, (state.abs_index, index, 1))
     state.abs_index = abs_index
     state.length = new_length
     if state.sizes is not None and transform is None:  # merged-token sizes follow every pruning
         with graph.inserting_before(g):
-            state.sizes = _call(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))
+            state.sizes = call_with_val(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))
             state.sizes.meta["graphred_side"] = True
     reduced: dict[fx.Node, set[int]] = {g: {dim}}
     if transform is not None:
@@ -185,7 +176,7 @@ def _structural_key(a: fx.Node, memo: dict):
     if a in memo:
         return memo[a]
     key = a
-    if a.op == "call_function" and _packet(a) in _VIEW_OPS:
+    if a.op == "call_function" and op_packet(a) in _VIEW_OPS:
         def norm(v):
             if isinstance(v, fx.Node):
                 return _structural_key(v, memo)
@@ -227,8 +218,8 @@ def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
 
 def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced_inputs) -> list[int]:
     """Dims of operand ``a`` of op ``n`` that line up with the reduced output dims ``out_dims``."""
-    pk = _packet(n)
-    ashape = _shape(a)
+    pk = op_packet(n)
+    ashape = node_shape(a)
     if ashape is None:
         return []
     if pk in SDPA:
@@ -247,7 +238,7 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
         r = len(ashape)
         # batch dims broadcast from the right, excluding the two matrix dims
         return [d + R - r for d in range(r - 2) if (d + R - r) in out_dims] if r > 2 else []
-    if not (_is_pointwise(n) or pk in (aten.cat, aten.concat, aten.where, aten.masked_fill, aten.stack)):
+    if not (is_pointwise(n) or pk in (aten.cat, aten.concat, aten.where, aten.masked_fill, aten.stack)):
         return []  # weights, norms' affine parameters, indices of other ops: never token-aligned
     R = len(out_shape)
     r = len(ashape)
@@ -256,8 +247,8 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
 
 def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     graph = gm.graph
-    pk = _packet(n)
-    orig_shape = _shape(n)  # as it is now (after earlier reductions)
+    pk = op_packet(n)
+    orig_shape = node_shape(n)  # as it is now (after earlier reductions)
     sd = stream_dims(prov, n, {state.stream} | state.aliases) if orig_shape is not None else []
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
@@ -266,7 +257,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         _gather_loss_target(graph, n, index, old, new, reduced)
     if n.target is operator.getitem:
         set_fake_val(n)
-        new_shape = _shape(n)
+        new_shape = node_shape(n)
         reduced[n] = {d for d in out_dims if new_shape and orig_shape and new_shape[d] != orig_shape[d]}
         return
     if orig_shape is None:  # several outputs (split, native_layer_norm, sdpa kernels): getitems follow
@@ -280,7 +271,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     for a in list(n.all_input_nodes):
         if a in reduced_inputs:
             continue
-        ashape = _shape(a)
+        ashape = node_shape(a)
         if ashape is None:
             continue
         dims = [d for d in _aligned_dims(n, a, out_dims, orig_shape, reduced_inputs) if d < len(ashape) and ashape[d] == old]
@@ -296,22 +287,22 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 ga = state._gathered.get(key)
                 if ga is None:
                     which = index
-                    if state.renumber and _is_pointwise(n):
+                    if state.renumber and is_pointwise(n):
                         # renumbered: an operand combined elementwise with the tokens (a rotary cos/sin table,
                         # position ids) takes the first K slots; masks at the attention still follow the tokens
                         which = state._gathered.get("slots")
                         if which is None:
                             with graph.inserting_before(index.next):
-                                ar = _call(graph, aten.arange.default, (new,), {"dtype": torch.long, "device": index.meta["val"].device})
-                                which = _call(graph, aten.expand.default, (ar, list(_shape(index))))
+                                ar = call_with_val(graph, aten.arange.default, (new,), {"dtype": torch.long, "device": index.meta["val"].device})
+                                which = call_with_val(graph, aten.expand.default, (ar, list(node_shape(index))))
                             state._gathered["slots"] = which
                     # right after the operand (and the index), so later layers reuse the same gather
                     with graph.inserting_after(_last(graph, [a, which])):
-                        ga = _call(graph, graphred_ops.gather_tokens.default, (a, which, d))
+                        ga = call_with_val(graph, graphred_ops.gather_tokens.default, (a, which, d))
                     state._gathered[key] = ga
                 n.replace_input_with(a, ga)
                 a = ga
-                ashape = _shape(ga)
+                ashape = node_shape(ga)
     # re-specialise shape arguments
     if pk in _SHAPE_ARG_OPS:
         size_arg = 1
@@ -326,7 +317,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         n.args = tuple(args)
     elif pk in (aten.flatten, aten.unflatten) and pk is aten.unflatten:
         sizes = list(n.args[2])
-        base = n.args[1] % len(n.args[0].meta[ORIG_SHAPE] if ORIG_SHAPE in n.args[0].meta else _shape(n.args[0]))
+        base = n.args[1] % len(n.args[0].meta[ORIG_SHAPE] if ORIG_SHAPE in n.args[0].meta else node_shape(n.args[0]))
         for d, f in sd:
             j = d - base
             if 0 <= j < len(sizes) and sizes[j] != -1:
@@ -360,7 +351,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 raise _fail(f"a slice [{start}:{end}:{step}] on the reduced token axis cannot be re-specialised", n, pass_name)
             out_dims = {sdim % len(orig_shape)}
     elif pk in (aten.select,):
-        sdim = n.args[1] % len(_shape(n.args[0]))
+        sdim = n.args[1] % len(node_shape(n.args[0]))
         if sdim in reduced.get(n.args[0], set()):
             idx = n.args[2]
             if not (0 <= idx < state.kept_prefix or (idx < 0 and -idx <= state.kept_suffix)):
@@ -390,7 +381,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         set_fake_val(n)
     except Exception as e:  # the op did not accept the reduced shapes
         raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", n, pass_name) from e
-    new_shape = _shape(n)
+    new_shape = node_shape(n)
     if new_shape is None:
         v = n.meta.get("val")
         if isinstance(v, (tuple, list)):
@@ -413,8 +404,8 @@ def _gather_loss_target(graph, n, index, old, new, reduced):
     inp, tgt = n.args[0], n.args[1] if len(n.args) > 1 else None
     if not isinstance(tgt, fx.Node) or inp not in reduced or tgt in reduced and reduced[tgt]:
         return
-    tshape = _shape(tgt)
-    B = _shape(index)[0]
+    tshape = node_shape(tgt)
+    B = node_shape(index)[0]
     mapping = loss_target_dims(n)
     x = tgt
     for d in sorted(reduced[inp]):
@@ -423,15 +414,15 @@ def _gather_loss_target(graph, n, index, old, new, reduced):
             continue
         with graph.inserting_before(n):
             if td >= 1 and tshape[td] == old:
-                x = _call(graph, graphred_ops.gather_tokens.default, (x, index, td))
+                x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, index, td))
             elif td == 0 and tshape[0] == B * old:  # batch-major flattened [B*L, ...]
-                rest = list(_shape(x)[1:])
-                x = _call(graph, aten.view.default, (x, [B, old, *rest]))
-                x = _call(graph, graphred_ops.gather_tokens.default, (x, index, 1))
-                x = _call(graph, aten.view.default, (x, [B * new, *rest]))
+                rest = list(node_shape(x)[1:])
+                x = call_with_val(graph, aten.view.default, (x, [B, old, *rest]))
+                x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, index, 1))
+                x = call_with_val(graph, aten.view.default, (x, [B * new, *rest]))
             else:
                 continue
-        tshape = _shape(x)
+        tshape = node_shape(x)
     if x is not tgt:
         n.replace_input_with(tgt, x)
 
@@ -447,7 +438,7 @@ def _compose_gather_chain(graph, state, a, dims, index, old):
         prev = root.args[1]
         chain.append(root.args[2])
         root = root.args[0]
-    if prev is None or not set(dims) <= set(chain) or _shape(prev)[1] != old:
+    if prev is None or not set(dims) <= set(chain) or node_shape(prev)[1] != old:
         return None
     key = (a, "composed")
     if key in state._gathered:
@@ -455,12 +446,12 @@ def _compose_gather_chain(graph, state, a, dims, index, old):
     comp = state._gathered.get((prev, "index"))
     if comp is None:
         with graph.inserting_after(_last(graph, [prev, index])):
-            comp = _call(graph, graphred_ops.gather_tokens.default, (prev, index, 1))
+            comp = call_with_val(graph, graphred_ops.gather_tokens.default, (prev, index, 1))
         state._gathered[(prev, "index")] = comp
     x = root
     for d in reversed(chain):
         with graph.inserting_after(_last(graph, [x, comp])):
-            x = _call(graph, graphred_ops.gather_tokens.default, (x, comp, d))
+            x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, comp, d))
     state._gathered[key] = x
     return x
 

@@ -59,7 +59,7 @@ from .memory import (
     tensors_of,
     weight_bytes,
 )
-from .registry import _RUN_ONCE_HOPS, NodeCost, Uncounted, lookup, node_cost, to_expr, walk_costable
+from .registry import RUN_ONCE_HOPS, NodeCost, Uncounted, lookup, node_cost, to_expr, walk_costable
 
 __all__ = [
     "Estimate",
@@ -80,13 +80,8 @@ _ZERO = sympy.Integer(0)
 # =============================================================================================
 
 
-from ..evaluate import _ancestors, _fetch_attr, _to_cpu_device, partial_evaluate  # noqa: E402,F401
-
-
-def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list | None:
-    from ..provenance import _flat_inputs as flat
-
-    return flat(gm, args, kwargs)
+from ...fx_utils import ancestors, flat_inputs  # noqa: E402
+from ..evaluate import partial_evaluate  # noqa: E402,F401
 
 
 def _is_meta_program(program: Program) -> bool:
@@ -300,7 +295,7 @@ class _Shapes:
             if n.op in ("call_function", "placeholder"):
                 nodes.append(n)
             t = n.target
-            if n.op == "call_function" and isinstance(t, torch._ops.HigherOrderOperator) and t.name() in _RUN_ONCE_HOPS:
+            if n.op == "call_function" and isinstance(t, torch._ops.HigherOrderOperator) and t.name() in RUN_ONCE_HOPS:
                 pos = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node) and a.op == "get_attr"
                        and isinstance(getattr(gm, a.target, None), fx.GraphModule)]
                 if len(pos) != 1:
@@ -850,7 +845,7 @@ def _kv_cache(gm: fx.GraphModule, blocks: Sequence[AttentionBlock], shapes: _Sha
     heads = _vocab_heads(gm)
     if not heads:
         return KVCache(note="no generative decoder (no head over the input vocabulary): no KV cache")
-    anc = _ancestors(heads)
+    anc = ancestors(heads)
     byname = {n.name: n for n in gm.graph.nodes}
     out = KVCache()
     per_token = 0
@@ -1274,14 +1269,14 @@ def _analysis(program: Program, value_inputs: tuple | None):
     flat_values = None
     if _is_meta_program(program):
         if value_inputs is not None:
-            flat_values = _flat_inputs(gm, *value_inputs)
+            flat_values = flat_inputs(gm, *value_inputs)
             prov = TokenProvenance(gm, program.example_inputs(), value_inputs=value_inputs)
         else:
             prov = TokenProvenance(gm, program.example_inputs())
             notes.append("captured on the meta device without value_inputs: the image/text split of the token "
                          "streams could not be read (pass value_inputs=(args, kwargs) on the CPU)")
     else:  # the bookkeeping only, not the model: the same values as running the graph, at a fraction of the cost
-        flat_values = _flat_inputs(gm, *program.example_inputs())
+        flat_values = flat_inputs(gm, *program.example_inputs())
         prov = TokenProvenance(gm, program.example_inputs())
     blocks = detect_blocks(gm, prov)
     return prov, blocks, flat_values, notes

@@ -42,7 +42,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ...fx_utils import module_path
+from ...fx_utils import fetch_attr, module_path
 
 __all__ = ["MemoryProfile", "WeightBytes", "activation_memory", "weight_bytes", "transient_bytes",
            "storage_key", "tensors_of", "transient", "hint_int"]
@@ -112,13 +112,6 @@ def _tensor_nbytes(t: torch.Tensor, ub: Mapping | None = None) -> int:
     return n * t.element_size()
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 # ---------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +147,7 @@ def weight_bytes(gm: fx.GraphModule) -> WeightBytes:
             if node.op != "get_attr" or not node.users:
                 continue
             try:
-                obj = _fetch_attr(mod, node.target)
+                obj = fetch_attr(mod, node.target)
             except AttributeError:
                 continue
             if isinstance(obj, fx.GraphModule):

@@ -1282,7 +1282,7 @@ def node_cost(
 
 
 # Higher-order ops that run their submodule exactly once.
-_RUN_ONCE_HOPS = {"wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint", "wrap"}
+RUN_ONCE_HOPS = {"wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint", "wrap"}
 
 
 def count_graph(
@@ -1321,7 +1321,7 @@ def walk_costable(gm: fx.GraphModule, prefix: str = "", parent: fx.Node | None =
     ``anchor`` is the outermost node (its module path groups the cost)."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator) \
-                and node.target.name() in _RUN_ONCE_HOPS:
+                and node.target.name() in RUN_ONCE_HOPS:
             subs = [getattr(gm, a.target, None) for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
             subs = [s for s in subs if isinstance(s, fx.GraphModule)]
             if len(subs) == 1:

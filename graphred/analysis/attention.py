@@ -1,0 +1,122 @@
+"""Finding attention in an aten graph: fused (``scaled_dot_product_attention`` and its kernels) or
+unfused (Q·Kᵀ matmul -> scale/mask -> softmax -> probs·V matmul). Structure only: no provenance.
+Used by the provenance analysis (attention masks' values tell causality) and by block detection."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..fx_utils import node_shape, op_packet
+from .op_tables import SDPA
+
+aten = torch.ops.aten
+
+MATMULS = {aten.matmul, aten.bmm, aten.mm, aten.baddbmm}
+PASS_THROUGH = {aten.mul, aten.div, aten.add, aten.sub, aten.masked_fill, aten.where, aten._to_copy, aten.to,
+                 aten.clone, aten.view, aten.reshape, aten._unsafe_view, aten.dropout, aten.native_dropout,
+                 aten.contiguous, aten.expand, aten.alias, aten.type_as}
+SOFTMAX = {aten.softmax, aten._softmax}
+
+
+def scores_matmul(node: fx.Node) -> fx.Node | None:
+    """From a softmax input, up through scaling/masking to the Q·Kᵀ matmul."""
+    seen = 0
+    while isinstance(node, fx.Node) and node.op == "call_function" and seen < 12:
+        pk = op_packet(node)
+        if pk in MATMULS:
+            return node
+        if pk not in PASS_THROUGH:
+            return None
+        # follow the operand that carries the scores (the largest tensor)
+        cands = [a for a in node.all_input_nodes if node_shape(a) is not None]
+        if not cands:
+            return None
+        node = max(cands, key=lambda a: (len(node_shape(a)), _numel(node_shape(a))))
+        seen += 1
+    return None
+
+
+def probs_matmul(node: fx.Node) -> fx.Node | None:
+    """From softmax output, down through dropout/casts to the probs·V matmul."""
+    frontier, seen = [node], 0
+    while frontier and seen < 12:
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                pk = op_packet(u) if u.op == "call_function" else None
+                if pk in MATMULS:
+                    args = u.args[1:] if pk is aten.baddbmm else u.args
+                    if args[0] is n:
+                        return u
+                elif pk in PASS_THROUGH or u.target is operator.getitem:
+                    nxt.append(u)
+        frontier, seen = nxt, seen + 1
+    return None
+
+
+def _numel(shape) -> int:
+    p = 1
+    for s in shape:
+        p *= int(s)
+    return p
+
+
+def mask_between(node: fx.Node, qk: fx.Node) -> fx.Node | None:
+    """The additive/boolean mask applied between Q·Kᵀ and softmax, if any."""
+    n = node
+    while isinstance(n, fx.Node) and n is not qk:
+        pk = op_packet(n)
+        if pk in (aten.add, aten.masked_fill, aten.where):
+            for a in n.all_input_nodes:
+                if a is not qk and scores_matmul(a) is None and node_shape(a) is not None and len(node_shape(a)) >= 2:
+                    return a
+        cands = [a for a in n.all_input_nodes if node_shape(a) is not None]
+        if not cands:
+            break
+        n = max(cands, key=lambda a: (len(node_shape(a)), _numel(node_shape(a))))
+    return None
+
+
+def find_attention(gm: fx.GraphModule) -> list[dict]:
+    """Every attention in graph order: ``{node, q, k, v, mask, out, fused, scale, is_causal}``."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        pk = op_packet(node)
+        if pk in SDPA:
+            args = list(node.args) + [None] * 8
+            mask = args[3] if isinstance(args[3], fx.Node) else node.kwargs.get("attn_mask")
+            is_causal = bool(node.kwargs.get("is_causal", args[5] if pk is aten.scaled_dot_product_attention and isinstance(args[5], bool) else False))
+            found.append(dict(node=node, q=args[0], k=args[1], v=args[2], mask=mask, out=node, fused=True,
+                              scale=node.kwargs.get("scale"), is_causal=is_causal))
+        elif pk in SOFTMAX:
+            qk = scores_matmul(node.args[0])
+            pv = probs_matmul(node)
+            if qk is None or pv is None:
+                continue
+            qargs = qk.args[1:] if op_packet(qk) is aten.baddbmm else qk.args
+            pargs = pv.args[1:] if op_packet(pv) is aten.baddbmm else pv.args
+            found.append(dict(node=node, q=qargs[0], k=qargs[1], v=pargs[1], mask=mask_between(node.args[0], qk),
+                              out=pv, fused=False, scale=_scale_between(node.args[0], qk), is_causal=False, qk=qk))
+    return found
+
+
+def _scale_between(node: fx.Node, qk: fx.Node) -> float:
+    """The constant the scores are multiplied by between Q·Kᵀ and the softmax (1.0 if none)."""
+    scale, n, seen = 1.0, node, 0
+    while isinstance(n, fx.Node) and n is not qk and seen < 12:
+        pk = op_packet(n)
+        consts = [a for a in n.args[1:] if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if pk is aten.mul and consts:
+            scale *= float(consts[0])
+        elif pk is aten.div and consts:
+            scale /= float(consts[0])
+        cands = [a for a in n.all_input_nodes if node_shape(a) is not None]
+        if not cands:
+            break
+        n = max(cands, key=lambda a: (len(node_shape(a)), _numel(node_shape(a))))
+        seen += 1
+    return scale
