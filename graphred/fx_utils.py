@@ -7,6 +7,41 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+META_KEY = "graphred"
+"""The one ``node.meta`` key under which graphred records anything per node: analysis results (by
+analysis name) and the rewrite's own records (:data:`ORIG_SHAPE`, :data:`SIDE`, :data:`MADE_BY`).
+A pass's ``preserves`` speaks for every name under it."""
+
+ORIG_SHAPE = "OrigShape"
+"""Record: the node's shape before any rewrite (the token-axis rewrite reads the original layout)."""
+SIDE = "Side"
+"""Record: True on nodes a reduction inserted to compute scores, indices and sizes (pure; CSE may merge them)."""
+MADE_BY = "MadeBy"
+"""Record: the plan step (``step.spec()``) or pass that inserted the node."""
+
+
+def record(node: fx.Node, name: str, value: Any) -> None:
+    """Set ``node.meta[META_KEY][name] = value``."""
+    node.meta.setdefault(META_KEY, {})[name] = value
+
+
+def recorded(node: Any, name: str, default: Any = None) -> Any:
+    """``node.meta[META_KEY][name]``, or ``default``.
+
+    >>> gm = fx.symbolic_trace(torch.nn.ReLU()); n = next(iter(gm.graph.nodes))
+    >>> record(n, SIDE, True); recorded(n, SIDE), recorded(n, MADE_BY)
+    (True, None)
+    """
+    if not isinstance(node, fx.Node):
+        return default
+    return (node.meta.get(META_KEY) or {}).get(name, default)
+
+
+def original_shape(node: Any) -> tuple | None:
+    """The shape recorded under :data:`ORIG_SHAPE` before a rewrite, else the current shape."""
+    return recorded(node, ORIG_SHAPE) or node_shape(node)
+
+
 _LSELF = re.compile(r"^L\['self'\]\.?")
 _INDEX = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 

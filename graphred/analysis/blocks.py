@@ -12,7 +12,8 @@ import torch.fx as fx
 
 from ..fx_utils import module_path, node_shape
 from .attention import find_attention
-from .provenance import IMAGE, REGISTER, TEXT, TokenProvenance
+from ..passes.infra import Analysis
+from .provenance import IMAGE, REGISTER, TEXT, Provenance, TokenProvenance
 
 aten = torch.ops.aten
 
@@ -169,3 +170,21 @@ def _collapse(per_sample: list[dict[str, int]]) -> dict[str, int]:
         for k, v in d.items():
             out[k] = max(out.get(k, 0), v)
     return out
+
+
+class Blocks(Analysis):
+    """The attention blocks of a graph (:func:`detect_blocks`) as a cached analysis; needs
+    :class:`~graphred.analysis.provenance.Provenance` in the same manager.
+
+    >>> import graphred
+    >>> from graphred.analysis.provenance import Provenance
+    >>> from graphred.passes.infra import AnalysisManager
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])
+    >>> program = graphred.capture(model, **inputs); am = AnalysisManager()
+    >>> _ = am.get(Provenance(program.example_inputs()), program.graph_module)
+    >>> any(b.kind == CROSS_MODAL_SELF for b in am.get(Blocks, program.graph_module))
+    True
+    """
+
+    def run(self, gm: fx.GraphModule, am: Any) -> list[AttentionBlock]:
+        return detect_blocks(gm, am.get(Provenance, gm))

@@ -33,8 +33,10 @@ import torch
 import torch.fx as fx
 
 from ..fx_utils import (
-    aten_packets, flat_inputs, is_pointwise, module_path, node_dtype, node_shape, op_name, op_packet, size_hint,
+    aten_packets, flat_inputs, is_pointwise, module_path, node_dtype, node_shape, op_name, original_shape, op_packet, size_hint,
 )
+from ..errors import AnalysisError
+from ..passes.infra import Analysis
 from .attention import find_attention
 from .op_tables import (  # noqa: F401  (CLASS_INDEX_LOSSES, LOSSES, loss_target_dims: importable from here too)
     CLASS_INDEX_LOSSES, CONV, CREATION, IDENTITY, LOSSES, REDUCTIONS, RESHAPES, SDPA, SILENT, loss_target_dims,
@@ -253,8 +255,7 @@ class TokenProvenance:
 
     def axes(self, node, kind: str = TOKENS) -> list[tuple[int, Stream]]:
         """``[(dim, stream)]`` for every axis of ``node`` that occupies a whole dim."""
-        shape = node.meta.get("graphred_orig_shape") if isinstance(node, fx.Node) else None
-        shape = shape or node_shape(node)
+        shape = original_shape(node)
         out = []
         if shape is None:
             return out
@@ -975,3 +976,30 @@ def _reduce_to(m: torch.Tensor, d: int) -> torch.Tensor:
     if dims:
         m = m.any(dim=dims)
     return m
+
+
+class Provenance(Analysis):
+    """:class:`TokenProvenance` as a cached analysis of the :class:`~graphred.passes.infra.AnalysisManager`.
+
+    Its stream layouts are read from input values, so the first request on a graph gives them:
+    ``am.get(Provenance(example_inputs, value_inputs=...), gm)``; later requests (``am.get(Provenance, gm)``)
+    read the cache. The result describes the graph as it was when it ran: the reduction passes keep
+    every original node and record its original shape, so they preserve it.
+
+    >>> import graphred
+    >>> from graphred.passes.infra import AnalysisManager
+    >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])
+    >>> program = graphred.capture(model, **inputs); am = AnalysisManager()
+    >>> prov = am.get(Provenance(program.example_inputs()), program.graph_module)
+    >>> am.get(Provenance, program.graph_module) is prov
+    True
+    """
+
+    def __init__(self, example_inputs: tuple[tuple, dict] | None = None, *, value_inputs: tuple | None = None):
+        self.example_inputs, self.value_inputs = example_inputs, value_inputs
+
+    def run(self, gm: fx.GraphModule, am: Any) -> TokenProvenance:
+        if self.example_inputs is None and self.value_inputs is None:
+            raise AnalysisError("Provenance needs the graph's example inputs the first time it runs on a graph "
+                                "(the token layout is read from their values): am.get(Provenance((args, kwargs)), gm)")
+        return TokenProvenance(gm, self.example_inputs, value_inputs=self.value_inputs)

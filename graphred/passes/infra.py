@@ -21,8 +21,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._pytree import tree_flatten
 
-from graphred.errors import AnalysisError, PassError, PostconditionError
-from graphred.fx_utils import set_fake_val
+from graphred.errors import AnalysisError, PassError, PlanError, PostconditionError
+from graphred.fx_utils import META_KEY, set_fake_val
 
 __all__ = [
     "ALL", "META_KEY", "Analysis", "AnalysisManager", "GraphredPass", "PassManager", "PassResult",
@@ -30,8 +30,6 @@ __all__ = [
     "replace_all_uses_except", "set_fake_val",
 ]
 
-META_KEY = "graphred"
-"""The one ``node.meta`` key under which analyses record per-node results, by analysis name."""
 
 
 class _All(frozenset):
@@ -229,7 +227,8 @@ class PassManager:
     After a modifying pass: dead-code elimination (if the pass sets ``dce``), ``graph.lint()``
     (``lint``), ``recompile()``, :func:`check_meta_vals` (``check_meta``; a fake re-propagation,
     costly on big graphs), then analyses the pass does not preserve are dropped. Any failure is
-    raised as :class:`PassError` naming the pass and those before it, the original chained.
+    raised as :class:`PassError` naming the pass and those before it, the original chained; a
+    :class:`~graphred.errors.PlanError` (the plan does not apply) passes through unchanged.
 
     >>> gm = fx.symbolic_trace(lambda x: torch.relu(x) + 1)
     >>> PassManager([lambda gm: PassResult(gm, False)])(gm).modified
@@ -266,6 +265,8 @@ class PassManager:
         before = _graph_code(gm)
         try:
             result = p(gm, self.analyses) if isinstance(p, GraphredPass) else p(gm)
+        except PlanError:  # the plan does not apply: the user's error, already said in the plan's terms
+            raise
         except Exception as err:
             raise _wrap(err, PassError, name, previous, "while running") from err
         try:
@@ -331,10 +332,15 @@ def check_meta_vals(gm: fx.GraphModule) -> None:
         return
     mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     saved = {n: dict(n.meta) for n in gm.graph.nodes}
+    # a graph captured with real-tensor propagation has a mode that also runs the real kernels; the check
+    # compares shapes and dtypes only, and the real values of new nodes may be missing
+    real = getattr(mode, "propagate_real_tensors", False)
+    mode.propagate_real_tensors = False
     try:
         _RecomputeVals(gm, mode).propagate_dont_convert_inputs(*inputs)
         fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
     finally:
+        mode.propagate_real_tensors = real
         for n, meta in saved.items():
             n.meta.clear()
             n.meta.update(meta)

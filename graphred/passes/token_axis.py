@@ -27,7 +27,10 @@ from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 from ..analysis.op_tables import LOSSES, SDPA, loss_target_dims
 from ..analysis.provenance import TOKENS, TokAxis, TokenProvenance, locate
 from ..errors import PassError
-from ..fx_utils import call_with_val, is_pointwise, module_path, node_shape, op_packet, set_fake_val
+from ..fx_utils import (
+    ORIG_SHAPE, SIDE, call_with_val, is_pointwise, module_path, node_shape, op_packet, original_shape, record, recorded,
+    set_fake_val,
+)
 
 aten = torch.ops.aten
 graphred_ops = torch.ops.graphred
@@ -36,14 +39,12 @@ _SHAPE_ARG_OPS = {aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.
                   aten.new_full, aten.new_empty, aten.broadcast_to}
 
 
-ORIG_SHAPE = "graphred_orig_shape"  # node.meta key: the shape before any rewrite
-
-
 def record_original_shapes(gm: fx.GraphModule) -> None:
+    """Record every node's shape under :data:`graphred.fx_utils.ORIG_SHAPE` before the rewrite."""
     for n in gm.graph.nodes:
         s = node_shape(n)
         if s is not None:
-            n.meta[ORIG_SHAPE] = s
+            record(n, ORIG_SHAPE, s)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class StreamState:
 def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> list[tuple[int, int]]:
     """``[(dim, factor)]``: dims of ``node`` (original) that hold ``stream``; the dim's size is
     ``factor * length`` (factor > 1 for folded layouts such as ``[B*L, C]``)."""
-    shape = node.meta.get(ORIG_SHAPE) or shape or node_shape(node)
+    shape = recorded(node, ORIG_SHAPE) or shape or node_shape(node)
     out = []
     if shape is None:
         return out
@@ -144,7 +145,7 @@ def reduce_stream(
     if state.sizes is not None and transform is None:  # merged-token sizes follow every pruning
         with graph.inserting_before(g):
             state.sizes = call_with_val(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))
-            state.sizes.meta["graphred_side"] = True
+            record(state.sizes, SIDE, True)
     reduced: dict[fx.Node, set[int]] = {g: {dim}}
     if transform is not None:
         reduced[g] = {dim}
@@ -208,7 +209,7 @@ def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
             if n.op == "output":
                 continue
             continue
-        if n.meta.get("graphred_side"):
+        if recorded(n, SIDE):
             continue
         ins = [a for a in n.all_input_nodes if a in reduced and reduced[a]]
         if not ins:
@@ -317,7 +318,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         n.args = tuple(args)
     elif pk in (aten.flatten, aten.unflatten) and pk is aten.unflatten:
         sizes = list(n.args[2])
-        base = n.args[1] % len(n.args[0].meta[ORIG_SHAPE] if ORIG_SHAPE in n.args[0].meta else node_shape(n.args[0]))
+        base = n.args[1] % len(original_shape(n.args[0]))
         for d, f in sd:
             j = d - base
             if 0 <= j < len(sizes) and sizes[j] != -1:

@@ -1,0 +1,49 @@
+"""FastV: after decoder layer ``layer - 1``, keep the image tokens the last query attends to most."""
+from __future__ import annotations
+
+from ..analysis.blocks import CROSS_MODAL_SELF
+from ..errors import PlanError
+from ..plans import FastVStep
+from .prune_merge import cross_modal_layers, prune_stream
+from .reduce import layer_input
+from .rewrite_state import RewriteState, StepPass
+
+
+class FastVPass(StepPass):
+    """One :class:`~graphred.plans.FastVStep`: score image tokens with layer ``layer - 1``'s attention from
+    the last valid query and cut the sequence at the input of layer ``layer``. Needs a causal decoder
+    holding image and text tokens together; one cut per layer.
+
+    >>> import graphred
+    >>> from graphred.passes.pipeline import lower
+    >>> lower(graphred.plans.fastv(layer=1, keep=0.5))
+    [FastVPass(fastv:layer=1,keep=0.5), ProportionalAttentionPass, PositionsOutputPass, CSEPass]
+    """
+
+    def apply(self, gm, rs: RewriteState) -> None:
+        step: FastVStep = self.step
+        stack, blocks = cross_modal_layers(rs.blocks)
+        decoder = [b for b in blocks if b.kind == CROSS_MODAL_SELF]
+        if not decoder:
+            raise PlanError(f"fastv: {rs.model} has no decoder layer holding image and text tokens together")
+        if not all(b.causal for b in decoder):
+            raise PlanError(
+                f"fastv: the cross-modal layers of {stack} are not causal (their attention masks let earlier tokens "
+                "see later ones), and FastV scores with the last token of a causal decoder. Use "
+                "graphred.plans.pumer(...).")
+        by_layer = {b.layer_index: b for b in decoder}
+        layers = sorted(by_layer)
+        if step.layer not in by_layer or step.layer - 1 not in by_layer:
+            raise PlanError(f"fastv: layer={step.layer} needs decoder layers {step.layer - 1} and {step.layer}; "
+                            f"{stack} has cross-modal layers {layers}. Choose 1 <= layer <= {layers[-1]}.")
+        where = (stack, step.layer)
+        if where in rs.cuts:
+            raise PlanError(f"fastv: two FastV cuts at one layer ({step.layer} of {stack}: {rs.cuts[where]} and "
+                            f"{step.spec()}) are not supported; give one fastv(layer={step.layer}, keep=k) with the "
+                            "product of the keep fractions, or cut at another layer")
+        score_block = by_layer[step.layer - 1]
+        stream = score_block.query_stream
+        point = layer_input(gm, rs.prov, stack, step.layer, stream)
+        if prune_stream(rs, score_block, stream, point, "last", keep=step.keep, step_name="fastv",
+                        renumber=step.renumber) is not None:
+            rs.cuts[where] = step.spec()

@@ -1,0 +1,239 @@
+"""The two reductions every plan step is made of, on one attention block's token stream:
+
+* :func:`prune_stream` scores tokens with the block's own query/key tensors (text-informed for PuMer,
+  the last query for FastV, or a baseline scorer: hidden-state norm, seeded random), selects the
+  image tokens to keep (``graphred::select_tokens``) and hands the kept indices to the token-axis
+  rewrite;
+* :func:`merge_stream` matches tokens by key similarity (``graphred::bipartite_match``), merges each
+  source into its destination weighted by size (``graphred::merge_tokens``) and keeps the rest.
+
+Both read and update the :class:`~graphred.passes.rewrite_state.RewriteState` (stream states,
+counts, symbol substitutions, the log) and mark their side computations ``SIDE``.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+
+import torch
+import torch.fx as fx
+
+from ..analysis.attention import mask_between, scores_matmul
+from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, AttentionBlock
+from ..analysis.provenance import CODE, IMAGE, TEXT
+from ..errors import PlanError
+from ..fx_utils import SIDE, call_with_val, fake_like, graph_device, last_of, node_shape, record
+from .reduce import emit_valid
+from .rewrite_state import RewriteState
+from .token_axis import reduce_stream
+
+aten = torch.ops.aten
+gr = torch.ops.graphred
+
+
+def current_mask(rs: RewriteState, block: AttentionBlock):
+    """The mask the attention consumes *now* (an earlier reduction may have gathered it)."""
+    if not block.mask:
+        return None
+    att = rs.node(block.node)
+    if block.fused:
+        m = att.args[3] if len(att.args) > 3 else att.kwargs.get("attn_mask")
+        return m if isinstance(m, fx.Node) else None
+    qk = scores_matmul(att.args[0])
+    return mask_between(att.args[0], qk) if qk is not None else rs.node(block.mask)
+
+
+def _scale(block: AttentionBlock) -> float:
+    return block.scale if block.scale is not None else (block.head_dim or 1) ** -0.5
+
+
+def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx.Node, weights_kind: str,
+                 ratio: float = 0.0, keep: float | None = None, step_name: str = "pumer", scorer: str = "attention",
+                 seed: int = 0, renumber: bool = False) -> fx.Node | None:
+    """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point`` (drop ``ratio`` of
+    its image tokens, or keep ``keep`` of them). ``weights_kind``: "text" (valid text queries) or "last" (the
+    last valid query). Returns the reduction's gather node, or None when nothing is dropped."""
+    gm, graph = rs.gm, rs.gm.graph
+    st = rs.state(stream)
+    rs.check_order(stream, point, step_name)
+    st.renumber = st.renumber or renumber
+    n_img = rs.counts[st.stream][IMAGE]
+    if n_img == 0:
+        raise PlanError(f"{step_name}: no image tokens left in the sequence at {block.module_path}")
+    n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)
+    n_keep = max(n_keep, 1)
+    n_drop = n_img - n_keep
+    if n_drop <= 0:
+        return None
+    q, k = rs.node(block.query), rs.node(block.key)
+    sdpa = rs.node(block.node)
+    mask = current_mask(rs, block)
+    anchor = last_of(gm, [point, sdpa, q, k, mask, st.abs_index, st.sizes])
+    nxt = anchor.next
+    k = _keys(gm, block, k, nxt)
+    with graph.inserting_before(nxt):
+        key_codes = rs.codes(stream, nxt)
+    with graph.inserting_before(nxt):
+        Lk = node_shape(k)[-2]
+        B = node_shape(q)[0]
+        valid_k = rs.valid(stream, mask, Lk, B, nxt)
+        Lq = node_shape(q)[-2]
+        if weights_kind == "text":  # PuMer: valid text queries
+            if block.kind == CROSS_MODAL_SELF:
+                qc = key_codes
+                is_text = call_with_val(graph, aten.eq.Scalar, (qc, CODE[TEXT]))
+                if node_shape(is_text)[0] != B:
+                    is_text = call_with_val(graph, aten.expand.default, (is_text, [B, Lq]))
+                w = call_with_val(graph, aten.logical_and.default, (is_text, valid_k))
+            else:
+                w = call_with_val(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
+        else:  # FastV: the last valid query
+            pos = call_with_val(graph, aten.arange.default, (Lq,), {"dtype": torch.long, "device": graph_device(graph.owning_module)})
+            vq = valid_k if Lq == Lk else call_with_val(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
+            last = call_with_val(graph, aten.where.ScalarOther, (vq, pos, -1))
+            last = call_with_val(graph, aten.amax.default, (last, [1], True))
+            w = call_with_val(graph, aten.eq.Tensor, (pos, last))
+        wf = call_with_val(graph, aten._to_copy.default, (w,), {"dtype": torch.float32})
+        if scorer == "norm":  # text-agnostic baseline: the norm of each token's hidden state
+            scores = call_with_val(graph, aten.linalg_vector_norm.default, (point, 2, [-1]))
+            scores = call_with_val(graph, aten._to_copy.default, (scores,), {"dtype": torch.float32})
+        elif scorer == "random":  # baseline: a fixed random priority per position (seeded)
+            name = f"_graphred_random_{len(rs.log)}"
+            gen = torch.Generator().manual_seed(seed + 7919 * len(rs.log))
+            gm.register_buffer(name, torch.rand(1, st.length, generator=gen).to(graph_device(gm)), persistent=False)
+            scores = graph.get_attr(name)
+            scores.meta["val"] = fake_like(gm, getattr(gm, name))
+            scores = call_with_val(graph, aten.expand.default, (scores, [B, st.length]))
+        else:
+            scores = call_with_val(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
+        is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
+        if node_shape(is_image)[0] != B:
+            is_image = call_with_val(graph, aten.expand.default, (is_image, [B, Lk]))
+        idx = call_with_val(graph, gr.select_tokens.default, (scores, is_image, n_drop))
+    for n in (key_codes, valid_k, w, wf, scores, is_image, idx):
+        record(n, SIDE, True)
+    new_len = st.length - n_drop
+    g = reduce_stream(gm, rs.prov, st, point, idx, new_len, pass_name=f"{step_name} at {block.module_path}")
+    rs.last_point[st.stream] = g
+    if st.sizes is not None:
+        rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
+    rs.counts[st.stream][IMAGE] = n_keep
+    rs.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
+                    "image_after": n_keep, "length_after": new_len})
+    rs.subs.append((g.name, {"stream": st.stream, IMAGE: n_keep}))
+    return g
+
+
+def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
+    """Keys as [..., L, D]: an unfused attention multiplies by Kᵀ, so undo the transpose."""
+    if block.fused:
+        return k
+    with gm.graph.inserting_before(before):
+        kt = call_with_val(gm.graph, aten.transpose.int, (k, -1, -2))
+        record(kt, SIDE, True)
+    return kt
+
+
+def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
+                 step_name: str, proportional: bool = False, warn_over_cap: bool = False) -> fx.Node | None:
+    """Merge ``ratio`` of the stream's ``modality`` tokens at ``point`` by bipartite matching on ``block``'s keys
+    (at most half the unprotected tokens, less the protected ones; with ``warn_over_cap`` a larger request
+    says so in a warning).
+    Returns the reduction's gather node, or None when nothing is merged."""
+    gm, graph = rs.gm, rs.gm.graph
+    st = rs.state(stream)
+    rs.check_order(stream, point, step_name)
+    n_mod = rs.counts[st.stream][modality]
+    # at most what bipartite matching can merge: half the unprotected candidates, less protected A slots
+    st_info = rs.prov.streams[st.stream]
+    n_special = int(st_info.special.sum()) if st_info.special is not None and modality == IMAGE else 0
+    want, cap = round(ratio * n_mod), (n_mod - n_special) // 2 - n_special
+    if warn_over_cap and want > cap:
+        warnings.warn(f"{step_name} at {block.module_path}: {want} merges requested, but bipartite matching merges at "
+                      f"most {max(cap, 0)} of the {n_mod} {modality} tokens there (half the "
+                      f"{n_mod - n_special} unprotected tokens, less {n_special} protected); merging {max(cap, 0)}",
+                      stacklevel=2)
+    r = min(want, cap)
+    if r <= 0:
+        return None
+    k = rs.node(block.key)
+    mask = current_mask(rs, block)
+    nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes]).next
+    k = _keys(gm, block, k, nxt)
+    with graph.inserting_before(nxt):
+        codes = rs.codes(stream, nxt)
+    with graph.inserting_before(nxt):
+        # head mean first (the gathers below then move H times fewer elements)
+        metric = call_with_val(graph, aten.mean.dim, (k, [1]))  # [B, L, D]
+        # this layer's keys were computed before the reductions made at this layer: follow them
+        for idx in rs.layer_chain:
+            metric = call_with_val(graph, gr.gather_tokens.default, (metric, idx, 1))
+        if node_shape(metric)[-2] != st.length:
+            raise PlanError(f"{step_name}: the keys at {block.module_path} hold {node_shape(metric)[-2]} tokens but the stream "
+                            f"holds {st.length} there: list the plan's steps in graph order (vision-tower steps such "
+                            "as tome(...) before steps at later layers)")
+        B = node_shape(metric)[0]
+        cand = call_with_val(graph, aten.eq.Scalar, (codes, CODE[modality]))
+        if node_shape(cand)[0] != B:
+            cand = call_with_val(graph, aten.expand.default, (cand, [B, st.length]))
+        protected = rs.special(stream, nxt)
+        if modality == TEXT:
+            valid = emit_valid(graph, mask, node_shape(mask)[-1] if mask is not None else st.length, B) if mask is not None else None
+            if valid is not None and node_shape(valid)[-1] == st.length:
+                invalid = call_with_val(graph, aten.logical_not.default, (valid,))
+                protected = invalid if protected is None else call_with_val(graph, aten.logical_or.default, (protected, invalid))
+            # the first text token of each sample is a class token (ToMe protects class tokens)
+            rank = call_with_val(graph, aten.cumsum.default, (cand, 1))
+            first = call_with_val(graph, aten.logical_and.default, (cand, call_with_val(graph, aten.eq.Scalar, (rank, 1))))
+            protected = first if protected is None else call_with_val(graph, aten.logical_or.default, (protected, first))
+            # only the first token of a leading text run stays fixed now; the end moves
+            st.kept_prefix = min(st.kept_prefix, 1)
+            st.kept_suffix = 0
+        if protected is not None and node_shape(protected)[0] != B:
+            protected = call_with_val(graph, aten.expand.default, (protected, [B, st.length]))
+        if st.sizes is None:
+            sizes = call_with_val(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32, "device": graph_device(graph.owning_module)})
+        else:
+            sizes = st.sizes
+        match = call_with_val(graph, gr.bipartite_match.default, (metric, cand, r, protected))
+        keep = call_with_val(graph, operator.getitem, (match, 0))
+        src = call_with_val(graph, operator.getitem, (match, 1))
+        dst = call_with_val(graph, operator.getitem, (match, 2))
+    for n in (codes, metric, cand, match, keep, src, dst, sizes):
+        record(n, SIDE, True)
+
+    merged = {}
+
+    def transform(x: fx.Node) -> fx.Node:
+        out = call_with_val(graph, gr.merge_tokens.default, (x, sizes, src, dst))
+        x2 = call_with_val(graph, operator.getitem, (out, 0))
+        merged["sizes"] = call_with_val(graph, operator.getitem, (out, 1))
+        return x2
+
+    dim = point.args[2] if point.target is gr.gather_tokens.default else None
+    g = reduce_stream(gm, rs.prov, st, point, keep, st.length - r, transform=transform,
+                      pass_name=f"{step_name} at {block.module_path}", dim=dim, inputs_ready=last_of(gm, [src, dst, sizes]))
+    with graph.inserting_before(last_of(gm, [g, merged["sizes"]]).next):
+        st.sizes = call_with_val(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
+        record(st.sizes, SIDE, True)
+    rs.layer_chain.append(keep)
+    rs.last_point[st.stream] = g
+    rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
+    if proportional:
+        rs.proportional.add(st.stream)
+    rs.counts[st.stream][modality] = n_mod - r
+    rs.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
+                    f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
+    rs.subs.append((g.name, {"stream": st.stream, modality: n_mod - r}))
+    return g
+
+
+def cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[AttentionBlock]]:
+    cm = [b for b in blocks if b.kind in (CROSS_MODAL_SELF, CROSS_ATTENTION)]
+    if not cm:
+        return "", []
+    by_stack: dict[str, list[AttentionBlock]] = {}
+    for b in cm:
+        by_stack.setdefault(b.stack, []).append(b)
+    stack = max(by_stack, key=lambda s: len(by_stack[s]))
+    return stack, by_stack[stack]
