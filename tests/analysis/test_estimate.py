@@ -57,9 +57,9 @@ def _measured_peak_activations(gm, args: tuple, kwargs: dict) -> int:
 
 def _has_apply_plan() -> bool:
     try:
-        from graphred.analysis.cost.estimate import _apply_plan_fn
+        from graphred.analysis.cost.estimate import apply_plan_fn
 
-        _apply_plan_fn()
+        apply_plan_fn()
         return True
     except (PlanError, ImportError):
         return False
