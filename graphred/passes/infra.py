@@ -199,6 +199,9 @@ class GraphredPass(PassBase):
         if "name" not in cls.__dict__:
             cls.name = cls.__name__
 
+    def __repr__(self) -> str:
+        return self.name
+
     def __call__(self, graph_module: fx.GraphModule, analyses: AnalysisManager | None = None) -> PassResult:
         self.analyses = analyses if analyses is not None else AnalysisManager()
         self.requires(graph_module)

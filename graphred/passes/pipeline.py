@@ -46,7 +46,7 @@ def lower(plan: Plan) -> list[GraphredPass]:
 
     >>> import graphred
     >>> lower(graphred.plans.tome(r=4) + graphred.plans.pumer(prune=0.5, merge=0))
-    [ToMePass(tome:r=4), PumerPass(pumer:prune=0.5), ProportionalAttentionPass, PositionsOutputPass, CSEPass]
+    [ToMePass(tome:r=4), PumerPass(pumer:prune=0.5,merge=0), ProportionalAttentionPass, PositionsOutputPass, CSEPass]
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
