@@ -12,7 +12,12 @@ class CaptureError(GraphredError):
 
 
 class PlanError(GraphredError, ValueError):
-    """A plan cannot apply to this program (e.g. no cross-modal block)."""
+    """A plan cannot apply to this program (e.g. no cross-modal block). ``node`` (a node name) and
+    ``module_path`` say where in the graph, when the failure has a place."""
+
+    def __init__(self, message: str, *, node: str | None = None, module_path: str | None = None):
+        super().__init__(message)
+        self.node, self.module_path = node, module_path
 
 
 class AnalysisError(GraphredError):

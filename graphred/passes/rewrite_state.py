@@ -233,8 +233,10 @@ class StepPass(GraphredPass):
         except PlanError:
             raise
         except Exception as e:  # a rewrite that cannot be done is the plan's error, said in its terms
-            raise PlanError(f"{self.step.spec()}: the rewrite of {rs.model} failed: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}. {self.hint}") from e
+            first = str(e).splitlines()[0] if str(e) else ""  # the whole message stays on the chained error
+            raise PlanError(f"{self.step.spec()}: the rewrite of {rs.model} failed: {type(e).__name__}: {first}. "
+                            f"{self.hint}", node=getattr(e, "node", None),
+                            module_path=getattr(e, "module_path", None)) from e
         spec = self.step.spec()
         for n in gm.graph.nodes:
             if n not in before and recorded(n, MADE_BY) is None:

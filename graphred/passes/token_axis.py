@@ -85,12 +85,20 @@ def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> lis
 
 
 class ReductionError(PassError):
-    pass
+    """The token-axis rewrite cannot carry a reduction through a node; ``node`` (its name) and
+    ``module_path`` say which."""
+
+    def __init__(self, message: str, *, pass_name: str | None = None, node: str | None = None,
+                 module_path: str | None = None):
+        super().__init__(message, pass_name=pass_name)
+        self.node, self.module_path = node, module_path
 
 
 def _fail(msg: str, node: fx.Node | None, pass_name: str) -> ReductionError:
     where = f" at node {node.format_node()} (module {module_path(node) or '<top>'})" if node is not None else ""
-    return ReductionError(f"{pass_name}: {msg}{where}", pass_name=pass_name)
+    return ReductionError(f"{pass_name}: {msg}{where}", pass_name=pass_name,
+                          node=node.name if node is not None else None,
+                          module_path=module_path(node) if node is not None else None)
 
 
 def reduce_stream(

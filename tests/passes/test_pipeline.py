@@ -114,3 +114,32 @@ def test_transform_prints_no_future_warning(zoo_program):
         warnings.simplefilter("always")
         transform(zoo_program("llava"), fastv(layer=1, keep=0.5))
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_a_failed_rewrite_is_a_plan_error_that_keeps_the_node(zoo_program):
+    """A failure inside a step's rewrite becomes a PlanError naming the step and the model, with the node
+    and module path as attributes (the full original message stays on the chained error)."""
+    from graphred.analysis.provenance import Provenance
+    from graphred.passes.infra import AnalysisManager
+    from graphred.passes.pipeline import copy_graph_module
+    from graphred.passes.rewrite_state import StepPass
+    from graphred.passes.token_axis import ReductionError
+
+    prog = zoo_program("llava")
+    gm = copy_graph_module(prog.graph_module)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+
+    class Broken(StepPass):
+        def apply(self, gm, rs):
+            raise ReductionError("first line\nsecond line", pass_name="broken", node=node.name,
+                                 module_path="model.layers.0")
+
+    am = AnalysisManager()
+    am.get(Provenance(prog.example_inputs()), gm)
+    am.get(Rewrite("TheModel"), gm)
+    step = fastv(layer=1, keep=0.5).steps[0]
+    with pytest.raises(PlanError, match=r"fastv:layer=1,keep=0.5: the rewrite of TheModel failed: "
+                                        r"ReductionError: first line\. Try other") as ei:
+        PassManager([Broken(step)], analyses=am)(gm)
+    assert ei.value.node == node.name and ei.value.module_path == "model.layers.0"
+    assert "second line" in str(ei.value.__cause__)
