@@ -64,7 +64,7 @@ def _op_overhead(reduced, inputs, repeats: int = 5) -> dict:
     """ms in graphred's ops (scoring and selection, merging, gathers of the token axis) against ms in the
     layers after the first reduction, from per-node wall times (warm-up run excluded)."""
     gm = reduced.graph_module
-    from graphred.fx_utils import flat_inputs
+    from graphred.fx_utils import SIDE, flat_inputs, recorded
 
     flat = flat_inputs(gm, *((), inputs))
     timer = _NodeTimer(gm)
@@ -82,7 +82,7 @@ def _op_overhead(reduced, inputs, repeats: int = 5) -> dict:
         if n.op != "call_function":
             continue
         target = str(n.target)
-        mine = target.startswith("graphred.") or n.meta.get("graphred_side") or "graphred" in n.name
+        mine = target.startswith("graphred.") or recorded(n, SIDE) or "graphred" in n.name
         if mine:
             part = "gathers" if "gather_tokens" in target else "merging" if any(m in target for m in _MERGING) else "scoring"
             parts[part] += t
