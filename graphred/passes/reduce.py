@@ -1,20 +1,22 @@
-"""Reduction passes: text-informed pruning and modality-aware merging (PuMer), FastV, ToMe.
+"""Where the reductions go, and the run-time values they need.
 
-Each step finds its attention blocks through the analysis, inserts a small side computation
-(scores from the block's own query/key tensors, never eager attention), a selection
-(``graphred::select_tokens`` / ``graphred::bipartite_match``) and hands the kept indices to the
-token-axis rewrite (:func:`graphred.passes.token_axis.reduce_stream`).
+* places: :func:`residual_after` (the residual add after an attention block: PuMer, ToMe),
+  :func:`layer_input` (the tensor entering a layer: FastV), :func:`key_source` (the tensor a
+  cross-attention's keys come from);
+* run-time values: :func:`emit_codes` (each position's modality, from the same graph values the
+  provenance analysis read) and :func:`emit_valid` (key validity from an attention mask).
+
+The step passes (:mod:`.pumer`, :mod:`.fastv`, :mod:`.tome`) use them through :mod:`.prune_merge`.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, AttentionBlock
-from ..analysis.provenance import CODE, IMAGE, TEXT, TokenProvenance
+from ..analysis.blocks import AttentionBlock
+from ..analysis.provenance import TokenProvenance
 from ..errors import PlanError
 from ..fx_utils import call_with_val, fake_like, graph_device, module_path, node_named, node_order, node_shape, op_packet
-from .token_axis import StreamState, reduce_stream
 
 aten = torch.ops.aten
 gr = torch.ops.graphred
