@@ -9,9 +9,9 @@ import sympy
 import torch
 import torch.fx as fx
 
+from ... import ops  # noqa: F401  (registers torch.ops.graphred)
 from ...errors import AnalysisError
-from ...fx_utils import flat_inputs
-from ...fx_utils import module_path
+from ...fx_utils import flat_inputs, module_path, op_packet
 from ..blocks import split_stack
 from ..evaluate import partial_evaluate
 from .grouping import GroupCost, Grouper
@@ -19,6 +19,9 @@ from .registry import NodeCost, Uncounted, node_cost, walk_costable
 from .shapes import Shapes
 
 _ZERO = sympy.Integer(0)
+_OWN_FORMULAS = {torch.ops.graphred.attention_scores: "_attention_scores",
+                 torch.ops.graphred.bipartite_match: "_bipartite_match"}
+"""graphred op packet -> the Coster method that costs it from more than its shapes."""
 
 
 def _key_of(x: Any, shape_of: Callable) -> Any:
@@ -156,12 +159,9 @@ class Coster:
 
     def cost(self, node: fx.Node, symbolic: bool) -> tuple | Uncounted | None:
         shape_of = self.shapes.symbolic if symbolic else self.shapes.concrete
-        if node.op == "call_function" and "graphred" in str(node.target):
-            res = None
-            if "attention_scores" in str(node.target):
-                res = self._attention_scores(node, shape_of, symbolic)
-            elif "bipartite_match" in str(node.target):
-                res = self._bipartite_match(node, shape_of, symbolic)
+        own = _OWN_FORMULAS.get(op_packet(node)) if node.op == "call_function" else None
+        if own is not None:  # graphred's ops whose cost depends on more than their shapes
+            res = getattr(self, own)(node, shape_of, symbolic)
             if res is not None:
                 return res
         try:
