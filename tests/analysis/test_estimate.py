@@ -353,7 +353,15 @@ def test_fastv_after_expression_is_the_original_cost_under_the_substitution(zoo_
     prog = zoo_program("llava")
     est = graphred.estimate(prog, graphred.plans.fastv(layer=1, keep=0.5))
     n = est.symbol("n_img")
-    assert n in est.after.flops_expr.free_symbols or est.after.flops_expr.is_number
+    kept = graphred.zoo.info("llava")["image"] - round(0.5 * graphred.zoo.info("llava")["image"])
+    # the layer after the cut costs what it cost before, with n_img replaced by the kept count
+    before, after = est.group("model.language_model.layers.1"), est.after.group("model.language_model.layers.1")
+    assert n in before.flops_expr.free_symbols and n not in after.flops_expr.free_symbols
+    assert sympy.expand(after.flops_expr - before.flops_expr.subs(n, kept)) == 0
+    assert sympy.expand(after.flops_matmul_expr - before.flops_matmul_expr.subs(n, kept)) == 0
+    # layers before the cut and the vision tower are unchanged
+    for name in ("model.language_model.layers.0", "model.vision_tower.encoder.layers.0"):
+        assert sympy.expand(est.after.group(name).flops_matmul_expr - est.group(name).flops_matmul_expr) == 0, name
     assert est.after.flops < est.flops and est.after.kv_cache_bytes < est.kv_cache_bytes
     assert est.speedup > 1
 
