@@ -39,6 +39,7 @@ def test_program_runs_on_its_example_inputs(zoo_model, zoo_program):
     model, kwargs = zoo_model("clip")
     want, _ = _tensor_leaves(_run(model, kwargs))
     got, _ = _tensor_leaves(_run(zoo_program("clip"), {}))
+    assert want and len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
@@ -153,6 +154,7 @@ def test_failure_then_success(clip, assert_unchanged):
     prog = graphred.capture(model, **kwargs)
     want, _ = _tensor_leaves(_run(model, kwargs))
     got, _ = _tensor_leaves(_run(prog, kwargs))
+    assert want and len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert_unchanged(model, before)

@@ -11,6 +11,7 @@ import sympy
 import torch
 
 import graphred
+from graphred import zoo
 from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
 from graphred.analysis.provenance import TOKENS, TokenProvenance
 
@@ -58,7 +59,7 @@ def test_vilt_every_layer_cross_modal_self(zoo_program, zoo_model):
     for b in report.blocks:
         assert b.kind == CROSS_MODAL_SELF
         assert b.tokens["text"] == kwargs["input_ids"].shape[1]
-        assert b.tokens["image"] >= 1
+        assert b.tokens["image"] == zoo.info("vilt")["image"]   # patches + the image [CLS]
         assert b.causal is False
 
 
@@ -112,9 +113,11 @@ def test_symbolic_shapes_evaluate_to_concrete(zoo_program):
     assert checked > 50  # most tensors of the model have a symbolic token or batch dim
 
 
-def test_query_stream_dims_found_on_every_decoder_attention(zoo_program):
+def test_query_stream_dims_found_on_every_decoder_attention(zoo_program, zoo_model):
     prog = zoo_program("qwen2-vl")
     report = graphred.analyze(prog)
+    model, _ = zoo_model("qwen2-vl")
+    assert len(report.cross_modal) == model.config.text_config.num_hidden_layers  # the loop below runs on each
     for b in report.cross_modal:
         st = report.provenance.stream(b.query_stream)
         assert st.kind == TOKENS and {"image", "text"} <= st.modalities()

@@ -287,7 +287,15 @@ def test_check_meta_vals_accepts_a_fresh_export(exported, exported_dynamic, whic
 
 
 def test_check_meta_vals_skips_graphs_without_vals():
-    check_meta_vals(traced())
+    gm = traced()  # symbolic_trace: placeholders carry no meta["val"]
+    assert all("val" not in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    stale = torch.empty(7, 7, dtype=torch.float64)  # would fail a re-check, were one possible
+    node.meta["val"] = stale
+    before = {n: dict(n.meta) for n in gm.graph.nodes}
+    assert check_meta_vals(gm) is None
+    assert node.meta["val"] is stale
+    assert {n: dict(n.meta) for n in gm.graph.nodes} == before
 
 
 def test_check_meta_vals_catches_a_wrong_dtype(exported):

@@ -221,9 +221,9 @@ def _fastv_reference(model, kwargs, keep: float, renumber: bool = False):
     ids, amask = kwargs["input_ids"], kwargs["attention_mask"]
     B, L = ids.shape
     is_img = ids == model.config.image_token_id
-    last = L - 1                                                      # no right padding in the zoo input
-    assert bool(amask[:, last].all())
-    scores = attn0[:, :, last, :].mean(dim=1)                         # mean over heads, last query row
+    # the last valid query of each sample (right padding puts it before the end)
+    last = (torch.arange(L)[None, :] * amask.bool()).amax(dim=1)      # [B]
+    scores = attn0[torch.arange(B), :, last, :].mean(dim=1)           # mean over heads, last valid query row
     kept_rows = []
     for b in range(B):
         img_pos = torch.nonzero(is_img[b]).flatten()
@@ -249,11 +249,29 @@ def _fastv_reference(model, kwargs, keep: float, renumber: bool = False):
     return kept, logits, scores
 
 
+def _right_padded(kwargs: dict) -> dict:
+    """The same batch with every sample's padding moved to the end of its row."""
+    ids, amask = kwargs["input_ids"], kwargs["attention_mask"].bool()
+    assert not bool(amask.all()), "the zoo batch must hold a padded sample"
+    rows, masks = [], []
+    for b in range(ids.shape[0]):
+        rows.append(torch.cat([ids[b][amask[b]], ids[b][~amask[b]]]))
+        masks.append(torch.cat([amask[b][amask[b]], amask[b][~amask[b]]]))
+    out = dict(kwargs, input_ids=torch.stack(rows), attention_mask=torch.stack(masks).to(kwargs["attention_mask"].dtype))
+    assert not bool(out["attention_mask"][:, -1].all())  # a sample ends in padding
+    return out
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("renumber", [False, True])
-def test_fastv_matches_reference_llava(zoo_model, zoo_program, renumber):
+def test_fastv_matches_reference_llava(zoo_model, zoo_program, renumber, padding):
     model, kwargs = zoo_model("llava")
+    prog = zoo_program("llava")
+    if padding == "right":
+        kwargs = _right_padded(kwargs)
+        prog = graphred.capture(model, **kwargs)
     kept_ref, logits_ref, _ = _fastv_reference(model, kwargs, keep=0.5, renumber=renumber)
-    reduced = transform(zoo_program("llava"), fastv(layer=1, keep=0.5, renumber=renumber))
+    reduced = transform(prog, fastv(layer=1, keep=0.5, renumber=renumber))
     with torch.no_grad():
         out = reduced(**kwargs)
     assert torch.equal(reduced.kept_positions, kept_ref), (
