@@ -284,7 +284,8 @@ def _fit_keep(program, make, method: str, budget: dict, base, layer: int, factor
                          note=f"layer {layer} cannot reach the budget: {base.flops / max(floor, 1.0):.2f}x at most "
                               "(analytic, every image token dropped)")
     c = _candidate(program, make(keep), method, budget, base)
-    for _ in range(3):  # the overhead grows a little as keep falls (quadratic attention): correct again
+    step = max(0.01, 1 / max(int(base.symbols[n]), 1))  # at least one token: smaller steps may keep the same count
+    for _ in range(4):  # the overhead grows a little as keep falls (quadratic attention): correct again
         if c is None or c.feasible:
             return c
         analytic = float(base.flops_with({n: keep * factor * n}, start=layer).subs(base.symbols))
@@ -292,7 +293,7 @@ def _fit_keep(program, make, method: str, budget: dict, base, layer: int, factor
         if nxt is None or nxt <= 0:
             c.note = f"no keep ratio at layer {layer} reaches the budget"
             return c
-        keep = min(nxt, keep - 0.01)
+        keep = math.floor(min(nxt, keep - step) * 100) / 100
         if keep <= 0:
             break
         c2 = _candidate(program, make(keep), method, budget, base)
