@@ -1,4 +1,4 @@
-"""The ``graphred`` command line: ``graphred zoo``, ``capture``, ``analyze``, ``estimate``, ``bench``, ``demo``."""
+"""The ``graphred`` command line: ``graphred zoo``, ``capture``, ``analyze``, ``estimate``, ``plan``, ``bench``, ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +72,50 @@ def cmd_bench(args) -> int:
     return run_bench(args.model, args.plan, repeats=args.repeats)
 
 
+def _plan_inputs(spec: str, n_calibration: int, batch: int):
+    """``(program, calibration batches)`` for ``graphred plan``: a trained VQA model (``vqa-*``) is
+    calibrated on shipped scenes the accuracy benchmark does not score (the last questions); a zoo model
+    or model directory on its example inputs with the float inputs (images) redrawn, seeded."""
+    import torch
+
+    from .program import capture
+
+    from .data import models
+
+    if spec in models.MODEL_NAMES:
+        from .data import scenes
+
+        model, tok = models.load_trained(spec)
+        test = scenes.load_shipped()
+        qs = test.questions
+        example = models.build_inputs(spec, tok, test, qs[:batch])
+        calib = [models.build_inputs(spec, tok, test, qs[len(qs) - (i + 1) * batch: len(qs) - i * batch])
+                 for i in range(n_calibration)]
+        return capture(model, **example), calib
+    model, kwargs, _ = _load(spec)
+    gen = torch.Generator().manual_seed(0)
+    calib = []
+    for _ in range(n_calibration):
+        calib.append({k: torch.randn(v.shape, generator=gen, dtype=v.dtype) if isinstance(v, torch.Tensor)
+                      and v.is_floating_point() else v for k, v in kwargs.items()})
+    return capture(model, **kwargs), calib
+
+
+def cmd_plan(args) -> int:
+    from .plans import auto
+
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else None
+    prog, calib = _plan_inputs(args.model, args.calibration, args.batch)
+    kw = {"speedup": args.speedup, "flops": args.flops, "memory": args.memory, "kv_cache": args.kv_cache,
+          "calibration": calib or None, "trained": args.trained}
+    if methods:
+        kw["methods"] = methods
+    plan = auto(prog, **kw)
+    print(plan.explain(), file=sys.stderr)
+    print(plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphred", description="Token reduction for vision-language models, as a compiler.")
     p.add_argument("--version", action="version", version=f"graphred {__version__}")
@@ -94,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", required=True)
     s.add_argument("--repeats", type=int, default=5)
     s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("plan", help="choose a plan for a budget (prints it in text form, ready for --plan)",
+                       description="Choose the plan expected to lose the least accuracy within a budget. The "
+                                   "candidates table goes to stderr; the chosen plan's text form to stdout.")
+    s.add_argument("model", help="a zoo name, a trained VQA model (vqa-llava, vqa-vilt, vqa-blip) or a model directory")
+    s.add_argument("--speedup", type=float, default=None, help="predicted speedup to reach, e.g. 2")
+    s.add_argument("--flops", type=int, default=None, help="FLOPs ceiling after the plan")
+    s.add_argument("--memory", type=int, default=None, help="peak memory ceiling (activations + weights, bytes)")
+    s.add_argument("--kv-cache", dest="kv_cache", type=int, default=None, help="KV-cache ceiling (bytes)")
+    s.add_argument("--calibration", type=int, default=2, help="calibration batches for the quality proxy (0: cost model alone)")
+    s.add_argument("--batch", type=int, default=16, help="batch size of a trained model's calibration batches")
+    s.add_argument("--methods", default=None, help="comma-separated subset of fastv,pumer,tome,victor")
+    s.add_argument("--trained", action="store_true", help="also consider plans that need training (victor)")
+    s.set_defaults(fn=cmd_plan)
     sub.add_parser("demo", help="the end-to-end demo on the embedded model").set_defaults(fn=cmd_demo)
     return p
 

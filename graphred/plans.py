@@ -18,7 +18,7 @@ from .errors import PlanError
 Ratio = Union[float, Sequence[float]]
 LayerSelector = Union[None, int, str, Sequence[int], slice]
 
-__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "prune", "parse_plan", "select_layers"]
+__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "prune", "parse_plan", "select_layers", "auto"]
 
 
 def _check_ratio(name: str, value: Ratio, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True) -> tuple[float, ...]:
@@ -317,3 +317,19 @@ def _parse_value(key: str, v: str):
             return float(v)
         except ValueError:
             raise ValueError(f"bad value {v!r} for {key}") from None
+
+
+def auto(program, **budget_and_options):
+    """The plan expected to lose the least accuracy within a budget (a speedup, or a FLOP, memory or
+    KV-cache ceiling), chosen with the cost model and a proxy measured on calibration inputs. See
+    :func:`graphred.autoplan.auto` for the arguments.
+
+    >>> import graphred
+    >>> model, inputs = graphred.zoo.load("llava")
+    >>> plan = graphred.plans.auto(graphred.capture(model, **inputs), speedup=1.1)
+    >>> print(plan.explain())  # doctest: +ELLIPSIS
+    graphred.plans.auto: budget speedup >= 1.1x; ...
+    """
+    from .autoplan import auto as choose
+
+    return choose(program, **budget_and_options)
