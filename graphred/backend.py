@@ -195,6 +195,7 @@ def _has_image_tokens(prov) -> bool:
 # its id: the graph that consumes it (compiled after a graph break, on the tensors of that very run)
 # reads it from here. Entries die with their tensors.
 _LAYOUTS: dict[int, tuple] = {}
+_LAYOUT_LOST = "graphred_layout_lost"  # placeholder meta: a graph before this one lost the layout
 
 
 def _remember_layout(t: torch.Tensor, dim: int, modality: str, length: int) -> None:
@@ -206,7 +207,7 @@ def _remember_layout(t: torch.Tensor, dim: int, modality: str, length: int) -> N
     _LAYOUTS[key] = (ref, dim, modality, length)
 
 
-def _layout_of(t: Any) -> tuple[int, str] | None:
+def _layout_of(t: Any) -> tuple[int, str | None] | None:
     if not isinstance(t, torch.Tensor):
         return None
     entry = _LAYOUTS.get(id(t))
@@ -226,6 +227,13 @@ def _output_layouts(program) -> dict[int, tuple[int, str, int]]:
     out = next(n for n in program.graph.nodes if n.op == "output")
     flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
     found = {}
+    if any(_untracked_tokens(n, prov) for n in program.graph.find_nodes(op="placeholder")):
+        # an input's layout is unknown: every output's is too (a stream built on it would be mislabelled)
+        for i, node in enumerate(flat):
+            v = node.meta.get("val") if isinstance(node, fx.Node) else None
+            if isinstance(v, torch.Tensor) and v.dim() >= 2:
+                found[i] = (1, None, v.shape[1])
+        return found, prov
     for i, node in enumerate(flat):
         if not isinstance(node, fx.Node):
             continue
@@ -256,9 +264,22 @@ def _capture(gm: fx.GraphModule, inputs: list, opts: BackendOptions, graph_id: s
     program.name = graph_id
     for node, value in zip(program.graph.find_nodes(op="placeholder"), user):
         hint = _layout_of(value)
-        if hint is not None:
+        if hint is not None and hint[1] is None:
+            node.meta[_LAYOUT_LOST] = True
+        elif hint is not None:
             node.meta[INPUT_TOKENS] = hint
     return program, user_at
+
+
+def _untracked_tokens(node: fx.Node, prov) -> bool:
+    """A floating input of rank >= 3 with no token axis known: hidden states whose layout was lost."""
+    from .analysis.provenance import TOKENS
+
+    if node.meta.get(_LAYOUT_LOST):
+        return True
+    v = node.meta.get("val")
+    return (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3
+            and not prov.axes(node, TOKENS))
 
 
 def _rewrite(program, opts: BackendOptions, prov):
@@ -270,7 +291,14 @@ def _rewrite(program, opts: BackendOptions, prov):
         applied = apply_plan(program, opts.plan)
     except PlanError as e:
         blocks = detect_blocks(program.graph_module, prov)
-        if blocks and not _has_image_tokens(prov) and not prov.unknown:
+        untracked = [n.name for n in program.graph.find_nodes(op="placeholder") if _untracked_tokens(n, prov)]
+        if blocks and not _has_image_tokens(prov) and untracked:
+            _say_once(f"plan {opts.plan} not applied to a graph whose attention layers take {', '.join(untracked)} "
+                      "from code outside any compiled graph (or from a graph whose output mixes modalities): "
+                      "the token layout is not known there, so it compiles unchanged. graphred.transform("
+                      "graphred.capture(model, **inputs), plan) captures the whole model in one graph")
+            return None
+        if blocks and not _has_image_tokens(prov):
             raise PlanError(
                 f"plan {opts.plan} reduces image tokens, but the attention layers of the compiled model see "
                 f"none: no token stream holds image tokens ({len(blocks)} attention blocks, streams: "
