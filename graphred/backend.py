@@ -40,7 +40,7 @@ import torch.nn as nn
 from .errors import CaptureError, GraphredError, PlanError
 from .plans import Plan, parse_plan
 
-__all__ = ["BackendOptions", "graphred_backend", "INNER_BACKENDS", "OPTION_NAMES"]
+__all__ = ["BackendOptions", "graphred_backend", "reset", "INNER_BACKENDS", "OPTION_NAMES"]
 
 log = logging.getLogger("graphred.backend")
 
@@ -110,6 +110,11 @@ class BackendOptions:
 
 # ----------------------------------------------------------------------------- logging, once per reason
 _said: set[str] = set()
+
+
+def reset() -> None:
+    """Forget the reasons already logged (each is logged once per process otherwise)."""
+    _said.clear()
 
 
 def _say_once(reason: str) -> None:
@@ -262,6 +267,7 @@ def _capture(gm: fx.GraphModule, inputs: list, opts: BackendOptions, graph_id: s
                   f"({str(e).splitlines()[0]}); it compiles unchanged")
         return None
     program.name = graph_id
+    program.model_class = "a Dynamo graph"
     for node, value in zip(program.graph.find_nodes(op="placeholder"), user):
         hint = _layout_of(value)
         if hint is not None and hint[1] is None:
@@ -272,14 +278,34 @@ def _capture(gm: fx.GraphModule, inputs: list, opts: BackendOptions, graph_id: s
 
 
 def _untracked_tokens(node: fx.Node, prov) -> bool:
-    """A floating input of rank >= 3 with no token axis known: hidden states whose layout was lost."""
+    """A floating input of rank >= 3 with no token axis known and no token stream born from it (as
+    patches are born from pixels): hidden states whose layout was lost before this graph."""
     from .analysis.provenance import TOKENS
 
     if node.meta.get(_LAYOUT_LOST):
         return True
     v = node.meta.get("val")
-    return (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3
-            and not prov.axes(node, TOKENS))
+    if not (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3) or prov.axes(node, TOKENS):
+        return False
+    return node not in _stream_sources(prov)
+
+
+def _stream_sources(prov) -> set:
+    """Inputs a token stream is born from (directly or through other ops)."""
+    cached = getattr(prov, "_graphred_backend_sources", None)
+    if cached is not None:
+        return cached
+    by_name = {n.name: n for n in prov.gm.graph.nodes}
+    seen: set = set()
+    stack = [by_name[st.origin] for st in prov.streams if st.rule == "patches" and st.origin in by_name]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    sources = {n for n in seen if n.op == "placeholder"}
+    prov._graphred_backend_sources = sources
+    return sources
 
 
 def _rewrite(program, opts: BackendOptions, prov):
