@@ -224,8 +224,9 @@ def _layout_of(t: Any) -> tuple[int, str | None] | None:
     return dim, modality
 
 
-def _output_layouts(program) -> dict[int, tuple[int, str, int]]:
-    """Flat output index -> (dim, modality, length) for outputs that are a one-modality token stream."""
+def _output_layouts(program) -> tuple[dict[int, tuple[int, str | None, int]], Any]:
+    """(flat output index -> (dim, modality, length) for outputs that are a one-modality token stream
+    (modality None: the layout was lost before this graph), the program's token provenance)."""
     from .analysis.provenance import TOKENS, TokenProvenance
 
     prov = TokenProvenance(program.graph_module, program.example_inputs())
@@ -340,14 +341,17 @@ def _rewrite(program, opts: BackendOptions, prov):
 
 # ----------------------------------------------------------------------------- one compiled graph
 def _shape_key(args: Sequence) -> tuple:
+    """Shapes, dtypes and devices of the inputs, values of scalar inputs, identities of parameters."""
     key = []
     for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append((tuple(a.shape), a.dtype, a.device.type, isinstance(a, nn.Parameter) and id(a)))
+        if isinstance(a, nn.Parameter):
+            key.append(id(a))
+        elif isinstance(a, torch.Tensor):
+            key.append((a.shape, a.dtype, a.device))
         elif isinstance(a, (int, float, bool)):
             key.append(a)
         else:
-            key.append(type(a).__name__)
+            key.append(type(a))
     return tuple(key)
 
 
