@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -83,17 +84,13 @@ def _logits(out):
 
 def run(device: str, threads: int, rounds: int, model_name: str = MODEL) -> dict:
     torch.set_num_threads(threads)
+    load_start = os.getloadavg()[0]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, inputs = graphred.zoo.load(model_name)
     prog = graphred.capture(model, **inputs)  # float32 CPU capture: the estimate's program
     estimates = {label: graphred.estimate(prog, plan) for label, plan in PLANS.items()}
     eager_ref = {label: graphred.transform(prog, plan) for label, plan in PLANS.items()}
-    if device == "cuda":
-        model.config._attn_implementation = "sdpa"
-        for sub in model.modules():
-            cfg = getattr(sub, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = "sdpa"
+    attn = model.config._attn_implementation  # the zoo builds with PyTorch's SDPA
     model = model.to(device=device, dtype=dtype)
     dev_inputs = {k: (v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
                       if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
@@ -144,9 +141,10 @@ def run(device: str, threads: int, rounds: int, model_name: str = MODEL) -> dict
             print(f"{label}: {ms['base']:.1f} -> {ms[label]:.1f} ms, measured {measured:.2f}x, "
                   f"predicted {float(est.speedup):.2f}x", flush=True)
     info = {"device": device, "dtype": str(dtype).replace("torch.", ""), "threads": threads, "rounds": rounds,
-            "torch": torch.__version__, "model": model_name, "batch": int(inputs["input_ids"].shape[0]),
+            "torch": torch.__version__, "model": model_name, "attention": attn, "batch": int(inputs["input_ids"].shape[0]),
             "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "rows": rows}
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "rows": rows,
+            "load_average": [load_start, os.getloadavg()[0]], "cpu_count": os.cpu_count()}
     return info
 
 
@@ -160,8 +158,14 @@ def to_markdown(res: dict) -> str:
            "by Inductor: the original with `torch.compile(model)`, the reduced one with `torch.compile(model, "
            "backend=\"graphred\", options={\"plan\": ..., \"backend\": \"inductor\"})`. Median of "
            f"{res['rounds']} alternating calls after a warm-up; predicted = `graphred.estimate` FLOPs before / after. "
-           f"Target: measured >= {TARGET_RATIO} x predicted. Compile time = the first call.",
+           f"Target: measured >= {TARGET_RATIO} x predicted. Compile time = the first call (the graphred "
+           "compiles follow the original's, whose unchanged graphs, such as the vision tower, they find in "
+           "Inductor's cache).",
            ""]
+    if res.get("load_average"):
+        out[-1:] = [f"1-minute load average at the start / end of the run: {res['load_average'][0]:.1f} / "
+                    f"{res['load_average'][1]:.1f} on {res['cpu_count']} cores (other jobs shared the machine "
+                    "when it is above the core count).", ""]
     if dev == "cpu":
         out += ["| plan | sequence out | compiled original ms | compiled graphred ms | measured | predicted | "
                 "measured / predicted | target | eager measured (same run) | compile s original / graphred | "

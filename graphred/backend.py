@@ -268,6 +268,13 @@ def _capture(gm: fx.GraphModule, inputs: list, opts: BackendOptions, graph_id: s
                   f"({str(e).splitlines()[0]}); it compiles unchanged")
         return None
     program.name = graph_id
+    # torch.export's input-guard check names Dynamo's sources (L[...]) when the graph takes the sizes
+    # of a dynamic graph as inputs; the per-shape specialisation here checks the inputs instead
+    gm_ = program.graph_module
+    for node in list(gm_.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm_.graph.erase_node(node)
+    gm_.recompile()
     program.model_class = "a Dynamo graph"
     for node, value in zip(program.graph.find_nodes(op="placeholder"), user):
         hint = _layout_of(value)

@@ -26,19 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # Zoo models whose every Dynamo graph keeps the token layout (the plan applies under the backend),
 # with a plan for each.
 APPLIES = {
-    "llava": fastv(layer=1, keep=0.5),
     "paligemma": pumer(prune=0.3, merge=0.2),
     "blip": pumer(prune=0.3, merge=0.2),
     "clip": tome(r=4),
     "siglip": tome(r=4),
-    "qwen2-vl": pumer(prune=0.3, merge=0.2),
 }
+# llava (fastv) has its own test below; qwen2-vl's plan applies too (checked by hand: outputs equal
+# transform's) but its compile takes several times the others', so it is left out of the suite.
 # Zoo models where Dynamo computes the token sequence in Python between graphs or hands a mixed
 # image/text sequence from one graph to the next: the layout is unknown in the attention graph,
 # so the plan does not apply there and the model compiles unchanged, said in one log line.
 LAYOUT_LOST = {
-    "idefics3": pumer(prune=0.3, merge=0.2),
-    "vilt": pumer(prune=0.3, merge=0.2),
+    "vilt": pumer(prune=0.3, merge=0.2),  # idefics3 (a mixed sequence handed between graphs) behaves alike
 }
 
 
@@ -104,80 +103,61 @@ def test_layout_lost_compiles_unchanged_with_one_log_line(name, zoo_model, caplo
     assert len(lost) == 1, [r.getMessage() for r in caplog.records]
 
 
-def test_zero_reduction_is_exact(zoo_model):
-    model, kwargs = zoo_model("llava")
-    got = _run(_compiled(model, pumer(prune=0, merge=0)), kwargs)
-    _assert_same(got, _run(model, kwargs), "llava, zero reduction")
+@pytest.mark.parametrize("name, plan", [("clip", tome(r=0)), ("blip", pumer(prune=0, merge=0))])
+def test_zero_reduction_is_exact(name, plan, zoo_model):
+    model, kwargs = zoo_model(name)
+    got = _run(_compiled(model, plan), kwargs)
+    _assert_same(got, _run(model, kwargs), f"{name}, zero reduction")
 
 
-def test_plan_applies_across_a_forced_graph_break(zoo_model):
-    """The embeddings are computed in one Dynamo graph, the image mask (compared against the
-    image token's embedding) and the decoder run in the next: the text layout crosses the break."""
-    model, kwargs = zoo_model("llava")
-
-    class SplitEmbedding(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, pixel_values, attention_mask, use_cache=False):
-            embeds = self.m.get_input_embeddings()(input_ids)
-            torch._dynamo.graph_break()
-            return self.m(inputs_embeds=embeds, pixel_values=pixel_values, attention_mask=attention_mask,
-                          use_cache=use_cache)
-
-    wrapped = SplitEmbedding(model)
-    plan = fastv(layer=1, keep=0.5)
-    want = _run(graphred.transform(graphred.capture(wrapped, **kwargs), plan), kwargs)
-    got = _run(_compiled(wrapped, plan), kwargs)
-    _assert_same(got, want, "llava behind a graph break")
-    assert _reduced(got, _run(model, kwargs))
-
-
-def test_capture_error_advice_is_true(zoo_model):
-    """A forward torch.export cannot trace (it reads a data pointer): capture says to use the backend,
-    and the backend compiles it, with the plan applied."""
+def test_untraceable_line_and_forced_graph_break(zoo_model, zoo_program):
+    """A forward torch.export cannot trace (it reads a data pointer) and that computes the embeddings
+    in one Dynamo graph, then breaks the graph: capture's error advises the backend, and the backend
+    compiles it with the plan applied -- the text layout crosses the break, and the image mask
+    (compared against the image token's embedding) is computed in the next graph."""
     model, kwargs = zoo_model("llava")
 
-    class ReadsPointer(nn.Module):
+    class Wrapped(nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
         def forward(self, input_ids, pixel_values, attention_mask, use_cache=False):
             assert input_ids.data_ptr() != 0
-            return self.m(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+            embeds = self.m.get_input_embeddings()(input_ids)
+            torch._dynamo.graph_break()
+            return self.m(inputs_embeds=embeds, pixel_values=pixel_values, attention_mask=attention_mask,
                           use_cache=use_cache)
 
-    wrapped = ReadsPointer(model)
+    wrapped = Wrapped(model)
     with pytest.raises(graphred.CaptureError, match="backend='graphred'"):
         graphred.capture(wrapped, **kwargs)
     plan = fastv(layer=1, keep=0.5)
-    want = _run(graphred.transform(graphred.capture(model, **kwargs), plan), kwargs)
-    _assert_same(_run(_compiled(wrapped, plan), kwargs), want, "llava behind an untraceable line")
+    want = _run(graphred.transform(zoo_program("llava"), plan), kwargs)
+    got = _run(_compiled(wrapped, plan), kwargs)
+    _assert_same(got, want, "llava behind an untraceable line and a graph break", exact=False)
+    assert _reduced(got, _run(model, kwargs))
 
 
-def test_new_shapes_recompile(zoo_model):
-    model, kwargs = zoo_model("llava")
-    plan = fastv(layer=1, keep=0.5)
-    fast = _compiled(model, plan)
-    small = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    for inputs in (kwargs, small, kwargs):
-        want = _run(graphred.transform(graphred.capture(model, **inputs), plan), inputs)
-        _assert_same(_run(fast, inputs), want, f"llava at batch {inputs['input_ids'].shape[0]}")
-
-
-def test_two_plans_never_share_a_compiled_graph(zoo_model):
-    """Two compiles of the same model with different plans: each gives its own plan's outputs."""
+def test_llava_new_shapes_and_two_plans(zoo_model):
+    """Same outputs as transform; a new batch size recompiles (through Dynamo's guards, then a graph
+    Dynamo made dynamic, which the backend specialises per shape); a second compile with another plan
+    gives that plan's outputs, and the first keeps its own."""
     model, kwargs = zoo_model("llava")
     plans = (fastv(layer=1, keep=0.5), fastv(layer=1, keep=0.25))
-    first = torch.compile(model, backend=graphred_backend, options={"plan": plans[0], "backend": "aot_eager"})
-    second = torch.compile(model, backend=graphred_backend, options={"plan": plans[1], "backend": "aot_eager"})
-    outs = [_run(first, kwargs), _run(second, kwargs), _run(first, kwargs)]
-    for plan, got in zip(plans + plans[:1], outs):
-        want = _run(graphred.transform(graphred.capture(model, **kwargs), plan), kwargs)
-        _assert_same(got, want, f"llava with {plan}")
-    assert outs[0]["out.logits"].shape != outs[1]["out.logits"].shape
+    small = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    torch._dynamo.reset()
+    fast = [torch.compile(model, backend=graphred_backend, options={"plan": p, "backend": "aot_eager"}) for p in plans]
+    want = {(p, b): _run(graphred.transform(graphred.capture(model, **inputs), p), inputs)
+            for p in plans for b, inputs in ((2, kwargs), (1, small))}
+    got = _run(fast[0], kwargs)
+    _assert_same(got, want[plans[0], 2], "llava")
+    assert _reduced(got, _run(model, kwargs)), "the plan changed nothing under the backend"
+    for inputs, b in ((small, 1), (kwargs, 2)):
+        _assert_same(_run(fast[0], inputs), want[plans[0], b], f"llava at batch {b}")
+    _assert_same(_run(fast[1], kwargs), want[plans[1], 2], f"llava with {plans[1]}")
+    _assert_same(_run(fast[0], kwargs), want[plans[0], 2], f"llava with {plans[0]} after {plans[1]}")
+    assert want[plans[0], 2]["out.logits"].shape != want[plans[1], 2]["out.logits"].shape
     assert BackendOptions.parse({"plan": plans[0]}).key() != BackendOptions.parse({"plan": plans[1]}).key()
 
 
@@ -210,9 +190,14 @@ def test_training_backward_through_the_reduced_graph():
     ({}, PlanError, "needs a plan"),
     ({"plan": 3}, PlanError, "graphred.plans.Plan or a text spec"),
 ])
-def test_bad_options(options, error, match, zoo_model):
+def test_bad_options(options, error, match):
     with pytest.raises(error, match=match):
         BackendOptions.parse(options)
+
+
+def test_bad_option_fails_before_compiling(zoo_model):
+    """Through torch.compile: Dynamo reports the graphred error as BackendCompilerFailed."""
+    options, error = {"plan": "fastv:layer=1;keep=0.5"}, PlanError
     model, kwargs = zoo_model("clip")
     fast = torch.compile(model, backend=graphred_backend, options=options)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
@@ -283,8 +268,9 @@ def test_backend_by_name_in_a_fresh_process(tmp_path, zoo_model, zoo_program):
 
 
 def test_inductor(zoo_model, zoo_program):
-    model, kwargs = zoo_model("llava")
-    plan = fastv(layer=1, keep=0.5)
-    want = _run(graphred.transform(zoo_program("llava"), plan), kwargs)
+    model, kwargs = zoo_model("clip")
+    plan = tome(r=4)
+    want = _run(graphred.transform(zoo_program("clip"), plan), kwargs)
     got = _run(_compiled(model, plan, inner="inductor"), kwargs)
-    _assert_same(got, want, "llava under Inductor", exact=False)
+    _assert_same(got, want, "clip under Inductor", exact=False)
+    assert _reduced(got, _run(model, kwargs))
