@@ -399,7 +399,7 @@ class _CompiledGraph:
                         _remember_layout(flat[i], dim, modality, length)
             return out
 
-        self.keep_alive.append(inputs)  # parameter ids in the key stay valid
+        self.keep_alive.append([a for a in inputs if isinstance(a, nn.Parameter)])  # their ids in the key stay valid
         self.by_shape[key] = fn
         return fn
 
