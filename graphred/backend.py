@@ -219,7 +219,9 @@ def _layout_of(t: Any) -> tuple[int, str | None] | None:
     if entry is None:
         return None
     ref, dim, modality, length = entry
-    if ref() is not t or t.dim() <= dim or t.shape[dim] != length:
+    if ref() is not t:
+        return None
+    if dim is not None and (t.dim() <= dim or t.shape[dim] != length):
         return None
     return dim, modality
 
@@ -233,12 +235,12 @@ def _output_layouts(program) -> tuple[dict[int, tuple[int, str | None, int]], An
     out = next(n for n in program.graph.nodes if n.op == "output")
     flat = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
     found = {}
-    if any(_untracked_tokens(n, prov) for n in program.graph.find_nodes(op="placeholder")):
+    sources = _stream_sources(prov)
+    if any(_untracked_tokens(n, prov, sources) for n in program.graph.find_nodes(op="placeholder")):
         # an input's layout is unknown: every output's is too (a stream built on it would be mislabelled)
         for i, node in enumerate(flat):
-            v = node.meta.get("val") if isinstance(node, fx.Node) else None
-            if isinstance(v, torch.Tensor) and v.dim() >= 2:
-                found[i] = (1, None, v.shape[1])
+            if isinstance(node, fx.Node):
+                found[i] = (None, None, None)
         return found, prov
     for i, node in enumerate(flat):
         if not isinstance(node, fx.Node):
@@ -285,7 +287,7 @@ def _capture(gm: fx.GraphModule, inputs: list, opts: BackendOptions, graph_id: s
     return program, user_at
 
 
-def _untracked_tokens(node: fx.Node, prov) -> bool:
+def _untracked_tokens(node: fx.Node, prov, sources: set) -> bool:
     """A floating input of rank >= 3 with no token axis known and no token stream born from it (as
     patches are born from pixels): hidden states whose layout was lost before this graph."""
     from .analysis.provenance import TOKENS
@@ -295,14 +297,11 @@ def _untracked_tokens(node: fx.Node, prov) -> bool:
     v = node.meta.get("val")
     if not (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3) or prov.axes(node, TOKENS):
         return False
-    return node not in _stream_sources(prov)
+    return node not in sources
 
 
 def _stream_sources(prov) -> set:
     """Inputs a token stream is born from (directly or through other ops)."""
-    cached = getattr(prov, "_graphred_backend_sources", None)
-    if cached is not None:
-        return cached
     by_name = {n.name: n for n in prov.gm.graph.nodes}
     seen: set = set()
     stack = [by_name[st.origin] for st in prov.streams if st.rule == "patches" and st.origin in by_name]
@@ -311,9 +310,7 @@ def _stream_sources(prov) -> set:
         if n not in seen:
             seen.add(n)
             stack.extend(n.all_input_nodes)
-    sources = {n for n in seen if n.op == "placeholder"}
-    prov._graphred_backend_sources = sources
-    return sources
+    return {n for n in seen if n.op == "placeholder"}
 
 
 def _rewrite(program, opts: BackendOptions, prov):
@@ -325,7 +322,8 @@ def _rewrite(program, opts: BackendOptions, prov):
         applied = apply_plan(program, opts.plan)
     except PlanError as e:
         blocks = detect_blocks(program.graph_module, prov)
-        untracked = [n.name for n in program.graph.find_nodes(op="placeholder") if _untracked_tokens(n, prov)]
+        sources = _stream_sources(prov)
+        untracked = [n.name for n in program.graph.find_nodes(op="placeholder") if _untracked_tokens(n, prov, sources)]
         if blocks and not _has_image_tokens(prov) and untracked:
             _say_once(f"plan {opts.plan} not applied to a graph whose attention layers take {', '.join(untracked)} "
                       "from code outside any compiled graph (or from a graph whose output mixes modalities): "
