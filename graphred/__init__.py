@@ -20,9 +20,13 @@ from .errors import (
 )
 from .program import Program, capture
 
+# the custom ops (torch.ops.graphred.*) are registered on import: a reduced program saved with
+# torch.export.save loads and runs in a process that has imported graphred
+from . import ops  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data"}
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "data", "backend"}
 _LAZY_ATTRS = {
     "analyze": ("graphred.analysis.report", "analyze"),
     "Report": ("graphred.analysis.report", "Report"),

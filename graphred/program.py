@@ -369,6 +369,6 @@ def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExcepti
         f"torch.export could not capture {cls}: {type(exc).__name__}: {first_line}\n"
         f"  at {_user_frame(exc)}\n"
         "  Try: model.eval(); pass plain tensors (use_cache=False, return_dict=True for Hugging Face "
-        "models); or compile with torch.compile(model, backend='graphred'), which captures the graph "
-        "piecewise around what torch.export cannot trace."
+        "models); or compile with torch.compile(model, backend='graphred', options={'plan': ...}), which "
+        "captures the graph piecewise around what torch.export cannot trace."
     )

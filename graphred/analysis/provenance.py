@@ -49,6 +49,9 @@ MODALITIES = (TEXT, IMAGE, REGISTER)
 CODE = {TEXT: 0, IMAGE: 1, REGISTER: 2}
 NAME = {v: k for k, v in CODE.items()}
 BATCH, TOKENS = "batch", "tokens"
+# placeholder meta key: ``(dim, modality)`` -- the input is a token stream of one modality along
+# ``dim``, as another graph's analysis found (set by the torch.compile backend across graph breaks)
+INPUT_TOKENS = "graphred_input_tokens"
 
 
 # ----------------------------------------------------------------------------- data model
@@ -404,6 +407,12 @@ class TokenProvenance:
                 self.batch_size = shape[0]
             if shape[0] == self.streams[self._batch_stream].length:
                 axes.append(TokAxis(self._batch_stream, _suffix(shape, 0), shape[0]))
+        hint = node.meta.get(INPUT_TOKENS)  # (dim, modality): a stream handed over from another graph
+        if hint is not None and 0 < hint[0] < len(shape) and hint[1] in CODE:
+            d, modality = hint
+            sid = self._new_stream(TOKENS, shape[d], node, "input", ("uniform", CODE[modality]))
+            axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+            return TokenInfo(tuple(axes), frozenset({modality}))
         if dt is not None and dt.is_floating_point:
             return TokenInfo(tuple(axes), frozenset({IMAGE}))
         if dt is not None and dt != torch.bool:
