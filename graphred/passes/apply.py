@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF, AttentionBlock, detect_blocks
 from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, TokenProvenance, _shape
 from ..errors import PlanError
-from ..plans import FastVStep, Plan, PumerStep, ToMeStep, select_layers
+from ..plans import FastVStep, Plan, PumerStep, ToMeStep, VictorStep, select_layers
 from ..program import Program
 from .infra import set_fake_val
 from .reduce import _node, emit_codes, emit_valid, graph_device, key_source, layer_input, residual_after
@@ -490,7 +490,9 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
     for step in plan.steps:
         if step.is_identity:
             continue
-        apply_step = {PumerStep: _apply_pumer, FastVStep: _apply_fastv, ToMeStep: _apply_tome}.get(type(step))
+        from .registers import apply_victor
+        apply_step = {PumerStep: _apply_pumer, FastVStep: _apply_fastv, ToMeStep: _apply_tome,
+                      VictorStep: apply_victor}.get(type(step))
         if apply_step is None:
             raise PlanError(f"unknown plan step {step!r}")
         try:
