@@ -149,25 +149,26 @@ class _Stop(Exception):
 
 
 def _value_at(gm: fx.GraphModule, node_name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The value of ``node_name`` when ``gm`` runs on the inputs (the run stops there)."""
+    """The value of ``node_name`` when ``gm`` runs on the inputs (the run stops there); None when the
+    inputs hold no values (a program captured on the meta device) or the run fails."""
+    got = {}
+
     class Grab(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n.name == node_name:
-                raise _Stop(out)
+                got["value"] = out
+                raise _Stop()
             return out
 
     try:
-        flat = gm.graph._codegen.process_inputs(*args, **kwargs)
-        flat = [x for x in pytree.tree_leaves(flat)]
+        flat = pytree.tree_leaves(gm.graph._codegen.process_inputs(tuple(args), dict(kwargs)))
         with torch.no_grad():
             Grab(gm).run(*flat)
-    except _Stop as s:
-        v = s.args[0]
-        return v if isinstance(v, torch.Tensor) and v.device.type != "meta" else None
     except Exception:
-        return None
-    return None
+        pass
+    v = got.get("value")
+    return v if isinstance(v, torch.Tensor) and v.device.type != "meta" else None
 
 
 def initial_registers(x: torch.Tensor | None, codes: torch.Tensor, n: int, init: str, seed: int, dim: int,
