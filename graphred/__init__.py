@@ -22,7 +22,7 @@ from .program import Program, capture
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data"}
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data", "training"}
 _LAZY_ATTRS = {
     "analyze": ("graphred.analysis.report", "analyze"),
     "Report": ("graphred.analysis.report", "Report"),
@@ -30,6 +30,8 @@ _LAZY_ATTRS = {
     "Estimate": ("graphred.analysis.cost.estimate", "Estimate"),
     "transform": ("graphred.reduced_module", "transform"),
     "ReducedModule": ("graphred.reduced_module", "ReducedModule"),
+    "load_reducer": ("graphred.reduced_module", "load_reducer"),
+    "train": ("graphred.training", "train"),
 }
 
 
@@ -45,5 +47,5 @@ def __getattr__(name: str):
 __all__ = [
     "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "PassError", "PlanError",
     "PostconditionError", "PreconditionError", "Program", "capture", "analyze", "estimate",
-    "transform", "zoo", "plans", "__version__",
+    "transform", "load_reducer", "train", "zoo", "plans", "__version__",
 ]
