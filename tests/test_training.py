@@ -94,3 +94,19 @@ def test_bad_arguments(llava):
         graphred.train(fast, [], teacher=model, steps=1, progress=False)
     with pytest.raises(GraphredError, match="expects the module graphred.transform returned"):
         graphred.train(model, [kwargs], teacher=model, steps=1, progress=False)
+
+
+def test_training_step_flops():
+    from graphred.analysis.cost.training import group_step_flops, training_step_flops
+
+    assert group_step_flops(10, 8, True, True) == 10 + 16 + 2
+    assert group_step_flops(10, 8, False, True) == 10 + 8 + 2
+    assert group_step_flops(10, 8, False, False) == 10
+    model, kwargs = graphred.zoo.load("llava")
+    est = graphred.estimate(graphred.capture(model, **kwargs), victor(registers=2, layer=1))
+    full = training_step_flops(est, "registers+model")
+    regs = training_step_flops(est, "registers")
+    assert full["before"] > regs["before"] > est.flops  # weight gradients cost more than input gradients alone
+    assert 0 < full["ratio"] < 1 and full["after"] > est.after.flops
+    with pytest.raises(ValueError, match="what="):
+        training_step_flops(est, "all")
