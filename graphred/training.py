@@ -185,7 +185,7 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
           task_loss: Callable[[Any, dict], torch.Tensor] | None = None,
           logits_fn: Callable[[Any, dict], torch.Tensor] | None = None,
           hidden_mse: float = 0.0, hidden_fn: Callable[[Any, dict], torch.Tensor] | None = None,
-          clip: float | None = 1.0, seed: int = 0, checkpoint: str | os.PathLike | None = None,
+          clip: float | None = 1.0, seed: int = 0, reducer_lr: float | None = None, checkpoint: str | os.PathLike | None = None,
           checkpoint_every: int = 50, resume: bool = False, progress: bool | None = None,
           log_every: int = 0) -> TrainResult:
     """Fine-tune ``fast`` (from :func:`graphred.transform`) for ``steps`` steps of AdamW.
@@ -208,6 +208,8 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
             optimizer state) written every ``checkpoint_every`` steps and at the end; ``resume=True``
             continues from it.
         progress: a progress bar on stderr (default: only when stderr is a terminal).
+        reducer_lr: a separate learning rate for the plan's own parameters (registers start from
+            scratch and usually want a larger one than the pretrained weights).
 
     Returns:
         :class:`TrainResult`; ``fast`` is trained in place and left in eval mode.
@@ -219,7 +221,10 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
     params = _trainable(fast, what)
     torch.manual_seed(seed)
     get = _batches(data)
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    reducer = [p for k, p in params.items() if k.startswith("reducer.")]
+    rest = [p for k, p in params.items() if not k.startswith("reducer.")]
+    groups = [g for g in ({"params": reducer, "lr": reducer_lr or lr}, {"params": rest, "lr": lr}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
     if resume:
