@@ -112,7 +112,7 @@ def decoder_of(step_name: str, model_class: str, blocks: list[AttentionBlock], g
                 f"only separate attention stacks ({', '.join(kinds) or 'none'}): a dual encoder, image and text never "
                 "share a sequence")
         raise PlanError(f"{step_name}: {model_class} has no decoder holding image and text tokens in one sequence; it has "
-                        f"{what}. Victor needs a decoder VLM (LLaVA-style); use graphred.plans.tome(...) or pumer(...).")
+                        f"{what}. Victor needs a decoder VLM (image tokens written into the text's token stream); use graphred.plans.tome(...) or pumer(...).")
     by_stack: dict[str, list[AttentionBlock]] = {}
     for b in cm:
         by_stack.setdefault(b.stack, []).append(b)

@@ -15,7 +15,7 @@ them); with ``"model"``/``"registers+model"`` every group trains. The ratio of t
 
 >>> import graphred
 >>> from graphred.analysis.cost.training import training_step_flops
->>> model, inputs = graphred.zoo.load("llava")
+>>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
 >>> est = graphred.estimate(graphred.capture(model, **inputs), graphred.plans.victor(registers=2, layer=1))
 >>> step = training_step_flops(est, what="registers+model")
 >>> step["after"] < step["before"]
