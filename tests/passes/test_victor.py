@@ -156,3 +156,34 @@ def test_pool_init_summarises_the_image_and_differs_from_random(zoo_program):
     rand = graphred.transform(prog, victor(registers=4, layer=1, init="random")).graph_module.graphred_registers
     assert pool.shape == rand.shape and not torch.allclose(pool, rand)
     assert len({tuple(r.tolist()) for r in pool}) == 4  # distinct registers (no symmetric start)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2-vl"])
+def test_estimate_counts_the_victor_graph(zoo_model, zoo_program, name):
+    from graphred.analysis.cost import count_flops_executed
+
+    model, kwargs = zoo_model(name)
+    prog = zoo_program(name)
+    plan = victor(registers=4, layer=1)
+    est = graphred.estimate(prog, plan)
+    fast = graphred.transform(prog, plan)
+    oracle = count_flops_executed(fast, **kwargs)
+    a = est.after
+    assert abs(a.flops_matmul - oracle) <= 0.01 * oracle, (a.flops_matmul, oracle)
+    assert int(a.flops_expr.subs(est.symbols)) == a.flops
+    assert a.flops < est.flops and a.kv_cache_bytes < est.kv_cache_bytes
+    assert f"after {plan}" in str(est)
+
+
+def test_kv_cache_of_later_layers_holds_no_image_token(zoo_model):
+    model, kwargs = zoo_model("llava")
+    with_cache = dict(kwargs, use_cache=True)
+    fast = graphred.transform(graphred.capture(model, **with_cache), victor(registers=3, layer=1))
+    with torch.no_grad():
+        out = fast(**with_cache)
+    layers = out.past_key_values.layers
+    L, K = kwargs["input_ids"].shape[1], fast.kept_positions.shape[1]
+    # layer 0 holds [text, image, registers, text]; layer 1 only text and registers
+    assert [layer.keys.shape[-2] for layer in layers] == [L + 3, K]
+    assert [layer.values.shape[-2] for layer in layers] == [L + 3, K]
+    assert K == L + 3 - fast.steps[1]["image_before"]
