@@ -106,7 +106,17 @@ def transform(program: Program, plan: Plan) -> ReducedModule:
 def load_reducer(fast_or_path, path=None, *, model=None, inputs: dict | None = None) -> ReducedModule:
     """Load saved reducer parameters: ``load_reducer(fast, path)`` into a transformed module (same
     plan), or ``load_reducer(path, model=model, inputs=example_inputs)`` to capture ``model``,
-    transform it with the saved plan and load. See :meth:`ReducedModule.save_reducer`."""
+    transform it with the saved plan and load. See :meth:`ReducedModule.save_reducer`.
+
+    >>> import graphred, tempfile, os
+    >>> model, inputs = graphred.zoo.load("llava")
+    >>> fast = graphred.transform(graphred.capture(model, **inputs), graphred.plans.victor(registers=2, layer=1))
+    >>> path = os.path.join(tempfile.mkdtemp(), "victor.safetensors")
+    >>> fast.save_reducer(path)
+    >>> again = graphred.load_reducer(path, model=model, inputs=inputs)
+    >>> bool((again.graph_module.graphred_registers == fast.graph_module.graphred_registers).all())
+    True
+    """
     from .reducer_io import load_reducer as _load
 
     return _load(fast_or_path, path, model=model, inputs=inputs)

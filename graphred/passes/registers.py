@@ -275,13 +275,10 @@ class InsertRegisters(GraphredPass):
         if Bc != B and Bc != 1:
             raise PlanError(f"victor: modality codes have batch {Bc}, the stream batch {B}")
 
-        made = {}
-
-        def with_registers(x: fx.Node) -> fx.Node:
+        def with_registers(x: fx.Node) -> fx.Node:  # [x, registers]: the rows the insertion gathers from
             r = _call(graph, aten.unsqueeze.default, (reg, 0))
             r = _call(graph, aten.expand.default, (r, [B, N, D]))
-            made["cat"] = _call(graph, aten.cat.default, ([x, r], 1))
-            return made["cat"]
+            return _call(graph, aten.cat.default, ([x, r], 1))
 
         L_new = L + N * images
         g = reduce_stream(gm, prov, st, point, orig_i, L_new, transform=with_registers, gather_index=src_i,
