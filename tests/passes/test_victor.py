@@ -81,7 +81,7 @@ def test_structure_on_every_zoo_decoder(zoo_model, zoo_program, model_state, nam
     model_state.assert_unchanged(model, before)
 
 
-def _llava_reference(model, kwargs, registers: torch.Tensor, layer: int) -> torch.Tensor:
+def _llava_reference(model, kwargs, registers: torch.Tensor, layer: int, images: int = 1) -> torch.Tensor:
     """Victor by hand on the eager Hugging Face model: the language model run on embeddings with the
     registers inserted after the image (their position ids: the image's last token's), the image
     removed from the hidden states, rotary tables and mask where layer ``layer`` begins."""
@@ -95,7 +95,7 @@ def _llava_reference(model, kwargs, registers: torch.Tensor, layer: int) -> torc
     B, L, D = E.shape
     codes = (kwargs["input_ids"] == model.config.image_token_id).to(torch.int8)
     n_img = int(codes[0].sum())
-    src, orig, is_reg, keep = gops.register_layout(codes, registers.shape[0], 1, n_img)
+    src, orig, is_reg, keep = gops.register_layout(codes, registers.shape[0], images, n_img)
     E2 = gops.gather_tokens(torch.cat([E, registers.expand(B, -1, -1)], 1), src, 1)
     mask2 = gops.gather_tokens(kwargs["attention_mask"], orig, 1)
 
@@ -187,3 +187,22 @@ def test_kv_cache_of_later_layers_holds_no_image_token(zoo_model):
     assert [layer.keys.shape[-2] for layer in layers] == [L + 3, K]
     assert [layer.values.shape[-2] for layer in layers] == [L + 3, K]
     assert K == L + 3 - fast.steps[1]["image_before"]
+
+
+def test_two_images_each_get_registers_and_match_the_reference():
+    """Registers go after every image (the same parameters each time); checked against the eager reference."""
+    model, kw = graphred.zoo.load("llava")
+    ids, pv = kw["input_ids"], kw["pixel_values"]
+    img = model.config.image_token_id
+    B, n = ids.shape[0], int((ids[0] == img).sum())
+    text = ids[ids != img].view(B, -1)
+    two = torch.cat([text[:, :4], torch.full((B, n), img), text[:, 4:8], torch.full((B, n), img), text[:, 8:]], 1)
+    kw2 = dict(kw, input_ids=two, attention_mask=torch.ones_like(two), pixel_values=torch.cat([pv, pv.flip(0)], 0))
+    fast = graphred.transform(graphred.capture(model, **kw2), victor(registers=3, layer=1))
+    ins, drop = fast.steps
+    assert ins["images"] == 2 and ins["length_after"] == two.shape[1] + 6
+    with torch.no_grad():
+        got = fast(**kw2).logits
+    assert got.shape[1] == two.shape[1] + 6 - 2 * n
+    want = _llava_reference(model, kw2, fast.graph_module.graphred_registers.detach(), layer=1, images=2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
