@@ -229,8 +229,9 @@ class InsertRegisters(GraphredPass):
             raise PlanError(f"victor: the token axis of {layers[0].module_path} is unknown (see the analysis report)")
         st = ctx.state(sid)
         if st.abs_index is not None:
-            raise PlanError("victor: the decoder's tokens were already reduced by an earlier step; list victor before "
-                            "decoder steps (pumer/fastv) or use it alone on the decoder")
+            raise PlanError("victor: the decoder's tokens were already reduced by an earlier step (pumer/fastv); victor "
+                            "drops every image token itself, so use it alone on the decoder (vision-tower steps such "
+                            "as tome(...) may come before it)")
         info = prov.streams[st.stream]
         n_img = ctx.counts[st.stream][IMAGE]
         runs = set(_image_runs(info.codes)) if info.codes is not None else set()

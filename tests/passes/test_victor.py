@@ -206,3 +206,13 @@ def test_two_images_each_get_registers_and_match_the_reference():
     assert got.shape[1] == two.shape[1] + 6 - 2 * n
     want = _llava_reference(model, kw2, fast.graph_module.graphred_registers.detach(), layer=1, images=2)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_victor_is_the_only_decoder_step(zoo_program):
+    from graphred.plans import fastv
+
+    prog = zoo_program("llava")
+    with pytest.raises(PlanError, match="use it alone on the decoder"):
+        graphred.transform(prog, fastv(layer=1, keep=0.5) + victor(registers=2, layer=1))
+    with pytest.raises(PlanError):
+        graphred.transform(prog, victor(registers=2, layer=1) + fastv(layer=1, keep=0.5))
