@@ -216,3 +216,22 @@ def test_victor_is_the_only_decoder_step(zoo_program):
         graphred.transform(prog, fastv(layer=1, keep=0.5) + victor(registers=2, layer=1))
     with pytest.raises(PlanError):
         graphred.transform(prog, victor(registers=2, layer=1) + fastv(layer=1, keep=0.5))
+
+
+def test_causal_lm_labels_follow_the_registers():
+    """With a Hugging Face causal-LM loss, each kept position p (a register stands for its image's last
+    token) is scored against the original next token labels[p + 1], as the unreduced model scores p."""
+    model, kw = graphred.zoo.load("llava")
+    ids = kw["input_ids"]
+    labels = ids.clone()
+    labels[ids == model.config.image_token_id] = -100
+    labels[kw["attention_mask"] == 0] = -100
+    labels[:, -3:] = ids[:, -3:]  # some text to score after the image
+    kw = dict(kw, labels=labels)
+    fast = graphred.transform(graphred.capture(model, **kw), victor(registers=3, layer=1))
+    with torch.no_grad():
+        out = fast(**kw)
+    kept = fast.kept_positions
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                             labels.gather(1, kept[:, :-1] + 1).reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want)
