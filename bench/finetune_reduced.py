@@ -1,4 +1,5 @@
-"""A short fine-tune of a trained VQA model with the reducers in place (PuMer's recipe): the
+"""A short fine-tune of a trained VQA model with the reducers in place (PuMer's recipe), with
+``graphred.train`` (through ``graphred.training.finetune_shipped``, also ``graphred finetune``): the
 transformed graph is trained directly (its custom ops have autograd), distilling from the
 unreduced model (KL on the answer logits) plus the answer loss. Reports accuracy before and after,
 beside the unreduced model's, on the shipped test questions; writes a section of docs/benchmarks.md.
@@ -11,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
-from graphred.data import models, scenes  # noqa: E402
+from graphred.training import finetune_shipped  # noqa: E402
 from graphred.plans import parse_plan  # noqa: E402
 from _common import publish  # noqa: E402
 
@@ -31,47 +30,13 @@ MARK = "bench_finetune"
 
 
 def finetune(name: str, plan_text: str, steps: int, batch: int, lr: float, temperature: float, limit: int) -> dict:
-    torch.manual_seed(0)
-    teacher, tok = models.load_trained(name)
-    student, _ = models.load_trained(name)  # a separate copy: the reduced module trains its weights
-    teacher.eval()
-    train = scenes.load("train")
-    test = scenes.load_shipped()
-    n = min(limit, len(test.questions))
-    n -= n % batch
-    example = models.build_inputs(name, tok, test, test.questions[:batch])
-    prog_teacher = graphred.capture(teacher, **example)
-    fast = graphred.transform(graphred.capture(student, **example), parse_plan(plan_text))
-    acc_unreduced = models.evaluate(prog_teacher, name, test, batch, tokenizer=tok, limit=n)
-    acc_before = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
-    params = [p for p in fast.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    qs = train.questions
-    t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(qs), (batch,), generator=gen).tolist()
-        batch_qs = [qs[i] for i in idx]
-        inputs = models.build_inputs(name, tok, train, batch_qs)
-        with torch.no_grad():
-            t_logits = models.training_logits(name, teacher(**inputs))
-        s_logits = models.training_logits(name, fast(**inputs))
-        ce = F.cross_entropy(s_logits, models.targets(name, tok, batch_qs))
-        kl = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.softmax(t_logits / temperature, -1),
-                      reduction="batchmean") * temperature ** 2
-        loss = ce + kl
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % 50 == 0:
-            print(f"[{name}] step {step + 1}/{steps} ce {ce.item():.3f} kl {kl.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    train_s = time.perf_counter() - t0
-    acc_after = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
-    est = graphred.estimate(prog_teacher, parse_plan(plan_text))
-    return {"model": name, "plan": plan_text, "steps": steps, "batch": batch, "lr": lr, "questions": n,
-            "unreduced": acc_unreduced, "before": acc_before, "after": acc_after, "train_s": train_s,
-            "predicted_speedup": float(est.speedup)}
+    """graphred.train on the shipped model (graphred.training.finetune_shipped), plus the estimate."""
+    r = finetune_shipped(name, plan_text, steps=steps, batch=batch, lr=lr, temperature=temperature, limit=limit,
+                         log_every=50)
+    est = graphred.estimate(r.pop("program"), parse_plan(plan_text))
+    r.pop("fast")
+    r["predicted_speedup"] = float(est.speedup)
+    return r
 
 
 def to_markdown(rows: list[dict]) -> str:

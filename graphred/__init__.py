@@ -19,6 +19,12 @@ from .errors import (
     PreconditionError,
 )
 from .program import Program, capture
+from . import plans as _plans
+from .autoplan import auto as _auto
+
+# graphred.plans.auto lives in autoplan (it reads the cost model and runs candidates), exposed beside the other
+# plan builders; set here so that plans.py does not import the cost model (no import cycle)
+_plans.auto = _auto
 
 # the custom ops (torch.ops.graphred.*) are registered on import: a reduced program saved with
 # torch.export.save loads and runs in a process that has imported graphred
@@ -26,7 +32,7 @@ from . import ops  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "data", "backend"}
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "data", "backend", "training"}
 _LAZY_ATTRS = {
     "analyze": ("graphred.analysis.report", "analyze"),
     "Report": ("graphred.analysis.report", "Report"),
@@ -34,6 +40,8 @@ _LAZY_ATTRS = {
     "Estimate": ("graphred.analysis.cost.estimate", "Estimate"),
     "transform": ("graphred.reduced_module", "transform"),
     "ReducedModule": ("graphred.reduced_module", "ReducedModule"),
+    "load_reducer": ("graphred.reduced_module", "load_reducer"),
+    "train": ("graphred.training", "train"),
 }
 
 
@@ -49,5 +57,5 @@ def __getattr__(name: str):
 __all__ = [
     "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "PassError", "PlanError",
     "PostconditionError", "PreconditionError", "Program", "capture", "analyze", "estimate",
-    "transform", "zoo", "plans", "__version__",
+    "transform", "load_reducer", "train", "zoo", "plans", "__version__",
 ]

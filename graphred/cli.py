@@ -1,4 +1,5 @@
-"""The ``graphred`` command line: ``graphred zoo``, ``capture``, ``analyze``, ``estimate``, ``plan``, ``bench``, ``demo``."""
+"""The ``graphred`` command line: ``graphred zoo``, ``capture``, ``analyze``, ``estimate``, ``plan``, ``bench``,
+``finetune``, ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +117,20 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .training import finetune_shipped
+
+    r = finetune_shipped(args.model, args.plan, steps=args.steps, batch=args.batch, what=args.what, lr=args.lr,
+                         reducer_lr=args.reducer_lr, limit=args.limit, seed=args.seed, checkpoint=args.checkpoint,
+                         resume=args.resume, out=args.out, log_every=args.log_every)
+    if "after" in r:
+        print(f"{r['model']} {r['plan']} ({r['what']}, {r['steps']} steps, {r['train_s']:.0f} s): accuracy "
+              f"{100 * r['unreduced']:.1f}% unreduced, {100 * r['before']:.1f}% before, {100 * r['after']:.1f}% after")
+    if args.out:
+        print(f"saved to {args.out} (reload with graphred.load_reducer)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphred", description="Token reduction for vision-language models, as a compiler.")
     p.add_argument("--version", action="version", version=f"graphred {__version__}")
@@ -152,6 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trained", action="store_true", help="also consider plans that need training (victor)")
     s.set_defaults(fn=cmd_plan)
     sub.add_parser("demo", help="the end-to-end demo on the embedded model").set_defaults(fn=cmd_demo)
+    s = sub.add_parser("finetune", help="fine-tune a shipped VQA model (vqa-llava, vqa-vilt, vqa-blip) with --plan in place")
+    s.add_argument("model")
+    s.add_argument("--plan", required=True, help="e.g. victor:registers=8,layer=1 or pumer:prune=0.7,merge=0.2")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--batch", type=int, default=50)
+    s.add_argument("--what", choices=["registers", "registers+model", "model"], default=None)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--reducer-lr", type=float, default=3e-3)
+    s.add_argument("--limit", type=int, default=1000, help="test questions to evaluate on (0: none)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--checkpoint", default=None, help="safetensors checkpoint written during training")
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--out", default=None, help="save the fine-tuned reducer (and weights) here")
+    s.add_argument("--log-every", type=int, default=0)
+    s.set_defaults(fn=cmd_finetune)
     return p
 
 

@@ -18,7 +18,8 @@ from .errors import PlanError
 Ratio = Union[float, Sequence[float]]
 LayerSelector = Union[None, int, str, Sequence[int], slice]
 
-__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "pumer", "fastv", "tome", "prune", "parse_plan", "select_layers", "auto"]
+__all__ = ["Plan", "PumerStep", "FastVStep", "ToMeStep", "VictorStep", "pumer", "fastv", "tome", "prune", "victor",
+           "parse_plan", "select_layers", "auto"]
 
 
 def _check_ratio(name: str, value: Ratio, lo: float = 0.0, hi: float = 1.0, hi_open: bool = True) -> tuple[float, ...]:
@@ -175,7 +176,31 @@ class ToMeStep:
         return self.r == 0
 
 
-Step = Union[PumerStep, FastVStep, ToMeStep]
+@dataclass(frozen=True)
+class VictorStep:
+    """Victor: ``registers`` learnable tokens inserted after each image's visual tokens in a decoder;
+    decoder layers before ``layer`` summarise the image into them, and at decoder layer ``layer`` every
+    visual token is dropped (residual stream, masks, rotary tables, later key/value caches).
+    ``init`` is how the registers start: ``"pool"`` (the image tokens at the insertion point, averaged
+    in ``registers`` contiguous groups, on the example inputs) or ``"random"``."""
+
+    registers: int = 8
+    layer: int = 2
+    init: str = "pool"
+    seed: int = 0
+
+    def spec(self) -> str:
+        s = f"victor:registers={self.registers},layer={self.layer}"
+        if self.init != "pool":
+            s += f",init={self.init}"
+        return s + (f",seed={self.seed}" if self.seed else "")
+
+    @property
+    def is_identity(self) -> bool:
+        return False  # adds tokens and drops the image: never the identity
+
+
+Step = Union[PumerStep, FastVStep, ToMeStep, VictorStep]
 
 
 @dataclass(frozen=True)
@@ -272,7 +297,32 @@ def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) ->
     return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
 
 
-_BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome, "prune": prune}
+VICTOR_INITS = ("pool", "random")
+
+
+def victor(registers: int = 8, layer: int = 2, init: str = "pool", seed: int = 0) -> Plan:
+    """Victor (Wen et al., 2024): ``registers`` learnable tokens after each image in a decoder VLM; the
+    decoder layers before ``layer`` summarise the image into them, then every visual token is dropped.
+    The registers are ``nn.Parameter``s of the transformed module (train them with :func:`graphred.train`).
+
+    >>> victor(registers=8, layer=2)
+    Plan(victor:registers=8,layer=2)
+    >>> victor(registers=4, layer=1, init="random") + tome(r=2)
+    Plan(victor:registers=4,layer=1,init=random + tome:r=2)
+    """
+    if isinstance(registers, bool) or not isinstance(registers, int) or registers < 1:
+        raise PlanError(f"victor registers must be an integer >= 1 (the paper uses 8), got {registers!r}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise PlanError(f"victor layer must be an integer >= 1 (decoder layers 0..layer-1 summarise the image into "
+                        f"the registers before the image is dropped), got {layer!r}")
+    if init not in VICTOR_INITS:
+        raise PlanError(f"victor init must be one of {', '.join(VICTOR_INITS)}, got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PlanError(f"victor seed must be an integer, got {seed!r}")
+    return Plan((VictorStep(registers, layer, init, seed),))
+
+
+_BUILDERS = {"pumer": pumer, "fastv": fastv, "tome": tome, "prune": prune, "victor": victor}
 
 
 def parse_plan(text: str) -> Plan:
@@ -301,7 +351,7 @@ def parse_plan(text: str) -> Plan:
 
 
 def _parse_value(key: str, v: str):
-    if key == "scorer":
+    if key in ("scorer", "init"):
         return v
     if key == "layers" and (v in ("all",) or v.startswith("from") or v.startswith("every")):
         return v.replace("from", "from:").replace("every", "every:").replace("::", ":") if ":" not in v else v
@@ -318,18 +368,3 @@ def _parse_value(key: str, v: str):
         except ValueError:
             raise ValueError(f"bad value {v!r} for {key}") from None
 
-
-def auto(program, **budget_and_options):
-    """The plan expected to lose the least accuracy within a budget (a speedup, or a FLOP, memory or
-    KV-cache ceiling), chosen with the cost model and a proxy measured on calibration inputs. See
-    :func:`graphred.autoplan.auto` for the arguments.
-
-    >>> import graphred
-    >>> model, inputs = graphred.zoo.load("llava")
-    >>> plan = graphred.plans.auto(graphred.capture(model, **inputs), speedup=1.1)
-    >>> print(plan.explain())  # doctest: +ELLIPSIS
-    graphred.plans.auto: budget speedup >= 1.1x; ...
-    """
-    from .autoplan import auto as choose
-
-    return choose(program, **budget_and_options)

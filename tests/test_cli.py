@@ -1,5 +1,7 @@
 """The command line: `graphred` / `python -m graphred`."""
 import json
+
+import pytest
 import subprocess
 import sys
 
@@ -44,3 +46,25 @@ def test_errors_are_one_clear_line(capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "graphred", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and graphred.__version__ in out.stdout
+
+
+def test_finetune_saves_a_reloadable_reducer(tmp_path, capsys):
+    from graphred.data import scenes
+
+    try:
+        scenes.load("train")
+    except scenes.DatasetMissingError:
+        pytest.skip("the training scenes (dataset-fashion-mnist) are not installed")
+    out = tmp_path / "victor.safetensors"
+    assert main(["finetune", "vqa-llava", "--plan", "victor:registers=2,layer=1", "--steps", "2", "--batch", "4",
+                 "--limit", "0", "--out", str(out)]) == 0
+    assert out.is_file() and "saved to" in capsys.readouterr().out
+    from graphred.reducer_io import read_reducer
+
+    tensors, meta = read_reducer(out)
+    assert meta["plan"] == "victor:registers=2,layer=1" and meta["includes_model"] == "true"
+    assert tensors["reducer.graphred_registers"].shape[0] == 2
+
+
+def test_finetune_bad_plan_is_one_line():
+    assert main(["finetune", "vqa-llava", "--plan", "victor:registers=0,layer=1"]) == 2

@@ -12,6 +12,7 @@ from .tokens import (
     select_tokens,
     size_bias,
 )
+from .registers import register_layout
 
 __all__ = [
     "attention_scores",
@@ -20,4 +21,5 @@ __all__ = [
     "merge_tokens",
     "select_tokens",
     "size_bias",
+    "register_layout",
 ]

@@ -25,18 +25,20 @@ from ..analysis.blocks import AttentionBlock, Blocks
 from ..analysis.provenance import Provenance, TokenProvenance
 from ..errors import PlanError
 from ..fx_utils import META_KEY
-from ..plans import FastVStep, Plan, PumerStep, ToMeStep
+from ..plans import FastVStep, Plan, PumerStep, ToMeStep, VictorStep
 from .cse import CSEPass
 from .fastv import FastVPass
 from .infra import AnalysisManager, GraphredPass, PassManager
 from .positions_output import PositionsOutputPass
 from .proportional_attention import ProportionalAttentionPass
+from .registers import VictorPass
 from .pumer import PumerPass
 from .rewrite_state import Rewrite, RewriteState, StepPass
 from .tome import ToMePass
 from .token_axis import record_original_shapes
 
-STEP_PASSES: dict[type, type[StepPass]] = {PumerStep: PumerPass, FastVStep: FastVPass, ToMeStep: ToMePass}
+STEP_PASSES: dict[type, type[StepPass]] = {PumerStep: PumerPass, FastVStep: FastVPass, ToMeStep: ToMePass,
+                                           VictorStep: VictorPass}
 """Plan step type -> the pass that carries it out."""
 
 
@@ -123,7 +125,7 @@ def run_pipeline(gm: fx.GraphModule, plan: Plan, example_inputs: tuple[tuple, di
     am = AnalysisManager()
     prov = am.get(Provenance(example_inputs, value_inputs=value_inputs), new)
     blocks = am.get(Blocks, new)
-    am.get(Rewrite(model or type(gm).__name__), new)
+    am.get(Rewrite(model or type(gm).__name__, value_inputs or example_inputs), new)
     PassManager(passes, analyses=am, check_meta=check_meta)(new)
     new.graph.lint()
     new.recompile()

@@ -52,8 +52,11 @@ class RewriteState:
     * ``cuts``: ``(stack, layer)`` -> the step that cut the sequence at that layer's input (FastV).
     """
 
-    def __init__(self, gm: fx.GraphModule, prov: TokenProvenance, blocks: list[AttentionBlock], model: str = "the model"):
+    def __init__(self, gm: fx.GraphModule, prov: TokenProvenance, blocks: list[AttentionBlock], model: str = "the model",
+                 example_inputs: tuple[tuple, dict] | None = None):
         self.gm, self.prov, self.blocks, self.model = gm, prov, blocks, model
+        self.example_inputs = example_inputs  # (args, kwargs) with values: passes that read run-time values (Victor's init)
+        self.victor: dict | None = None  # Victor's register layout, from InsertRegisters to DropImageTokens
         self.states: dict[int, StreamState] = {}
         self.codes_cache: dict = {}
         self.counts: dict[int, dict[str, int]] = {}
@@ -193,11 +196,11 @@ class Rewrite(Analysis):
     passes (the one mutable result in the manager; it records what passes did, it reads no graph
     structure beyond :class:`Provenance` and :class:`Blocks`). ``model`` names the model in errors."""
 
-    def __init__(self, model: str = "the model"):
-        self.model = model
+    def __init__(self, model: str = "the model", example_inputs: tuple[tuple, dict] | None = None):
+        self.model, self.example_inputs = model, example_inputs
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> RewriteState:
-        return RewriteState(gm, am.get(Provenance, gm), am.get(Blocks, gm), self.model)
+        return RewriteState(gm, am.get(Provenance, gm), am.get(Blocks, gm), self.model, self.example_inputs)
 
 
 class StepPass(GraphredPass):

@@ -113,6 +113,7 @@ def reduce_stream(
     pass_name: str = "reduce_stream",
     dim: int | None = None,
     inputs_ready: fx.Node | None = None,
+    gather_index: fx.Node | None = None,
 ) -> fx.Node:
     """Reduce ``state.stream`` at ``point`` to the ``new_length`` tokens in ``index`` ([B, new_length],
     positions in the stream's *current* numbering) and fix up everything downstream.
@@ -120,6 +121,10 @@ def reduce_stream(
     ``index`` must already be in the graph; the gather is inserted right after it, and only uses of
     ``point`` that come after the gather are redirected. ``transform`` may rewrite ``point``'s value
     before the gather (merging). Returns the gather node.
+
+    ``gather_index`` (default ``index``) is what gathers ``transform(point)`` when the transform
+    changes its numbering (inserted tokens: ``index`` then says which original token each new slot
+    stands for, and may repeat positions, so ``new_length`` may exceed the current length).
     """
     graph = gm.graph
     if dim is None:
@@ -129,14 +134,14 @@ def reduce_stream(
         dim = dims[0][0]
     old = state.length
     order = {n: i for i, n in enumerate(graph.nodes)}
-    ready = _last(graph, [index] + ([inputs_ready] if inputs_ready is not None else []))
+    ready = _last(graph, [index] + [x for x in (inputs_ready, gather_index) if x is not None])
     with graph.inserting_before(ready.next):  # (inserting_after would reverse several new nodes)
         src = transform(point) if transform is not None else point
     after = src if transform is not None else index
     if order.get(after, 0) < order[index]:
         after = index
-    with graph.inserting_after(_last(graph, [index, src])):
-        g = call_with_val(graph, graphred_ops.gather_tokens.default, (src, index, dim))
+    with graph.inserting_after(_last(graph, [index, src] + ([gather_index] if gather_index is not None else []))):
+        g = call_with_val(graph, graphred_ops.gather_tokens.default, (src, index if gather_index is None else gather_index, dim))
     order = {n: i for i, n in enumerate(graph.nodes)}
     for user in list(point.users):
         if user is g or user is src or order[user] <= order[g]:

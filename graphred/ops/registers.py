@@ -1,0 +1,98 @@
+"""``graphred::register_layout``: where learnable register tokens go in a token stream (Victor).
+
+Given the run-time modality codes of a decoder's token stream, the op says where ``registers``
+tokens are inserted after each image (a maximal run of image tokens), and which tokens remain
+once the image tokens are dropped. Integer outputs only (no gradient flows through a layout).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["register_layout", "IMAGE_CODE", "REGISTER_CODE"]
+
+# the modality codes of graphred.analysis.provenance.CODE (kept in step by a test)
+IMAGE_CODE = 1
+REGISTER_CODE = 2
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _layout_shapes(codes: Tensor, registers: int, images: int, image_tokens: int) -> tuple[int, int, int]:
+    _check(codes.dim() == 2, f"graphred::register_layout: codes must be [B, L], got {tuple(codes.shape)}")
+    _check(registers >= 1, f"graphred::register_layout: registers must be >= 1, got {registers}")
+    _check(images >= 1, f"graphred::register_layout: there must be at least one image, got {images}")
+    L = codes.shape[1]
+    _check(0 < image_tokens <= L, f"graphred::register_layout: image_tokens={image_tokens} does not fit length {L}")
+    L_new = L + registers * images
+    return codes.shape[0], L_new, L_new - image_tokens
+
+
+@torch.library.custom_op(
+    "graphred::register_layout", mutates_args=(),
+    schema="(Tensor codes, int registers, int images, int image_tokens) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _register_layout(codes: Tensor, registers: int, images: int, image_tokens: int):
+    B, L_new, K = _layout_shapes(codes, registers, images, image_tokens)
+    L = codes.shape[1]
+    dev = codes.device
+    is_img = codes == IMAGE_CODE
+    nxt = torch.cat([is_img[:, 1:], torch.zeros_like(is_img[:, :1])], 1)
+    end = is_img & ~nxt  # the last token of every image
+    n_end = end.sum(1)
+    _check(bool((n_end == images).all()), f"graphred::register_layout: every sample must hold {images} image(s) "
+           f"(runs of image tokens); found {n_end.tolist()}")
+    _check(bool((is_img.sum(1) == image_tokens).all()), f"graphred::register_layout: every sample must hold "
+           f"{image_tokens} image tokens; found {is_img.sum(1).tolist()}")
+    ends_through = end.long().cumsum(1)  # images finished at or before each position
+    pos = torch.arange(L, device=dev).expand(B, L)
+    new_pos = pos + registers * (ends_through - end.long())  # a token moves past the registers of earlier images
+    src = torch.empty(B, L_new, dtype=torch.long, device=dev)
+    orig = torch.empty(B, L_new, dtype=torch.long, device=dev)
+    is_reg = torch.ones(B, L_new, dtype=torch.bool, device=dev)
+    src.scatter_(1, new_pos, pos)
+    orig.scatter_(1, new_pos, pos)
+    is_reg.scatter_(1, new_pos, torch.zeros_like(is_img))
+    # register j of image m sits at new_pos(end_m) + 1 + j; it reads row L + j of [x, registers]
+    end_pos = pos[end].view(B, images)
+    end_new = new_pos[end].view(B, images)
+    j = torch.arange(registers, device=dev)
+    slots = (end_new.unsqueeze(-1) + 1 + j).reshape(B, -1)
+    src.scatter_(1, slots, (L + j).expand(B, images, registers).reshape(B, -1))
+    orig.scatter_(1, slots, end_pos.unsqueeze(-1).expand(B, images, registers).reshape(B, -1))
+    new_img = torch.zeros(B, L_new, dtype=torch.bool, device=dev).scatter_(1, new_pos, is_img)
+    keep = torch.sort(new_img.to(torch.uint8), dim=1, stable=True).indices[:, :K].contiguous()
+    return src, orig, is_reg, keep
+
+
+@_register_layout.register_fake
+def _(codes, registers, images, image_tokens):
+    B, L_new, K = _layout_shapes(codes, registers, images, image_tokens)
+    return (codes.new_empty(B, L_new, dtype=torch.long), codes.new_empty(B, L_new, dtype=torch.long),
+            codes.new_empty(B, L_new, dtype=torch.bool), codes.new_empty(B, K, dtype=torch.long))
+
+
+def register_layout(codes: Tensor, registers: int, images: int, image_tokens: int):
+    """Where ``registers`` tokens go after each of ``images`` images in a stream with modality ``codes``.
+
+    Returns ``(source, original, is_register, keep)``, each ``[B, ...]``:
+
+    * ``source`` ``[B, L + registers*images]``: for every slot of the longer stream, the row of
+      ``cat([x, registers], 1)`` it reads (register ``j`` reads row ``L + j`` after every image);
+    * ``original``: the original position each slot stands for (a register stands for its image's
+      last token: it takes that token's position id, rotary angle, mask row and label);
+    * ``is_register``: bool, the register slots;
+    * ``keep`` ``[B, L + registers*images - image_tokens]``: slots that remain once the image
+      tokens are dropped (text and registers, in order).
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> codes = torch.tensor([[0, 1, 1, 0]], dtype=torch.int8)   # text, image, image, text
+        >>> src, orig, is_reg, keep = gops.register_layout(codes, 2, 1, 2)
+        >>> src.tolist(), orig.tolist(), keep.tolist()
+        ([[0, 1, 2, 4, 5, 3]], [[0, 1, 2, 2, 2, 3]], [[0, 3, 4, 5]])
+    """
+    return torch.ops.graphred.register_layout(codes, registers, images, image_tokens)
