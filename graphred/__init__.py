@@ -13,6 +13,7 @@ from .errors import (
     CaptureError,
     ConfigError,
     GraphredError,
+    InputError,
     PassError,
     PlanError,
     PostconditionError,
@@ -22,7 +23,7 @@ from .program import Program, capture
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data"}
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "ops", "data", "serving", "generation"}
 _LAZY_ATTRS = {
     "analyze": ("graphred.analysis.report", "analyze"),
     "Report": ("graphred.analysis.report", "Report"),
@@ -30,6 +31,7 @@ _LAZY_ATTRS = {
     "Estimate": ("graphred.analysis.cost.estimate", "Estimate"),
     "transform": ("graphred.reduced_module", "transform"),
     "ReducedModule": ("graphred.reduced_module", "ReducedModule"),
+    "generate": ("graphred.generation", "generate"),
 }
 
 
@@ -43,7 +45,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "PassError", "PlanError",
+    "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "InputError", "PassError", "PlanError",
     "PostconditionError", "PreconditionError", "Program", "capture", "analyze", "estimate",
-    "transform", "zoo", "plans", "__version__",
+    "transform", "generate", "zoo", "plans", "__version__",
 ]
