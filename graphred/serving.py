@@ -138,7 +138,10 @@ class Specializations:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return spec
-            spec = self._build(arguments)
+            # capture runs the model (on real tensors under draft_export) and the rewrite may too: the
+            # caller's RNG is left as it was, so a seeded call gives what the model gives under that seed
+            with torch.random.fork_rng(devices=[]):
+                spec = self._build(arguments)
             self.captures += 1
             self._insert(key, spec, arguments)
             return spec
