@@ -155,3 +155,13 @@ def test_program_call_serves_other_shapes(zoo_model):
         assert torch.equal(prog(**inputs).logits, ref)
         prog(**inputs)
     assert prog.specializations.captures == 1
+
+
+@pytest.mark.parametrize("module", ["graphred.serving", "graphred.generation", "graphred.analysis.cost.decode",
+                                    "graphred.reduced_module", "graphred.program"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
