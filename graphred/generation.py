@@ -217,4 +217,7 @@ def generate(fast, *args, **kwargs):
     if "custom_generate" in kwargs:
         raise GraphredError("graphred generate supplies the decoding loop; custom_generate cannot be combined with it")
     kwargs.pop("use_cache", None)  # the reduced caches are the point: always on
-    return model.generate(*args, custom_generate=functools.partial(reduced_decoding, fast), **kwargs)
+    # Hugging Face hands a custom_generate callable only the keywords _sample does not take, so the
+    # streamer (which generate itself also gets, for the prompt) is bound here
+    loop = functools.partial(reduced_decoding, fast, streamer=kwargs.get("streamer"))
+    return model.generate(*args, custom_generate=loop, **kwargs)
