@@ -45,6 +45,8 @@ from .errors import GraphredError
 
 __all__ = ["PaddingMask", "generate", "reduced_decoding"]
 
+_SDPA = F.scaled_dot_product_attention
+
 
 class PaddingMask(TorchFunctionMode):
     """During a decode step: give every SDPA call the mask of a left-padded batch at its own key length.
@@ -60,20 +62,21 @@ class PaddingMask(TorchFunctionMode):
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not _SDPA:  # the fast path: every other op of the step
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = dict(kwargs or {})
-        if func is F.scaled_dot_product_attention:
-            key = args[1]
-            n = key.shape[-2]
-            valid = torch.arange(n, device=key.device)[None, :] >= self.pads.to(key.device)[:, None]
-            mask = valid[:, None, None, :]
-            given = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            if given is not None:
-                mask = (mask & given) if given.dtype == torch.bool else given.masked_fill(~mask, float("-inf"))
-            if len(args) > 3:
-                args = (*args[:3], mask, *args[4:])
-            else:
-                kwargs["attn_mask"] = mask
-            self.calls += 1
+        key = args[1]
+        n = key.shape[-2]
+        valid = torch.arange(n, device=key.device)[None, :] >= self.pads.to(key.device)[:, None]
+        mask = valid[:, None, None, :]
+        given = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        if given is not None:
+            mask = (mask & given) if given.dtype == torch.bool else given.masked_fill(~mask, float("-inf"))
+        if len(args) > 3:
+            args = (*args[:3], mask, *args[4:])
+        else:
+            kwargs["attn_mask"] = mask
+        self.calls += 1
         return func(*args, **kwargs)
 
 
