@@ -141,3 +141,19 @@ def test_generate_refuses_what_it_cannot_do():
     _, vilt_kwargs = zoo.load("vilt")
     with pytest.raises(graphred.GraphredError, match="generate"):
         graphred.transform(graphred.capture(vilt, **vilt_kwargs), Plan(())).generate(**vilt_kwargs)
+
+
+def test_readme_using_it_block_runs():
+    """README's "Using it" example (capture, estimate, transform, per-call positions, generate) runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Using it", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "generate(" in code
+    scope: dict = {}
+    with torch.no_grad():
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the documented example itself
+    assert scope["tokens"].shape[1] == scope["inputs"]["input_ids"].shape[1] + 16
+    assert scope["kept"].shape[1] == scope["out"].logits.shape[1]
