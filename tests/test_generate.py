@@ -1,6 +1,5 @@
 """generate(): reduced prefill, per-layer reduced KV caches, Hugging Face generation semantics."""
 import functools
-
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -20,9 +19,13 @@ def _prompt(name, model, batch=3, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _program(name):
-    model, kwargs = zoo.load(name)
+def _build(name):
+    model, kwargs = zoo.load(name)  # our own: generate runs it, and a run leaves Hugging Face's hooks on it
     return model, graphred.capture(model, **kwargs)
+
+
+def _program(_fixture, name):
+    return _build(name)
 
 
 def test_decoders_are_found():
@@ -30,8 +33,8 @@ def test_decoders_are_found():
 
 
 @pytest.mark.parametrize("name", DECODERS)
-def test_greedy_generate_equals_model_generate_with_left_padding(name):
-    model, prog = _program(name)
+def test_greedy_generate_equals_model_generate_with_left_padding(zoo_capture, name):
+    model, prog = _program(zoo_capture, name)
     fast = graphred.transform(prog, Plan(()))
     inputs = _prompt(name, model)
     assert int((inputs["attention_mask"] == 0).sum()) > 0  # the last sample is left-padded
@@ -41,8 +44,8 @@ def test_greedy_generate_equals_model_generate_with_left_padding(name):
     assert out.shape == ref.shape and torch.equal(out, ref)
 
 
-def test_sampling_eos_and_generation_config_follow_hugging_face(model_state):
-    model, prog = _program("llava")
+def test_sampling_eos_and_generation_config_follow_hugging_face(zoo_capture, model_state):
+    model, prog = _program(zoo_capture, "llava")
     fast = graphred.transform(prog, Plan(()))
     inputs = _prompt("llava", model)
     before = model_state.snapshot(model)
@@ -63,8 +66,8 @@ def test_sampling_eos_and_generation_config_follow_hugging_face(model_state):
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-def test_prefill_cache_lengths_are_the_estimates_kept_counts(plan_name):
-    model, prog = _program("llava")
+def test_prefill_cache_lengths_are_the_estimates_kept_counts(zoo_capture, plan_name):
+    model, prog = _program(zoo_capture, "llava")
     plan = PLANS[plan_name]
     fast = graphred.transform(prog, plan)
     inputs = _prompt("llava", model, batch=2)
@@ -79,8 +82,8 @@ def test_prefill_cache_lengths_are_the_estimates_kept_counts(plan_name):
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-def test_eight_decode_steps_match_a_hand_written_loop_over_the_reduced_cache(plan_name):
-    model, prog = _program("llava")
+def test_eight_decode_steps_match_a_hand_written_loop_over_the_reduced_cache(zoo_capture, plan_name):
+    model, prog = _program(zoo_capture, "llava")
     fast = graphred.transform(prog, PLANS[plan_name])
     inputs = _prompt("llava", model, batch=3)
     inputs = {k: v[:2] for k, v in inputs.items()}  # the two unpadded samples
@@ -109,8 +112,8 @@ def test_eight_decode_steps_match_a_hand_written_loop_over_the_reduced_cache(pla
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-def test_left_padded_batch_decodes_like_each_sample_alone(plan_name):
-    model, prog = _program("llava")
+def test_left_padded_batch_decodes_like_each_sample_alone(zoo_capture, plan_name):
+    model, prog = _program(zoo_capture, "llava")
     fast = graphred.transform(prog, PLANS[plan_name])
     inputs = _prompt("llava", model, batch=3)
     pad = int((inputs["attention_mask"][-1] == 0).sum())
@@ -126,8 +129,8 @@ def test_left_padded_batch_decodes_like_each_sample_alone(plan_name):
     assert torch.equal(batched.sequences[-1, -6:], single.sequences[0, -6:])
 
 
-def test_generate_refuses_what_it_cannot_do():
-    model, prog = _program("llava")
+def test_generate_refuses_what_it_cannot_do(zoo_capture):
+    model, prog = _program(zoo_capture, "llava")
     inputs = _prompt("llava", model)
     with pytest.raises(graphred.GraphredError, match="renumber"):
         graphred.transform(prog, fastv(layer=1, keep=0.5, renumber=True)).generate(**inputs, max_new_tokens=2)
@@ -137,10 +140,9 @@ def test_generate_refuses_what_it_cannot_do():
     right = dict(inputs, attention_mask=inputs["attention_mask"].flip(-1))
     with pytest.raises(graphred.GraphredError, match="left padding"):
         fast.generate(**right, max_new_tokens=2)
-    vilt, _ = zoo.load("vilt")
-    _, vilt_kwargs = zoo.load("vilt")
+    _, vilt_kwargs, _, vilt_prog = zoo_capture("vilt")
     with pytest.raises(graphred.GraphredError, match="generate"):
-        graphred.transform(graphred.capture(vilt, **vilt_kwargs), Plan(())).generate(**vilt_kwargs)
+        graphred.transform(vilt_prog, Plan(())).generate(**vilt_kwargs)
 
 
 def test_readme_using_it_block_runs():

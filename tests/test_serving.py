@@ -17,8 +17,9 @@ def _main_output(out):
     return keys[0] if keys else next(iter(out.keys()))
 
 
-def test_zero_reduction_at_unseen_shapes_is_the_model_bit_for_bit(zoo_name, zoo_capture):
-    model, kwargs, _, prog = zoo_capture(zoo_name)
+def test_zero_reduction_at_unseen_shapes_is_the_model_bit_for_bit(zoo_name, zoo_model, zoo_program):
+    model, kwargs = zoo_model(zoo_name)  # the same seeded weights as the captured private copy
+    prog = zoo_program(zoo_name)
     fast = graphred.transform(prog, Plan(()))
     for shape in UNSEEN:
         inputs = zoo.inputs(zoo_name, model=model, **shape)
@@ -35,9 +36,8 @@ def test_zero_reduction_at_unseen_shapes_is_the_model_bit_for_bit(zoo_name, zoo_
     assert fast.specializations.captures == len(UNSEEN)
 
 
-def test_second_call_at_a_seen_shape_captures_nothing_and_the_cache_is_bounded(zoo_model):
-    model, kwargs = zoo_model("llava")
-    prog = graphred.capture(model, **kwargs)
+def test_second_call_at_a_seen_shape_captures_nothing_and_the_cache_is_bounded(zoo_program):
+    prog = zoo_program("llava")
     fast = graphred.transform(prog, fastv(layer=1, keep=0.5), max_specializations=2)
     a = zoo.inputs("llava", batch=3)
     b = zoo.inputs("llava", text_len=20)
@@ -58,9 +58,8 @@ def test_second_call_at_a_seen_shape_captures_nothing_and_the_cache_is_bounded(z
     assert fast.specializations.captures == 4
 
 
-def test_optional_arguments_stay_optional(zoo_model):
-    model, kwargs = zoo_model("llava")
-    prog = graphred.capture(model, **kwargs)  # captured with attention_mask and use_cache=False
+def test_optional_arguments_stay_optional(zoo_capture):
+    model, kwargs, _, prog = zoo_capture("llava")  # captured with attention_mask and use_cache=False
     fast = graphred.transform(prog, fastv(layer=1, keep=0.5))
     lean = {k: kwargs[k] for k in ("input_ids", "pixel_values")}
     lean["input_ids"] = lean["input_ids"][:1]  # the unpadded sample: no mask needed
@@ -75,9 +74,9 @@ def test_optional_arguments_stay_optional(zoo_model):
     assert torch.equal(pos.logits, out.logits)
 
 
-def test_calls_the_model_cannot_serve_raise_input_errors(zoo_model):
-    model, kwargs = zoo_model("llava")
-    fast = graphred.transform(graphred.capture(model, **kwargs), fastv(layer=1, keep=0.5))
+def test_calls_the_model_cannot_serve_raise_input_errors(zoo_capture):
+    model, kwargs, _, prog = zoo_capture("llava")
+    fast = graphred.transform(prog, fastv(layer=1, keep=0.5))
     bad = dict(kwargs, pixel_values=torch.randn(2, 3, 48, 48))  # the tower's position table is for 32 px
     with pytest.raises(graphred.InputError) as e:
         fast(**bad)
@@ -90,12 +89,11 @@ def test_calls_the_model_cannot_serve_raise_input_errors(zoo_model):
     with pytest.raises(graphred.InputError, match="generate"):
         fast(**dict(kwargs, cache=DynamicCache()))
     with pytest.raises(graphred.InputError, match="input_ids"):
-        graphred.transform(graphred.capture(model, **kwargs), fastv(layer=1, keep=0.5), buckets=[8])(**kwargs)
+        graphred.transform(prog, fastv(layer=1, keep=0.5), buckets=[8])(**kwargs)
 
 
-def test_per_call_positions_under_eight_threads(zoo_model):
-    model, kwargs = zoo_model("llava")
-    fast = graphred.transform(graphred.capture(model, **kwargs), pumer(prune=0.3, merge=0.2))
+def test_per_call_positions_under_eight_threads(zoo_program):
+    fast = graphred.transform(zoo_program("llava"), pumer(prune=0.3, merge=0.2))
     calls = [zoo.inputs("llava", seed=s) for s in range(4)] + [zoo.inputs("llava", batch=3, seed=s) for s in range(4)]
     with torch.no_grad():
         expected = [fast.forward_with_positions(**c) for c in calls]
@@ -129,10 +127,9 @@ def test_per_call_positions_under_eight_threads(zoo_model):
 
 
 @pytest.mark.parametrize("plan", [Plan(()), fastv(layer=1, keep=0.5)], ids=["identity", "fastv"])
-def test_buckets_pad_and_results_equal_the_unpadded_call(zoo_model, plan):
-    model, kwargs = zoo_model("llava")
-    fast = graphred.transform(graphred.capture(model, **kwargs), plan, buckets=[96])
-    plain = graphred.transform(graphred.capture(model, **kwargs), plan)
+def test_buckets_pad_and_results_equal_the_unpadded_call(zoo_program, plan):
+    fast = graphred.transform(zoo_program("llava"), plan, buckets=[96])
+    plain = graphred.transform(zoo_program("llava"), plan)
     for text_len in (14, 20):
         inputs = zoo.inputs("llava", text_len=text_len)
         with torch.no_grad():
@@ -146,7 +143,7 @@ def test_buckets_pad_and_results_equal_the_unpadded_call(zoo_model, plan):
 
 def test_program_call_serves_other_shapes(zoo_model):
     model, kwargs = zoo_model("vilt")
-    prog = graphred.capture(model, **kwargs)
+    prog = graphred.capture(model, **kwargs)  # its own program: the test counts its captures
     inputs = zoo.inputs("vilt", batch=3)
     with torch.no_grad():  # seeded alike: ViLT samples image patches with torch.multinomial
         torch.manual_seed(0)
