@@ -97,10 +97,10 @@ def _shape_costs(model, kw: dict, fast, rounds: int) -> dict:
     t_cached, t_fixed = median_times(fast, lambda **k: spec.graph_module(**k), kw, rounds=rounds)
     # what the cache adds to a call, timed alone: binding the arguments, the signature, the look-up
     n = 2000
-    t0 = time.perf_counter()
+    d0 = time.perf_counter()
     for _ in range(n):
         fast.specialization(**kw)
-    dispatch = (time.perf_counter() - t0) / n
+    dispatch = (time.perf_counter() - d0) / n
     return {"dispatch_s": dispatch, "dispatch_share": dispatch / t_fixed, "first_call_s": first, "steady_call_s": steady, "capture_s": t1 - t0, "transform_s": t2 - t1,
             "fixed_call_s": t3 - t2, "first_over_transform": (first - steady) / ((t1 - t0) + (t2 - t1)),
             "cached_call_s": t_cached, "fixed_graph_s": t_fixed, "overhead": t_cached / t_fixed - 1.0}
@@ -149,7 +149,7 @@ def run(threads: int, rounds: int) -> dict:
         row["ratio_decode"] = row["measured_decode"] / row["predicted_decode"]
     hf_row = {"prefill_tok_s": B * L / statistics.median(hf["prefill_s"]),
               "decode_tok_s": B * NEW_TOKENS / statistics.median(hf["decode_s"]), **hf}
-    shape = _shape_costs(model, inputs, fasts["fastv(layer=2, keep=0.5)"], rounds=max(rounds, 5))
+    shape = _shape_costs(model, inputs, fasts["fastv(layer=2, keep=0.5)"], rounds=max(rounds, 9))
     return {"model": MODEL, "threads": threads, "rounds": rounds, "batch": B, "prompt": L, "new_tokens": NEW_TOKENS,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "rows": rows,
             "hf_generate": hf_row, "shapes": shape}
@@ -198,7 +198,7 @@ def to_markdown(res: dict) -> str:
             f"{s['transform_s']:.2f} s transform done by hand ({s['first_over_transform']:.2f}x one transform). Later "
             f"calls through the specialisation cache: {s['cached_call_s'] * 1e3:.0f} ms against "
             f"{s['fixed_graph_s'] * 1e3:.0f} ms for the fixed-shape graph module ({100 * s['overhead']:+.2f}% end to "
-            f"end, within the run-to-run noise of a shared machine); timed alone, binding the arguments, computing "
+            f"end, medians of alternating calls on the shared machine); timed alone, binding the arguments, computing "
             f"the signature and the look-up take {s['dispatch_s'] * 1e6:.0f} us per call, "
             f"{100 * s['dispatch_share']:.3f}% of the call (target < 1%).",
             f"<!-- {MARK}:end -->"]

@@ -10,8 +10,8 @@ the way Dynamo guards its compiled frames:
   ``forward`` signature), its shape, dtype and device for a tensor, or its value otherwise; arguments
   the call omits are not passed at capture either, so they keep the model's defaults;
 * a call whose signature was seen runs the stored graph (a dictionary look-up, no capture);
-* a new signature is captured and rewritten once, under a lock (concurrent callers of the same new
-  shape wait for one capture), and stored in an LRU of ``max_specializations`` entries;
+* a new signature is captured and rewritten once, under a lock (one capture at a time; callers at
+  seen shapes do not wait for it), and stored in an LRU of ``max_specializations`` entries;
 * ``captures`` counts the captures made for calls (the one at :func:`graphred.capture` excluded).
 
 A call the model cannot serve raises :class:`graphred.InputError`, naming the argument, the shape it
@@ -107,7 +107,8 @@ class Specializations:
         self.max_size = max_size
         self.by_value = by_value
         self._entries: OrderedDict[tuple, Specialization] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # short: the LRU's bookkeeping (hits never wait for a capture)
+        self._build_lock = threading.Lock()  # held while a miss captures: one capture at a time
         self.captures = 0  # specialisations built for calls
         self.hits = 0
         self.evictions = 0
@@ -130,20 +131,30 @@ class Specializations:
             self._entries.popitem(last=False)
             self.evictions += 1
 
-    def get(self, arguments: dict) -> Specialization:
-        key = signature_key(arguments, self.by_value)
+    def _hit(self, key: tuple) -> Specialization | None:
         with self._lock:
             spec = self._entries.get(key)
             if spec is not None:
                 self._entries.move_to_end(key)
                 self.hits += 1
+            return spec
+
+    def get(self, arguments: dict) -> Specialization:
+        key = signature_key(arguments, self.by_value)
+        spec = self._hit(key)
+        if spec is not None:
+            return spec
+        with self._build_lock:
+            spec = self._hit(key)  # built by another thread while this one waited
+            if spec is not None:
                 return spec
             # capture runs the model (on real tensors under draft_export) and the rewrite may too: the
             # caller's RNG is left as it was, so a seeded call gives what the model gives under that seed
             with torch.random.fork_rng(devices=[]):
                 spec = self._build(arguments)
-            self.captures += 1
-            self._insert(key, spec, arguments)
+            with self._lock:
+                self.captures += 1
+                self._insert(key, spec, arguments)
             return spec
 
     def clear(self) -> None:
@@ -230,7 +241,8 @@ class Buckets:
         return Buckets(ls, pad_id)
 
     def applies(self, arguments: dict) -> bool:
-        if arguments.get("use_cache") or arguments.get("logits_to_keep") not in (None, 0):
+        keep = arguments.get("logits_to_keep")
+        if arguments.get("use_cache") or isinstance(keep, torch.Tensor) or keep not in (None, 0):
             return False
         ids = arguments.get(self.ids_name)
         return isinstance(ids, torch.Tensor) and ids.dim() == 2
@@ -304,8 +316,7 @@ def pad_token_id(model: nn.Module | None) -> int:
 
 def _is_guard_failure(e: BaseException) -> bool:
     text = str(e)
-    return isinstance(e, (AssertionError, RuntimeError)) and ("Guard failed" in text or "Expected input" in text
-                                                              or "guard" in text.lower())
+    return isinstance(e, (AssertionError, RuntimeError)) and ("Guard failed" in text or "Expected input" in text)
 
 
 def run_guarded(spec: Specialization, owner: str, arguments: dict, supported: str):
