@@ -20,7 +20,7 @@ the tokens decoded so far, the new one included); :meth:`DecodeCost.mean_flops` 
 :func:`decode_speedup` is the ratio of the means before and after a plan.
 
 >>> import graphred
->>> model, inputs = graphred.zoo.load("llava")
+>>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM, 2 layers
 >>> prog = graphred.capture(model, **inputs)
 >>> est = graphred.estimate(prog, graphred.plans.fastv(layer=1, keep=0.5))
 >>> est.decode.cache_lengths, est.after.decode.cache_lengths
