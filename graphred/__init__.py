@@ -13,6 +13,7 @@ from .errors import (
     CaptureError,
     ConfigError,
     GraphredError,
+    InputError,
     PassError,
     PlanError,
     PostconditionError,
@@ -32,7 +33,7 @@ from . import ops  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "data", "backend", "training"}
+_LAZY_MODULES = {"zoo", "plans", "cli", "passes", "analysis", "data", "backend", "training", "serving", "generation"}
 _LAZY_ATTRS = {
     "analyze": ("graphred.analysis.report", "analyze"),
     "Report": ("graphred.analysis.report", "Report"),
@@ -42,6 +43,7 @@ _LAZY_ATTRS = {
     "ReducedModule": ("graphred.reduced_module", "ReducedModule"),
     "load_reducer": ("graphred.reduced_module", "load_reducer"),
     "train": ("graphred.training", "train"),
+    "generate": ("graphred.generation", "generate"),
 }
 
 
@@ -55,7 +57,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "PassError", "PlanError",
+    "AnalysisError", "CaptureError", "ConfigError", "GraphredError", "InputError", "PassError", "PlanError",
     "PostconditionError", "PreconditionError", "Program", "capture", "analyze", "estimate",
-    "transform", "load_reducer", "train", "zoo", "plans", "__version__",
+    "transform", "generate", "load_reducer", "train", "zoo", "plans", "__version__",
 ]

@@ -43,3 +43,8 @@ class PostconditionError(PassError):
 
 class ConfigError(GraphredError):
     """A model directory or config could not be turned into a model."""
+
+
+class InputError(GraphredError, ValueError):
+    """A call a captured or reduced model cannot serve: the message names the input, the shape it got
+    and what is supported."""

@@ -25,12 +25,17 @@ __all__ = ["Program", "capture"]
 class Program:
     """A captured model: an aten-level ``torch.fx.GraphModule`` plus what it was captured on.
 
-    Calling the program runs the graph; it takes the same arguments as the model did at capture.
+    Calling the program runs the graph. It takes what the model's ``forward`` takes, at any input
+    shape the model accepts: the program keeps the captured model (``model``; weights shared, never
+    copied or changed) and captures once per new input signature (:mod:`graphred.serving`;
+    ``specializations`` counts and bounds them). Arguments left out of a call keep the model's defaults.
 
     >>> import graphred, torch
-    >>> model, kwargs = graphred.zoo.load("clip")          # doctest: +SKIP
-    >>> prog = graphred.capture(model, **kwargs)           # doctest: +SKIP
-    >>> out = prog(**kwargs)                               # doctest: +SKIP
+    >>> model, kwargs = graphred.zoo.load("clip")
+    >>> prog = graphred.capture(model, **kwargs)
+    >>> out = prog(**kwargs)
+    >>> prog.specializations.captures     # the call matched the capture's own signature
+    0
     """
 
     graph_module: fx.GraphModule
@@ -41,11 +46,82 @@ class Program:
     method: str = "export"
     notes: list[str] = field(default_factory=list)
     name: str = ""
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    max_specializations: int = field(default=8, repr=False, compare=False)
+    _specs: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def specializations(self):
+        """The program's :class:`graphred.serving.Specializations` (one graph per input signature)."""
+        if self._specs is None:
+            from .serving import Specializations
+
+            specs = Specializations(self._specialize, self.max_specializations, by_value=self.method == "draft_export")
+            specs.add(self.bound_example(), self.own_specialization())
+            self._specs = specs
+        return self._specs
+
+    def forward_signature(self) -> inspect.Signature | None:
+        """The signature of the captured model's ``forward`` (None when the model was not kept)."""
+        if self.model is None:
+            return None
+        sig = self.__dict__.get("_signature", _MISSING)
+        if sig is _MISSING:
+            try:
+                sig = inspect.signature(self.model.forward)
+            except (TypeError, ValueError):
+                sig = None
+            self.__dict__["_signature"] = sig
+        return sig
+
+    def bound_example(self) -> dict:
+        """The capture's example inputs by argument name."""
+        from .serving import bind_arguments
+
+        sig = self.forward_signature()
+        if sig is None:
+            return dict(self.example_kwargs)
+        return bind_arguments(sig, self.model_class, self.example_args, self.example_kwargs)
+
+    def own_specialization(self):
+        """This program's own graph as a :class:`graphred.serving.Specialization` of its example signature."""
+        from .serving import Specialization
+
+        sig = self.forward_signature()
+        names = list(sig.parameters) if sig is not None else []
+        return Specialization(self.graph_module, positional=tuple(names[: len(self.example_args)]), program=self)
+
+    def recapture(self, arguments: dict) -> Program:
+        """Capture the kept model again at a call's inputs (by name); a failure is an :class:`InputError`."""
+        from .errors import InputError
+        from .serving import describe_inputs
+
+        if self.model is None:
+            raise InputError(
+                f"{self.model_class} was captured at {describe_inputs(self.bound_example())} and this program does "
+                f"not hold the model to capture another shape; call it with those shapes, got "
+                f"{describe_inputs(arguments)}")
+        try:
+            prog = capture(self.model, **arguments)
+        except CaptureError as e:
+            raise InputError(
+                f"{self.model_class} cannot run on {describe_inputs(arguments)}: {e} Supported: what the model itself "
+                f"accepts, e.g. the captured inputs {describe_inputs(self.bound_example())}.") from None
+        prog.name = self.name
+        return prog
+
+    def _specialize(self, arguments: dict):
+        return self.recapture(arguments).own_specialization()
 
     def __call__(self, *args, **kwargs):
         if not args and not kwargs:
             args, kwargs = self.example_args, self.example_kwargs
-        return self.graph_module(*args, **kwargs)
+        from .serving import bind_arguments, check_leaves, describe_inputs, run_guarded
+
+        arguments = bind_arguments(self.forward_signature(), self.model_class, args, kwargs)
+        check_leaves(self.model_class, arguments)
+        spec = self.specializations.get(arguments)
+        return run_guarded(spec, self.model_class, arguments, f"inputs like {describe_inputs(self.bound_example())}")
 
     @property
     def graph(self) -> fx.Graph:
@@ -352,6 +428,7 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
         model_class=cls,
         method=method,
         notes=notes,
+        model=model,
     )
     return prog
 

@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "from_config_dir",
     "info",
+    "inputs",
     "is_bench",
     "load",
     "names",
@@ -628,6 +629,25 @@ def load(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     if finish is not None:
         finish(model, kwargs)
     return model, kwargs
+
+
+def inputs(name: str, batch: int | None = None, text_len: int | None = None, seed: int = 0,
+           model: torch.nn.Module | None = None) -> dict:
+    """Example inputs of zoo model ``name`` at another batch size and/or text length (same rules: the last
+    sample padded, left for decoders). Models whose inputs need the built model (Qwen2-VL's M-RoPE
+    positions) use ``model`` or build one.
+
+    >>> tuple(inputs("llava", batch=3, text_len=20)["input_ids"].shape)
+    (3, 84)
+    """
+    p = _preset(name)
+    config = p.config()
+    gen = torch.Generator().manual_seed(seed)
+    kwargs, _ = _FAMILIES[p.family].inputs(config, gen, batch or p.batch, text_len or p.text_len, p.cls)
+    finish = _FAMILIES[p.family].finish
+    if finish is not None:
+        finish(model if model is not None else load(name, seed)[0], kwargs)
+    return kwargs
 
 
 # --------------------------------------------------------------------------------------------

@@ -342,6 +342,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         sdim = n.args[1] if len(n.args) > 1 else 0
         src_dims = reduced.get(src, set())
         if sdim % len(orig_shape) in src_dims:
+            tail = False
             start = n.args[2] if len(n.args) > 2 else 0
             end = n.args[3] if len(n.args) > 3 else None
             step = n.args[4] if len(n.args) > 4 else 1
@@ -351,7 +352,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 args[3] = new if end is not None and end < 2**62 else end
                 n.args = tuple(args[:max(len(n.args), 4)])
             elif start < 0 and -start <= state.kept_suffix and (end is None or end >= old or end == 0):
-                pass  # end-aligned within the trailing tokens that stay last
+                tail = True  # end-aligned within the trailing tokens that stay last: a fixed length, off the stream
             elif 0 < start <= state.kept_prefix and (end is None or end >= old) and step == 1:
                 # drops leading tokens that no reduction touches (e.g. a class token): still the same ones
                 args = list(n.args) + [None] * (4 - len(n.args))
@@ -363,7 +364,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 sd = stream_dims(prov, n, {state.stream} | state.aliases)
             else:
                 raise _fail(f"a slice [{start}:{end}:{step}] on the reduced token axis cannot be re-specialised", n, pass_name)
-            out_dims = {sdim % len(orig_shape)}
+            out_dims = set() if tail else {sdim % len(orig_shape)}
     elif pk in (aten.select,):
         sdim = n.args[1] % len(node_shape(n.args[0]))
         if sdim in reduced.get(n.args[0], set()):

@@ -480,3 +480,25 @@ def test_plan_on_a_meta_device_program(tmp_path):
     ).save_pretrained(tmp_path)
     est = estimate_model(tmp_path, graphred.plans.fastv(layer=2, keep=0.5))
     assert est.after.flops < est.flops  # the plan applies to a graph with no weights at all
+
+
+def test_decode_cost_follows_the_per_layer_cache_lengths(zoo_program):
+    """Per-token decode cost: the weights once per token, attention proportional to each layer's cache."""
+    from graphred.analysis.cost.decode import decode_speedup
+    from graphred.plans import fastv
+
+    prog = zoo_program("llava")
+    est = graphred.estimate(prog, fastv(layer=1, keep=0.5))
+    before, after = est.decode, est.after.decode
+    assert before.weight_elements == after.weight_elements > 0
+    kv_lengths = [info["k_shape"][2] for info in est.after.kv_cache.layers]
+    assert after.cache_lengths == kv_lengths and after.cache_lengths[1] < before.cache_lengths[1]
+    # one more key in layer 1 costs 4 * heads * head_dim FLOPs per sample
+    layer = after.layers[1]
+    grown = after.flops([after.cache_lengths[0] + 1, after.cache_lengths[1] + 2])
+    assert grown - after.flops() == after.batch * 4 * layer["heads"] * layer["head_dim"]
+    B = next(x for x in after.flops_expr.free_symbols if x.name == "B")
+    values = {**dict(zip(after.symbols, [n + 1 for n in after.cache_lengths])), B: after.batch}
+    assert int(after.flops_expr.subs(values)) == after.flops()
+    s = decode_speedup(est, new_tokens=32)
+    assert s == pytest.approx(before.mean_flops(32) / after.mean_flops(32)) and 1.0 < s < est.speedup

@@ -323,6 +323,11 @@ def estimate(program: Program, plan: Any = None, *, value_inputs: tuple | None =
         est.plan = plan
         est.after = estimate_after(program, est, plan, prep.prov, prep.grouper, shapes, prep.unbacked, prep.flat_values,
                                     prep.value_inputs)
+    from .decode import decode_cost  # per-token decode cost (a plan changes the cache lengths, not the weights)
+
+    for e in (est, est.after):
+        if e is not None:
+            e.decode = decode_cost(program.graph_module, e)
     est.seconds = time.perf_counter() - t0
     return est
 

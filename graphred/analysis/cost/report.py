@@ -71,6 +71,7 @@ class Estimate:
     after: Estimate | None = None
     seconds: float = 0.0
     _nodes: list[CountedNode] = field(default_factory=list, repr=False)
+    decode: Any = None  # DecodeCost (graphred.analysis.cost.decode): per-token decode cost vs cache lengths
 
     # ------------------------------------------------------------------ plain figures
     @property
