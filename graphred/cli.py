@@ -72,24 +72,43 @@ def cmd_bench(args) -> int:
     return run_bench(args.model, args.plan, repeats=args.repeats)
 
 
+# Example commands shown in each subcommand's --help (tests/test_docs.py runs them).
+EXAMPLES: dict[str, list[str]] = {
+    "capture": ["graphred capture clip"],
+    "analyze": ["graphred analyze llava"],
+    "estimate": ["graphred estimate llava --plan fastv:layer=1,keep=0.5",
+                 "graphred estimate llava --plan pumer:prune=0.3,merge=0.2 --json"],
+    "bench": ["graphred bench llava --plan fastv:layer=1,keep=0.5 --repeats 3"],
+}
+
+
+def _epilog(name: str) -> str | None:
+    lines = EXAMPLES.get(name)
+    return "examples:\n" + "\n".join("  " + ln for ln in lines) if lines else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graphred", description="Token reduction for vision-language models, as a compiler.")
     p.add_argument("--version", action="version", version=f"graphred {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("zoo", help="list the built-in tiny models").set_defaults(fn=cmd_zoo)
-    s = sub.add_parser("capture", help="capture MODEL (zoo name or HF model directory) and summarise the graph")
+    s = sub.add_parser("capture", help="capture MODEL (zoo name or HF model directory) and summarise the graph", epilog=_epilog("capture"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
     s.set_defaults(fn=cmd_capture)
-    s = sub.add_parser("analyze", help="token provenance and attention blocks of MODEL")
+    s = sub.add_parser("analyze", help="token provenance and attention blocks of MODEL", epilog=_epilog("analyze"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_analyze)
-    s = sub.add_parser("estimate", help="predicted FLOPs / memory of MODEL, before and after --plan")
+    s = sub.add_parser("estimate", help="predicted FLOPs / memory of MODEL, before and after --plan", epilog=_epilog("estimate"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
-    s.add_argument("--plan", default=None, help="e.g. pumer:prune=0.3,merge=0.2 or fastv:layer=2,keep=0.5")
+    s.add_argument("--plan", default=None, help="a plan, e.g. pumer:prune=0.3,merge=0.2 or fastv:layer=2,keep=0.5 (layer < the decoder's layer count)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
-    s = sub.add_parser("bench", help="measured speedup of --plan on MODEL against the unreduced model")
+    s = sub.add_parser("bench", help="measured speedup of --plan on MODEL against the unreduced model", epilog=_epilog("bench"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
     s.add_argument("--plan", required=True)
     s.add_argument("--repeats", type=int, default=5)
