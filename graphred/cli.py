@@ -69,7 +69,7 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(args.model, args.plan, repeats=args.repeats)
+    return run_bench(args.model, args.plan, repeats=args.repeats, as_json=args.json, threads=args.threads)
 
 
 # Example commands shown in each subcommand's --help (tests/test_docs.py runs them).
@@ -78,7 +78,7 @@ EXAMPLES: dict[str, list[str]] = {
     "analyze": ["graphred analyze llava"],
     "estimate": ["graphred estimate llava --plan fastv:layer=1,keep=0.5",
                  "graphred estimate llava --plan pumer:prune=0.3,merge=0.2 --json"],
-    "bench": ["graphred bench llava --plan fastv:layer=1,keep=0.5 --repeats 3"],
+    "bench": ["graphred bench llava --plan fastv:layer=1,keep=0.5 --repeats 3 --threads 1"],
 }
 
 
@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="measured speedup of --plan on MODEL against the unreduced model", epilog=_epilog("bench"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
-    s.add_argument("--plan", required=True)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--plan", required=True, help="the plan to time, e.g. fastv:layer=1,keep=0.5")
+    s.add_argument("--repeats", type=int, default=5, help="timed calls of each model (median; default 5)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
     sub.add_parser("demo", help="the end-to-end demo on the embedded model").set_defaults(fn=cmd_demo)
     return p
