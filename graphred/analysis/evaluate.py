@@ -66,6 +66,28 @@ def _stand_in(node: fx.Node) -> Any:
     return torch.randint(0, 2, shape, generator=g).to(v.dtype)
 
 
+def meta_inputs(args: tuple, kwargs: dict) -> list[str]:
+    """Names of the inputs that are meta tensors (shapes without values): ``kwargs`` names, ``args[i]``.
+
+    >>> import torch
+    >>> meta_inputs((torch.ones(1, device="meta"),), {"input_ids": torch.ones(1, device="meta"), "x": torch.ones(1)})
+    ['args[0]', 'input_ids']
+    """
+    names = [f"args[{i}]" for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    return names + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+
+
+def meta_layout_message(model_class: str, names: Sequence[str], step: str = "") -> str:
+    """What a plan on a program captured with meta inputs (and no ``value_inputs``) lacks, and what to do."""
+    return (f"{step + ': ' if step else ''}{model_class} was captured with inputs on the meta device "
+            f"({', '.join(names)}): they have shapes but no values, so the token layout a plan needs (where the "
+            "image tokens sit, what the attention masks allow, which positions are padding) cannot be read. Pass CPU "
+            "tensors of the same shapes as value_inputs=(args, kwargs): graphred.estimate(program, plan, "
+            "value_inputs=...) or graphred.passes.apply.apply_plan(program, plan, value_inputs=...); "
+            "graphred.analysis.cost.estimate.estimate_model(DIR, plan) does this for a config directory. "
+            "Or capture on the CPU.")
+
+
 def _ancestors(nodes: Iterable[fx.Node], stand_ins: set[fx.Node] | None = None) -> set[fx.Node]:
     """Ancestors of ``nodes``; with ``stand_ins`` (a set it fills), the data arguments of graphred's
     selection ops are collected there instead of being walked through."""

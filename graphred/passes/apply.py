@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from ..analysis.evaluate import meta_inputs, meta_layout_message
 from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF, AttentionBlock, detect_blocks
 from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, TokenProvenance, _shape
 from ..errors import PlanError
@@ -495,9 +496,14 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
             raise PlanError(f"unknown plan step {step!r}")
         try:
             apply_step(ctx, step)
-        except PlanError:
-            raise
-        except Exception as e:  # a rewrite that cannot be done is the plan's error, said in its terms
+        except Exception as e:
+            missing = meta_inputs(*program.example_inputs()) if value_inputs is None else []
+            if missing:  # the real reason: the layout could not be read, not the step's symptom of it
+                raise PlanError(f"{meta_layout_message(program.model_class, missing, step.spec())} (Without the values the "
+                                f"step reported: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+            if isinstance(e, PlanError):
+                raise
+            # a rewrite that cannot be done is the plan's error, said in its terms
             hint = {
                 ToMeStep: "ToMe applies to vision towers whose tokens stay in their own stream (dual encoders, "
                           "cross-attention models); for a decoder VLM use pumer(...) or fastv(...).",

@@ -1497,18 +1497,10 @@ def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPr
         params = {}
     meta = _is_meta_program(program)
     hook = meta and value_inputs is not None and "value_inputs" in params
-    try:
-        if hook:  # CPU copies of the inputs, for the example values a meta-device graph cannot compute
-            applied = apply_plan(program, plan, value_inputs=value_inputs)
-        else:
-            applied = apply_plan(program, plan)
-    except PlanError as e:
-        if meta and not hook:
-            raise PlanError(f"{e}\n(this program was captured on the meta device: graphred.passes.apply_plan reads the "
-                            "example values -- attention masks, where the image tokens are -- by running the graph, "
-                            "which a meta-device graph cannot do; estimate the plan on a program captured on the CPU, "
-                            "or use Estimate.flops_with for the analytic effect)") from e
-        raise
+    if hook:  # CPU copies of the inputs, for the example values a meta-device graph cannot compute
+        applied = apply_plan(program, plan, value_inputs=value_inputs)
+    else:  # a meta-device program without value_inputs: apply_plan's PlanError says what is missing
+        applied = apply_plan(program, plan)
     gm2 = applied.graph_module
     subs_at = {k: dict(v) for k, v in (getattr(applied, "subs_at", None) or {}).items()}
     before_sym = {}
