@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from . import __version__
-from .errors import GraphredError
+from .errors import GraphredError, GraphredWarning
 
 
 def _load(spec: str, device: str = "cpu"):
@@ -119,8 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """graphred's own warnings as one line each (``graphred: warning: ...``); others as Python shows them."""
+    if isinstance(category, type) and issubclass(category, GraphredWarning):
+        print(f"graphred: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
     except (GraphredError, ValueError) as e:  # bad plans, models, inputs: one clear line, no traceback

@@ -38,3 +38,12 @@ class PostconditionError(PassError):
 
 class ConfigError(GraphredError):
     """A model directory or config could not be turned into a model."""
+
+
+class GraphredWarning(UserWarning):
+    """Base class of the warnings graphred gives: something works but is probably not what you want."""
+
+
+class PlanSavesNothingWarning(GraphredWarning):
+    """A plan's estimated FLOPs after are not below the FLOPs before: its own scoring, selection and
+    gathers cost at least what the tokens it removes save."""

@@ -395,6 +395,10 @@ def _apply_pumer(ctx: _Ctx, step: PumerStep) -> None:
             "merge tokens inside the vision tower instead.")
     available = [b.layer_index for b in blocks]
     default = [a for a in available if a >= 1] or available  # scores need one cross-modal layer of context
+    if all(b.kind == CROSS_ATTENTION for b in blocks) and len(available) > 1:
+        # cross-attention reads the reduced image stream as keys/values: a reduction saves in the layers after
+        # the one that scores it, so the last layer saves nothing (its scoring costs more than it removes)
+        default = available[:-1]
     chosen = select_layers(step.layers, available, default=None) if step.layers is not None else default
     missing = [l for l in chosen if l not in available]
     if missing:

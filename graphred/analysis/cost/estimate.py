@@ -1544,7 +1544,23 @@ def _estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPr
     _check_expr("after: flops", est.flops_expr, est.flops, est.symbols, est.notes)
     est.plan = plan
     est.applied = applied  # type: ignore[attr-defined]
+    _warn_if_no_saving(plan, before, est)
     return est
+
+
+def _warn_if_no_saving(plan: Any, before: Estimate, after: Estimate) -> None:
+    """:class:`graphred.errors.PlanSavesNothingWarning` when a non-identity plan does not lower the FLOPs."""
+    import warnings
+
+    from ...errors import PlanSavesNothingWarning
+
+    if getattr(plan, "is_identity", False) or not before.flops or after.flops < before.flops:
+        return
+    warnings.warn(PlanSavesNothingWarning(
+        f"{plan}: estimated {_human(after.flops)} FLOPs after against {_human(before.flops)} before "
+        f"({100 * (after.flops / before.flops - 1):+.1f}%; matrix products {_human(after.flops_matmul)} against "
+        f"{_human(before.flops_matmul)}): the plan's scoring, selection and gathers cost at least what the tokens it "
+        "removes save. Reduce earlier (layers=...), reduce more, or run the model unreduced."), stacklevel=4)
 
 
 @dataclass
