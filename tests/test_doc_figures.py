@@ -51,3 +51,7 @@ def test_llava_rows_of_cost_model_tables_are_current(figures):
     acc = _section(figures.COST_MD.read_text(), "cost-accuracy") + _section(figures.COST_MD.read_text(), "cost-accuracy-plans")
     for row in rows:
         assert row in acc.splitlines(), f"docs/cost-model.md lacks the current row {row!r}: run bench/doc_figures.py --write"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sentence = figures.weights_sentence("blip")
+    assert _section(figures.COST_MD.read_text(), "weights-blip").strip() == sentence
