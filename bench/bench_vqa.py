@@ -51,12 +51,9 @@ def plans_for(name: str) -> dict[str, list]:
 
 
 def _progress(label):
-    def show(done, total):
-        bar = "#" * int(30 * done / total)
-        print(f"\r    {label:<48} [{bar:<30}] {done}/{total}", end="", file=sys.stderr, flush=True)
-        if done == total:
-            print(file=sys.stderr)
-    return show
+    from graphred.progress import progress_bar
+
+    return progress_bar(label, stream=sys.stderr, indent=4, label_width=48)
 
 
 def run_model(name: str, limit: int | None, batch: int, rounds: int) -> dict:

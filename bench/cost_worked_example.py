@@ -8,13 +8,13 @@ registry. No model runs; every figure printed is computed here.
 
     python bench/cost_worked_example.py            # both sizes
     python bench/cost_worked_example.py 7b
+    python bench/cost_worked_example.py --write    # both sizes, and rewrite its block of docs/cost-model.md
 """
 from __future__ import annotations
 
 import os
 import sys
 import tempfile
-import time
 
 import sympy
 
@@ -58,13 +58,11 @@ def run(size: str) -> None:
     cfg = SIZES[size]
     with tempfile.TemporaryDirectory() as d:
         write_config(d, **cfg)
-        t0 = time.perf_counter()
         est = estimate_model(d)
-        seconds = time.perf_counter() - t0
     B, n_img, n_txt, n_patch = (est.symbol(s) for s in ("B", "n_img", "n_txt", "n_patch"))
     ex = {s.name: v for s, v in est.symbols.items()}
     print(f"== LLaVA-1.5-{size.upper()} shapes (hidden {cfg['hidden']}, {cfg['layers']} layers, {cfg['heads']} heads, "
-          f"FFN {cfg['inter']}; CLIP ViT-L/14-336): estimated from config.json on the meta device in {seconds:.1f} s")
+          f"FFN {cfg['inter']}; CLIP ViT-L/14-336): estimated from config.json on the meta device")
     print(f"   example inputs: {ex}; weights {est.weight_bytes / 2**30:.1f} GiB (fp32 config), "
           f"peak activations {est.peak_activation_bytes / 2**20:.0f} MiB, KV cache {est.kv_cache_bytes / 2**20:.0f} MiB")
     start = est.decoder_layers()[K].name
@@ -107,6 +105,28 @@ def run(size: str) -> None:
     print()
 
 
+def main(argv: list[str]) -> None:
+    """Print the example; ``--write`` (both sizes) also rewrites its block of docs/cost-model.md."""
+    import contextlib
+    import io
+
+    from _common import ROOT, write_section
+
+    write = "--write" in argv
+    sizes = [a.lower() for a in argv if a != "--write"] or ["7b", "13b"]
+    buf = io.StringIO()
+    for s in sizes:
+        with contextlib.redirect_stdout(buf):
+            run(s)
+    text = buf.getvalue().rstrip()
+    print(text)
+    if write:
+        if sizes != ["7b", "13b"]:
+            raise SystemExit("--write needs both sizes (run without size arguments)")
+        mark = "cost_worked_example"
+        md = f"<!-- {mark}:start (python bench/cost_worked_example.py --write) -->\n```\n{text}\n```\n<!-- {mark}:end -->"
+        write_section(md, mark, ROOT / "docs" / "cost-model.md")
+
+
 if __name__ == "__main__":
-    for s in (sys.argv[1:] or ["7b", "13b"]):
-        run(s.lower())
+    main(sys.argv[1:])

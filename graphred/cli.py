@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import time
+import warnings
 
 from . import __version__
-from .errors import GraphredError
+from .errors import GraphredError, GraphredWarning
 
 
 def _load(spec: str, device: str = "cpu"):
@@ -70,7 +71,22 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(args.model, args.plan, repeats=args.repeats)
+    return run_bench(args.model, args.plan, repeats=args.repeats, as_json=args.json, threads=args.threads)
+
+
+# Example commands shown in each subcommand's --help (tests/test_docs.py runs them).
+EXAMPLES: dict[str, list[str]] = {
+    "capture": ["graphred capture clip"],
+    "analyze": ["graphred analyze llava"],
+    "estimate": ["graphred estimate llava --plan fastv:layer=1,keep=0.5",
+                 "graphred estimate llava --plan pumer:prune=0.3,merge=0.2 --json"],
+    "bench": ["graphred bench llava --plan fastv:layer=1,keep=0.5 --repeats 3 --threads 1"],
+}
+
+
+def _epilog(name: str) -> str | None:
+    lines = EXAMPLES.get(name)
+    return "examples:\n" + "\n".join("  " + ln for ln in lines) if lines else None
 
 
 def _plan_inputs(spec: str, n_calibration: int, batch: int):
@@ -136,22 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"graphred {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("zoo", help="list the built-in tiny models").set_defaults(fn=cmd_zoo)
-    s = sub.add_parser("capture", help="capture MODEL (zoo name or HF model directory) and summarise the graph")
+    s = sub.add_parser("capture", help="capture MODEL (zoo name or HF model directory) and summarise the graph", epilog=_epilog("capture"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
     s.set_defaults(fn=cmd_capture)
-    s = sub.add_parser("analyze", help="token provenance and attention blocks of MODEL")
+    s = sub.add_parser("analyze", help="token provenance and attention blocks of MODEL", epilog=_epilog("analyze"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_analyze)
-    s = sub.add_parser("estimate", help="predicted FLOPs / memory of MODEL, before and after --plan")
+    s = sub.add_parser("estimate", help="predicted FLOPs / memory of MODEL, before and after --plan", epilog=_epilog("estimate"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
-    s.add_argument("--plan", default=None, help="e.g. pumer:prune=0.3,merge=0.2 or fastv:layer=2,keep=0.5")
+    s.add_argument("--plan", default=None, help="a plan, e.g. pumer:prune=0.3,merge=0.2 or fastv:layer=2,keep=0.5 (layer < the decoder's layer count)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_estimate)
-    s = sub.add_parser("bench", help="measured speedup of --plan on MODEL against the unreduced model")
+    s = sub.add_parser("bench", help="measured speedup of --plan on MODEL against the unreduced model", epilog=_epilog("bench"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model")
-    s.add_argument("--plan", required=True)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--plan", required=True, help="the plan to time, e.g. fastv:layer=1,keep=0.5")
+    s.add_argument("--repeats", type=int, default=5, help="timed calls of each model (median; default 5)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("plan", help="choose a plan for a budget (prints it in text form, ready for --plan)",
                        description="Choose the plan expected to lose the least accuracy within a budget. The "
@@ -185,8 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """graphred's own warnings as one line each (``graphred: warning: ...``); others as Python shows them."""
+    if isinstance(category, type) and issubclass(category, GraphredWarning):
+        print(f"graphred: warning: {message}", file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.fn(args)
     except (GraphredError, ValueError) as e:  # bad plans, models, inputs: one clear line, no traceback

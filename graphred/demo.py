@@ -7,7 +7,6 @@ on scenes of real Fashion-MNIST images (``bench/train_models.py``); no pretraine
 """
 from __future__ import annotations
 
-import sys
 import time
 
 MODEL = "vqa-llava"
@@ -16,13 +15,9 @@ BATCH = 50
 
 
 def _bar(label: str):
-    def show(done: int, total: int) -> None:
-        filled = int(30 * done / total)
-        sys.stdout.write(f"\r      {label:<34} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
-        sys.stdout.flush()
-        if done == total:
-            sys.stdout.write("\n")
-    return show
+    from .progress import progress_bar
+
+    return progress_bar(label, indent=6)
 
 
 def run_demo(plan_text: str = "pumer:prune=0.5,merge=0,layers=1") -> int:

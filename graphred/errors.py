@@ -48,3 +48,12 @@ class ConfigError(GraphredError):
 class InputError(GraphredError, ValueError):
     """A call a captured or reduced model cannot serve: the message names the input, the shape it got
     and what is supported."""
+
+
+class GraphredWarning(UserWarning):
+    """Base class of the warnings graphred gives: something works but is probably not what you want."""
+
+
+class PlanSavesNothingWarning(GraphredWarning):
+    """A plan's estimated FLOPs after are not below the FLOPs before: its own scoring, selection and
+    gathers cost at least what the tokens it removes save."""

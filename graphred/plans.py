@@ -342,7 +342,10 @@ def parse_plan(text: str) -> Plan:
             k, eq, v = kv.partition("=")
             if not eq:
                 raise ValueError(f"bad plan argument {kv!r} in {text!r}: use key=value")
-            kwargs[k.strip()] = _parse_value(k.strip(), v.strip())
+            key = k.strip()
+            if key in kwargs:
+                raise ValueError(f"{key} given twice in {part!r} of {text!r}: give each argument once")
+            kwargs[key] = _parse_value(key, v.strip())
         try:
             plan = plan + _BUILDERS[name](**kwargs)
         except TypeError as e:

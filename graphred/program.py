@@ -300,6 +300,27 @@ def _quiet_torch_logs():
             lg.setLevel(level)
 
 
+class _RealTensorPropagationLogFilter(logging.Filter):
+    """Drops torch's ``propagate_real_tensors ...`` warnings. A program captured with real-tensor propagation
+    keeps the example values of its data-dependent sizes in its shape environment, and every later shape
+    query on its graph (analysis, rewrite, estimate) logs one such line per size read; capture has already
+    said once, in ``Program.notes``, that those sizes are specialised to the example inputs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("propagate_real_tensors")
+
+
+_REAL_TENSOR_LOG_FILTER = _RealTensorPropagationLogFilter()
+_SHAPES_LOGGER = "torch.fx.experimental.symbolic_shapes"
+
+
+def _silence_real_tensor_propagation_logs() -> None:
+    """Install :class:`_RealTensorPropagationLogFilter` on torch's symbolic-shapes logger (once)."""
+    lg = logging.getLogger(_SHAPES_LOGGER)
+    if _REAL_TENSOR_LOG_FILTER not in lg.filters:
+        lg.addFilter(_REAL_TENSOR_LOG_FILTER)
+
+
 _MISSING = object()
 
 
@@ -410,6 +431,7 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
                     except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
                         ep = torch.export.draft_export(model, args, kwargs, strict=False)
                     method = "draft_export"
+                    _silence_real_tensor_propagation_logs()
                     notes.append(
                         "torch.export hit a data-dependent guard at "
                         f"{_user_frame(first)}; captured with draft_export semantics (real-tensor "

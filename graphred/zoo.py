@@ -692,7 +692,9 @@ def from_config_dir(path: str | os.PathLike, device: str = "meta", seed: int = 0
 
     ``device="meta"`` builds the model on the meta device (no memory, no weights loaded; for
     analysis and estimates). ``device="cpu"`` loads the weights when the directory has them
-    (safetensors or ``pytorch_model.bin``), else initialises randomly (seeded). Example inputs
+    (safetensors or ``pytorch_model.bin``) -- a checkpoint missing some of the model's tensors, or holding
+    them in other shapes, is refused with a :class:`ConfigError` listing them -- else initialises
+    randomly (seeded). Example inputs
     are built from the config (image size, patch size, image token id, vocabulary) with the
     same per-family builders as the zoo, on ``device``.
     """
@@ -734,9 +736,27 @@ def _build(cls, config: Any, path: str, device: str, seed: int) -> torch.nn.Modu
         with torch.device("meta"):
             return cls(config)
     if _has_weights(path):
-        return cls.from_pretrained(path, local_files_only=True)
+        model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        _check_loading_info(cls.__name__, path, info)
+        return model
     with _seeded(seed):
         return cls(config)
+
+
+def _check_loading_info(cls_name: str, path: str, info: dict) -> None:
+    """Refuse a checkpoint that does not cover the model: transformers would initialise the missing
+    tensors at random and say so only in a log graphred keeps quiet."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint"), ("mismatched_keys", "of another shape in the checkpoint")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in (info.get(key) or ()))
+        if names:
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            problems.append(f"{len(names)} tensor(s) {what}: {shown}")
+    if problems:
+        raise ConfigError(
+            f"The weights in {path} do not cover {cls_name}: {'; '.join(problems)}. They would be initialised at "
+            "random. Use a complete checkpoint for this config, or a directory with only config.json for "
+            "random (seeded) weights.")
 
 
 def resolve(spec: str | os.PathLike, device: str | None = None) -> tuple[torch.nn.Module, dict, str]:

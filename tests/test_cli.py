@@ -68,3 +68,27 @@ def test_finetune_saves_a_reloadable_reducer(tmp_path, capsys):
 
 def test_finetune_bad_plan_is_one_line():
     assert main(["finetune", "vqa-llava", "--plan", "victor:registers=0,layer=1"]) == 2
+
+
+def test_bench_command_measures_against_predicted(capsys):
+    assert main(["bench", "llava", "--plan", "fastv:layer=1,keep=0.5", "--repeats", "1", "--threads", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["plan"] == "fastv:layer=1,keep=0.5" and r["threads"] == 1 and r["rounds"] == 1
+    assert r["base_ms"] > 0 and r["reduced_ms"] > 0
+    assert abs(r["measured_speedup"] - r["base_ms"] / r["reduced_ms"]) < 1e-9
+    assert abs(r["predicted_speedup"] - r["flops"] / r["flops_after"]) < 1e-9 and r["flops_after"] < r["flops"]
+    assert abs(r["measured_over_predicted"] - r["measured_speedup"] / r["predicted_speedup"]) < 1e-9
+
+
+def test_bench_command_text_and_errors(capsys):
+    from graphred.bench import format_bench
+
+    r = {"model": "m", "model_class": "C", "plan": "fastv:layer=1,keep=0.5", "threads": 1, "rounds": 3,
+         "base_ms": 2.0, "reduced_ms": 1.0, "transform_s": 0.1, "measured_speedup": 2.0, "predicted_speedup": 1.6,
+         "flops": 4.0e7, "flops_after": 2.5e7, "measured_over_predicted": 1.25}
+    text = format_bench(r)
+    assert "measured x2.00, predicted x1.60" in text and "40 M -> 25 M" in text and "noisy" in text
+    assert main(["bench", "llava", "--plan", "fastv:keep=1.0"]) == 2
+    assert "reduces nothing" in capsys.readouterr().err
+    assert main(["bench", "clip", "--plan", "fastv:layer=1"]) == 2
+    assert capsys.readouterr().err.startswith("graphred: error: fastv")

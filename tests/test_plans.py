@@ -44,3 +44,11 @@ def test_layer_selectors():
     assert select_layers(slice(1, 3), [0, 1, 2, 3]) == [1, 2]
     assert select_layers((1, 3), [0, 1, 2, 3]) == [1, 3]
     assert pumer(layers=[5, 2]).steps[0].layers == (2, 5)
+
+
+def test_repeated_key_in_text_plan_is_refused():
+    with pytest.raises(ValueError, match="layer given twice"):
+        parse_plan("fastv:layer=1,layer=2")
+    with pytest.raises(ValueError, match="prune given twice"):
+        parse_plan("tome:r=2 + pumer:prune=0.1,merge=0,prune=0.2")
+    assert str(parse_plan("fastv:layer=1 + fastv:layer=2")) == "fastv:layer=1,keep=0.5 + fastv:layer=2,keep=0.5"

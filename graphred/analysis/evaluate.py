@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..fx_utils import ancestors, fetch_attr
+from ..fx_utils import fetch_attr
 
 
 def to_cpu_device(x: Any) -> Any:
@@ -24,6 +24,83 @@ def to_cpu_device(x: Any) -> Any:
     return x
 
 
+# graphred ops whose listed arguments are hidden-state data (scores, similarity metric, features):
+# the op's bookkeeping outputs (kept indices, matched pairs, token sizes) have sizes that do not depend
+# on them, so partial evaluation feeds a stand-in instead of running the layers that compute them.
+DATA_ARGS: dict[str, tuple[str, ...]] = {
+    "graphred::select_tokens": ("scores",),
+    "graphred::bipartite_match": ("metric",),
+    "graphred::merge_tokens": ("x",),
+    "graphred::attention_scores": ("q", "k"),
+}
+
+
+def _data_arg_nodes(node: fx.Node) -> set[fx.Node]:
+    """The inputs of ``node`` that :data:`DATA_ARGS` stands in for (empty for any other node)."""
+    schema = getattr(node.target, "_schema", None)
+    names = DATA_ARGS.get(getattr(schema, "name", None), ()) if node.op == "call_function" else ()
+    if not names:
+        return set()
+    out = set()
+    for i, a in enumerate(schema.arguments):
+        if a.name in names:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                out.add(v)
+    return out
+
+
+def _stand_in(node: fx.Node) -> Any:
+    """A seeded random tensor shaped like ``node``'s value (from ``meta["val"]``)."""
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        raise ValueError("no tensor value to stand in for")
+    shape = tuple(int(d) for d in v.shape)
+    g = torch.Generator().manual_seed(0)
+    if v.is_floating_point():
+        return torch.randn(shape, generator=g).to(v.dtype)
+    return torch.randint(0, 2, shape, generator=g).to(v.dtype)
+
+
+def meta_inputs(args: tuple, kwargs: dict) -> list[str]:
+    """Names of the inputs that are meta tensors (shapes without values): ``kwargs`` names, ``args[i]``.
+
+    >>> import torch
+    >>> meta_inputs((torch.ones(1, device="meta"),), {"input_ids": torch.ones(1, device="meta"), "x": torch.ones(1)})
+    ['args[0]', 'input_ids']
+    """
+    names = [f"args[{i}]" for i, v in enumerate(args) if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+    return names + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.device.type == "meta"]
+
+
+def meta_layout_message(model_class: str, names: Sequence[str], step: str = "") -> str:
+    """What a plan on a program captured with meta inputs (and no ``value_inputs``) lacks, and what to do."""
+    return (f"{step + ': ' if step else ''}{model_class} was captured with inputs on the meta device "
+            f"({', '.join(names)}): they have shapes but no values, so the token layout a plan needs (where the "
+            "image tokens sit, what the attention masks allow, which positions are padding) cannot be read. Pass CPU "
+            "tensors of the same shapes as value_inputs=(args, kwargs): graphred.estimate(program, plan, "
+            "value_inputs=...) or graphred.passes.apply.apply_plan(program, plan, value_inputs=...); "
+            "graphred.analysis.cost.estimate.estimate_model(DIR, plan) does this for a config directory. "
+            "Or capture on the CPU.")
+
+
+def _ancestors(nodes: Iterable[fx.Node], stand_ins: set[fx.Node] | None = None) -> set[fx.Node]:
+    """Ancestors of ``nodes``; with ``stand_ins`` (a set it fills), the data arguments of graphred's
+    selection ops are collected there instead of being walked through."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        data = _data_arg_nodes(n) if stand_ins is not None else set()
+        for a in n.all_input_nodes:
+            if a in data:
+                stand_ins.add(a)
+            else:
+                stack.append(a)
+    return seen
 
 
 def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable[fx.Node],
@@ -32,15 +109,22 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
     only their ancestors -- the input bookkeeping (masks from ``input_ids == image_token``, counts of
     real images, ...), never the model's layers. Works on a graph captured on the meta device: device
     arguments are mapped to the CPU, and a meta parameter/buffer the bookkeeping reads is taken as
-    zeros when it is small (``max_weight_numel``). A node that cannot be computed is left out."""
+    zeros when it is small (``max_weight_numel``). The hidden-state arguments of graphred's selection
+    ops are stood in for (:data:`DATA_ARGS`), so no layer runs. A node that cannot be computed is left out."""
     wanted = [w for w in wanted if isinstance(w, fx.Node)]
-    need = ancestors(wanted)
+    stand_ins: set[fx.Node] = set()
+    need = _ancestors(wanted, stand_ins)
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
         if i < len(flat_inputs):
             env[n] = flat_inputs[i]
     failed: set[fx.Node] = set()
+    for n in stand_ins - need:  # a data argument that is itself wanted is computed, not stood in
+        try:
+            env[n] = _stand_in(n)
+        except Exception:  # noqa: BLE001 - no shape to stand in: its users are skipped
+            failed.add(n)
     for node in gm.graph.nodes:
         if node not in need or node.op in ("placeholder", "output"):
             continue

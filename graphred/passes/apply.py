@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..analysis.blocks import AttentionBlock
+from ..analysis.evaluate import meta_inputs, meta_layout_message
 from ..analysis.provenance import TokenProvenance
 from ..errors import PlanError
 from ..plans import Plan
@@ -45,6 +46,13 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
-    out = run_pipeline(program.graph_module, plan, program.example_inputs(), value_inputs=value_inputs,
-                       model=program.model_class)
+    try:
+        out = run_pipeline(program.graph_module, plan, program.example_inputs(), value_inputs=value_inputs,
+                           model=program.model_class)
+    except Exception as e:
+        missing = meta_inputs(*program.example_inputs()) if value_inputs is None else []
+        if missing:  # the real reason: the layout could not be read, not a step's symptom of it
+            raise PlanError(f"{meta_layout_message(program.model_class, missing, str(plan))} (Without the values the "
+                            f"pipeline reported: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise
     return AppliedPlan(out.graph_module, plan, out.log, out.subs_at, out.positions_output, out.provenance, out.blocks)

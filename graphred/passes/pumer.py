@@ -6,7 +6,7 @@ the same pass with a text-agnostic scorer and no merging.
 """
 from __future__ import annotations
 
-from ..analysis.blocks import CROSS_MODAL_SELF, AttentionBlock
+from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, AttentionBlock
 from ..analysis.provenance import IMAGE, TEXT
 from ..errors import PlanError
 from ..plans import PumerStep, select_layers
@@ -52,6 +52,10 @@ class PumerPass(StepPass):
                 "merge tokens inside the vision tower instead.")
         available = [b.layer_index for b in blocks]
         default = [a for a in available if a >= 1] or available  # scores need one cross-modal layer of context
+        if all(b.kind == CROSS_ATTENTION for b in blocks) and len(available) > 1:
+            # cross-attention reads the reduced image stream as keys/values: a reduction saves in the layers after
+            # the one that scores it, so the last layer saves nothing (its scoring costs more than it removes)
+            default = available[:-1]
         if step.layers is not None:
             chosen = selected_layers("pumer", step.layers, available, "cross-modal layers", stack)
         else:

@@ -23,7 +23,7 @@ from .counting import count_nodes, sum_groups
 from .grouping import GroupCost, Grouper
 from .kv_cache import kv_cache_of
 from .memory import activation_memory, weight_bytes
-from .report import Estimate
+from .report import Estimate, human
 from .shapes import Shapes, is_meta_program, resolve_unbacked
 
 _ZERO = sympy.Integer(0)
@@ -198,18 +198,10 @@ def estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPro
         params = {}
     meta = is_meta_program(program)
     hook = meta and value_inputs is not None and "value_inputs" in params
-    try:
-        if hook:  # CPU copies of the inputs, for the example values a meta-device graph cannot compute
-            applied = apply_plan(program, plan, value_inputs=value_inputs)
-        else:
-            applied = apply_plan(program, plan)
-    except PlanError as e:
-        if meta and not hook:
-            raise PlanError(f"{e}\n(this program was captured on the meta device: graphred.passes.apply_plan reads the "
-                            "example values -- attention masks, where the image tokens are -- by running the graph, "
-                            "which a meta-device graph cannot do; estimate the plan on a program captured on the CPU, "
-                            "or use Estimate.flops_with for the analytic effect)") from e
-        raise
+    if hook:  # CPU copies of the inputs, for the example values a meta-device graph cannot compute
+        applied = apply_plan(program, plan, value_inputs=value_inputs)
+    else:  # a meta-device program without value_inputs: apply_plan's PlanError says what is missing
+        applied = apply_plan(program, plan)
     gm2 = applied.graph_module
     subs_at = {k: dict(v) for k, v in (getattr(applied, "subs_at", None) or {}).items()}
     before_sym = {}
@@ -253,7 +245,23 @@ def estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPro
     _check_expr("after: flops", est.flops_expr, est.flops, est.symbols, est.notes)
     est.plan = plan
     est.applied = applied  # type: ignore[attr-defined]
+    warn_if_no_saving(plan, before, est)
     return est
+
+
+def warn_if_no_saving(plan: Any, before: Estimate, after: Estimate) -> None:
+    """:class:`graphred.errors.PlanSavesNothingWarning` when a non-identity plan does not lower the FLOPs."""
+    import warnings
+
+    from ...errors import PlanSavesNothingWarning
+
+    if getattr(plan, "is_identity", False) or not before.flops or after.flops < before.flops:
+        return
+    warnings.warn(PlanSavesNothingWarning(
+        f"{plan}: estimated {human(after.flops)} FLOPs after against {human(before.flops)} before "
+        f"({100 * (after.flops / before.flops - 1):+.1f}%; matrix products {human(after.flops_matmul)} against "
+        f"{human(before.flops_matmul)}): the plan's scoring, selection and gathers cost at least what the tokens it "
+        "removes save. Reduce earlier (layers=...), reduce more, or run the model unreduced."), stacklevel=4)
 
 
 @dataclass

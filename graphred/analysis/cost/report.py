@@ -141,13 +141,21 @@ class Estimate:
 
     # ------------------------------------------------------------------ symbols
     def symbol(self, name: str | sympy.Symbol) -> sympy.Symbol:
-        """The token symbol called ``name`` (``"n_img"``, ``"n_txt"``, ``"B"``, ...)."""
-        if isinstance(name, sympy.Symbol):
-            return name
+        """The estimate's own token symbol called ``name`` (``"n_img"``, ``"n_txt"``, ``"B"``, ...); a sympy
+        symbol of that name (``sympy.Symbol("n_img")``, whatever its assumptions) gives the same one.
+        Use it to build what-ifs: ``n = est.symbol("n_img"); est.flops_with({n: n / 2})``."""
+        key = name.name if isinstance(name, sympy.Symbol) else name
         for s in self.symbols:
-            if s.name == name:
+            if s.name == key:
                 return s
-        raise KeyError(f"no symbol {name!r} in this estimate; symbols: {', '.join(s.name for s in self.symbols)}")
+        raise KeyError(f"no symbol {key!r} in this estimate; symbols: {', '.join(s.name for s in self.symbols)}")
+
+    def _own_symbols(self, e: Any) -> Any:
+        """``e`` with every sympy symbol named like one of the estimate's replaced by the estimate's."""
+        if not isinstance(e, sympy.Basic):
+            return e
+        own = {s.name: s for s in self.symbols}
+        return e.xreplace({f: own[f.name] for f in e.free_symbols if isinstance(f, sympy.Symbol) and f.name in own})
 
     def _kind_expr(self, kind: str) -> sympy.Expr:
         if kind not in ("all", "matmul"):
@@ -216,7 +224,7 @@ class Estimate:
         """
         if kind not in ("all", "matmul"):
             raise ValueError(f"kind must be 'all' or 'matmul', got {kind!r}")
-        subs = {self.symbol(k) if isinstance(k, str) else k: v for k, v in subs.items()}
+        subs = {self.symbol(k): self._own_symbols(v) for k, v in subs.items()}  # names or symbols; unknown: KeyError
         first = self._start_order(start)
         before, after = [], []
         for n in self._nodes:
