@@ -149,6 +149,11 @@ class Specializations:
         spec = self._hit(key)
         if spec is not None:
             return spec
+        if torch.compiler.is_compiling():
+            # a new signature needs a capture of the model on real tensors: not from inside a trace
+            raise InputError(f"a reduced module traced by torch.export or torch.compile at {describe_inputs(arguments)}, "
+                             "a signature it has not served: call it once at that shape outside the trace (or trace it "
+                             f"at a served one: {'; '.join(self.seen[-3:])})")
         with self._build_lock:
             spec = self._hit(key)  # built by another thread while this one waited
             if spec is not None:
