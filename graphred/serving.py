@@ -107,6 +107,7 @@ class Specializations:
         self.max_size = max_size
         self.by_value = by_value
         self._entries: OrderedDict[tuple, Specialization] = OrderedDict()
+        self._by_shape: dict[tuple, Specialization] = {}
         self._lock = threading.Lock()  # short: the LRU's bookkeeping (hits never wait for a capture)
         self._build_lock = threading.Lock()  # held while a miss captures: one capture at a time
         self.captures = 0  # specialisations built for calls
@@ -129,11 +130,14 @@ class Specializations:
 
     def _insert(self, key: tuple, spec: Specialization, arguments: dict) -> None:
         self._entries[key] = spec
+        self._by_shape[signature_key(arguments, False)] = spec  # for traced calls, whose values are symbolic
         self._entries.move_to_end(key)
         self.seen.append(describe_inputs(arguments))
         del self.seen[:-16]
         while len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
+            _, gone = self._entries.popitem(last=False)
+            for k in [k for k, v in self._by_shape.items() if v is gone]:
+                del self._by_shape[k]
             self.evictions += 1
 
     def _hit(self, key: tuple) -> Specialization | None:
@@ -145,12 +149,19 @@ class Specializations:
             return spec
 
     def get(self, arguments: dict) -> Specialization:
-        key = signature_key(arguments, self.by_value)
-        spec = self._hit(key)
-        if spec is not None:
-            return spec
         if torch.compiler.is_compiling():
-            # a new signature needs a capture of the model on real tensors: not from inside a trace
+            key = None
+        else:
+            key = signature_key(arguments, self.by_value)
+            spec = self._hit(key)
+            if spec is not None:
+                return spec
+        if torch.compiler.is_compiling():
+            # traced (torch.export of the reduced module): values are symbolic, so match by shapes alone; a new
+            # signature needs a capture of the model on real tensors, which cannot happen inside a trace
+            spec = self._by_shape.get(signature_key(arguments, False))
+            if spec is not None:
+                return spec
             raise InputError(f"a reduced module traced by torch.export or torch.compile at {describe_inputs(arguments)}, "
                              "a signature it has not served: call it once at that shape outside the trace (or trace it "
                              f"at a served one: {'; '.join(self.seen[-3:])})")
@@ -170,6 +181,7 @@ class Specializations:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_shape.clear()
 
 
 # ------------------------------------------------------------------------------------------ binding
