@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import graphred
+from graphred import ops as gops  # noqa: F401  (registers the graphred:: ops)
 from graphred import zoo
 from graphred.plans import fastv, pumer, tome
 
@@ -221,6 +222,44 @@ def pumer_layer(x, probs, metric, kept, is_img, valid_q, prune: float, merge: fl
         xs.append(xb[keep])
         ks.append(kept[b][keep])
     return torch.stack(xs), torch.stack(ks)
+
+
+# --------------------------------------------------------------------------------- the op against the ports
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize("t,r", [(65, 100), (65, 5), (64, 100), (17, 3)])
+def test_bipartite_match_reorder_is_tomes_output_order(class_token, t, r):
+    """``reorder=True`` lists the kept tokens as ToMe's merge returns them; r at and below the cap."""
+    gen = torch.Generator().manual_seed(t + r)
+    metric = torch.randn(3, t, 8, generator=gen)
+    merge = tome_match(metric.clone(), r, class_token)
+    r_eff = min(r, (t - int(class_token)) // 2)
+    want = merge.order(torch.arange(t).expand(3, t)[..., None].float())[..., 0].long()
+    prot = torch.zeros(3, t, dtype=torch.bool)
+    prot[:, 0] = class_token
+    keep, src, dst = torch.ops.graphred.bipartite_match(metric, torch.ones(3, t, dtype=torch.bool), r_eff,
+                                                        prot if class_token else None, None, True)
+    assert torch.equal(keep, want)
+    assert set(keep[0].tolist()) | set(src[0].tolist()) == set(range(t))
+
+
+def test_bipartite_match_rank_splits_in_rank_order():
+    """``rank`` orders the A/B split (PuMer's score order); matches the ranked port, protected token included."""
+    gen = torch.Generator().manual_seed(1)
+    L = 20
+    metric, score = torch.randn(2, L, 6, generator=gen), torch.rand(2, L, generator=gen)
+    cand = torch.ones(2, L, dtype=torch.bool)
+    cand[:, :4] = False  # e.g. text tokens
+    prot = torch.zeros(2, L, dtype=torch.bool)
+    for b in range(2):
+        ranked = sorted(range(4, L), key=lambda i: -float(score[b, i]))
+        prot[b, ranked[0]] = True
+        pairs = bipartite_ranked(metric[b], ranked, 5, {ranked[0]})
+        _, src, dst = torch.ops.graphred.bipartite_match(metric[b:b + 1], cand[b:b + 1], 5, prot[b:b + 1],
+                                                         -score[b:b + 1], False)
+        assert sorted(pairs) == sorted(zip(src[0].tolist(), dst[0].tolist()))
+    torch.library.opcheck(torch.ops.graphred.bipartite_match.default, (metric, cand, 5, prot, -score, True))
 
 
 # --------------------------------------------------------------------------------- ToMe
