@@ -112,6 +112,11 @@ class PumerStep:
     seed: int = 0
     proportional: bool = False  # add log(token size) to later attention logits (ToMe's proportional attention)
     renumber: bool = False  # kept tokens take positions 0..K-1 instead of keeping their original ones
+    # "reference": merging as PuMer's released reducer (A/B split in score order, best-scored token protected,
+    # sizes restart at 1 at each layer, merge count from the image length before pruning); "positional": A/B
+    # split in sequence order, sizes carried across layers, merge count from the length after pruning
+    variant: str = "reference"
+    padded_queries: bool = False  # score with every text query, padding included (PuMer's released code)
 
     def ratio_at(self, which: str, i: int) -> float:
         vals = getattr(self, which)
@@ -130,6 +135,10 @@ class PumerStep:
             parts.append("proportional=true")
         if self.renumber:
             parts.append("renumber=true")
+        if self.variant != "reference":
+            parts.append(f"variant={self.variant}")
+        if self.padded_queries:
+            parts.append("padded_queries=true")
         if self.layers is not None:
             parts.append(f"layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}")
         return "pumer:" + ",".join(parts)
@@ -164,9 +173,14 @@ class ToMeStep:
     r: int = 8
     layers: LayerSelector = None
     proportional: bool = True  # add log(token size) to later attention logits, as ToMe does
+    # "reference": after each merge the tokens take ToMe's output order ([unmerged A, merged B]) and the next
+    # layer's alternating split runs over it; "positional": tokens keep their sequence order
+    variant: str = "reference"
 
     def spec(self) -> str:
         s = f"tome:r={self.r}" + ("" if self.proportional else ",proportional=false")
+        if self.variant != "reference":
+            s += f",variant={self.variant}"
         if self.layers is not None:
             s += f",layers={_fmt(self.layers) if not isinstance(self.layers, tuple) else '/'.join(map(str, self.layers))}"
         return s
@@ -231,14 +245,33 @@ class Plan:
         return f"Plan({self})"
 
 
+VARIANTS = ("reference", "positional")
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose 'reference' (the authors' code) or 'positional'")
+    return variant
+
+
 def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layers: LayerSelector = None,
-          proportional: bool = False, renumber: bool = False) -> Plan:
+          proportional: bool = False, renumber: bool = False, variant: str = "reference",
+          padded_queries: bool = False) -> Plan:
     """PuMer (Cao et al., 2023): text-informed image pruning + modality-aware merging.
+
+    ``variant="reference"`` merges as PuMer's released reducer: the kept image tokens are split into the
+    bipartite sets alternately in score order, the best-scored one is protected, token sizes restart at 1
+    at each layer and the merge count is ``round(merge * N)`` with ``N`` the image tokens before pruning.
+    ``variant="positional"`` splits in sequence order, carries sizes across layers and counts after pruning.
+    Scores average the valid text queries; ``padded_queries=True`` also counts padded text rows, as the
+    released code does (a bug there).
 
     >>> pumer(prune=0.3, merge=0.2, layers="from:1")
     Plan(pumer:prune=0.3,merge=0.2,layers=from:1)
     >>> pumer(prune=[0.1, 0.2, 0.3], layers=[2, 5, 8])   # a progressive schedule
     Plan(pumer:prune=0.1/0.2/0.3,merge=0,layers=2/5/8)
+    >>> parse_plan("pumer:prune=0.3,merge=0.2,variant=positional")
+    Plan(pumer:prune=0.3,merge=0.2,variant=positional)
     """
     p = _check_ratio("prune", prune)
     m = _check_ratio("merge", merge, hi=0.5, hi_open=False)
@@ -247,7 +280,8 @@ def pumer(prune: Ratio = 0.3, merge: Ratio = 0.2, merge_text: Ratio = 0.0, layer
     for name, vals in (("prune", p), ("merge", m), ("merge_text", mt)):
         if len(vals) > 1 and not (isinstance(lay, tuple) and len(lay) == len(vals)):
             raise ValueError(f"a per-layer schedule for {name} ({len(vals)} values) needs layers= with as many indices")
-    return Plan((PumerStep(p, m, mt, lay, proportional=bool(proportional), renumber=bool(renumber)),))
+    return Plan((PumerStep(p, m, mt, lay, proportional=bool(proportional), renumber=bool(renumber),
+                           variant=_check_variant(variant), padded_queries=bool(padded_queries)),))
 
 
 SCORERS = ("random", "norm")
@@ -286,15 +320,21 @@ def fastv(layer: int = 2, keep: float = 0.5, renumber: bool = False) -> Plan:
     return Plan((FastVStep(layer, k, bool(renumber)),))
 
 
-def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True) -> Plan:
+def tome(r: int = 8, layers: LayerSelector = None, proportional: bool = True, variant: str = "reference") -> Plan:
     """ToMe (Bolya et al., 2023): merge ``r`` tokens per layer in vision towers.
+
+    ``variant="reference"``: after each merge the tokens take ToMe's output order (class tokens, unmerged A
+    tokens, merged B tokens) and the next layer splits that order, as ToMe's code does;
+    ``variant="positional"`` keeps the tokens in sequence order.
 
     >>> tome(r=4)
     Plan(tome:r=4)
+    >>> parse_plan("tome:r=4,variant=positional")
+    Plan(tome:r=4,variant=positional)
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"tome r must be a non-negative integer, got {r!r}")
-    return Plan((ToMeStep(r, _check_layers(layers), bool(proportional)),))
+    return Plan((ToMeStep(r, _check_layers(layers), bool(proportional), _check_variant(variant)),))
 
 
 VICTOR_INITS = ("pool", "random")
@@ -354,7 +394,7 @@ def parse_plan(text: str) -> Plan:
 
 
 def _parse_value(key: str, v: str):
-    if key in ("scorer", "init"):
+    if key in ("scorer", "init", "variant"):
         return v
     if key == "layers" and (v in ("all",) or v.startswith("from") or v.startswith("every")):
         return v.replace("from", "from:").replace("every", "every:").replace("::", ":") if ":" not in v else v

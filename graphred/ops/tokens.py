@@ -12,8 +12,8 @@ Registered schemas (``torch.ops.graphred.<name>.default._schema``)::
                      float? scale=None) -> Tensor
     select_tokens(Tensor scores, Tensor candidates, SymInt n_drop) -> Tensor
     gather_tokens(Tensor x, Tensor index, int dim) -> Tensor
-    bipartite_match(Tensor metric, Tensor candidates, SymInt r, Tensor? protected=None)
-                    -> (Tensor, Tensor, Tensor)
+    bipartite_match(Tensor metric, Tensor candidates, SymInt r, Tensor? protected=None,
+                    Tensor? rank=None, bool reorder=False) -> (Tensor, Tensor, Tensor)
     merge_tokens(Tensor x, Tensor sizes, Tensor src, Tensor dst) -> (Tensor, Tensor)
 
 :func:`size_bias` is a plain function (``log`` plus a reshape are ordinary aten ops
@@ -423,7 +423,8 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor]) -> None:
+def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor],
+                      rank: Optional[Tensor] = None) -> None:
     _check(metric.dim() == 3, f"graphred::bipartite_match: metric must be [B,L,C], got {tuple(metric.shape)}")
     BL = tuple(metric.shape[:2])
     _check(candidates.dtype == torch.bool, f"graphred::bipartite_match: candidates must be bool, got {candidates.dtype}")
@@ -431,6 +432,9 @@ def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Opt
     if protected is not None:
         _check(protected.dtype == torch.bool, f"graphred::bipartite_match: protected must be bool, got {protected.dtype}")
         _check(tuple(protected.shape) == BL, f"graphred::bipartite_match: protected must be [B,L]={BL}, got {tuple(protected.shape)}")
+    if rank is not None:
+        _check(rank.is_floating_point(), f"graphred::bipartite_match: rank must be a float tensor, got {rank.dtype}")
+        _check(tuple(rank.shape) == BL, f"graphred::bipartite_match: rank must be [B,L]={BL}, got {tuple(rank.shape)}")
     _check(r >= 0, f"graphred::bipartite_match: r must be >= 0, got {r}")
     _check(r <= metric.shape[1], f"graphred::bipartite_match: r={r} > sequence length {metric.shape[1]}")
 
@@ -438,17 +442,24 @@ def _check_match_args(metric: Tensor, candidates: Tensor, r: int, protected: Opt
 @torch.library.custom_op("graphred::bipartite_match", mutates_args=())
 def _bipartite_match(
     metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor] = None,
+    rank: Optional[Tensor] = None, reorder: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_match_args(metric, candidates, r, protected)
+    _check_match_args(metric, candidates, r, protected, rank)
     B, L, C = metric.shape
     dev = metric.device
     if r == 0:
         empty = torch.empty(B, 0, dtype=torch.int64, device=dev)
         return torch.arange(L, device=dev).expand(B, L).clone(), empty, empty.clone()
-    # candidate positions packed left per sample, in sequence order: even ranks are set A, odd ranks set B
+    # candidate positions packed left per sample, in sequence order (or ascending ``rank``, ties by
+    # position): even ranks are set A, odd ranks set B
     n_cand = candidates.sum(dim=1)
     M = int(n_cand.max())
-    cpos = torch.sort((~candidates).to(torch.int8), dim=1, stable=True).indices[:, :M]  # [B, M]
+    if rank is None:
+        cpos = torch.sort((~candidates).to(torch.int8), dim=1, stable=True).indices[:, :M]  # [B, M]
+    else:
+        by_rank = torch.sort(rank.to(torch.float32), dim=1, stable=True).indices
+        noncand = (~candidates).to(torch.int8).gather(1, by_rank)
+        cpos = by_rank.gather(1, torch.sort(noncand, dim=1, stable=True).indices)[:, :M]
     rank = torch.arange(M, device=dev)
     ok = rank < n_cand.unsqueeze(1)  # [B, M]: a real candidate (samples may hold fewer)
     if protected is not None:
@@ -480,7 +491,8 @@ def _bipartite_match(
             f"minus protected ones and those without an unprotected B partner), but r={r}"
         )
     key = torch.where(mergeable, node_max, neg_inf)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :r]  # [B, r] rows of A
+    by_match = torch.sort(key, dim=1, descending=True, stable=True).indices  # [B, nA] rows of A, best match first
+    order = by_match[:, :r]
     src = a_pos.gather(1, order)
     dst = b_pos.gather(1, node_idx.gather(1, order))
     # canonical order: by source position
@@ -488,12 +500,42 @@ def _bipartite_match(
     dst = dst.gather(1, perm)
     dropped = torch.zeros(B, L, dtype=torch.bool, device=dev).scatter_(1, src, True)
     keep_index = torch.nonzero(~dropped)[:, 1].clone().view(B, L - r)
+    if reorder:
+        keep_index = _reference_order(keep_index, candidates, cpos, ok, protected, by_match, order, M, r)
     return keep_index, src, dst
 
 
+def _reference_order(keep_index: Tensor, candidates: Tensor, cpos: Tensor, ok: Tensor, protected: Optional[Tensor],
+                     by_match: Tensor, order: Tensor, M: int, r: int) -> Tensor:
+    """``keep_index`` with its candidate slots refilled in ToMe's output order: protected candidates, then the
+    unmerged A tokens (by rank where the sample has a protected candidate, as ToMe sorts them to keep its class
+    token first; otherwise best match first, ToMe's ``argsort`` order), then the B tokens by rank."""
+    B = keep_index.shape[0]
+    dev = keep_index.device
+    nA = by_match.shape[1]
+    ranks = torch.arange(M, device=dev)
+    is_a = (ranks % 2 == 0).unsqueeze(0).expand(B, M)
+    prot = protected.gather(1, cpos) & ok if protected is not None else torch.zeros_like(ok)
+    has_prot = prot.any(dim=1, keepdim=True)
+    # position of each A row in the best-match order
+    match_pos = torch.empty_like(by_match).scatter_(1, by_match, torch.arange(nA, device=dev).expand(B, nA))
+    within_a = torch.where(has_prot, ranks.unsqueeze(0) // 2, torch.zeros(1, dtype=torch.int64, device=dev))
+    a_rows = (ranks // 2).clamp_max(nA - 1).unsqueeze(0).expand(B, M)
+    within_a = torch.where(has_prot, within_a, match_pos.gather(1, a_rows))
+    merged = torch.zeros(B, nA, dtype=torch.bool, device=dev).scatter_(1, order, True).gather(1, a_rows) & is_a
+    group = torch.where(prot, 0, torch.where(is_a, 1, 2))
+    within = torch.where(is_a & ~prot, within_a, ranks.unsqueeze(0).expand(B, M))
+    gone = ~ok | merged
+    sort_key = torch.where(gone, 3 * M, group * M + within)
+    seq = cpos.gather(1, torch.sort(sort_key, dim=1, stable=True).indices)  # [B, M] kept candidates first
+    n_kept = ok.sum(1, keepdim=True) - r
+    slots = candidates.gather(1, keep_index)  # [B, L-r]: the slots that hold candidates
+    return keep_index.masked_scatter(slots, seq[ranks.unsqueeze(0) < n_kept])
+
+
 @_bipartite_match.register_fake
-def _(metric, candidates, r, protected=None):
-    _check_match_args(metric, candidates, r, protected)
+def _(metric, candidates, r, protected=None, rank=None, reorder=False):
+    _check_match_args(metric, candidates, r, protected, rank)
     B, L = metric.shape[0], metric.shape[1]
     keep = metric.new_empty((B, L - r), dtype=torch.int64)
     return keep, metric.new_empty((B, r), dtype=torch.int64), metric.new_empty((B, r), dtype=torch.int64)
@@ -501,6 +543,7 @@ def _(metric, candidates, r, protected=None):
 
 def bipartite_match(
     metric: Tensor, candidates: Tensor, r: int, protected: Optional[Tensor] = None,
+    rank: Optional[Tensor] = None, reorder: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe bipartite soft matching restricted to candidate tokens.
 
@@ -518,6 +561,12 @@ def bipartite_match(
         r: merges per sample; must not exceed the mergeable A tokens of any sample
             (unprotected A candidates with an unprotected B partner), else ``ValueError``.
         protected: optional ``[B, L]`` bool.
+        rank: optional ``[B, L]`` float: candidates are split into A/B alternately in ascending ``rank``
+            (ties by position) instead of sequence order (PuMer splits its kept tokens in score order).
+        reorder: return ``keep_index`` in ToMe's output order rather than ascending: its candidate slots
+            hold the protected candidates, then the unmerged A tokens (by rank if the sample has a protected
+            candidate, else best match first, as ToMe's ``argsort``), then the B tokens by rank; the next
+            layer's alternating split then runs over that order, as in ToMe's code.
 
     Returns:
         ``(keep_index [B, L-r], src [B, r], dst [B, r])`` int64 positions: ``src`` are the
@@ -534,7 +583,7 @@ def bipartite_match(
         >>> keep, src, dst
         (tensor([[1, 3, 4]]), tensor([[0, 2]]), tensor([[1, 3]]))
     """
-    return torch.ops.graphred.bipartite_match(metric, candidates, r, protected)
+    return torch.ops.graphred.bipartite_match(metric, candidates, r, protected, rank, reorder)
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,10 +49,14 @@ def _scale(block: AttentionBlock) -> float:
 
 def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx.Node, weights_kind: str,
                  ratio: float = 0.0, keep: float | None = None, step_name: str = "pumer", scorer: str = "attention",
-                 seed: int = 0, renumber: bool = False) -> fx.Node | None:
+                 seed: int = 0, renumber: bool = False, scores_out: dict | None = None,
+                 padded_queries: bool = False) -> fx.Node | None:
     """Score with ``block``'s query/key tensors, select, and reduce ``stream`` at ``point`` (drop ``ratio`` of
-    its image tokens, or keep ``keep`` of them). ``weights_kind``: "text" (valid text queries) or "last" (the
-    last valid query). Returns the reduction's gather node, or None when nothing is dropped."""
+    its image tokens, or keep ``keep`` of them). ``weights_kind``: "text" (valid text queries; every text query,
+    padding included, with ``padded_queries``, as PuMer's released code) or "last" (the last valid query).
+    With ``scores_out``, its ``"scores"`` is set to the tokens' scores at the numbering after the reduction
+    (the scores are computed even when nothing is dropped). Returns the reduction's gather node, or None when
+    nothing is dropped."""
     gm, graph = rs.gm, rs.gm.graph
     st = rs.state(stream)
     rs.check_order(stream, point, step_name)
@@ -63,7 +67,7 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)
     n_keep = max(n_keep, 1)
     n_drop = n_img - n_keep
-    if n_drop <= 0:
+    if n_drop <= 0 and scores_out is None:
         return None
     q, k = rs.node(block.query), rs.node(block.key)
     sdpa = rs.node(block.node)
@@ -84,7 +88,7 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
                 is_text = call_with_val(graph, aten.eq.Scalar, (qc, CODE[TEXT]))
                 if node_shape(is_text)[0] != B:
                     is_text = call_with_val(graph, aten.expand.default, (is_text, [B, Lq]))
-                w = call_with_val(graph, aten.logical_and.default, (is_text, valid_k))
+                w = is_text if padded_queries else call_with_val(graph, aten.logical_and.default, (is_text, valid_k))
             else:
                 w = call_with_val(graph, aten.ones.default, ([B, Lq],), {"dtype": torch.bool, "device": graph_device(graph.owning_module)})
         else:  # FastV: the last valid query
@@ -109,9 +113,18 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
         if node_shape(is_image)[0] != B:
             is_image = call_with_val(graph, aten.expand.default, (is_image, [B, Lk]))
+        if n_drop <= 0:  # only the scores were wanted
+            for n in (key_codes, valid_k, w, wf, scores):
+                record(n, SIDE, True)
+            scores_out["scores"] = scores
+            return None
         idx = call_with_val(graph, gr.select_tokens.default, (scores, is_image, n_drop))
-    for n in (key_codes, valid_k, w, wf, scores, is_image, idx):
-        record(n, SIDE, True)
+        kept_scores = call_with_val(graph, gr.gather_tokens.default, (scores, idx, 1)) if scores_out is not None else None
+    for n in (key_codes, valid_k, w, wf, scores, is_image, idx, kept_scores):
+        if n is not None:
+            record(n, SIDE, True)
+    if scores_out is not None:
+        scores_out["scores"] = kept_scores
     new_len = st.length - n_drop
     g = reduce_stream(gm, rs.prov, st, point, idx, new_len, pass_name=f"{step_name} at {block.module_path}")
     rs.last_point[st.stream] = g
@@ -135,30 +148,47 @@ def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
 
 
 def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
-                 step_name: str, proportional: bool = False, warn_over_cap: bool = False) -> fx.Node | None:
-    """Merge ``ratio`` of the stream's ``modality`` tokens at ``point`` by bipartite matching on ``block``'s keys
-    (at most half the unprotected tokens, less the protected ones; with ``warn_over_cap`` a larger request
-    says so in a warning).
+                 step_name: str, proportional: bool = False, warn_over_cap: bool = False, *, reorder: bool = False,
+                 scores: fx.Node | None = None, count_base: int | None = None,
+                 carry_sizes: bool = True) -> fx.Node | None:
+    """Merge ``round(ratio * count_base)`` of the stream's ``modality`` tokens (``count_base``: their current
+    count unless given) at ``point`` by bipartite matching on ``block``'s keys (at most half the unprotected
+    tokens; with ``warn_over_cap`` a larger request says so in a warning).
+
+    ``reorder``: the stream takes ToMe's output order (protected tokens, unmerged A tokens, B tokens), so the
+    next merge splits that order. ``scores``: ``[B, L]`` per-token scores at the current numbering; the A/B
+    split then runs in descending score order and the best-scored candidate is protected (PuMer's reducer).
+    ``carry_sizes=False``: every token weighs 1 in this merge's averages (PuMer's reducer starts sizes afresh
+    at each layer); the stream's sizes are still kept up to date where proportional attention reads them.
     Returns the reduction's gather node, or None when nothing is merged."""
     gm, graph = rs.gm, rs.gm.graph
     st = rs.state(stream)
     rs.check_order(stream, point, step_name)
     n_mod = rs.counts[st.stream][modality]
-    # at most what bipartite matching can merge: half the unprotected candidates, less protected A slots
+    # at most what bipartite matching can merge. With the p protected tokens leading the split (ToMe's class
+    # token, or the best-scored token first in score order) that is (n - p) // 2, ToMe's cap; protected
+    # tokens anywhere else may all take A slots, leaving ceil(n / 2) - p
     st_info = rs.prov.streams[st.stream]
     n_special = int(st_info.special.sum()) if st_info.special is not None and modality == IMAGE else 0
-    want, cap = round(ratio * n_mod), (n_mod - n_special) // 2 - n_special
+    leading = n_special == 0 or bool(st_info.special[:n_special].all())
+    n_prot = n_special + (1 if scores is not None else 0)
+    if scores is None and leading:
+        cap = (n_mod - n_prot) // 2
+    elif scores is not None and n_special == 0:
+        cap = (n_mod - 1) // 2  # the best-scored token is rank 0: an A slot
+    else:
+        cap = (n_mod + 1) // 2 - n_prot
+    want = round(ratio * (n_mod if count_base is None else count_base))
     if warn_over_cap and want > cap:
         warnings.warn(f"{step_name} at {block.module_path}: {want} merges requested, but bipartite matching merges at "
-                      f"most {max(cap, 0)} of the {n_mod} {modality} tokens there (half the "
-                      f"{n_mod - n_special} unprotected tokens, less {n_special} protected); merging {max(cap, 0)}",
-                      stacklevel=2)
+                      f"most {max(cap, 0)} of the {n_mod} {modality} tokens there ({n_prot} protected); merging "
+                      f"{max(cap, 0)}", stacklevel=2)
     r = min(want, cap)
     if r <= 0:
         return None
     k = rs.node(block.key)
     mask = current_mask(rs, block)
-    nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes]).next
+    nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes, scores]).next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
         codes = rs.codes(stream, nxt)
@@ -189,17 +219,29 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
             # only the first token of a leading text run stays fixed now; the end moves
             st.kept_prefix = min(st.kept_prefix, 1)
             st.kept_suffix = 0
+        rank = None
+        side = []
+        if scores is not None:
+            # split in descending score order; the best-scored candidate is protected (PuMer's class_token=True)
+            ninf = call_with_val(graph, aten.full_like.default, (scores, float("-inf")))
+            cscores = call_with_val(graph, aten.where.self, (cand, scores, ninf))
+            best = call_with_val(graph, aten.argmax.default, (cscores, 1, True))
+            pos = call_with_val(graph, aten.arange.default, (st.length,), {"dtype": torch.long, "device": graph_device(gm)})
+            is_best = call_with_val(graph, aten.eq.Tensor, (pos, best))
+            protected = is_best if protected is None else call_with_val(graph, aten.logical_or.default, (protected, is_best))
+            rank = call_with_val(graph, aten.neg.default, (cscores,))
+            side += [ninf, cscores, best, pos, is_best, protected, rank]
         if protected is not None and node_shape(protected)[0] != B:
             protected = call_with_val(graph, aten.expand.default, (protected, [B, st.length]))
-        if st.sizes is None:
+        if st.sizes is None or not carry_sizes:
             sizes = call_with_val(graph, aten.ones.default, ([B, st.length],), {"dtype": torch.float32, "device": graph_device(graph.owning_module)})
         else:
             sizes = st.sizes
-        match = call_with_val(graph, gr.bipartite_match.default, (metric, cand, r, protected))
+        match = call_with_val(graph, gr.bipartite_match.default, (metric, cand, r, protected, rank, reorder))
         keep = call_with_val(graph, operator.getitem, (match, 0))
         src = call_with_val(graph, operator.getitem, (match, 1))
         dst = call_with_val(graph, operator.getitem, (match, 2))
-    for n in (codes, metric, cand, match, keep, src, dst, sizes):
+    for n in [codes, metric, cand, match, keep, src, dst, sizes] + side:
         record(n, SIDE, True)
 
     merged = {}
@@ -213,9 +255,17 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     dim = point.args[2] if point.target is gr.gather_tokens.default else None
     g = reduce_stream(gm, rs.prov, st, point, keep, st.length - r, transform=transform,
                       pass_name=f"{step_name} at {block.module_path}", dim=dim, inputs_ready=last_of(gm, [src, dst, sizes]))
-    with graph.inserting_before(last_of(gm, [g, merged["sizes"]]).next):
-        st.sizes = call_with_val(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
-        record(st.sizes, SIDE, True)
+    if carry_sizes or st.sizes is None and proportional:
+        with graph.inserting_before(last_of(gm, [g, merged["sizes"]]).next):
+            st.sizes = call_with_val(graph, gr.gather_tokens.default, (merged["sizes"], keep, 1))
+            record(st.sizes, SIDE, True)
+    elif st.sizes is not None:  # this merge weighed every token 1; the stream's sizes (proportional attention) add up
+        with graph.inserting_before(last_of(gm, [g, src, dst, st.sizes]).next):
+            s_src = call_with_val(graph, aten.gather.default, (st.sizes, 1, src))
+            s_m = call_with_val(graph, aten.scatter_add.default, (st.sizes, 1, dst, s_src))
+            st.sizes = call_with_val(graph, gr.gather_tokens.default, (s_m, keep, 1))
+        for n in (s_src, s_m, st.sizes):
+            record(n, SIDE, True)
     rs.layer_chain.append(keep)
     rs.last_point[st.stream] = g
     rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))

@@ -82,13 +82,19 @@ class PumerPass(StepPass):
             point = (residual_after(gm, rs.prov, b, stream) if b.kind == CROSS_MODAL_SELF
                      else key_source(gm, rs.prov, b, stream))
             name = "pumer" if step.scorer == "text" else f"prune[{step.scorer}]"
+            ref = step.variant == "reference" and step.scorer == "text"
+            n_img = rs.counts[rs.state(stream).stream][IMAGE]
+            scored = {} if ref and m > 0 else None  # the reference splits the kept tokens in score order
             g = prune_stream(rs, b, stream, point, "text", ratio=p, step_name=name, scorer=step.scorer,
-                             seed=step.seed, renumber=step.renumber)
+                             seed=step.seed, renumber=step.renumber, scores_out=scored,
+                             padded_queries=step.padded_queries)
             if g is not None:
                 point = g
                 rs.layer_chain.append(g.args[1])
-            g2 = merge_stream(rs, b, stream, point, m, IMAGE, "pumer", step.proportional) if m > 0 else None
+            g2 = merge_stream(rs, b, stream, point, m, IMAGE, "pumer", step.proportional,
+                              scores=scored["scores"] if scored else None, count_base=n_img if ref else None,
+                              carry_sizes=not ref) if m > 0 else None
             if g2 is not None:
                 point = g2
             if mt > 0:
-                merge_stream(rs, b, stream, point, mt, TEXT, "pumer", step.proportional)
+                merge_stream(rs, b, stream, point, mt, TEXT, "pumer", step.proportional, carry_sizes=not ref)

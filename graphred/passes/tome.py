@@ -14,7 +14,8 @@ from .rewrite_state import RewriteState, StepPass
 class ToMePass(StepPass):
     """One :class:`~graphred.plans.ToMeStep`: after the attention residual of each chosen layer of every
     image-only attention stack, merge ``r`` image tokens (an ``r`` above what bipartite matching can
-    merge there is capped, with a warning that states the cap).
+    merge there is capped, with a warning that states the cap). ``variant="reference"`` (the default)
+    leaves the tokens in ToMe's output order after each merge, so the next layer splits that order.
 
     >>> import graphred
     >>> from graphred.passes.pipeline import lower
@@ -43,4 +44,4 @@ class ToMePass(StepPass):
                 st = rs.state(b.query_stream)
                 rs.layer_chain = []
                 merge_stream(rs, b, b.query_stream, point, step.r / max(rs.counts[st.stream][IMAGE], 1), IMAGE,
-                             "tome", step.proportional, warn_over_cap=True)
+                             "tome", step.proportional, warn_over_cap=True, reorder=step.variant == "reference")

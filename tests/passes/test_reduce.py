@@ -167,8 +167,9 @@ def test_pumer_runs_and_respects_ratios(name, zoo_model, zoo_program):
         n = s["image_before"]
         assert s["image_after"] == n - round(0.3 * n), s
     for s in merges:
-        n = s["image_before"]
-        assert s["image_after"] == n - min(round(0.2 * n), n // 2), s
+        # the reference reducer: round(ratio * image tokens before pruning), at most (n - 1) // 2 (one protected)
+        n, n0 = s["image_before"], next(p["image_before"] for p in prunes if p["block"] == s["block"])
+        assert s["image_after"] == n - min(round(0.2 * n0), (n - 1) // 2), s
     # the chain is consistent: each step starts where the previous one ended
     steps = prunes + merges
     steps.sort(key=lambda s: reduced.steps.index(s))
@@ -347,8 +348,13 @@ def test_pumer_on_every_layer_with_merging(zoo_program):
     with torch.no_grad():
         out = reduced(**kwargs)
     images = [s.get("image_after") for s in reduced.steps]
-    assert images == [51, 41, 33, 26]  # 64 -prune 13-> 51 -merge 10-> 41 -prune 8-> 33 -merge 7-> 26
-    assert _logits(out).shape[1] == 12 + 26 and torch.isfinite(_logits(out)).all()
+    # the reference counts: each layer prunes round(0.2 n) and merges round(0.2 n) of its n image tokens before pruning
+    want, n = [], 64
+    for _ in range(2):
+        want += [n - round(0.2 * n), n - 2 * round(0.2 * n)]
+        n = want[-1]
+    assert images == want  # 64 -prune 13-> 51 -merge 13-> 38 -prune 8-> 30 -merge 8-> 22
+    assert _logits(out).shape[1] == 12 + want[-1] and torch.isfinite(_logits(out)).all()
     pos = reduced.kept_positions
     assert (pos[:, 1:] > pos[:, :-1]).all()
 

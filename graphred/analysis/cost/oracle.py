@@ -150,7 +150,8 @@ def _attention_scores_flop(q, k, query_weight, attn_bias=None, scale=None, *, ou
 _attention_scores_flop._get_raw = True
 
 
-def _bipartite_match_flop(metric, candidates, r, protected=None, *, out_val=None, **kwargs) -> int:
+def _bipartite_match_flop(metric, candidates, r, protected=None, rank=None, reorder=False, *, out_val=None,
+                          **kwargs) -> int:
     """graphred::bipartite_match: the [B, |A|, C] @ [B, C, |B|] similarity over the candidate split the
     kernel makes (|A|, |B| = most even-/odd-ranked candidates of any sample)."""
     if int(r) == 0:

@@ -1028,7 +1028,8 @@ def _g_select_tokens(call: Call, mode: str):
 register_cost("graphred::gather_tokens", params=("x", "index", "dim"), bytes=_bytes_gather)(_zero_flops)
 
 
-@register_cost("graphred::bipartite_match", params=("metric", "candidates", "r", "protected"), matmul=True)
+@register_cost("graphred::bipartite_match", params=("metric", "candidates", "r", "protected", "rank", "reorder"),
+               matmul=True)
 def _g_bipartite_match(call: Call, mode: str):
     """metric [B,L,C]: cosine similarity of set A (ceil(L/2) tokens) against set B (floor(L/2)) as a
     bmm, 2*B*ceil(L/2)*floor(L/2)*C; kind="all" adds the normalisation (3*B*L*C), the row max
