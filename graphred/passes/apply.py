@@ -34,9 +34,13 @@ class AppliedPlan:
     blocks: list[AttentionBlock] = field(default_factory=list)
 
 
-def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = None) -> AppliedPlan:
+def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = None,
+               keep_all: bool = False) -> AppliedPlan:
     """Apply ``plan`` to a copy of ``program``'s graph. For a program captured on the meta device,
     ``value_inputs=(args, kwargs)`` gives CPU copies of the inputs from which the token layout is read.
+    ``keep_all=True`` (a debug mode for tests) inserts every reduction's whole rewrite -- scores,
+    selection, matching, merges, gathers of the stream and of every operand that meets it -- but keeps
+    every token: the outputs must equal the program's bit for bit.
 
     >>> import graphred
     >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])  # a decoder VLM
@@ -48,7 +52,7 @@ def apply_plan(program: Program, plan: Plan, *, value_inputs: tuple | None = Non
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
     try:
         out = run_pipeline(program.graph_module, plan, program.example_inputs(), value_inputs=value_inputs,
-                           model=program.model_class)
+                           model=program.model_class, keep_all=keep_all)
     except Exception as e:
         missing = meta_inputs(*program.example_inputs()) if value_inputs is None else []
         if missing:  # the real reason: the layout could not be read, not a step's symptom of it

@@ -106,11 +106,13 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def run_pipeline(gm: fx.GraphModule, plan: Plan, example_inputs: tuple[tuple, dict], *,
-                 value_inputs: tuple | None = None, model: str | None = None, check_meta: bool = True) -> PipelineResult:
+                 value_inputs: tuple | None = None, model: str | None = None, check_meta: bool = True,
+                 keep_all: bool = False) -> PipelineResult:
     """Apply ``plan`` to a copy of ``gm`` (``gm`` is never changed). ``example_inputs=(args, kwargs)``
     give the token layout (``value_inputs``: CPU copies when ``gm`` was captured on the meta device);
     ``model`` names the model in errors; ``check_meta`` re-propagates fake values after every pass
-    (costly on large graphs).
+    (costly on large graphs). ``keep_all=True`` is a debug mode for tests: every reduction inserts its whole
+    rewrite but keeps every token, so the outputs must equal ``gm``'s bit for bit.
 
     >>> import graphred
     >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])
@@ -125,7 +127,7 @@ def run_pipeline(gm: fx.GraphModule, plan: Plan, example_inputs: tuple[tuple, di
     am = AnalysisManager()
     prov = am.get(Provenance(example_inputs, value_inputs=value_inputs), new)
     blocks = am.get(Blocks, new)
-    am.get(Rewrite(model or type(gm).__name__, value_inputs or example_inputs), new)
+    am.get(Rewrite(model or type(gm).__name__, value_inputs or example_inputs, keep_all=keep_all), new)
     PassManager(passes, analyses=am, check_meta=check_meta)(new)
     new.graph.lint()
     new.recompile()

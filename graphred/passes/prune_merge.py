@@ -67,7 +67,9 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)
     n_keep = max(n_keep, 1)
     n_drop = n_img - n_keep
-    if n_drop <= 0 and scores_out is None:
+    if rs.keep_all:  # debug mode: the whole scoring/selection/gather path runs, every token is kept
+        n_keep, n_drop = n_img, 0
+    elif n_drop <= 0 and scores_out is None:
         return None
     q, k = rs.node(block.query), rs.node(block.key)
     sdpa = rs.node(block.node)
@@ -113,7 +115,7 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
         if node_shape(is_image)[0] != B:
             is_image = call_with_val(graph, aten.expand.default, (is_image, [B, Lk]))
-        if n_drop <= 0:  # only the scores were wanted
+        if n_drop <= 0 and not rs.keep_all:  # only the scores were wanted
             for n in (key_codes, valid_k, w, wf, scores):
                 record(n, SIDE, True)
             scores_out["scores"] = scores
@@ -184,7 +186,9 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
                       f"most {max(cap, 0)} of the {n_mod} {modality} tokens there ({n_prot} protected); merging "
                       f"{max(cap, 0)}", stacklevel=2)
     r = min(want, cap)
-    if r <= 0:
+    if rs.keep_all:  # debug mode: matching and merging run with nothing merged
+        r = 0
+    elif r <= 0:
         return None
     k = rs.node(block.key)
     mask = current_mask(rs, block)

@@ -385,5 +385,8 @@ class VictorPass(StepPass):
     hint = "Victor needs a decoder VLM whose image tokens sit in the decoder's token stream."
 
     def apply(self, gm: fx.GraphModule, rs: RewriteState) -> None:
+        if rs.keep_all:
+            raise PlanError("victor: keep_all (keep every token) does not apply: Victor adds register tokens, so its "
+                            "outputs cannot equal the unreduced model's; test it against its eager reference instead")
         InsertRegisters(rs, self.step)(gm)
         DropImageTokens(rs, self.step)(gm)

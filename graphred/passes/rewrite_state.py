@@ -53,8 +53,11 @@ class RewriteState:
     """
 
     def __init__(self, gm: fx.GraphModule, prov: TokenProvenance, blocks: list[AttentionBlock], model: str = "the model",
-                 example_inputs: tuple[tuple, dict] | None = None):
+                 example_inputs: tuple[tuple, dict] | None = None, keep_all: bool = False):
         self.gm, self.prov, self.blocks, self.model = gm, prov, blocks, model
+        # debug mode: every reduction inserts its full rewrite (scores, selection, matching, gathers, merges,
+        # mask/rotary/cache follow-ups) but keeps every token, so outputs must equal the unreduced graph's
+        self.keep_all = keep_all
         self.example_inputs = example_inputs  # (args, kwargs) with values: passes that read run-time values (Victor's init)
         self.victor: dict | None = None  # Victor's register layout, from InsertRegisters to DropImageTokens
         self.states: dict[int, StreamState] = {}
@@ -196,11 +199,13 @@ class Rewrite(Analysis):
     passes (the one mutable result in the manager; it records what passes did, it reads no graph
     structure beyond :class:`Provenance` and :class:`Blocks`). ``model`` names the model in errors."""
 
-    def __init__(self, model: str = "the model", example_inputs: tuple[tuple, dict] | None = None):
-        self.model, self.example_inputs = model, example_inputs
+    def __init__(self, model: str = "the model", example_inputs: tuple[tuple, dict] | None = None,
+                 keep_all: bool = False):
+        self.model, self.example_inputs, self.keep_all = model, example_inputs, keep_all
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> RewriteState:
-        return RewriteState(gm, am.get(Provenance, gm), am.get(Blocks, gm), self.model, self.example_inputs)
+        return RewriteState(gm, am.get(Provenance, gm), am.get(Blocks, gm), self.model, self.example_inputs,
+                            self.keep_all)
 
 
 class StepPass(GraphredPass):
