@@ -31,9 +31,9 @@ from _common import ROOT, write_section  # noqa: E402
 
 TESTING_MD = ROOT / "docs" / "testing.md"
 
-OPS = ["tests/ops/test_token_ops.py"]
+OPS = ["tests/ops/test_token_ops.py", "tests/passes/test_reference_methods.py"]
 REDUCE = ["tests/passes/test_reduce.py", "tests/passes/test_baselines.py", "tests/passes/test_kv_cache.py",
-          "tests/passes/test_labels.py"]
+          "tests/passes/test_labels.py", "tests/passes/test_keep_all.py"]
 ANALYSIS = ["tests/analysis/test_analysis.py", "tests/analysis/test_unseen_architectures.py"]
 COST = ["tests/analysis/test_estimate.py", "tests/analysis/test_cost_registry.py"]
 
@@ -77,8 +77,8 @@ MUTANTS: list[Mutant] = [
     M("ops-match-protected-ignored", "bipartite_match merges protected tokens",
       "        ok_free = ok & ~protected.gather(1, cpos)", "        ok_free = ok", tuple(OPS + REDUCE)),
     M("ops-match-worst-pairs", "bipartite_match merges the least similar pairs",
-      "order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :r]",
-      "order = torch.sort(torch.where(mergeable, -node_max, neg_inf), dim=1, descending=True, stable=True).indices[:, :r]",
+      "by_match = torch.sort(key, dim=1, descending=True, stable=True).indices",
+      "by_match = torch.sort(torch.where(mergeable, -node_max, neg_inf), dim=1, descending=True, stable=True).indices",
       tuple(OPS + REDUCE)),
     M("ops-match-no-normalise", "bipartite_match uses dot products instead of cosine similarity",
       "m = torch.nn.functional.normalize(metric.to(torch.float32).gather(1, cpos.unsqueeze(-1).expand(B, M, C)), dim=-1)",
@@ -90,6 +90,45 @@ MUTANTS: list[Mutant] = [
       "s_m = sc.scatter_add(1, dst, s_src)", "s_m = sc.clone()", tuple(OPS + REDUCE)),
     M("ops-merge-backward-src-grad", "merge_tokens' gradient does not reach the source rows",
       "gx = own.scatter_add(1, _expand_rows(src, F), q_at_dst * s_src.unsqueeze(-1))", "gx = own", tuple(OPS)),
+    # ---------------------------------------------------------------- passes/
+    M("passes-fastv-last-ignores-padding", "FastV scores with position L-1 even when it is padding",
+      "last = call_with_val(graph, aten.where.ScalarOther, (vq, pos, -1))",
+      "last = call_with_val(graph, aten.where.ScalarOther, (call_with_val(graph, aten.ones_like.default, (vq,)), pos, -1))",
+      tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-fastv-scores-wrong-layer", "FastV scores with layer K's attention instead of layer K-1's",
+      "score_block = by_layer[step.layer - 1]", "score_block = by_layer[step.layer]",
+      tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-pumer-padding-text-queries", "PuMer scores with padded text queries too",
+      "w = is_text if padded_queries else call_with_val(graph, aten.logical_and.default, (is_text, valid_k))",
+      "w = is_text", tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-prune-count-off-by-one", "pruning keeps one image token fewer than the ratio says",
+      "n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)",
+      "n_keep = n_img - round(ratio * n_img) - 1 if keep is None else max(round(keep * n_img), 1)",
+      tuple(REDUCE + ["tests/analysis/test_estimate.py"])),
+    M("passes-candidates-include-text", "selection may drop text tokens",
+      "is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))",
+      "is_image = call_with_val(graph, aten.ge.Scalar, (key_codes, 0))", tuple(REDUCE)),
+    M("passes-operands-not-gathered", "an operand meeting the reduced stream (mask, rotary table) is gathered but not used",
+      "                n.replace_input_with(a, ga)\n                a = ga\n",
+      "                a = a\n", tuple(REDUCE)),
+    M("passes-uses-before-gather", "uses of the reduced tensor are not redirected to the gather",
+      "        user.replace_input_with(point, g)\n", "        pass\n",
+      tuple(REDUCE + ["tests/passes/test_keep_all.py"])),
+    M("passes-proportional-no-log", "proportional attention adds the size instead of its log",
+      "bias = call_with_val(graph, aten.log.default, (sizes,))", "bias = call_with_val(graph, aten.clone.default, (sizes,))",
+      tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-sizes-not-carried", "merged sizes are not kept for later merges",
+      "            st.sizes = call_with_val(graph, gr.gather_tokens.default, (merged[\"sizes\"], keep, 1))",
+      "            st.sizes = None", tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-tome-positional-default", "ToMe keeps positional order instead of the reference's",
+      "\"tome\", step.proportional, warn_over_cap=True, reorder=step.variant == \"reference\")",
+      "\"tome\", step.proportional, warn_over_cap=True, reorder=False)",
+      tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-pumer-count-after-prune", "PuMer's merge count is taken after pruning, not from the layer's image count",
+      "count_base=n_img if ref else None", "count_base=None", tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
+    M("passes-pumer-best-not-protected", "PuMer's best-scored token may be merged away",
+      "protected = is_best if protected is None else call_with_val(graph, aten.logical_or.default, (protected, is_best))",
+      "protected = protected", tuple(REDUCE + ["tests/passes/test_reference_methods.py"])),
     # ---------------------------------------------------------------- analysis/
     M("analysis-causal-any", "a mask with one open future slot still reads as causal",
       "return bool((~allowed[..., upper]).all())", "return bool((~allowed[..., upper]).any())",
