@@ -179,6 +179,7 @@ def _resume(path: Path, params: dict, opt: torch.optim.Optimizer, plan: str) -> 
         return int(meta.get("step", 0))
 
 
+@torch.enable_grad()  # training works inside a caller's torch.no_grad() block too
 def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers", lr: float = 1e-3,
           weight_decay: float = 0.0, kl_weight: float = 1.0, temperature: float = 1.0, task_weight: float = 1.0,
           task_loss: Callable[[Any, dict], torch.Tensor] | None = None,

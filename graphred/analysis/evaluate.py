@@ -29,7 +29,7 @@ def to_cpu_device(x: Any) -> Any:
 # on them, so partial evaluation feeds a stand-in instead of running the layers that compute them.
 DATA_ARGS: dict[str, tuple[str, ...]] = {
     "graphred::select_tokens": ("scores",),
-    "graphred::bipartite_match": ("metric",),
+    "graphred::bipartite_match": ("metric", "rank", "protected"),
     "graphred::merge_tokens": ("x",),
     "graphred::attention_scores": ("q", "k"),
 }
@@ -59,6 +59,8 @@ def _stand_in(node: fx.Node) -> Any:
     g = torch.Generator().manual_seed(0)
     if v.is_floating_point():
         return torch.randn(shape, generator=g).to(v.dtype)
+    if v.dtype == torch.bool:
+        return torch.zeros(shape, dtype=torch.bool)  # nothing protected: any match count the graph asks for exists
     return torch.randint(0, 2, shape, generator=g).to(v.dtype)
 
 
