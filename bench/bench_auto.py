@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
-from graphred.autoplan import output_divergence  # noqa: E402
+from graphred.autoplan import calibration_divergence  # noqa: E402
 from graphred.data import models, scenes  # noqa: E402
 from bench_vqa import plans_for  # noqa: E402
 from _common import publish  # noqa: E402
@@ -63,15 +63,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (va * vb) if va and vb else float("nan")
 
 
-def proxy(prog, fast, calib, refs) -> float:
-    total = 0.0
-    with torch.no_grad():
-        for batch, ref in zip(calib, refs):
-            out, kept = fast.forward_with_positions(**batch)
-            total += output_divergence(ref, out, kept_positions=kept, attention_mask=batch.get("attention_mask"))
-    return total / len(calib)
-
-
 def run_model(name: str, limit: int, batch: int, n_calib: int) -> dict:
     model, tok = models.load_trained(name)
     test = scenes.load_shipped()
@@ -94,7 +85,7 @@ def run_model(name: str, limit: int, batch: int, n_calib: int) -> dict:
                 continue
             est = graphred.estimate(prog, plan)
             rows.append({"model": name, "method": method, "plan": str(plan), "predicted_speedup": est.speedup,
-                         "proxy": proxy(prog, fast, calib, refs),
+                         "proxy": calibration_divergence(fast, calib, refs),
                          "accuracy": models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)})
             print(f"  {name} {str(plan):<48} {rows[-1]['predicted_speedup']:.2f}x proxy {rows[-1]['proxy']:.4f} "
                   f"acc {rows[-1]['accuracy']:.3f}", file=sys.stderr)

@@ -25,12 +25,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _pytree as pytree
 
 from .errors import PlanError
 from .plans import Plan
 
-__all__ = ["AutoPlan", "Candidate", "AutoChoice", "auto", "output_divergence"]
+__all__ = ["AutoPlan", "Candidate", "AutoChoice", "auto", "calibration_divergence", "output_divergence"]
 
 METHODS = ("fastv", "pumer", "tome", "victor")
 
@@ -179,16 +178,21 @@ def output_divergence(reference: Any, reduced: Any, *, kept_positions: torch.Ten
     return max(sum(d) / len(d), 0.0)
 
 
-def _proxy(program, plan: Plan, calibration: Sequence[dict], references: list) -> float:
-    from .reduced_module import transform
-
-    fast = transform(program, plan)
+def calibration_divergence(fast, calibration: Sequence[dict], references: list) -> float:
+    """The mean :func:`output_divergence` of a transformed module ``fast`` from ``references`` (the
+    unreduced outputs) over the ``calibration`` batches: the proxy :func:`auto` ranks plans by."""
     total = 0.0
     with torch.no_grad():
         for batch, ref in zip(calibration, references):
             out, kept = fast.forward_with_positions(**batch)
             total += output_divergence(ref, out, kept_positions=kept, attention_mask=batch.get("attention_mask"))
     return total / len(calibration)
+
+
+def _proxy(program, plan: Plan, calibration: Sequence[dict], references: list) -> float:
+    from .reduced_module import transform
+
+    return calibration_divergence(transform(program, plan), calibration, references)
 
 
 # ------------------------------------------------------------------------------------ candidates

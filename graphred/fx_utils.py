@@ -192,8 +192,9 @@ def last_of(gm: fx.GraphModule, nodes: Any) -> fx.Node:
     return max([n for n in nodes if n is not None], key=lambda n: order[n])
 
 
-def ancestors(nodes: Any) -> set[fx.Node]:
-    """``nodes`` and every node they are computed from."""
+def ancestors(nodes: Any, stop: Any = None, stopped: set | None = None) -> set[fx.Node]:
+    """``nodes`` and every node they are computed from. ``stop(n)`` (optional) names inputs of ``n`` not
+    to walk through; they are added to ``stopped`` instead."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
@@ -201,7 +202,12 @@ def ancestors(nodes: Any) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        cut = stop(n) if stop is not None else ()
+        for a in n.all_input_nodes:
+            if a in cut:
+                stopped.add(a)
+            else:
+                stack.append(a)
     return seen
 
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..fx_utils import fetch_attr
+from ..fx_utils import ancestors, fetch_attr
 
 
 def to_cpu_device(x: Any) -> Any:
@@ -86,25 +86,6 @@ def meta_layout_message(model_class: str, names: Sequence[str], step: str = "") 
             "Or capture on the CPU.")
 
 
-def _ancestors(nodes: Iterable[fx.Node], stand_ins: set[fx.Node] | None = None) -> set[fx.Node]:
-    """Ancestors of ``nodes``; with ``stand_ins`` (a set it fills), the data arguments of graphred's
-    selection ops are collected there instead of being walked through."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        data = _data_arg_nodes(n) if stand_ins is not None else set()
-        for a in n.all_input_nodes:
-            if a in data:
-                stand_ins.add(a)
-            else:
-                stack.append(a)
-    return seen
-
-
 def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable[fx.Node],
                      max_weight_numel: int = 1 << 22) -> dict[fx.Node, Any]:
     """Values of ``wanted`` nodes at ``flat_inputs`` (CPU tensors, in placeholder order), computing
@@ -115,7 +96,7 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
     ops are stood in for (:data:`DATA_ARGS`), so no layer runs. A node that cannot be computed is left out."""
     wanted = [w for w in wanted if isinstance(w, fx.Node)]
     stand_ins: set[fx.Node] = set()
-    need = _ancestors(wanted, stand_ins)
+    need = ancestors(wanted, _data_arg_nodes, stand_ins)
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):

@@ -35,8 +35,8 @@ from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, AttentionBlock
 from ..analysis.provenance import CODE, IMAGE, REGISTER
 from ..errors import PlanError
 from ..plans import VictorStep
-from ..fx_utils import SIDE, record
-from .infra import GraphredPass, set_fake_val
+from ..fx_utils import SIDE, call_with_val, node_shape, record
+from .infra import GraphredPass
 from .rewrite_state import RewriteState, StepPass
 from .reduce import graph_device, layer_input
 from .token_axis import reduce_stream
@@ -47,17 +47,6 @@ gr = torch.ops.graphred
 __all__ = ["InsertRegisters", "DropImageTokens", "VictorPass", "REGISTER_PARAM", "decoder_of"]
 
 REGISTER_PARAM = "graphred_registers"  # parameter name prefix on the transformed graph module
-
-
-def _shape(n: fx.Node):
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
-
-
-def _call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
-    n = graph.call_function(target, tuple(args), kwargs or {})
-    set_fake_val(n)
-    return n
 
 
 _COMPARE = {"le", "lt", "ge", "gt"}
@@ -247,7 +236,7 @@ class InsertRegisters(GraphredPass):
         first = layers[0].layer_index
         point = layer_input(gm, prov, stack, first, st.stream)
         dims = [d for d, s in prov.axes(point) if prov.find(s.id) == st.stream]
-        pshape = _shape(point)
+        pshape = node_shape(point)
         if not dims or len(pshape) != 3 or dims[0] != 1:
             raise PlanError(f"victor: the input of {stack}.{first} ({point.name}, shape {pshape}) is not a [batch, "
                             "tokens, features] sequence; registers are inserted into the decoder's embeddings")
@@ -265,23 +254,23 @@ class InsertRegisters(GraphredPass):
         with graph.inserting_after(point):
             codes = ctx.codes(st.stream, point.next)
         with graph.inserting_before(codes.next):
-            layout = _call(graph, gr.register_layout.default, (codes, N, images, n_img))
-            src_i = _call(graph, operator.getitem, (layout, 0))
-            orig_i = _call(graph, operator.getitem, (layout, 1))
-            is_reg = _call(graph, operator.getitem, (layout, 2))
-            keep_i = _call(graph, operator.getitem, (layout, 3))
+            layout = call_with_val(graph, gr.register_layout.default, (codes, N, images, n_img))
+            src_i = call_with_val(graph, operator.getitem, (layout, 0))
+            orig_i = call_with_val(graph, operator.getitem, (layout, 1))
+            is_reg = call_with_val(graph, operator.getitem, (layout, 2))
+            keep_i = call_with_val(graph, operator.getitem, (layout, 3))
             reg = graph.get_attr(pname)
             reg.meta["val"] = _fake_of(gm, getattr(gm, pname))
         for n in (layout, src_i, orig_i, is_reg, keep_i):
             record(n, SIDE, True)
-        Bc = _shape(orig_i)[0]
+        Bc = node_shape(orig_i)[0]
         if Bc != B and Bc != 1:
             raise PlanError(f"victor: modality codes have batch {Bc}, the stream batch {B}")
 
         def with_registers(x: fx.Node) -> fx.Node:  # [x, registers]: the rows the insertion gathers from
-            r = _call(graph, aten.unsqueeze.default, (reg, 0))
-            r = _call(graph, aten.expand.default, (r, [B, N, D]))
-            return _call(graph, aten.cat.default, ([x, r], 1))
+            r = call_with_val(graph, aten.unsqueeze.default, (reg, 0))
+            r = call_with_val(graph, aten.expand.default, (r, [B, N, D]))
+            return call_with_val(graph, aten.cat.default, ([x, r], 1))
 
         L_new = L + N * images
         g = reduce_stream(gm, prov, st, point, orig_i, L_new, transform=with_registers, gather_index=src_i,
@@ -308,33 +297,33 @@ class InsertRegisters(GraphredPass):
             inner = n.args[0]
             if not (isinstance(inner, fx.Node) and inner.target is gr.gather_tokens.default and inner.args[1] is orig_i):
                 continue
-            s = _shape(n)
+            s = node_shape(n)
             if s is None or len(s) < 2 or s[-1] != L_new or s[-2] != L_new:
                 continue
             targets.append(n)
         for m in targets:
-            s = _shape(m)
+            s = node_shape(m)
             val = m.meta["val"]
             users = list(m.users)
             with graph.inserting_before(m.next):
                 dev = val.device
-                pos = _call(graph, aten.arange.default, (L_new,), {"dtype": torch.long, "device": dev})
-                q = _call(graph, aten.view.default, (pos, [L_new, 1]))
-                later = _call(graph, aten.lt.Tensor, (q, pos))  # [L, L]: key after query
-                rk = _call(graph, aten.unsqueeze.default, (is_reg, 1))  # [Bc, 1, L]
-                bad = _call(graph, aten.logical_and.default, (rk, later))  # [Bc, L, L]
-                Bc = _shape(bad)[0]
+                pos = call_with_val(graph, aten.arange.default, (L_new,), {"dtype": torch.long, "device": dev})
+                q = call_with_val(graph, aten.view.default, (pos, [L_new, 1]))
+                later = call_with_val(graph, aten.lt.Tensor, (q, pos))  # [L, L]: key after query
+                rk = call_with_val(graph, aten.unsqueeze.default, (is_reg, 1))  # [Bc, 1, L]
+                bad = call_with_val(graph, aten.logical_and.default, (rk, later))  # [Bc, L, L]
+                Bc = node_shape(bad)[0]
                 view = [Bc] + [1] * (len(s) - 3) + [L_new, L_new] if len(s) >= 3 else [L_new, L_new]
                 if len(s) < 3:
-                    bad = _call(graph, aten.select.int, (bad, 0, 0))
+                    bad = call_with_val(graph, aten.select.int, (bad, 0, 0))
                 elif s[0] not in (1, Bc) and Bc != 1:
                     raise PlanError(f"victor: the attention mask {m.name} has batch {s[0]}, the token stream {Bc}")
                 else:
-                    bad = _call(graph, aten.view.default, (bad, view))
+                    bad = call_with_val(graph, aten.view.default, (bad, view))
                 if val.dtype == torch.bool:
-                    fixed = _call(graph, aten.logical_and.default, (m, _call(graph, aten.logical_not.default, (bad,))))
+                    fixed = call_with_val(graph, aten.logical_and.default, (m, call_with_val(graph, aten.logical_not.default, (bad,))))
                 else:
-                    fixed = _call(graph, aten.masked_fill.Scalar, (m, bad, torch.finfo(val.dtype).min
+                    fixed = call_with_val(graph, aten.masked_fill.Scalar, (m, bad, torch.finfo(val.dtype).min
                                                                    if val.is_floating_point() else 0))
             for n in (pos, q, later, rk, bad, fixed):
                 record(n, SIDE, True)
