@@ -38,6 +38,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import CaptureError, GraphredError, PlanError
+from .fx_utils import is_impure
 from .plans import Plan, parse_plan
 
 __all__ = ["BackendOptions", "graphred_backend", "reset", "INNER_BACKENDS", "OPTION_NAMES"]
@@ -185,7 +186,7 @@ def _drop_positions_output(gm: fx.GraphModule) -> None:
     flat = list(out.args[0])
     out.args = (tuple(flat[:-1]),)
     cg.pytree_info = info._replace(out_spec=spec.children_specs[0])
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     gm.recompile()
 
 

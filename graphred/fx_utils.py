@@ -211,6 +211,30 @@ def ancestors(nodes: Any, stop: Any = None, stopped: set | None = None) -> set[f
     return seen
 
 
+def is_state_call(node: fx.Node) -> bool:
+    """A call kept for what it does to the interpreter, not for a value: a Python-level function (not an
+    aten/graphred op, not ``operator``) whose result nothing reads, e.g. the vmap nesting calls torch.export
+    records around a vmapped mask function. Such a call must run, in graph order, before the nodes after
+    it (they may live inside the vmap level it opens), and dead-code elimination must keep it.
+
+    >>> g = fx.Graph(); x = g.placeholder("x"); n = g.call_function(print, (x,)); _ = g.output(x)
+    >>> is_state_call(n), is_state_call(x)
+    (True, False)
+    """
+    if node.op != "call_function" or node.users:
+        return False
+    t = node.target
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
+        return False
+    return getattr(t, "__module__", None) not in ("_operator", "operator")
+
+
+def is_impure(node: fx.Node) -> bool:
+    """``node.is_impure()`` or an interpreter-state call (:func:`is_state_call`): what dead-code elimination
+    keeps (``gm.graph.eliminate_dead_code(is_impure_node=is_impure)``)."""
+    return node.is_impure() or is_state_call(node)
+
+
 def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     """The attribute a ``get_attr`` target names (dotted path)."""
     obj: Any = gm

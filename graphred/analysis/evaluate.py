@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..fx_utils import ancestors, fetch_attr
+from ..fx_utils import ancestors, fetch_attr, is_state_call
 
 
 def to_cpu_device(x: Any) -> Any:
@@ -108,7 +108,21 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
             env[n] = _stand_in(n)
         except Exception:  # noqa: BLE001 - no shape to stand in: its users are skipped
             failed.add(n)
+    _evaluate(gm, need, env, failed, max_weight_numel)
+    return {w: env[w] for w in wanted if w in env}
+
+
+def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_numel: int) -> None:
+    state_calls = {n for n in gm.graph.nodes if is_state_call(n)}
     for node in gm.graph.nodes:
+        if node in state_calls and not node.all_input_nodes:
+            # a mask function vmapped over positions: its nodes run inside the levels these calls open
+            # (not data ancestors of anything, so they are run for what they do, whatever is needed)
+            try:
+                node.target(*to_cpu_device(node.args), **to_cpu_device(node.kwargs))
+            except Exception:  # noqa: BLE001 - a state call that cannot run: the nodes inside fail and are skipped
+                pass
+            continue
         if node not in need or node.op in ("placeholder", "output"):
             continue
         if any(a in failed or a not in env for a in node.all_input_nodes):
@@ -132,4 +146,3 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
             failed.add(node)
             continue
         env[node] = v
-    return {w: env[w] for w in wanted if w in env}

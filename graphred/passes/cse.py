@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..fx_utils import SIDE, recorded
+from ..fx_utils import SIDE, is_impure, recorded
 from .infra import GraphredPass, PassResult
 from .rewrite_state import RECORDS, Rewrite, RewriteState
 
@@ -32,7 +32,7 @@ class CSEPass(GraphredPass):
         keep = {name for name, _ in rs.subs} if rs is not None else set()
         removed = dedupe_inserted(gm, keep)
         before = len(gm.graph.nodes)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         return PassResult(gm, bool(removed) or len(gm.graph.nodes) != before)
 
 

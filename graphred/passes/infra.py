@@ -22,7 +22,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._pytree import tree_flatten
 
 from graphred.errors import AnalysisError, PassError, PlanError, PostconditionError
-from graphred.fx_utils import META_KEY, set_fake_val
+from graphred.fx_utils import META_KEY, is_impure, set_fake_val
 
 __all__ = [
     "ALL", "META_KEY", "Analysis", "AnalysisManager", "GraphredPass", "PassManager", "PassResult",
@@ -288,7 +288,7 @@ class PassManager:
                 raise RuntimeError("reported modified=False but changed the graph")
             if modified:
                 if getattr(p, "dce", False):
-                    new.graph.eliminate_dead_code()
+                    new.graph.eliminate_dead_code(is_impure_node=is_impure)
                 if self.lint:
                     new.graph.lint()
                 new.recompile()

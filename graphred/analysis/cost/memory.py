@@ -65,8 +65,18 @@ def tensors_of(val: Any) -> list[torch.Tensor]:
 
 
 def storage_key(t: torch.Tensor) -> int:
-    """An identity for ``t``'s storage (equal for a view and its base; works on fake and meta tensors)."""
-    return t.untyped_storage()._cdata
+    """An identity for ``t``'s storage (equal for a view and its base; works on fake and meta tensors, and on
+    the batched tensors inside a vmapped region, through the tensor they wrap)."""
+    return unbatched(t).untyped_storage()._cdata
+
+
+def unbatched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a tensor inside a vmapped region (the value torch.export records for the nodes of a
+    vmapped mask function) the plain tensor that holds its data."""
+    f = torch._C._functorch
+    while f.is_batchedtensor(t):
+        t = f.get_unwrapped(t)
+    return t
 
 
 def hint_int(s: Any, unbacked: Mapping[str, int] | None = None) -> int:
@@ -100,7 +110,7 @@ def hint_int(s: Any, unbacked: Mapping[str, int] | None = None) -> int:
 
 def _nbytes(t: torch.Tensor, ub: Mapping | None = None) -> int:
     try:
-        return hint_int(t.untyped_storage().nbytes(), ub)
+        return hint_int(unbatched(t).untyped_storage().nbytes(), ub)
     except Exception:  # noqa: BLE001 - the tensor's own extent
         return _tensor_nbytes(t, ub)
 
