@@ -29,6 +29,7 @@ def to_cpu_device(x: Any) -> Any:
 # on them, so partial evaluation feeds a stand-in instead of running the layers that compute them.
 DATA_ARGS: dict[str, tuple[str, ...]] = {
     "graphred::select_tokens": ("scores",),
+    "graphred::select_tokens_padded": ("scores",),
     "graphred::bipartite_match": ("metric", "rank", "protected"),
     "graphred::merge_tokens": ("x",),
     "graphred::attention_scores": ("q", "k"),

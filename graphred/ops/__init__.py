@@ -10,6 +10,7 @@ from .tokens import (
     gather_tokens,
     merge_tokens,
     select_tokens,
+    select_tokens_padded,
     size_bias,
 )
 from .registers import register_layout
@@ -20,6 +21,7 @@ __all__ = [
     "gather_tokens",
     "merge_tokens",
     "select_tokens",
+    "select_tokens_padded",
     "size_bias",
     "register_layout",
 ]

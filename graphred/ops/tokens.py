@@ -11,6 +11,7 @@ Registered schemas (``torch.ops.graphred.<name>.default._schema``)::
     attention_scores(Tensor q, Tensor k, Tensor query_weight, Tensor? attn_bias=None,
                      float? scale=None) -> Tensor
     select_tokens(Tensor scores, Tensor candidates, SymInt n_drop) -> Tensor
+    select_tokens_padded(Tensor scores, Tensor candidates, int[] n_drop, int length) -> (Tensor, Tensor)
     gather_tokens(Tensor x, Tensor index, int dim) -> Tensor
     bipartite_match(Tensor metric, Tensor candidates, SymInt r, Tensor? protected=None,
                     Tensor? rank=None, bool reorder=False) -> (Tensor, Tensor, Tensor)
@@ -34,6 +35,7 @@ from torch import Tensor
 __all__ = [
     "attention_scores",
     "select_tokens",
+    "select_tokens_padded",
     "gather_tokens",
     "bipartite_match",
     "merge_tokens",
@@ -282,6 +284,81 @@ def select_tokens(scores: Tensor, candidates: Tensor, n_drop: int) -> Tensor:
         tensor([[0, 2, 4]])
     """
     return torch.ops.graphred.select_tokens(scores, candidates, n_drop)
+
+
+def _drop_order(scores: Tensor, candidates: Tensor) -> Tensor:
+    """``[B, L]`` positions in drop order, reversed numbering (see :func:`_select_tokens`)."""
+    rev_scores = scores.flip(1)
+    rev_noncand = (~candidates).flip(1).to(torch.int8)
+    order = torch.sort(rev_scores, dim=1, stable=True).indices
+    return order.gather(1, torch.sort(rev_noncand.gather(1, order), dim=1, stable=True).indices)
+
+
+def _check_padded_args(scores: Tensor, candidates: Tensor, n_drop: list, length: int) -> None:
+    _check(scores.dim() == 2, f"graphred::select_tokens_padded: scores must be [B,L], got {tuple(scores.shape)}")
+    _check(candidates.dtype == torch.bool and tuple(candidates.shape) == tuple(scores.shape),
+           f"graphred::select_tokens_padded: candidates must be bool {tuple(scores.shape)}, got "
+           f"{candidates.dtype} {tuple(candidates.shape)}")
+    B, L = scores.shape
+    _check(len(n_drop) == B, f"graphred::select_tokens_padded: {len(n_drop)} drop counts for a batch of {B}")
+    _check(all(0 <= n <= L for n in n_drop), f"graphred::select_tokens_padded: drop counts {list(n_drop)} outside 0..{L}")
+    _check(L - min(n_drop) == length,
+           f"graphred::select_tokens_padded: length {length} must be L - min(n_drop) = {L - min(n_drop)}")
+
+
+@torch.library.custom_op("graphred::select_tokens_padded", mutates_args=())
+def _select_tokens_padded(scores: Tensor, candidates: Tensor, n_drop: list[int], length: int) -> tuple[Tensor, Tensor]:
+    _check_padded_args(scores, candidates, n_drop, length)
+    B, L = scores.shape
+    drop = torch.tensor(n_drop, device=scores.device)
+    n_cand = candidates.sum(dim=1)
+    if bool((n_cand < drop).any()):
+        bad = int(torch.nonzero(n_cand < drop)[0, 0])
+        raise ValueError(
+            f"graphred::select_tokens_padded: sample {bad} has {int(n_cand[bad])} candidate tokens, fewer than its "
+            f"n_drop={n_drop[bad]}")
+    order = _drop_order(scores, candidates)
+    n_min = L - length
+    kept_rev = order[:, n_min:]  # what every sample keeps in place: its first n_min drops go
+    # sample b's drops n_min..n_drop[b]-1 stay as filler slots (its highest-scored drops)
+    rank = torch.arange(n_min, L, device=scores.device).expand(B, length)
+    filler = rank < drop[:, None]
+    pos = L - 1 - kept_rev
+    sorted_pos, perm = torch.sort(pos, dim=1)
+    return sorted_pos, filler.gather(1, perm)
+
+
+@_select_tokens_padded.register_fake
+def _(scores, candidates, n_drop, length):
+    _check_padded_args(scores, candidates, n_drop, length)
+    B = scores.shape[0]
+    return (scores.new_empty((B, length), dtype=torch.int64), scores.new_empty((B, length), dtype=torch.bool))
+
+
+def select_tokens_padded(scores: Tensor, candidates: Tensor, n_drop: list[int], length: int) -> tuple[Tensor, Tensor]:
+    """Per-sample drop counts at a static length: sample ``b`` drops its ``n_drop[b]`` lowest-scoring candidates
+    (the order of :func:`select_tokens`), and every sample keeps ``length = L - min(n_drop)`` slots. A sample that
+    drops more than the minimum keeps its highest-scored dropped tokens in the extra slots, flagged as fillers:
+    a later attention must not attend to them (the slots pad the batch; they are not kept tokens).
+
+    Args:
+        scores: ``[B, L]`` real scores.
+        candidates: ``[B, L]`` bool; sample ``b`` needs at least ``n_drop[b]`` candidates (``ValueError``).
+        n_drop: tokens dropped per sample (``B`` ints).
+        length: ``L - min(n_drop)``.
+
+    Returns:
+        ``(index, filler)``: ``[B, length]`` int64 positions, ascending, and ``[B, length]`` bool (True on a filler).
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> s = torch.tensor([[0.9, 0.1, 0.5, 0.2, 0.0], [0.9, 0.1, 0.5, 0.2, 0.0]])
+        >>> c = torch.tensor([[False, True, True, True, False]] * 2)
+        >>> idx, filler = gops.select_tokens_padded(s, c, [1, 2], 4)
+        >>> idx.tolist(), filler.tolist()
+        ([[0, 2, 3, 4], [0, 2, 3, 4]], [[False, False, False, False], [False, False, True, False]])
+    """
+    return torch.ops.graphred.select_tokens_padded(scores, candidates, list(n_drop), length)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..analysis.blocks import CROSS_MODAL_SELF
+from ..analysis.provenance import CODE, IMAGE
 from ..errors import PlanError
 from ..plans import FastVStep
 from .prune_merge import cross_modal_layers, prune_stream
@@ -11,13 +12,14 @@ from .rewrite_state import RewriteState, StepPass
 
 class FastVPass(StepPass):
     """One :class:`~graphred.plans.FastVStep`: score image tokens with layer ``layer - 1``'s attention from
-    the last valid query and cut the sequence at the input of layer ``layer``. Needs a causal decoder
-    holding image and text tokens together; one cut per layer.
+    the last valid query and cut the sequence at the input of layer ``layer``. Needs a decoder holding image
+    and text tokens together, causal or prefix-LM / bidirectional over the image (then the sequence must end
+    in a text token: the last prompt query); one cut per layer.
 
     >>> import graphred
     >>> from graphred.passes.pipeline import lower
     >>> lower(graphred.plans.fastv(layer=1, keep=0.5))
-    [FastVPass(fastv:layer=1,keep=0.5), ProportionalAttentionPass, PositionsOutputPass, CSEPass]
+    [FastVPass(fastv:layer=1,keep=0.5), ProportionalAttentionPass, FillerMaskPass, PositionsOutputPass, CSEPass]
     """
 
     def apply(self, gm, rs: RewriteState) -> None:
@@ -26,11 +28,13 @@ class FastVPass(StepPass):
         decoder = [b for b in blocks if b.kind == CROSS_MODAL_SELF]
         if not decoder:
             raise PlanError(f"fastv: {rs.model} has no decoder layer holding image and text tokens together")
-        if not all(b.causal for b in decoder):
+        if not all(b.causal for b in decoder) and _last_position_holds_image(rs, decoder[0].query_stream):
+            # a prefix-LM or bidirectional-image decoder still ends its prompt with a text token, whose attention
+            # FastV's score is; a sequence ending in image tokens (an encoder's [text | image]) has no such query
             raise PlanError(
                 f"fastv: the cross-modal layers of {stack} are not causal (their attention masks let earlier tokens "
-                "see later ones), and FastV scores with the last token of a causal decoder. Use "
-                "graphred.plans.pumer(...).")
+                "see later ones) and the sequence ends in image tokens, so there is no last prompt (text) query to "
+                "score with. Use graphred.plans.pumer(...).")
         by_layer = {b.layer_index: b for b in decoder}
         layers = sorted(by_layer)
         if step.layer not in by_layer or step.layer - 1 not in by_layer:
@@ -47,3 +51,11 @@ class FastVPass(StepPass):
         if prune_stream(rs, score_block, stream, point, "last", keep=step.keep, step_name="fastv",
                         renumber=step.renumber) is not None:
             rs.cuts[where] = step.spec()
+
+
+def _last_position_holds_image(rs: RewriteState, stream) -> bool:
+    """Whether some sample's last position holds an image token (at the example inputs' layout)."""
+    if stream is None:
+        return True
+    codes = rs.prov.streams[rs.prov.find(stream)].codes
+    return codes is None or bool((codes[:, -1] == CODE[IMAGE]).any())

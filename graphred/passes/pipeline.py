@@ -4,7 +4,7 @@
 ::
 
     plan ──lower──> [PumerPass | FastVPass | ToMePass per step] + ProportionalAttentionPass
-                    + PositionsOutputPass + CSEPass
+                    + FillerMaskPass + PositionsOutputPass + CSEPass
                                      │
     PassManager(passes, analyses=AnalysisManager) ── after each modifying pass: lint, recompile,
                                      │               meta["val"] check, drop analyses not preserved
@@ -28,6 +28,7 @@ from ..fx_utils import META_KEY
 from ..plans import FastVStep, Plan, PumerStep, ToMeStep, VictorStep
 from .cse import CSEPass
 from .fastv import FastVPass
+from .fillers import FillerMaskPass
 from .infra import AnalysisManager, GraphredPass, PassManager
 from .positions_output import PositionsOutputPass
 from .proportional_attention import ProportionalAttentionPass
@@ -48,7 +49,7 @@ def lower(plan: Plan) -> list[GraphredPass]:
 
     >>> import graphred
     >>> lower(graphred.plans.tome(r=4) + graphred.plans.pumer(prune=0.5, merge=0))
-    [ToMePass(tome:r=4), PumerPass(pumer:prune=0.5,merge=0), ProportionalAttentionPass, PositionsOutputPass, CSEPass]
+    [ToMePass(tome:r=4), PumerPass(pumer:prune=0.5,merge=0), ProportionalAttentionPass, FillerMaskPass, PositionsOutputPass, CSEPass]
     """
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
@@ -60,7 +61,7 @@ def lower(plan: Plan) -> list[GraphredPass]:
         if cls is None:
             raise PlanError(f"unknown plan step {step!r}: graphred lowers {', '.join(t.__name__ for t in STEP_PASSES)}")
         passes.append(cls(step))
-    return passes + [ProportionalAttentionPass(), PositionsOutputPass(), CSEPass()]
+    return passes + [ProportionalAttentionPass(), FillerMaskPass(), PositionsOutputPass(), CSEPass()]
 
 
 @dataclass

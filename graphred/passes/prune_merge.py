@@ -23,6 +23,7 @@ from ..analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, AttentionBlock
 from ..analysis.provenance import CODE, IMAGE, TEXT
 from ..errors import PlanError
 from ..fx_utils import SIDE, call_with_val, fake_like, graph_device, last_of, node_shape, record
+from .fillers import mask_fillers
 from .reduce import emit_valid
 from .rewrite_state import RewriteState
 from .token_axis import reduce_stream
@@ -58,23 +59,31 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     (the scores are computed even when nothing is dropped). Returns the reduction's gather node, or None when
     nothing is dropped."""
     gm, graph = rs.gm, rs.gm.graph
-    st = rs.state(stream)
+    st = rs.state(stream, ragged=True, step_name=step_name)
     rs.check_order(stream, point, step_name)
     st.renumber = st.renumber or renumber
-    n_img = rs.counts[st.stream][IMAGE]
-    if n_img == 0:
-        raise PlanError(f"{step_name}: no image tokens left in the sequence at {block.module_path}")
-    n_keep = n_img - round(ratio * n_img) if keep is None else max(round(keep * n_img), 1)
-    n_keep = max(n_keep, 1)
-    n_drop = n_img - n_keep
+    ragged = rs.ragged.get(st.stream)
+    per = ragged[IMAGE] if ragged is not None else [rs.counts[st.stream][IMAGE]]
+    if min(per) == 0:
+        raise PlanError(f"{step_name}: no image tokens left in a sample of the sequence at {block.module_path} "
+                        f"(image tokens per sample: {per})")
+    keeps = [max(n - round(ratio * n) if keep is None else max(round(keep * n), 1), 1) for n in per]
     if rs.keep_all:  # debug mode: the whole scoring/selection/gather path runs, every token is kept
-        n_keep, n_drop = n_img, 0
-    elif n_drop <= 0 and scores_out is None:
+        keeps = list(per)
+    # per sample: real tokens dropped, plus the filler slots an earlier reduction left (dropped first)
+    fill = rs.fillers.get(st.stream, [0] * len(per))
+    drops = [n - k + f for n, k, f in zip(per, keeps, fill)]
+    n_img, n_keep, n_drop = per[0], keeps[0], min(drops)  # the slots every sample loses
+    if ragged is None:
+        n_keep, n_drop = keeps[0], per[0] - keeps[0]
+    elif not rs.keep_all and max(drops) <= 0 and scores_out is None:
+        return None
+    if ragged is None and not rs.keep_all and n_drop <= 0 and scores_out is None:
         return None
     q, k = rs.node(block.query), rs.node(block.key)
     sdpa = rs.node(block.node)
     mask = current_mask(rs, block)
-    anchor = last_of(gm, [point, sdpa, q, k, mask, st.abs_index, st.sizes])
+    anchor = last_of(gm, [point, sdpa, q, k, mask, st.abs_index, st.sizes, st.filler])
     nxt = anchor.next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
@@ -111,20 +120,35 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
             scores.meta["val"] = fake_like(gm, getattr(gm, name))
             scores = call_with_val(graph, aten.expand.default, (scores, [B, st.length]))
         else:
-            scores = call_with_val(graph, gr.attention_scores.default, (q, k, wf, mask, _scale(block)))
+            smask = mask
+            if st.filler is not None:  # the attention will not see the filler slots (FillerMaskPass): nor do the scores
+                same = block.query_stream is not None and rs.prov.find(block.query_stream) == st.stream
+                smask = mask_fillers(graph, mask, st.filler, st.filler if same else None, Lq, q.meta["val"].dtype)
+            scores = call_with_val(graph, gr.attention_scores.default, (q, k, wf, smask, _scale(block)))
         is_image = call_with_val(graph, aten.eq.Scalar, (key_codes, CODE[IMAGE]))
         if node_shape(is_image)[0] != B:
             is_image = call_with_val(graph, aten.expand.default, (is_image, [B, Lk]))
-        if n_drop <= 0 and not rs.keep_all:  # only the scores were wanted
+        if st.filler is not None:  # earlier filler slots score lowest: they go before any real token
+            ninf = call_with_val(graph, aten.full_like.default, (scores, float("-inf")))
+            scores = call_with_val(graph, aten.where.self, (st.filler, ninf, scores))
+        if max(drops) <= 0 and not rs.keep_all:  # only the scores were wanted
             for n in (key_codes, valid_k, w, wf, scores):
                 record(n, SIDE, True)
             scores_out["scores"] = scores
             return None
-        idx = call_with_val(graph, gr.select_tokens.default, (scores, is_image, n_drop))
+        filler = None
+        if ragged is None:
+            idx = call_with_val(graph, gr.select_tokens.default, (scores, is_image, n_drop))
+        else:  # per-sample counts at a static length: samples that drop more keep filler slots
+            sel = call_with_val(graph, gr.select_tokens_padded.default, (scores, is_image, drops, st.length - n_drop))
+            idx = call_with_val(graph, operator.getitem, (sel, 0))
+            filler = call_with_val(graph, operator.getitem, (sel, 1))
         kept_scores = call_with_val(graph, gr.gather_tokens.default, (scores, idx, 1)) if scores_out is not None else None
-    for n in (key_codes, valid_k, w, wf, scores, is_image, idx, kept_scores):
+    for n in (key_codes, valid_k, w, wf, scores, is_image, idx, kept_scores, filler):
         if n is not None:
             record(n, SIDE, True)
+    if filler is not None:
+        record(sel, SIDE, True)
     if scores_out is not None:
         scores_out["scores"] = kept_scores
     new_len = st.length - n_drop
@@ -132,10 +156,20 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     rs.last_point[st.stream] = g
     if st.sizes is not None:
         rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
-    rs.counts[st.stream][IMAGE] = n_keep
-    rs.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
-                    "image_after": n_keep, "length_after": new_len})
-    rs.subs.append((g.name, {"stream": st.stream, IMAGE: n_keep}))
+    if ragged is None:
+        rs.counts[st.stream][IMAGE] = n_keep
+        rs.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
+                        "image_after": n_keep, "length_after": new_len})
+    else:
+        new_fill = [d - n_drop for d in drops]
+        st.filler = filler if any(new_fill) else None
+        rs.filler_marks.setdefault(st.stream, []).append((g, st.filler))
+        rs.fillers[st.stream] = new_fill
+        ragged[IMAGE] = keeps
+        rs.counts[st.stream][IMAGE] -= n_drop  # image slots (real and filler) in the first sample's count
+        rs.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": list(per),
+                        "image_after": list(keeps), "fillers_after": list(new_fill), "length_after": new_len})
+    rs.subs.append((g.name, {"stream": st.stream, IMAGE: rs.counts[st.stream][IMAGE]}))
     return g
 
 
@@ -164,9 +198,18 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     at each layer); the stream's sizes are still kept up to date where proportional attention reads them.
     Returns the reduction's gather node, or None when nothing is merged."""
     gm, graph = rs.gm, rs.gm.graph
-    st = rs.state(stream)
+    st = rs.state(stream, ragged=True, step_name=step_name)
     rs.check_order(stream, point, step_name)
-    n_mod = rs.counts[st.stream][modality]
+    ragged = rs.ragged.get(st.stream)
+    if ragged is not None and modality != IMAGE:
+        raise PlanError(f"{step_name}: merging {modality} tokens at {block.module_path} needs the same number of them "
+                        f"in every sample; this batch holds {ragged[modality]}. Set merge_text=0")
+    # uneven batches: every sample merges the same count, the smallest sample's share (a merge removes r tokens
+    # from every row; fillers take no part)
+    per = ragged[IMAGE] if ragged is not None else None
+    n_mod = min(per) if per is not None else rs.counts[st.stream][modality]
+    if per is not None and count_base is not None:
+        count_base = min(count_base) if isinstance(count_base, (list, tuple)) else count_base
     # at most what bipartite matching can merge. With the p protected tokens leading the split (ToMe's class
     # token, or the best-scored token first in score order) that is (n - p) // 2, ToMe's cap; protected
     # tokens anywhere else may all take A slots, leaving ceil(n / 2) - p
@@ -192,7 +235,7 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         return None
     k = rs.node(block.key)
     mask = current_mask(rs, block)
-    nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes, scores]).next
+    nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes, scores, st.filler]).next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
         codes = rs.codes(stream, nxt)
@@ -210,6 +253,9 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         cand = call_with_val(graph, aten.eq.Scalar, (codes, CODE[modality]))
         if node_shape(cand)[0] != B:
             cand = call_with_val(graph, aten.expand.default, (cand, [B, st.length]))
+        if st.filler is not None:  # filler slots are neither merged nor merged into
+            cand = call_with_val(graph, aten.logical_and.default,
+                                 (cand, call_with_val(graph, aten.logical_not.default, (st.filler,))))
         protected = rs.special(stream, nxt)
         if modality == TEXT:
             valid = emit_valid(graph, mask, node_shape(mask)[-1] if mask is not None else st.length, B) if mask is not None else None
@@ -275,10 +321,18 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
     if proportional:
         rs.proportional.add(st.stream)
-    rs.counts[st.stream][modality] = n_mod - r
-    rs.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
-                    f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
-    rs.subs.append((g.name, {"stream": st.stream, modality: n_mod - r}))
+    if per is None:
+        rs.counts[st.stream][modality] = n_mod - r
+        rs.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
+                        f"{modality}_before": n_mod, f"{modality}_after": n_mod - r, "length_after": st.length})
+    else:
+        ragged[IMAGE] = [n - r for n in per]
+        rs.counts[st.stream][IMAGE] -= r
+        rs.filler_marks.setdefault(st.stream, []).append((g, st.filler))
+        rs.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
+                        f"{modality}_before": list(per), f"{modality}_after": list(ragged[IMAGE]),
+                        "fillers_after": list(rs.fillers[st.stream]), "length_after": st.length})
+    rs.subs.append((g.name, {"stream": st.stream, modality: rs.counts[st.stream][modality]}))
     return g
 
 

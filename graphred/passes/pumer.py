@@ -83,7 +83,8 @@ class PumerPass(StepPass):
                      else key_source(gm, rs.prov, b, stream))
             name = "pumer" if step.scorer == "text" else f"prune[{step.scorer}]"
             ref = step.variant == "reference" and step.scorer == "text"
-            n_img = rs.counts[rs.state(stream).stream][IMAGE]
+            sid = rs.state(stream, ragged=True, step_name=name).stream
+            n_img = list(rs.ragged[sid][IMAGE]) if sid in rs.ragged else rs.counts[sid][IMAGE]
             scored = {} if ref and m > 0 else None  # the reference splits the kept tokens in score order
             g = prune_stream(rs, b, stream, point, "text", ratio=p, step_name=name, scorer=step.scorer,
                              seed=step.seed, renumber=step.renumber, scores_out=scored,

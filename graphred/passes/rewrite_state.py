@@ -21,8 +21,8 @@ from ..analysis.blocks import AttentionBlock, Blocks
 from ..analysis.provenance import CODE, IMAGE, REGISTER, TEXT, Provenance, TokenProvenance
 from ..errors import PlanError
 from ..fx_utils import (
-    MADE_BY, ORIG_SHAPE, SIDE, call_with_val, fake_like, graph_device, node_map, node_order, node_shape, record,
-    recorded,
+    MADE_BY, ORIG_SHAPE, SIDE, call_with_val, fake_like, graph_device, module_path, node_map, node_order, node_shape,
+    record, recorded,
 )
 from .infra import Analysis, AnalysisManager, GraphredPass, PassResult
 from .reduce import emit_codes, emit_valid
@@ -49,7 +49,10 @@ class RewriteState:
     * ``layer_chain``: gather indices applied at the layer being reduced, in order (a merge after a
       prune at one layer follows them to reach the layer's keys);
     * ``last_point``: stream id -> its latest reduction node (steps must act in graph order);
-    * ``cuts``: ``(stack, layer)`` -> the step that cut the sequence at that layer's input (FastV).
+    * ``cuts``: ``(stack, layer)`` -> the step that cut the sequence at that layer's input (FastV);
+    * ``ragged``, ``fillers``, ``filler_marks``: uneven batches (samples with different image counts): per-sample
+      counts of real tokens, filler slots per sample, and the ``[B, L]`` filler flags in effect from each reduction
+      node on (the filler masking pass keeps every later attention off the filler slots).
     """
 
     def __init__(self, gm: fx.GraphModule, prov: TokenProvenance, blocks: list[AttentionBlock], model: str = "the model",
@@ -72,6 +75,11 @@ class RewriteState:
         self.valid0: dict[int, fx.Node] = {}  # stream -> key validity [B, L] at the original numbering
         self.last_point: dict[int, fx.Node] = {}
         self.cuts: dict[tuple[str, int], str] = {}
+        # uneven batches: stream id -> {modality: per-sample count of real tokens}; the filler slots each sample
+        # holds; (reduction node, [B, L] filler flags after it, or None) in the order made
+        self.ragged: dict[int, dict[str, list[int]]] = {}
+        self.fillers: dict[int, list[int]] = {}
+        self.filler_marks: dict[int, list[tuple[fx.Node, fx.Node | None]]] = {}
         self._names: dict[str, fx.Node] = {}
 
     def node(self, name: str) -> fx.Node:
@@ -93,28 +101,40 @@ class RewriteState:
                                 "tokens; list the plan's steps in graph order (vision-tower steps such as tome(...) "
                                 "before steps at later layers)")
 
-    def state(self, sid: int) -> StreamState:
-        """The stream's rewrite state, created (with its per-modality counts) on first use."""
+    def state(self, sid: int, ragged: bool = False, step_name: str = "the plan") -> StreamState:
+        """The stream's rewrite state, created (with its per-modality counts) on first use. Samples with
+        different per-modality counts (multi-image prompts, per-sample image sizes) are allowed only to a
+        caller that keeps per-sample counts (``ragged=True``: it pads the batch with filler slots); others get
+        a :class:`PlanError`."""
         sid = self.prov.find(sid)
         if sid not in self.states:
             st = self.prov.streams[sid]
             self.states[sid] = StreamState(sid, st.length, st.length, kept_prefix=_leading_fixed(st),
                                            kept_suffix=_trailing_fixed(st))
             counts = st.counts()
-            per = {}
+            per, per_sample = {}, {}
             for m in (IMAGE, TEXT, REGISTER):
-                vals = {c.get(m, 0) for c in counts}
-                if len(vals) > 1:
-                    raise PlanError(
-                        f"samples hold different numbers of {m} tokens ({sorted(vals)}) in the sequence at "
-                        f"{st.origin}: graphred keeps k tokens per sample, so every sample must have the same count")
-                per[m] = vals.pop() if vals else 0
+                vals = [c.get(m, 0) for c in counts]
+                per_sample[m] = vals
+                # uneven samples: the count the stream's symbols take is the first sample's (the provenance
+                # analysis reads it there); each reduction then subtracts the slots it removes
+                per[m] = vals[0] if vals else 0
             self.counts[sid] = per
+            if any(len(set(v)) > 1 for v in per_sample.values()):
+                self.ragged[sid] = per_sample
+                self.fillers[sid] = [0] * len(counts)
+        if sid in self.ragged and not ragged:
+            st = self.prov.streams[sid]
+            vals = sorted(set(self.ragged[sid][IMAGE]))
+            raise PlanError(
+                f"{step_name}: samples hold different numbers of image tokens ({vals}) in the sequence at "
+                f"{st.origin} (module {st_module(self.gm, st.origin)}); this step keeps one count for every sample. "
+                "PuMer and FastV keep per-sample counts on such batches; or batch samples with equal image counts")
         return self.states[sid]
 
     def codes(self, sid: int, before: fx.Node) -> fx.Node:
         """Current-level modality codes of the stream, inserted before ``before``."""
-        st = self.state(sid)
+        st = self.state(sid, ragged=True)
         graph = self.gm.graph
         with graph.inserting_before(before):
             c = emit_codes(self.gm, self.prov, st.stream, self.codes_cache)
@@ -131,7 +151,7 @@ class RewriteState:
         """``[B, L]`` key validity at the current numbering. Read from the attention mask once, while the
         stream is still at its original numbering, then gathered (a reduce over an ``[B, 1, L, L]`` mask
         per step would cost O(L²) each time)."""
-        st = self.state(sid)
+        st = self.state(sid, ragged=True)
         graph = self.gm.graph
         cached = self.valid0.get(st.stream)
         if cached is None and st.abs_index is None:
@@ -164,6 +184,12 @@ class RewriteState:
             if s.abs_index is not None:
                 node = call_with_val(graph, gr.gather_tokens.default, (node, s.abs_index, 1))
         return node
+
+
+def st_module(gm: fx.GraphModule, name: str) -> str:
+    """The module path of node ``name`` (``<top>`` for the model's own forward)."""
+    n = node_map(gm).get(name)
+    return (module_path(n) if n is not None else "") or "<top>"
 
 
 def _leading_fixed(st) -> int:

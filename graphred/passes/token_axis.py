@@ -56,6 +56,7 @@ class StreamState:
     length: int  # current length
     abs_index: fx.Node | None = None  # [B, length] original positions of the current tokens
     sizes: fx.Node | None = None  # [B, length] token sizes (merging)
+    filler: fx.Node | None = None  # [B, length] bool: filler slots padding an uneven batch (never attended)
     kept_prefix: int = 0  # leading positions no reduction ever drops (protected class tokens, leading text)
     kept_suffix: int = 0  # trailing positions no reduction ever drops (a decoder's trailing text)
     aliases: set = field(default_factory=set)  # child streams that are this stream minus its kept prefix
@@ -155,6 +156,10 @@ def reduce_stream(
             abs_index = call_with_val(graph, graphred_ops.gather_tokens.default, (state.abs_index, index, 1))
     state.abs_index = abs_index
     state.length = new_length
+    if state.filler is not None:  # filler slots stay flagged where the reduction keeps them
+        with graph.inserting_after(abs_index):
+            state.filler = call_with_val(graph, graphred_ops.gather_tokens.default, (state.filler, index, 1))
+            record(state.filler, SIDE, True)
     if state.sizes is not None and transform is None:  # merged-token sizes follow every pruning
         with graph.inserting_before(g):
             state.sizes = call_with_val(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))

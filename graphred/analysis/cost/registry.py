@@ -1025,6 +1025,13 @@ def _g_select_tokens(call: Call, mode: str):
     return _ZERO, to_expr(b) * to_expr(l) * _log2_ceil(l)
 
 
+@register_cost("graphred::select_tokens_padded", params=("scores", "candidates", "n_drop", "length"))
+def _g_select_tokens_padded(call: Call, mode: str):
+    """scores [B,L] -> ([B,length], [B,length]): the same sort as select_tokens, B*L*ceil(log2(L)) (kind="all")."""
+    b, l = call.get("scores")
+    return _ZERO, to_expr(b) * to_expr(l) * _log2_ceil(l)
+
+
 register_cost("graphred::gather_tokens", params=("x", "index", "dim"), bytes=_bytes_gather)(_zero_flops)
 
 
