@@ -6,16 +6,18 @@ them. Everything else in graphred works from the captured graph.
 
 >>> import graphred
 >>> graphred.zoo.names()                                   # doctest: +ELLIPSIS
-['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench', 'llava-bench-1024']
+['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'gemma3', 'mistral3', 'aya-vision', 'internvl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench', 'llava-bench-1024']
 >>> model, kwargs = graphred.zoo.load("clip")
 >>> sorted(kwargs)
 ['attention_mask', 'input_ids', 'pixel_values']
 
 Inputs are batch 2 (``llava-bench``: batch 4). Where a model takes an attention mask, the
 last sample carries text padding: on the left for decoders (the side their tokenizers pad
-for generation), on the right for encoders. Decoders with image placeholder tokens hold the
-same number of image tokens in every sample, and get ``use_cache=False`` so that the
-captured graph returns plain tensors.
+for generation), on the right for encoders. Decoders with image placeholder tokens get
+``use_cache=False`` so that the captured graph returns plain tensors. The llava, paligemma,
+idefics3 and qwen2-vl presets hold the same number of image tokens in every sample; gemma3,
+aya-vision and internvl hold one image in the first sample and two in the second, mistral3 one
+image per sample at different sizes (uneven batches: ``info(name)["image_per_sample"]``).
 
 ``from_config_dir(path)`` builds the same kind of model and inputs from a local Hugging Face
 model directory (``config.json``, weights optional), on the meta device by default, so a 7B
@@ -130,6 +132,136 @@ def _decoder_text(
         "attention_mask": torch.stack(masks),
         "image_mask": torch.stack(imgs),
     }
+
+
+def _uneven_decoder_text(
+    gen: torch.Generator,
+    per_sample: list[list[tuple[str, int]]],
+    *,
+    vocab: int,
+    pad_id: int,
+    image_id: int,
+    avoid: set[int],
+    pad: int,
+) -> dict[str, torch.Tensor]:
+    """Left-padded decoder prompts whose samples differ (each its own segments, as in
+    :func:`_decoder_text`): every row takes extra text in its longest text segment up to the longest
+    prompt, and the last sample (of several) carries ``pad`` padding tokens on the left."""
+    avoid = set(avoid) | {image_id, pad_id}
+    lens = [sum(1 if k == "tok" else n for k, n in segs) for segs in per_sample]
+    length = max(lens) + (pad if len(per_sample) > 1 else 0)
+    rows, masks, imgs = [], [], []
+    for b, segs in enumerate(per_sample):
+        p = pad if (b == len(per_sample) - 1 and len(per_sample) > 1) else 0
+        extra = length - lens[b] - p
+        longest = max((i for i, (k, _) in enumerate(segs) if k == "text"), key=lambda i: segs[i][1])
+        ids: list[torch.Tensor] = [torch.full((p,), pad_id, dtype=torch.long)]
+        for i, (kind, n) in enumerate(segs):
+            if kind == "text":
+                ids.append(_rand_ids(gen, (n + (extra if i == longest else 0),), vocab, avoid))
+            elif kind == "tok":
+                ids.append(torch.tensor([n], dtype=torch.long))
+            else:
+                ids.append(torch.full((n,), image_id, dtype=torch.long))
+        row = torch.cat(ids)
+        rows.append(row)
+        imgs.append(row == image_id)
+        m = torch.ones_like(row)
+        m[:p] = 0
+        masks.append(m)
+    return {"input_ids": torch.stack(rows), "attention_mask": torch.stack(masks), "image_mask": torch.stack(imgs)}
+
+
+def _images_per_sample(batch: int) -> list[int]:
+    """Multi-image prompts: sample i holds 1 + (i % 2) images (batch 2: one image, then two)."""
+    return [1 + (i % 2) for i in range(batch)]
+
+
+def _multi_image_prompts(gen: torch.Generator, counts: list[int], text_len: int, image: list[tuple[str, int]],
+                         config: Any, image_id: int, avoid: set[int], bos: int = 1) -> dict[str, torch.Tensor]:
+    """Prompts ``<bos> text (image text)*`` with ``counts[i]`` images in sample i (``image``: one image's
+    segments), left padded by 3 in the last sample."""
+    pre = max(2, text_len // 4)
+    per_sample = []
+    for c in counts:
+        segs: list[tuple[str, int]] = [("tok", bos), ("text", pre)]
+        for j in range(c):
+            segs += image + [("text", 2 if j < c - 1 else text_len - 1 - pre)]
+        per_sample.append(segs)
+    return _uneven_decoder_text(gen, per_sample, vocab=_text_vocab(config), pad_id=_pad_id(config), image_id=image_id,
+                                avoid=set(avoid) | {bos}, pad=3)
+
+
+def _uneven_meta(out: dict, text_len: int) -> dict:
+    per = [int(n) for n in out["image_mask"].sum(1)]
+    return {"image": max(per), "image_per_sample": per, "text": out["input_ids"].shape[1] - max(per),
+            "padding": "left"}
+
+
+def _shuffled_multi_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    """Aya Vision, InternVL: a ViT whose patches are pixel-shuffled (factor 2) into the image tokens; several
+    images per prompt, a different count per sample."""
+    v = config.vision_config
+    size, patch = _size(v.image_size), _size(v.patch_size)
+    factor = getattr(config, "downsample_factor", None) or round(1 / config.downsample_ratio)
+    n_img = (size // patch) ** 2 // (factor * factor)
+    counts = _images_per_sample(batch)
+    out = _multi_image_prompts(gen, counts, text_len, [("image", n_img)], config, config.image_token_id, set())
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "pixel_values": _pixels(gen, sum(counts), _channels(v), size, size),
+        "use_cache": False,
+    }
+    return kwargs, _uneven_meta(out, text_len)
+
+
+def _gemma3_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    """Gemma 3: ``<start_of_image> <image>*n <end_of_image>`` per image, one or two images per sample; image
+    tokens attend to each other bidirectionally (``token_type_ids`` marks them)."""
+    v = config.vision_config
+    size = _size(v.image_size)
+    n_img = int(config.mm_tokens_per_image)
+    t = config.text_config
+    bos = int(_first(getattr(t, "bos_token_id", None), default=2))
+    boi, eoi = int(config.boi_token_index), int(config.eoi_token_index)
+    counts = _images_per_sample(batch)
+    out = _multi_image_prompts(gen, counts, text_len, [("tok", boi), ("image", n_img), ("tok", eoi)], config,
+                               config.image_token_id, {boi, eoi}, bos=bos)
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "token_type_ids": out["image_mask"].long(),
+        "pixel_values": _pixels(gen, sum(counts), _channels(v), size, size),
+        "use_cache": False,
+    }
+    return kwargs, _uneven_meta(out, text_len)
+
+
+def _mistral3_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    """Mistral 3 (Pixtral tower): one image per sample at its own size (``image_sizes``): sample i is
+    ``size x size * (1 + i % 2) / 2``-ish, so the samples hold different numbers of image tokens."""
+    v = config.vision_config
+    size, patch = _size(v.image_size), _size(v.patch_size)
+    merge = int(config.spatial_merge_size)
+    sizes = [(size, size // 2 if i % 2 == 0 else size) for i in range(batch)]
+    n_per = [(h // patch // merge) * (w // patch // merge) for h, w in sizes]
+    per_sample = [[("tok", 1), ("text", max(2, text_len // 4)), ("image", n),
+                   ("text", text_len - 1 - max(2, text_len // 4))] for n in n_per]
+    out = _uneven_decoder_text(gen, per_sample, vocab=_text_vocab(config), pad_id=_pad_id(config),
+                               image_id=config.image_token_id, avoid={1}, pad=3)
+    pixels = _pixels(gen, batch, _channels(v), size, size)
+    for i, (h, w) in enumerate(sizes):  # the processor pads each image to the batch's largest
+        pixels[i, :, h:, :] = 0
+        pixels[i, :, :, w:] = 0
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "pixel_values": pixels,
+        "image_sizes": torch.tensor(sizes, dtype=torch.long),
+        "use_cache": False,
+    }
+    return kwargs, _uneven_meta(out, text_len)
 
 
 def _encoder_text(
@@ -338,6 +470,9 @@ class _Family:
     decoder: bool
     # inputs computed with the built model (host-side logic a processor would do), or None
     finish: Callable[[torch.nn.Module, dict], None] | None = None
+    # weight matrices the random init leaves all zero (loaded from checkpoints in practice) get a seeded
+    # normal init, so that tokens through them differ (Gemma 3's image projection would map every image to 0)
+    init_zero_matrices: bool = False
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -347,6 +482,10 @@ _FAMILIES: dict[str, _Family] = {
     "smolvlm": _Family(("SmolVLMForConditionalGeneration",), _idefics3_inputs, 24, True),
     "qwen2_vl": _Family(("Qwen2VLForConditionalGeneration",), _qwen2_vl_inputs, 24, True, _mrope_positions),
     "qwen2_5_vl": _Family(("Qwen2_5_VLForConditionalGeneration",), _qwen2_vl_inputs, 24, True, _mrope_positions),
+    "gemma3": _Family(("Gemma3ForConditionalGeneration",), _gemma3_inputs, 16, True, init_zero_matrices=True),
+    "mistral3": _Family(("Mistral3ForConditionalGeneration",), _mistral3_inputs, 16, True),
+    "aya_vision": _Family(("AyaVisionForConditionalGeneration",), _shuffled_multi_inputs, 16, True),
+    "internvl": _Family(("InternVLForConditionalGeneration",), _shuffled_multi_inputs, 16, True),
     "vilt": _Family(("ViltForQuestionAnswering", "ViltModel"), _vilt_inputs, 16, False),
     "blip": _Family(("BlipForImageTextRetrieval",), _dual_inputs, 16, False),
     "clip": _Family(("CLIPModel",), _dual_inputs, 16, False),
@@ -452,6 +591,53 @@ def _cfg_qwen2_vl():
                          video_token_id=_VOCAB - 3, vision_start_token_id=_VOCAB - 2, vision_end_token_id=_VOCAB - 1)
 
 
+def _cfg_gemma3():
+    from transformers import Gemma3Config
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+
+    text = Gemma3TextConfig(vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                            sliding_window=512, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    # SigLIP 32 px / patch 4 -> 64 patches, pooled to 16 tokens per image
+    return Gemma3Config(text_config=text, vision_config=_siglip_vision(), mm_tokens_per_image=16,
+                        image_token_index=_VOCAB - 1, boi_token_index=_VOCAB - 2, eoi_token_index=_VOCAB - 3)
+
+
+def _cfg_mistral3():
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=32, patch_size=4, head_dim=16)
+    # per image: (h/4/2) x (w/4/2) tokens after the 2x2 patch merger: 32x16 px -> 8, 32x32 px -> 16
+    return Mistral3Config(vision_config=vision, text_config=_llama(), image_token_index=_VOCAB - 1,
+                          spatial_merge_size=2, vision_feature_layer=-1)
+
+
+def _cfg_aya_vision():
+    from transformers import AyaVisionConfig, Cohere2Config
+
+    text = Cohere2Config(vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=512,
+                         layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    # SigLIP 32 px / patch 4 -> 64 patches, pixel shuffle 2 -> 16 tokens per image
+    return AyaVisionConfig(vision_config=_siglip_vision(), text_config=text, image_token_id=_VOCAB - 1,
+                           downsample_factor=2, adapter_layer_norm_eps=1e-5)
+
+
+def _cfg_internvl():
+    from transformers import InternVLConfig, Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    text = Qwen2Config(vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=[32, 32], patch_size=[4, 4])
+    # 32 px / patch 4 -> 64 patches, pixel shuffle 0.5 -> 16 tokens per image
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=_VOCAB - 1, downsample_ratio=0.5)
+
+
 def _cfg_vilt():
     from transformers import ViltConfig
 
@@ -511,6 +697,17 @@ _PRESETS: dict[str, _Preset] = {
                         "SmolVLM-style: SigLIP-like tower, pixel shuffle (scale 2) connector, Llama decoder"),
     "qwen2-vl": _Preset("qwen2_vl", "Qwen2VLForConditionalGeneration", _cfg_qwen2_vl,
                         "Qwen2 decoder with M-RoPE (3-axis positions) + 2x2-merging ViT over flattened patches"),
+    "gemma3": _Preset("gemma3", "Gemma3ForConditionalGeneration", _cfg_gemma3,
+                      "Gemma 3 decoder (2 layers, sliding + global, image tokens bidirectional through a vmapped mask "
+                      "function) + SigLIP tower pooled to 16 tokens; one image, then two images per sample"),
+    "mistral3": _Preset("mistral3", "Mistral3ForConditionalGeneration", _cfg_mistral3,
+                        "Llama decoder + Pixtral tower (2D rotary, per-image sizes, 2x2 patch merger); a 32x16 image, "
+                        "then a 32x32 one: 8 and 16 image tokens"),
+    "aya-vision": _Preset("aya_vision", "AyaVisionForConditionalGeneration", _cfg_aya_vision,
+                          "Cohere2 decoder (sliding + global layers) + SigLIP tower, pixel shuffle 2; one image, then "
+                          "two images per sample"),
+    "internvl": _Preset("internvl", "InternVLForConditionalGeneration", _cfg_internvl,
+                        "Qwen2 decoder + InternViT tower, pixel shuffle 0.5; one image, then two images per sample"),
     "vilt": _Preset("vilt", "ViltForQuestionAnswering", _cfg_vilt,
                     "single-stream encoder: text and image patches concatenated into one BERT-style sequence"),
     "blip": _Preset("blip", "BlipForImageTextRetrieval", _cfg_blip,
@@ -623,6 +820,11 @@ def load(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     cls = _transformers_class(p.cls)
     with _quiet_transformers(), _seeded(seed):
         model = cls(config)
+        if _FAMILIES[p.family].init_zero_matrices:
+            with torch.no_grad():
+                for _, w in model.named_parameters():
+                    if w.dim() >= 2 and not bool(w.any()):
+                        w.normal_(0.0, 0.02)
     model.eval()
     kwargs, _ = _example_inputs(p, config, seed)
     finish = _FAMILIES[p.family].finish
