@@ -141,6 +141,11 @@ def reduced_decoding(fast, model, input_ids, logits_processor, stopping_criteria
         raise GraphredError("graphred generate starts from the prompt; a filled cache passed in is not supported")
     pads = _left_padding(model_kwargs.get("attention_mask"))
     outputs, kept = fast.forward_with_positions(**inputs)
+    if kept is not None and bool((kept < 0).any()):
+        raise GraphredError("the reduced prefill padded an uneven batch (samples with different numbers of image "
+                            "tokens) with filler slots (-1 in the kept positions); decoding would need them masked in "
+                            "every step's cache, which graphred generate does not do yet. Generate per sample, or "
+                            "batch prompts with equal image counts")
     if pads is not None:
         _check_padding_kept(pads, kept)
     if outputs.get("cache") is None:

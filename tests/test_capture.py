@@ -11,8 +11,11 @@ import graphred
 from graphred import zoo
 
 def _tensor_leaves(out):
-    leaves, spec = pytree.tree_flatten(out)
-    return [x for x in leaves if isinstance(x, torch.Tensor)], spec
+    """Tensor leaves in key-path order (a ModelOutput's keys may be inserted in another order by the capture:
+    every tensor is still compared with the one at the same path)."""
+    leaves, spec = pytree.tree_flatten_with_path(out)
+    leaves = sorted(leaves, key=lambda kv: pytree.keystr(kv[0]))
+    return [x for _, x in leaves if isinstance(x, torch.Tensor)], spec
 
 
 def _run(fn, kwargs):

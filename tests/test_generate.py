@@ -9,6 +9,11 @@ from graphred import zoo
 from graphred.plans import Plan, fastv, pumer
 
 DECODERS = [n for n in zoo.TEST_NAMES if zoo.info(n)["padding"] == "left"]
+# generate() re-captures with use_cache=True; for these two the run then fails in torch.fx's tree_flatten_spec on the
+# vision tower's ModelOutput (its keys come in another order than the recorded spec): a capture issue, open
+_KEY_ORDER = pytest.mark.xfail(strict=True, raises=RuntimeError,
+                               reason="vision ModelOutput key order differs from the recorded spec on re-capture")
+GENERATE_DECODERS = [pytest.param(n, marks=_KEY_ORDER) if n in ("mistral3", "internvl") else n for n in DECODERS]
 PLANS = {"fastv": fastv(layer=1, keep=0.5), "pumer": pumer(prune=0.3, merge=0.2, layers=0)}
 
 
@@ -32,7 +37,7 @@ def test_decoders_are_found():
     assert set(DECODERS) >= {"llava", "paligemma", "idefics3", "qwen2-vl"}
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", GENERATE_DECODERS)
 def test_greedy_generate_equals_model_generate_with_left_padding(zoo_capture, name):
     model, prog = _program(zoo_capture, name)
     fast = graphred.transform(prog, Plan(()))

@@ -15,7 +15,7 @@ from graphred import zoo
 from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
 from graphred.analysis.provenance import TOKENS, TokenProvenance
 
-DECODERS = ["llava", "paligemma", "idefics3", "qwen2-vl"]
+DECODERS = ["llava", "paligemma", "idefics3", "qwen2-vl", "gemma3", "mistral3", "aya-vision", "internvl"]
 
 
 def _report(zoo_program, name):

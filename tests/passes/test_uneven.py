@@ -181,3 +181,17 @@ def test_prefix_lm_fastv_paligemma(zoo_model, zoo_program):
         ref = _eager_alone(model, alone, 1, kp[b])[0]
         valid = kwargs["attention_mask"][b][kp[b]].bool()
         torch.testing.assert_close(out.logits[b][valid], ref[valid], atol=2e-4, rtol=2e-4)
+
+
+def test_generate_refuses_filler_slots(zoo_capture):
+    model, kwargs, _, prog = zoo_capture("aya-vision")
+    fast = graphred.transform(prog, fastv(layer=1, keep=0.5))
+    inputs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+    with pytest.raises(graphred.GraphredError, match="filler slots"):
+        fast.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_other_steps_name_the_uneven_batch(zoo_program):
+    """A step that keeps one count for every sample (Victor's drop of all image tokens) says why it cannot run."""
+    with pytest.raises(graphred.PlanError, match=r"different numbers of image tokens \(\[16, 32\]\).*module"):
+        graphred.transform(zoo_program("internvl"), graphred.plans.victor(registers=4, layer=1))

@@ -1110,6 +1110,10 @@ def lookup(target: Any) -> OpCost | None:
         return cost
     if key in KNOWN_ZERO_COST:
         return ZERO_COST
+    if isinstance(target, torch._ops.HigherOrderOperator) and target.name() == "flat_apply":
+        # torch.export's wrapper for a traced Python call; in vmapped mask functions an index into a tensor
+        # (ModIndex): a read, no arithmetic
+        return ZERO_COST
     if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
         return None
     if callable(target):
@@ -1118,6 +1122,8 @@ def lookup(target: Any) -> OpCost | None:
         if mod in ("_operator", "operator", "math") or name.startswith("sym_") or (
             mod.startswith("torch.fx.experimental") and "sym" in mod
         ):
+            return ZERO_COST
+        if mod.startswith("torch._functorch"):  # vmap bookkeeping: levels, batch dims added/removed (views)
             return ZERO_COST
     return None
 
