@@ -293,10 +293,19 @@ def section_limits():
     ids[1, 1:1 + n] = img  # one image in sample 1
     prog2 = graphred.capture(model, input_ids=ids, attention_mask=torch.ones_like(ids),
                              pixel_values=torch.randn(3, 3, 32, 32), use_cache=False)
+    for plan in (P.fastv(layer=1, keep=0.5), P.pumer(prune=0.5, merge=0.2, layers=1)):
+        fast = graphred.transform(prog2, plan)
+        with torch.no_grad():
+            fast(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(3, 3, 32, 32),
+                 use_cache=False)
+        fillers = (fast.kept_positions == -1).sum(1).tolist()
+        print(f"{plan}: " + "; ".join(f"{s['op']} image tokens per sample {s['image_before']} -> {s['image_after']}"
+                                      for s in fast.steps)
+              + f"; length {ids.shape[1]} -> {fast.kept_positions.shape[1]}, filler slots per sample {fillers}")
     try:
-        graphred.transform(prog2, P.fastv(layer=1, keep=0.5))
+        graphred.transform(prog2, P.victor(registers=4, layer=1))
     except graphred.PlanError as e:
-        print(f"PlanError: {e}")
+        print(f"{P.victor(registers=4, layer=1)}\n  PlanError: {e}")
     header("PuMer on ViLT: prune + merge + merge_text at the same layer (composes)")
     attempt("vilt", "pumer:prune=0,merge=0.2,merge_text=0.1")
     attempt("vilt", "pumer:prune=0.3,merge=0,merge_text=0.1")

@@ -63,6 +63,7 @@ class RewriteState:
         self.keep_all = keep_all
         self.example_inputs = example_inputs  # (args, kwargs) with values: passes that read run-time values (Victor's init)
         self.victor: dict | None = None  # Victor's register layout, from InsertRegisters to DropImageTokens
+        self.step: str | None = None  # the spec of the step being applied (errors name it)
         self.states: dict[int, StreamState] = {}
         self.codes_cache: dict = {}
         self.counts: dict[int, dict[str, int]] = {}
@@ -101,7 +102,7 @@ class RewriteState:
                                 "tokens; list the plan's steps in graph order (vision-tower steps such as tome(...) "
                                 "before steps at later layers)")
 
-    def state(self, sid: int, ragged: bool = False, step_name: str = "the plan") -> StreamState:
+    def state(self, sid: int, ragged: bool = False, step_name: str | None = None) -> StreamState:
         """The stream's rewrite state, created (with its per-modality counts) on first use. Samples with
         different per-modality counts (multi-image prompts, per-sample image sizes) are allowed only to a
         caller that keeps per-sample counts (``ragged=True``: it pads the batch with filler slots); others get
@@ -127,7 +128,8 @@ class RewriteState:
             st = self.prov.streams[sid]
             vals = sorted(set(self.ragged[sid][IMAGE]))
             raise PlanError(
-                f"{step_name}: samples hold different numbers of image tokens ({vals}) in the sequence at "
+                f"{step_name or self.step or 'the plan'}: samples hold different numbers of image tokens ({vals}) in the "
+                "sequence at "
                 f"{st.origin} (module {st_module(self.gm, st.origin)}); this step keeps one count for every sample. "
                 "PuMer and FastV keep per-sample counts on such batches; or batch samples with equal image counts")
         return self.states[sid]
@@ -262,6 +264,7 @@ class StepPass(GraphredPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         rs: RewriteState = self.analyses.get(Rewrite, gm)
         before, logged = set(gm.graph.nodes), len(rs.log)
+        rs.step = self.step.spec()
         try:
             self.apply(gm, rs)
         except PlanError:
