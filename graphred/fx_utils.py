@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import types
 from typing import Any
 
 import torch
@@ -213,20 +214,20 @@ def ancestors(nodes: Any, stop: Any = None, stopped: set | None = None) -> set[f
 
 def is_state_call(node: fx.Node) -> bool:
     """A call kept for what it does to the interpreter, not for a value: a Python-level function (not an
-    aten/graphred op, not ``operator``) whose result nothing reads, e.g. the vmap nesting calls torch.export
+    aten/graphred op, not a builtin such as ``torch.neg``, not ``operator``) whose result nothing reads, e.g. the vmap nesting calls torch.export
     records around a vmapped mask function. Such a call must run, in graph order, before the nodes after
     it (they may live inside the vmap level it opens), and dead-code elimination must keep it.
 
-    >>> g = fx.Graph(); x = g.placeholder("x"); n = g.call_function(print, (x,)); _ = g.output(x)
+    >>> def log(x): print(x)
+    >>> g = fx.Graph(); x = g.placeholder("x"); n = g.call_function(log, (x,)); _ = g.output(x)
     >>> is_state_call(n), is_state_call(x)
     (True, False)
     """
     if node.op != "call_function" or node.users:
         return False
     t = node.target
-    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)):
-        return False
-    return getattr(t, "__module__", None) not in ("_operator", "operator")
+    # a Python-level function (torch's own tensor functions and ops are builtins or OpOverloads: pure)
+    return isinstance(t, types.FunctionType) and getattr(t, "__module__", None) not in ("_operator", "operator")
 
 
 def is_impure(node: fx.Node) -> bool:

@@ -147,6 +147,8 @@ def test_reducing_plan_drops_estimated_and_measured_flops(name, zoo_model, zoo_p
     assert est.after.flops < est.flops and after < before, (est.flops, est.after.flops, before, after)
     # the estimate counts what runs: the reduced graph's matrix products, filler slots included
     assert est.after.flops_matmul == after, (est.after.flops_matmul, after)
+    # and its expression, at the symbols' values, gives the same number
+    assert int(est.after.flops_matmul_expr.subs(est.after.symbols)) == est.after.flops_matmul
     with torch.no_grad():
         out = reduced(**kwargs)
     assert torch.isfinite(out.logits).all()
