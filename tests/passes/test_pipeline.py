@@ -17,6 +17,7 @@ from graphred.passes.cse import CSEPass
 from graphred.passes.fastv import FastVPass
 from graphred.passes.infra import GraphredPass, PassManager
 from graphred.passes.pipeline import lower, run_pipeline
+from graphred.passes.fillers import FillerMaskPass
 from graphred.passes.positions_output import PositionsOutputPass
 from graphred.passes.proportional_attention import ProportionalAttentionPass
 from graphred.passes.pumer import PumerPass
@@ -30,12 +31,12 @@ transform = graphred.transform
 def test_lower_gives_one_pass_per_reducing_step_then_the_fixed_tail():
     plan = tome(r=4) + pumer(prune=0.5, merge=0.2) + fastv(layer=1, keep=1.0) + prune(0.3, scorer="norm")
     passes = lower(plan)
-    assert [type(p) for p in passes] == [ToMePass, PumerPass, PumerPass, ProportionalAttentionPass,
+    assert [type(p) for p in passes] == [ToMePass, PumerPass, PumerPass, ProportionalAttentionPass, FillerMaskPass,
                                          PositionsOutputPass, CSEPass]  # fastv keep=1.0 is the identity: dropped
     assert [p.step for p in passes[:3]] == [plan.steps[0], plan.steps[1], plan.steps[3]]
     assert all(isinstance(p, GraphredPass) for p in passes)
     # one pass per file
-    assert len({type(p).__module__ for p in passes}) == 5
+    assert len({type(p).__module__ for p in passes}) == 6
     with pytest.raises(PlanError, match="expected a graphred.plans.Plan"):
         lower("fastv:layer=1")
 
