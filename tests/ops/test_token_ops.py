@@ -625,3 +625,34 @@ def test_gather_and_merge_on_non_contiguous_inputs(layout):
     xc, sc = gops.merge_tokens(x.contiguous(), sizes, src, dst)
     assert xm.is_contiguous() and torch.equal(xm, xc) and torch.equal(sm, sc)
     assert torch.equal(xm[:, 4:], x[:, 4:])  # rows that are no destination are untouched
+
+
+# ------------------------------------------------------------------------------ select_tokens_padded
+
+
+@pytest.mark.parametrize("n_drop", [[3, 5, 4], [0, 2, 1], [2, 2, 2]])
+def test_select_tokens_padded(n_drop):
+    """Uneven batches: sample b drops its n_drop[b] lowest-scored candidates; the batch keeps L - min(n_drop)
+    slots, the extra ones filled with each sample's highest-scored dropped tokens, flagged."""
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 12
+    scores = torch.rand(B, L, generator=g)
+    cand = torch.rand(B, L, generator=g) > 0.2
+    cand[:, :6] = True
+    length = L - min(n_drop)
+    _opcheck(torch.ops.graphred.select_tokens_padded.default, (scores, cand, n_drop, length))
+    idx, filler = gops.select_tokens_padded(scores, cand, n_drop, length)
+    assert idx.shape == filler.shape == (B, length)
+    # the slots are select_tokens' at the smallest drop count
+    assert torch.equal(idx, gops.select_tokens(scores, cand, min(n_drop)))
+    for b in range(B):
+        real = set(gops.select_tokens(scores[b:b + 1], cand[b:b + 1], n_drop[b])[0].tolist())
+        kept = idx[b][~filler[b]].tolist()
+        assert set(kept) == real and int(filler[b].sum()) == n_drop[b] - min(n_drop)
+        fill = idx[b][filler[b]]
+        assert bool(cand[b, fill].all())
+        if len(fill):  # the fillers are dropped candidates scored above every other dropped candidate
+            dropped = [p for p in range(L) if p not in real and bool(cand[b, p]) and p not in fill.tolist()]
+            assert all(float(scores[b, f]) >= float(scores[b, d]) for f in fill.tolist() for d in dropped)
+    with pytest.raises(ValueError, match="length"):
+        gops.select_tokens_padded(scores, cand, n_drop, length - 1)
