@@ -457,7 +457,8 @@ class TokenProvenance:
             dm = {i: i + R - r for i in range(r) if i + R - r >= 0 and s[i] == shape[i + R - r]}
             for ax in relocate(self._in(a).axes, s, shape, dm):
                 loc = locate(ax, shape)
-                key = loc[1] if loc else -1
+                # keyed by dim and flat stride: a folded dim ([B*L, C]) holds two axes at different strides
+                key = (loc[1], ax.stride) if loc else (-1, ax.stride)
                 prev = by_dim.get(key)
                 if prev is None:
                     by_dim[key] = ax
@@ -468,7 +469,7 @@ class TokenProvenance:
                     else:
                         extra.append(ax)
         direct = all(self._in(a).direct_ids for a in ins) if ins else False
-        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all(locate(a, shape)[1] != locate(b, shape)[1] for b in by_dim.values()))
+        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all((locate(a, shape)[1], a.stride) != (locate(b, shape)[1], b.stride) for b in by_dim.values()))
         return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned)
 
     def _broadcast(self, node, ins, taint, learned):
