@@ -348,7 +348,7 @@ class TokenProvenance:
             return self._conv(node, taint, learned)
         if pk is aten.masked_scatter:
             return self._scatter(node, "mask", node.args[1], node.args[2], taint)
-        if pk is aten.index_put:
+        if pk in (aten.index_put, aten.index_put_):
             return self._index_put(node, taint)
         if pk is aten.where and len(node.args) == 3:
             return self._where(node, taint, learned)

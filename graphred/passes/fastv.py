@@ -5,7 +5,7 @@ from ..analysis.blocks import CROSS_MODAL_SELF
 from ..errors import PlanError
 from ..plans import FastVStep
 from .prune_merge import cross_modal_layers, prune_stream
-from .reduce import layer_input
+from .reduce import layer_input, token_streams
 from .rewrite_state import RewriteState, StepPass
 
 
@@ -43,7 +43,12 @@ class FastVPass(StepPass):
                             "product of the keep fractions, or cut at another layer")
         score_block = by_layer[step.layer - 1]
         stream = score_block.query_stream
-        point = layer_input(gm, rs.prov, stack, step.layer, stream)
+        point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer[step.layer])
+        here = token_streams(rs.prov, point, rs.prov.stream(stream).length)
+        if here and rs.prov.find(stream) not in here:
+            # the layer's input is another stream of the same positions (a write between the layers,
+            # e.g. features added to the image positions): reduce that one
+            stream = here[0]
         if prune_stream(rs, score_block, stream, point, "last", keep=step.keep, step_name="fastv",
                         renumber=step.renumber) is not None:
             rs.cuts[where] = step.spec()
