@@ -110,6 +110,7 @@ class TokenInfo:
     taint: frozenset = frozenset()  # modalities whose data flows into this tensor
     direct_ids: bool = False  # values copied from an integer graph input (token ids)
     learned: bool = False  # computed from parameters/constants only (no graph input)
+    raw: bool = False  # values of a floating graph input, only reshaped, cast or scaled (features not yet projected)
 
 
 @dataclass
@@ -285,9 +286,12 @@ class TokenProvenance:
 
     # ---- propagation
     def _run(self) -> None:
+        self._attention_at = {a["out"]: a for a in find_attention(self.gm)}
         for node in self.gm.graph.nodes:
             try:
                 self.info[node] = self._visit(node)
+                if node in self._attention_at:
+                    self.info[node] = self._learned_queries(node, self._attention_at[node], self.info[node])
             except Exception as e:  # a rule that cannot apply is reported, never guessed
                 self._unknown(node, f"{op_name(node)} ({type(e).__name__}: {e})")
                 self.info[node] = TokenInfo()
@@ -305,7 +309,9 @@ class TokenProvenance:
         return t
 
     def _learned(self, args) -> bool:
-        return all(self.tokens(a).learned for a in _flat_nodes(args))
+        # sizes (SymInt nodes) say nothing about where values come from
+        return all(self.tokens(a).learned for a in _flat_nodes(args) if isinstance(a.meta.get("val"), torch.Tensor)
+                   or a.op != "call_function")
 
     def _visit(self, node: fx.Node):
         if node.op == "placeholder":
@@ -337,7 +343,7 @@ class TokenProvenance:
             return TokenInfo(learned=True)
         if pk in RESHAPES:
             src = self._in(node.args[0])
-            return TokenInfo(self._fit(src.axes, shape), taint, src.direct_ids, learned)
+            return TokenInfo(self._fit(src.axes, shape), taint, src.direct_ids, learned, raw=src.raw)
         if pk in (aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.swapdims):
             return self._permute(node, taint, learned)
         if pk in (aten.expand, aten.expand_as, aten.broadcast_to):
@@ -370,7 +376,8 @@ class TokenProvenance:
             x = node.args[0]
             xs = node_shape(x)
             dm = {i: i for i in range(len(xs) - 1)}
-            return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+            axes = relocate(self._in(x).axes, xs, shape, dm)
+            return TokenInfo(tuple(self._projected_features(node, x, axes)), taint, False, learned)
         if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
             return self._matmul(node, taint, learned)
         if pk in REDUCTIONS:
@@ -414,7 +421,7 @@ class TokenProvenance:
             axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
             return TokenInfo(tuple(axes), frozenset({modality}))
         if dt is not None and dt.is_floating_point:
-            return TokenInfo(tuple(axes), frozenset({IMAGE}))
+            return TokenInfo(tuple(axes), frozenset({IMAGE}), raw=True)
         if dt is not None and dt != torch.bool:
             return TokenInfo(tuple(axes), frozenset(), direct_ids=True)
         return TokenInfo(tuple(axes))
@@ -441,7 +448,7 @@ class TokenProvenance:
             perm[a], perm[b] = perm[b], perm[a]
         dm = {src: dst for dst, src in enumerate(perm)}
         src = self._in(x)
-        return TokenInfo(tuple(relocate(src.axes, xs, shape, dm)), taint, src.direct_ids, learned)
+        return TokenInfo(tuple(relocate(src.axes, xs, shape, dm)), taint, src.direct_ids, learned, raw=src.raw)
 
     def _broadcast_info(self, node, ins, shape, taint, learned) -> TokenInfo:
         if shape is None:
@@ -469,8 +476,11 @@ class TokenProvenance:
                     else:
                         extra.append(ax)
         direct = all(self._in(a).direct_ids for a in ins) if ins else False
+        data = [self._in(a) for a in ins if not self._in(a).learned]
+        raw = bool(data) and all(i.raw for i in data)
         axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all((locate(a, shape)[1], a.stride) != (locate(b, shape)[1], b.stride) for b in by_dim.values()))
-        return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned)
+        return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned,
+                         raw=raw)
 
     def _broadcast(self, node, ins, taint, learned):
         return self._broadcast_info(node, ins, node_shape(node), taint, learned)
@@ -493,6 +503,47 @@ class TokenProvenance:
                 sid = self._new_stream(TOKENS, shape[d], node, "embedding", ("uniform", CODE[TEXT]))
                 axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
         return TokenInfo(tuple(axes), taint | {TEXT}, False, False)
+
+    def _projected_features(self, node, x, axes) -> list[TokAxis]:
+        """A learned projection of a floating input's raw values (no convolution before it: region features,
+        flattened patches) is where image tokens enter: its row dim is a new image stream. Rows are the dim
+        before the features ([B, N, C] -> N), or each row of a [N, C] input without a batch dim."""
+        xi = self._in(x)
+        shape = node_shape(node)
+        if not xi.raw or not shape or len(shape) < 2 or any(self.stream(a.stream).kind == TOKENS for a in axes):
+            return axes
+        w = node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(w, fx.Node) and self.tokens(w).learned):
+            return axes
+        d = len(shape) - 2
+        if any(self.stream(a.stream).kind == BATCH and axis_dim(a, shape) == d for a in axes) or shape[d] < 2:
+            return axes  # [B, C]: one feature vector per sample, not a sequence
+        sid = self._new_stream(TOKENS, shape[d], node, "patches", ("uniform", CODE[IMAGE]))
+        return list(axes) + [TokAxis(sid, _suffix(shape, d), shape[d])]
+
+    def _learned_queries(self, node, att, info: TokenInfo) -> TokenInfo:
+        """Learned queries (a resampler's latents, a Q-Former's query tokens: computed from parameters only)
+        that attend to image tokens come out as image tokens: their positions become a new image stream at
+        the attention output. One learned query (an attention-pooling probe) pools, it makes no sequence."""
+        q, k = att["q"], att["k"]
+        qi, ki = self.tokens(q), self.tokens(k)
+        shape = node_shape(node)
+        if not qi.learned or not shape or len(shape) < 2 or shape[-2] < 2 or IMAGE not in ki.taint:
+            return info
+        ks = node_shape(k)
+        if not any(self.stream(a.stream).kind == TOKENS and axis_dim(a, ks) == len(ks) - 2 for a in ki.axes):
+            return info
+        if any(self.stream(a.stream).kind == TOKENS for a in info.axes):
+            return info
+        d = len(shape) - 2
+        axes = list(info.axes)
+        for a in ki.axes:  # the batch of the keys
+            st = self.stream(a.stream)
+            if st.kind == BATCH and axis_dim(a, ks) == 0 and shape[0] == st.length:
+                axes.append(TokAxis(st.id, _suffix(shape, 0), st.length))
+        sid = self._new_stream(TOKENS, shape[d], node, "queries", ("uniform", CODE[IMAGE]))
+        axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return TokenInfo(tuple(axes), info.taint | {IMAGE}, False, False)
 
     def _conv(self, node, taint, learned):
         x = node.args[0]
