@@ -545,11 +545,41 @@ class TokenProvenance:
         axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
         return TokenInfo(tuple(axes), info.taint | {IMAGE}, False, False)
 
+    def _conv_over_tokens(self, node, xi, xs, shape) -> TokAxis | None:
+        """A 1-d convolution whose input holds a token axis along its spatial dim mixes neighbouring tokens and
+        keeps them: output position ``i`` ends its window at input position ``i - pad + kernel - 1``. The same
+        stream where the length is kept; a ``padded`` stream (the input's tokens, then the overhang) where the
+        padding makes it longer (a causal conv, cut back to the input length by a slice afterwards)."""
+        if len(xs) != 3 or len(shape) != 3:
+            return None
+        d = 2
+        ax = next((a for a in xi.axes if self.stream(a.stream).kind == TOKENS and axis_dim(a, xs) == d), None)
+        if ax is None:
+            return None
+        w = node.args[1]
+        k = node_shape(w)[-1] if isinstance(w, fx.Node) and node_shape(w) else None
+        args = list(node.args) + [None] * 7
+        stride, padding, dilation = args[3] or [1], args[4] or [0], args[5] or [1]
+        stride, padding, dilation = [v[0] if isinstance(v, (list, tuple)) else v for v in (stride, padding, dilation)]
+        if k is None or stride != 1 or dilation != 1 or not isinstance(padding, int):
+            return None
+        if shape[d] == xs[d]:
+            return TokAxis(ax.stream, 1, ax.length)
+        shift = k - 1 - padding  # output i <-> input i + shift
+        if shift != 0 or shape[d] < xs[d]:
+            return None
+        sid = self._new_stream(TOKENS, shape[d], node, "padded", ("padded", self.stream(ax.stream).id, xs[d]),
+                               parents=(ax.stream,))
+        return TokAxis(sid, 1, shape[d])
+
     def _conv(self, node, taint, learned):
         x = node.args[0]
         xs, shape = node_shape(x), node_shape(node)
         xi = self._in(x)
         axes = relocate(xi.axes, xs, shape, {0: 0})
+        seq = self._conv_over_tokens(node, xi, xs, shape)
+        if seq is not None:  # a convolution along a token sequence (a causal/short conv layer of a decoder)
+            return TokenInfo(tuple(axes) + (seq,), taint, False, learned)
         tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
         if not tok and IMAGE in taint and len(shape) >= 3:
             spatial = 1
@@ -687,6 +717,10 @@ class TokenProvenance:
             return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
         for ax in xi.axes:
             st = self.stream(ax.stream)
+            if axis_dim(ax, xs) == dim and st.rule == "padded" and _norm_index(start, xs[dim]) == 0 \
+                    and shape[dim] == st.recipe[2] and step == 1:
+                axes.append(TokAxis(self.find(st.recipe[1]), _suffix(shape, dim), shape[dim]))  # the overhang cut off
+                continue
             if axis_dim(ax, xs) == dim and st.kind == TOKENS and shape[dim] > 0:
                 s0 = _norm_index(start, xs[dim])
                 e0 = s0 + (shape[dim] - 1) * int(step) + 1
@@ -900,6 +934,12 @@ class TokenProvenance:
             _, parent, s0, e0, step = r
             c, s = self._parent_codes(parent)
             return c[:, s0:e0:step], s[s0:e0:step]
+        if r[0] == "padded":  # the parent's tokens, then an overhang of padding (special, register)
+            _, parent, n = r
+            c, s = self._parent_codes(parent)
+            extra = st.length - n
+            return (torch.cat([c, torch.full((c.shape[0], extra), CODE[REGISTER], dtype=torch.int8)], 1),
+                    torch.cat([s, torch.ones(extra, dtype=torch.bool)]))
         return None, None
 
     def _parent_codes(self, sid):
@@ -973,6 +1013,10 @@ class TokenProvenance:
                 for mod, s_ in st.symbols.items():  # learned special tokens counted under a modality
                     if counts and s_ in self.symbol_values:
                         st.offsets[mod] = counts[0].get(mod, 0) - int(self.symbol_values[s_])
+            elif st.rule == "padded":
+                parent = self.streams[self.find(r[1])]
+                base = parent.sym_length if parent.sym_length is not None else parent.length
+                st.sym_length = base + (st.length - r[2])
             elif st.rule == "slice":
                 parent = self.streams[r[1]]
                 base = parent.sym_length if parent.sym_length is not None else parent.length

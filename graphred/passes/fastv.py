@@ -33,15 +33,17 @@ class FastVPass(StepPass):
                 "graphred.plans.pumer(...).")
         by_layer = {b.layer_index: b for b in decoder}
         layers = sorted(by_layer)
-        if step.layer not in by_layer or step.layer - 1 not in by_layer:
-            raise PlanError(f"fastv: layer={step.layer} needs decoder layers {step.layer - 1} and {step.layer}; "
-                            f"{stack} has cross-modal layers {layers}. Choose 1 <= layer <= {layers[-1]}.")
+        before = [l for l in layers if l < step.layer]  # the attention layer before (layers without attention
+        if step.layer not in by_layer or not before:  # in between, e.g. convolutions, are skipped over)
+            raise PlanError(f"fastv: layer={step.layer} needs a cross-modal decoder layer at {step.layer} and one "
+                            f"before it to score with; {stack} has cross-modal layers {layers}. Choose a layer among "
+                            f"{layers[1:]}.")
         where = (stack, step.layer)
         if where in rs.cuts:
             raise PlanError(f"fastv: two FastV cuts at one layer ({step.layer} of {stack}: {rs.cuts[where]} and "
                             f"{step.spec()}) are not supported; give one fastv(layer={step.layer}, keep=k) with the "
                             "product of the keep fractions, or cut at another layer")
-        score_block = by_layer[step.layer - 1]
+        score_block = by_layer[before[-1]]
         stream = score_block.query_stream
         point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer[step.layer])
         here = token_streams(rs.prov, point, rs.prov.stream(stream).length)

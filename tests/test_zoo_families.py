@@ -1,0 +1,118 @@
+"""The zoo families of issue 13 (zoo.FAMILY_NAMES): each gets the expectations the core zoo has.
+
+* blocks: the decoder layers hold image and text (per sample, the padded one included), the vision side is
+  image-only, and a resampler's cross-attention (learned queries reading the image) is cross-modal;
+* zero reduction is the identity, bit for bit;
+* a reducing plan runs, and both the estimate and FLOPs measured with FlopCounterMode on the reduced module drop;
+* the estimate of the unreduced model equals FlopCounterMode on the eager model.
+
+Which class of issue 13 each family exercises: fuyu (2: raw patches through a Linear), blip-2 and idefics2
+(3: Q-Former / perceiver queries; blip-2's OPT decoder also 4: learned positions, folded feed-forward),
+lfm2-vl (4: convolution layers before and between the attention layers; 2: a Linear patch embedding),
+qwen3-vl (6: captured without precomputed position ids; its deepstack writes into the decoder stream).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+import graphred
+from graphred import zoo
+from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
+from graphred.analysis.cost import count_flops_executed
+from graphred.plans import pumer
+
+NAMES = zoo.FAMILY_NAMES
+# layers the plan reduces at: the cross-modal decoder layers after the first (PuMer's default)
+PLAN = pumer(prune=0.3, merge=0.2)
+
+
+def _leaves(x, path="out"):
+    if isinstance(x, torch.Tensor):
+        yield path, x
+    elif isinstance(x, Mapping):
+        for k in x.keys():
+            yield from _leaves(x[k], f"{path}.{k}")
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{path}[{i}]")
+
+
+def _image_positions(model, kwargs) -> list[int]:
+    return [int(n) for n in (kwargs["input_ids"] == model.config.image_token_id).sum(1)]
+
+
+def test_family_names_are_zoo_models_outside_the_core_fixtures():
+    assert len(NAMES) >= 4 and set(NAMES) <= set(zoo.names())
+    assert not set(NAMES) & set(zoo.TEST_NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blocks(name, zoo_model, zoo_program):
+    model, kwargs = zoo_model(name)
+    report = graphred.analyze(zoo_program(name))
+    n_img = _image_positions(model, kwargs)
+    assert n_img == [zoo.info(name)["image"]] * 2
+    L = kwargs["input_ids"].shape[1]
+    decoder = [b for b in report.blocks if b.kind == CROSS_MODAL_SELF]
+    assert decoder, str(report)
+    for b in decoder:
+        assert b.query_modalities == b.key_modalities == {"image", "text"}
+        assert [t["image"] for t in b.tokens_per_sample] == n_img
+        assert [t["text"] for t in b.tokens_per_sample] == [L - n for n in n_img]
+        assert b.causal
+    others = [b for b in report.blocks if b not in decoder]
+    assert all("text" not in b.query_modalities for b in others), str(report)
+    resampler = [b for b in report.blocks if b.kind == CROSS_ATTENTION]
+    if name in ("blip-2", "idefics2"):  # learned queries reading the patches: every resampler layer
+        assert len(resampler) == 2, str(report)
+        assert all(b.key_modalities == {"image"} for b in resampler)
+        # the first reads with learned queries; the queries leave it as image tokens
+        assert resampler[0].query_modalities == {"register"}
+        assert resampler[1].query_modalities == {"image"}
+        assert report.cross_modal == [b for b in report.blocks if b.kind != UNIMODAL_SELF]
+    else:
+        assert not resampler
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_reduction_is_identity(name, zoo_model, zoo_program):
+    model, kwargs = zoo_model(name)
+    reduced = graphred.transform(zoo_program(name), pumer(prune=0, merge=0))
+    with torch.no_grad():
+        want, got = model(**kwargs), reduced(**kwargs)
+    assert reduced.steps == []
+    w, g = dict(_leaves(want)), dict(_leaves(got))
+    assert w.keys() == g.keys() and w
+    for k in w:
+        assert torch.equal(w[k], g[k]), f"{name}: {k} differs"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reducing_plan_lowers_estimated_and_measured_flops(name, zoo_model, zoo_program):
+    model, kwargs = zoo_model(name)
+    prog = zoo_program(name)
+    reduced = graphred.transform(prog, PLAN)
+    with torch.no_grad():
+        out = reduced(**kwargs)
+    for k, t in _leaves(out):
+        if t.is_floating_point():
+            assert torch.isfinite(t).all(), f"{name}: {k}"
+    prunes = [s for s in reduced.steps if s["op"] == "prune"]
+    assert prunes and all(s["image_after"] < s["image_before"] for s in prunes), reduced.steps
+    est = graphred.estimate(prog, PLAN)
+    assert est.after.flops < est.flops
+    measured_before = count_flops_executed(model, **kwargs)
+    measured_after = count_flops_executed(reduced, **kwargs)
+    assert measured_after < measured_before, (measured_after, measured_before)
+    assert est.after.flops_matmul == measured_after, (name, est.after.flops_matmul, measured_after)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_estimate_equals_flop_counter(name, zoo_model, zoo_program):
+    model, kwargs = zoo_model(name)
+    est = graphred.estimate(zoo_program(name))
+    assert est.flops_matmul == count_flops_executed(model, **kwargs) > 0
+    assert not est.uncounted, est.uncounted
