@@ -276,7 +276,9 @@ def _forward_fails(model: nn.Module, args: tuple, kwargs: dict) -> BaseException
     return None
 
 
-_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent")
+# errors of Python code that reads tensor values (a guard on one, a symbolic value used as a dict key)
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent",
+                   "non-nested SymInt", "PendingUnbackedSymbolNotFound")
 _NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
 

@@ -402,6 +402,31 @@ def _lfm2_vl_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int
     return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
 
 
+def _mllama_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    # one image per sample, tiled into 2 tiles (aspect ratio 1x2) that run through the tower as batch rows; the
+    # text attends to all tiles' patches by cross-attention, from its <|image|> token on
+    v = config.vision_config
+    size, patch = _size(v.image_size), _size(v.patch_size)
+    tiles = 2
+    ratio_id = 1 + next(i for i, r in enumerate(v.supported_aspect_ratios) if list(r) == [1, tiles])
+    t = _placeholder_decoder(config, gen, batch, text_len, 1)
+    ids = t["input_ids"]
+    cross = torch.zeros(batch, ids.shape[1], 1, tiles, dtype=torch.long)
+    for b in range(batch):
+        cross[b, int(t["image_mask"][b].float().argmax()):] = 1
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": t["attention_mask"],
+        "pixel_values": _pixels(gen, batch, 1, tiles, _channels(v), size, size),
+        "aspect_ratio_ids": torch.full((batch, 1), ratio_id, dtype=torch.long),
+        "aspect_ratio_mask": torch.ones(batch, 1, tiles, dtype=torch.long),
+        "cross_attention_mask": cross,
+        "use_cache": False,
+    }
+    n_img = tiles * ((size // patch) ** 2 + 1)  # per tile: its patches and a class token
+    return kwargs, {"image": n_img, "text": text_len + 1, "padding": "left"}
+
+
 @dataclass(frozen=True)
 class _Family:
     """What the zoo knows about a model family: its classes and how to build inputs."""
@@ -426,6 +451,7 @@ _FAMILIES: dict[str, _Family] = {
     "blip-2": _Family(("Blip2ForConditionalGeneration",), _blip2_inputs, 24, True),
     "idefics2": _Family(("Idefics2ForConditionalGeneration",), _idefics2_inputs, 24, True),
     "lfm2_vl": _Family(("Lfm2VlForConditionalGeneration",), _lfm2_vl_inputs, 24, True),
+    "mllama": _Family(("MllamaForConditionalGeneration",), _mllama_inputs, 24, True),
     "vilt": _Family(("ViltForQuestionAnswering", "ViltModel"), _vilt_inputs, 16, False),
     "blip": _Family(("BlipForImageTextRetrieval",), _dual_inputs, 16, False),
     "clip": _Family(("CLIPModel",), _dual_inputs, 16, False),
@@ -641,6 +667,20 @@ def _cfg_qwen3_vl():
     return config
 
 
+def _cfg_mllama():
+    from transformers import MllamaConfig
+
+    # tiles of 16 px / patch 4 (16 patches + CLS, padded to 24) run as batch rows, then as one sequence per image
+    # in the global layers; a Llama decoder with gated cross-attention layers 1 and 3 between self-attention 0 and 2
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=16, patch_size=4, max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
+                  vision_output_dim=64, intermediate_layers_indices=[0])
+    text = dict(vocab_size=_VOCAB + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3],
+                max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=_VOCAB)
+
+
 @dataclass(frozen=True)
 class _Preset:
     family: str  # a key of _FAMILIES
@@ -682,6 +722,9 @@ _PRESETS: dict[str, _Preset] = {
     "qwen3-vl": _Preset("qwen3_vl", "Qwen3VLForConditionalGeneration", _cfg_qwen3_vl,
                         "Qwen3 decoder with interleaved M-RoPE and deepstack features + ViT with interpolated "
                         "positions; captured without precomputed position_ids (vision positions built in Python)"),
+    "mllama": _Preset("mllama", "MllamaForConditionalGeneration", _cfg_mllama,
+                      "Llama-3.2-Vision-style: tiled image (tiles folded into the batch, then into one sequence) + "
+                      "decoder with gated cross-attention layers interleaved with self-attention"),
     "llava-bench": _Preset("llava", "LlavaForConditionalGeneration", _cfg_llava_bench,
                            "LLaVA-1.5-shaped benchmark model: 576 image tokens, 8 Llama layers at hidden 384 "
                            "(GQA 6q/2kv), 4-layer CLIP-336/14 tower", text_len=40, batch=4, bench=True),
@@ -699,7 +742,7 @@ def names(include_bench: bool = True) -> list[str]:
 # Families added for issue 13 (architectures the analysis and rewrite had to learn to read): tested by their own
 # expectation tests (tests/test_zoo_families.py: blocks, identity at zero reduction, a reducing plan, the estimate
 # against FlopCounterMode), not by every zoo-wide fixture
-FAMILY_NAMES: list[str] = ["fuyu", "blip-2", "idefics2", "lfm2-vl", "qwen3-vl"]
+FAMILY_NAMES: list[str] = ["fuyu", "blip-2", "idefics2", "lfm2-vl", "qwen3-vl", "mllama"]
 TEST_NAMES: list[str] = [n for n in names(include_bench=False) if n not in FAMILY_NAMES]
 
 

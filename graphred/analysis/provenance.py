@@ -232,6 +232,11 @@ class TokenProvenance:
         return self.streams[self.find(sid)]
 
     def _new_stream(self, kind, length, node, rule, recipe, parents=()) -> int:
+        if rule in ("tiles", "padded"):  # the same fold (padding) of the same stream is the same stream
+            key = (rule, self.find(recipe[1]), recipe[2])
+            for st in self.streams:
+                if st.rule == rule and (st.rule, self.find(st.recipe[1]), st.recipe[2]) == key:
+                    return self.find(st.id)
         if rule == "slice":  # the same range of the same stream is the same stream (q, k, v split alike)
             key = (self.find(recipe[1]),) + tuple(recipe[2:])
             for st in self.streams:
@@ -343,7 +348,8 @@ class TokenProvenance:
             return TokenInfo(learned=True)
         if pk in RESHAPES:
             src = self._in(node.args[0])
-            return TokenInfo(self._fit(src.axes, shape), taint, src.direct_ids, learned, raw=src.raw)
+            return TokenInfo(self._tiles(node, self._fit(src.axes, shape), shape), taint, src.direct_ids, learned,
+                             raw=src.raw)
         if pk in (aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.swapdims):
             return self._permute(node, taint, learned)
         if pk in (aten.expand, aten.expand_as, aten.broadcast_to):
@@ -364,6 +370,8 @@ class TokenProvenance:
             return self._stack(node, taint, learned)
         if pk in (aten.slice,):
             return self._slice(node, taint, learned)
+        if pk in (aten.pad, aten.constant_pad_nd):
+            return self._pad(node, taint, learned)
         if pk in (aten.select,):
             return self._select(node, taint, learned)
         if pk in (aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split):
@@ -478,7 +486,9 @@ class TokenProvenance:
         direct = all(self._in(a).direct_ids for a in ins) if ins else False
         data = [self._in(a) for a in ins if not self._in(a).learned]
         raw = bool(data) and all(i.raw for i in data)
-        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all((locate(a, shape)[1], a.stride) != (locate(b, shape)[1], b.stride) for b in by_dim.values()))
+        # (an axis of another length at the same place is a sub-axis: tiles folded into one token dim hold each
+        # tile's tokens too)
+        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all((locate(a, shape)[1], a.stride, a.length) != (locate(b, shape)[1], b.stride, b.length) for b in by_dim.values()))
         return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned,
                          raw=raw)
 
@@ -502,7 +512,9 @@ class TokenProvenance:
             if not any(axis_dim(a, shape) == d for a in axes):
                 sid = self._new_stream(TOKENS, shape[d], node, "embedding", ("uniform", CODE[TEXT]))
                 axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
-        return TokenInfo(tuple(axes), taint | {TEXT}, False, False)
+        # one id per sample (an aspect-ratio or class id looked up into a conditioning vector) is no text sequence
+        seq = any(self.stream(a.stream).kind == TOKENS and a.length > 1 for a in axes)
+        return TokenInfo(tuple(axes), taint | {TEXT} if seq else taint, False, False)
 
     def _projected_features(self, node, x, axes) -> list[TokAxis]:
         """A learned projection of a floating input's raw values (no convolution before it: region features,
@@ -544,6 +556,49 @@ class TokenProvenance:
         sid = self._new_stream(TOKENS, shape[d], node, "queries", ("uniform", CODE[IMAGE]))
         axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
         return TokenInfo(tuple(axes), info.taint | {IMAGE}, False, False)
+
+    def _tiles(self, node, axes, shape) -> tuple[TokAxis, ...]:
+        """A reshape that folds several copies of a token sequence into one dim (image tiles that ran through
+        the vision tower as batch rows, concatenated into one sequence per image): the folded dim is a ``tiles``
+        stream, the parent's tokens once per tile."""
+        out = list(axes)
+        if not shape:
+            return tuple(out)
+        for ax in axes:
+            st = self.stream(ax.stream)
+            loc = locate(ax, shape)
+            if st.kind != TOKENS or loc is None or loc[0] != loc[1] or loc[2] != 1 or shape[loc[1]] == ax.length:
+                continue
+            d = loc[1]
+            if shape[d] % ax.length or any(locate(o, shape) is not None and locate(o, shape)[1] == d and o != ax
+                                           for o in axes):
+                continue
+            n = shape[d] // ax.length
+            sid = self._new_stream(TOKENS, shape[d], node, "tiles", ("tiles", st.id, n), parents=(st.id,))
+            out.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return tuple(out)
+
+    def _pad(self, node, taint, learned):
+        """Padding: other dims keep their axes; a token dim padded at its end only becomes a ``padded`` stream (the
+        tokens, then the padding), as after a convolution's overhang."""
+        x = node.args[0]
+        xs, shape = node_shape(x), node_shape(node)
+        pads = list(node.args[1])
+        xi = self._in(x)
+        padded = {len(xs) - 1 - i // 2 for i, p in enumerate(pads) if p}
+        dm = {i: i for i in range(len(xs)) if i not in padded}
+        axes = relocate(xi.axes, xs, shape, dm)
+        for ax in xi.axes:
+            st = self.stream(ax.stream)
+            d = axis_dim(ax, xs)
+            if d is None or d not in padded or st.kind != TOKENS:
+                continue
+            i = 2 * (len(xs) - 1 - d)
+            if pads[i] != 0 or pads[i + 1] < 0:
+                raise ValueError("padding before the tokens")
+            sid = self._new_stream(TOKENS, shape[d], node, "padded", ("padded", st.id, xs[d]), parents=(st.id,))
+            axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return TokenInfo(tuple(axes), taint, False, learned)
 
     def _conv_over_tokens(self, node, xi, xs, shape) -> TokAxis | None:
         """A 1-d convolution whose input holds a token axis along its spatial dim mixes neighbouring tokens and
@@ -934,6 +989,10 @@ class TokenProvenance:
             _, parent, s0, e0, step = r
             c, s = self._parent_codes(parent)
             return c[:, s0:e0:step], s[s0:e0:step]
+        if r[0] == "tiles":
+            _, parent, n = r
+            c, s = self._parent_codes(parent)
+            return c.repeat(1, n), s.repeat(n)
         if r[0] == "padded":  # the parent's tokens, then an overhang of padding (special, register)
             _, parent, n = r
             c, s = self._parent_codes(parent)
@@ -1013,6 +1072,9 @@ class TokenProvenance:
                 for mod, s_ in st.symbols.items():  # learned special tokens counted under a modality
                     if counts and s_ in self.symbol_values:
                         st.offsets[mod] = counts[0].get(mod, 0) - int(self.symbol_values[s_])
+            elif st.rule == "tiles":
+                parent = self.streams[self.find(r[1])]
+                st.sym_length = r[2] * (parent.sym_length if parent.sym_length is not None else parent.length)
             elif st.rule == "padded":
                 parent = self.streams[self.find(r[1])]
                 base = parent.sym_length if parent.sym_length is not None else parent.length

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.blocks import AttentionBlock
-from ..analysis.provenance import TokenProvenance
+from ..analysis.provenance import CODE, REGISTER, TokenProvenance
 from ..errors import PlanError
 from ..fx_utils import call_with_val, fake_like, graph_device, module_path, node_named, node_order, node_shape, op_packet
 
@@ -81,6 +81,14 @@ def emit_codes(gm: fx.GraphModule, prov: TokenProvenance, sid: int, cache: dict)
         _, parent, s0, e0, step = r
         pcodes = emit_codes(gm, prov, parent, cache)
         out = call_with_val(graph, aten.slice.Tensor, (pcodes, 1, s0, e0, step))
+    elif r[0] == "tiles":  # the parent's layout once per tile
+        _, parent, n = r
+        pcodes = emit_codes(gm, prov, parent, cache)
+        out = call_with_val(graph, aten.repeat.default, (pcodes, [1, n]))
+    elif r[0] == "padded":  # the parent's layout, then the padding (register codes)
+        _, parent, n = r
+        pcodes = emit_codes(gm, prov, parent, cache)
+        out = call_with_val(graph, aten.constant_pad_nd.default, (pcodes, [0, st.length - n], CODE[REGISTER]))
     else:
         raise PlanError(f"stream {sid} has no run-time layout ({r[0]})")
     cache[sid] = out
@@ -198,19 +206,33 @@ def layer_input(gm: fx.GraphModule, prov: TokenProvenance, stack: str, layer: in
                     "modules from outside, and no skip connection around its attention was found in the graph")
 
 
+_SHAPE_ONLY = {aten.expand, aten.unsqueeze, aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous}
+
+
 def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock, stream: int) -> fx.Node:
     """For a cross-attention: the tensor outside the attention module that its keys come from."""
     k = node_named(gm, block.key)
     parent = block.module_path.rsplit(".", 1)[0]
-    n = k
+
+    def carries(x):
+        return any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(x))
+
+    n = good = k
     seen = 0
     while seen < 20:
+        if carries(n):
+            good = n
         p = module_path(n)
         if not (p == parent or p.startswith(parent + ".")) or n.op != "call_function":
-            return n
-        nxt = [a for a in n.all_input_nodes if any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(a))]
+            break
+        nxt = [a for a in n.all_input_nodes if carries(a)]
+        if not nxt and op_packet(n) in _SHAPE_ONLY and isinstance(n.args[0], fx.Node):
+            # (grouped-query keys repeated by expand: a view of the keys, whatever the analysis tracked there)
+            nxt = [n.args[0]]
         if not nxt:
-            return n
+            break
         n = nxt[0]
         seen += 1
-    return n
+    # the furthest tensor up the chain that still holds the stream on a whole dim (keys computed per layer from
+    # another layout, e.g. tiles in the batch, are reduced in that layer only)
+    return n if carries(n) else good
