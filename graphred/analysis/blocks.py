@@ -124,7 +124,7 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             qm, qs = _modalities(prov, qk, -2, prov.tokens(a["q"]).taint)
             km, ks = _modalities(prov, qk, -1, prov.tokens(a["k"]).taint)
         if not qm and prov.tokens(a["q"]).learned or not qm and not prov.tokens(a["q"]).taint:
-            qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, Q-Former queries)
+            qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, a query transformer's queries)
         same = qs is not None and ks is not None and qs.id == ks.id
         data = (qm | km) & {IMAGE, TEXT}
         if same or (qs is None and ks is None and qm == km):

@@ -534,7 +534,7 @@ class TokenProvenance:
         return list(axes) + [TokAxis(sid, _suffix(shape, d), shape[d])]
 
     def _learned_queries(self, node, att, info: TokenInfo) -> TokenInfo:
-        """Learned queries (a resampler's latents, a Q-Former's query tokens: computed from parameters only)
+        """Learned queries (a resampler's latents, a query transformer's query tokens: computed from parameters only)
         that attend to image tokens come out as image tokens: their positions become a new image stream at
         the attention output. One learned query (an attention-pooling probe) pools, it makes no sequence."""
         q, k = att["q"], att["k"]

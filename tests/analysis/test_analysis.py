@@ -187,7 +187,8 @@ def test_analyze_rejects_non_program():
 def test_no_family_names_in_analysis_passes_ops():
     root = Path(graphred.__file__).parent
     pattern = ("llava", "paligemma", "idefics", "qwen", "vilt", "blip", "clip", "siglip", "llama", "gemma",
-               "mistral", "smolvlm", "image_token_index", "image_token_id")
+               "mistral", "smolvlm", "image_token_index", "image_token_id", "fuyu", "mllama", "lfm2", "kosmos",
+               "qformer", "q-former", "num_query_tokens", "resampler_n_latents")
     hits = []
     for sub in ("analysis", "passes", "ops"):
         for f in (root / sub).rglob("*.py"):
