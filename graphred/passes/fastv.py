@@ -22,8 +22,7 @@ class FastVPass(StepPass):
 
     def apply(self, gm, rs: RewriteState) -> None:
         step: FastVStep = self.step
-        stack, blocks = cross_modal_layers(rs.blocks)
-        decoder = [b for b in blocks if b.kind == CROSS_MODAL_SELF]
+        stack, decoder = cross_modal_layers([b for b in rs.blocks if b.kind == CROSS_MODAL_SELF])
         if not decoder:
             raise PlanError(f"fastv: {rs.model} has no decoder layer holding image and text tokens together")
         if not all(b.causal for b in decoder):

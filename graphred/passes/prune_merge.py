@@ -294,5 +294,6 @@ def cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[Attentio
 
     # the stack where text meets image most often (a resampler's cross-attention reads the image with learned
     # queries: text-informed reductions belong where the text is)
-    stack = max(by_stack, key=lambda s: (sum(meets(b) for b in by_stack[s]), len(by_stack[s])))
+    # (ties: the later stack, the decoder after a resampler)
+    stack = max(by_stack, key=lambda s: (sum(meets(b) for b in by_stack[s]), len(by_stack[s]), by_stack[s][-1].index))
     return stack, by_stack[stack]
