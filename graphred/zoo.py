@@ -427,6 +427,23 @@ def _mllama_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int,
     return kwargs, {"image": n_img, "text": text_len + 1, "padding": "left"}
 
 
+def _kosmos2_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
+    # <s> <image> latent_query_num image positions </image> text; the positions are marked by a mask input
+    v, t = config.vision_config, config.text_config
+    n_img = int(config.latent_query_num)
+    bos, boi, eoi = int(t.bos_token_id), 5, 6  # (the ids around the image are ordinary tokens to the model)
+    out = _decoder_text(gen, batch, [("tok", bos), ("tok", boi), ("image", n_img), ("tok", eoi), ("text", text_len - 3)],
+                        vocab=int(t.vocab_size), pad_id=int(t.pad_token_id), image_id=7, avoid={bos, boi, eoi, 2}, pad=3)
+    kwargs = {
+        "input_ids": out["input_ids"],
+        "attention_mask": out["attention_mask"],
+        "image_embeds_position_mask": out["image_mask"].long(),
+        "pixel_values": _pixels(gen, batch, _channels(v), _size(v.image_size), _size(v.image_size)),
+        "use_cache": False,
+    }
+    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+
+
 @dataclass(frozen=True)
 class _Family:
     """What the zoo knows about a model family: its classes and how to build inputs."""
@@ -452,6 +469,7 @@ _FAMILIES: dict[str, _Family] = {
     "idefics2": _Family(("Idefics2ForConditionalGeneration",), _idefics2_inputs, 24, True),
     "lfm2_vl": _Family(("Lfm2VlForConditionalGeneration",), _lfm2_vl_inputs, 24, True),
     "mllama": _Family(("MllamaForConditionalGeneration",), _mllama_inputs, 24, True),
+    "kosmos-2": _Family(("Kosmos2ForConditionalGeneration",), _kosmos2_inputs, 24, True),
     "vilt": _Family(("ViltForQuestionAnswering", "ViltModel"), _vilt_inputs, 16, False),
     "blip": _Family(("BlipForImageTextRetrieval",), _dual_inputs, 16, False),
     "clip": _Family(("CLIPModel",), _dual_inputs, 16, False),
@@ -621,19 +639,6 @@ def _cfg_blip2():
                        num_query_tokens=16, image_token_index=_VOCAB - 1)
 
 
-def _cfg_idefics2():
-    from transformers import Idefics2Config
-
-    # SigLIP-like tower (64 patches) -> perceiver resampler (16 latents, 2 layers) -> Mistral decoder
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=4)
-    perceiver = dict(hidden_act="silu", hidden_size=64, resampler_n_latents=16, resampler_depth=2, resampler_n_heads=2,
-                     resampler_head_dim=16, num_key_value_heads=1)
-    text = dict(model_type="mistral", vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0)
-    return Idefics2Config(vision_config=vision, perceiver_config=perceiver, text_config=text, image_token_id=_VOCAB - 1)
-
-
 def _cfg_lfm2_vl():
     from transformers import Lfm2VlConfig
 
@@ -665,6 +670,18 @@ def _cfg_qwen3_vl():
                            video_token_id=_VOCAB - 3, vision_start_token_id=_VOCAB - 2, vision_end_token_id=_VOCAB - 1)
     config.vision_config.graphred_image_size = 32  # (a zoo hint, as for Qwen2-VL)
     return config
+
+
+def _cfg_kosmos2():
+    from transformers import Kosmos2Config
+
+    # CLIP-like tower (64 patches + CLS) -> 16 learned latent queries cross-attending to the patches -> a decoder
+    # with scaled embeddings and sinusoidal positions
+    text = dict(vocab_size=_VOCAB, max_position_embeddings=128, embed_dim=64, layers=2, ffn_dim=128, attention_heads=4,
+                pad_token_id=1, bos_token_id=0, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)
+    return Kosmos2Config(text_config=text, vision_config=vision, latent_query_num=16)
 
 
 def _cfg_mllama():
@@ -714,14 +731,15 @@ _PRESETS: dict[str, _Preset] = {
     "blip-2": _Preset("blip-2", "Blip2ForConditionalGeneration", _cfg_blip2,
                       "ViT + Q-Former (16 learned queries cross-attending to the patches) + OPT decoder (learned "
                       "positions, folded [B*L, C] feed-forward)"),
-    "idefics2": _Preset("idefics2", "Idefics2ForConditionalGeneration", _cfg_idefics2,
-                        "SigLIP-like tower + perceiver resampler (16 latents) + Mistral decoder"),
     "lfm2-vl": _Preset("lfm2_vl", "Lfm2VlForConditionalGeneration", _cfg_lfm2_vl,
                        "SigLIP2 NaFlex tower (Linear patches) + LFM2 decoder: causal convolution layers between the "
                        "attention layers, the first layer a convolution"),
     "qwen3-vl": _Preset("qwen3_vl", "Qwen3VLForConditionalGeneration", _cfg_qwen3_vl,
                         "Qwen3 decoder with interleaved M-RoPE and deepstack features + ViT with interpolated "
                         "positions; captured without precomputed position_ids (vision positions built in Python)"),
+    "kosmos-2": _Preset("kosmos-2", "Kosmos2ForConditionalGeneration", _cfg_kosmos2,
+                        "CLIP-like tower + 16 learned latent queries cross-attending to the patches + decoder with "
+                        "scaled embeddings and sinusoidal positions; image positions marked by a mask input"),
     "mllama": _Preset("mllama", "MllamaForConditionalGeneration", _cfg_mllama,
                       "Llama-3.2-Vision-style: tiled image (tiles folded into the batch, then into one sequence) + "
                       "decoder with gated cross-attention layers interleaved with self-attention"),
@@ -742,7 +760,7 @@ def names(include_bench: bool = True) -> list[str]:
 # Families added for issue 13 (architectures the analysis and rewrite had to learn to read): tested by their own
 # expectation tests (tests/test_zoo_families.py: blocks, identity at zero reduction, a reducing plan, the estimate
 # against FlopCounterMode), not by every zoo-wide fixture
-FAMILY_NAMES: list[str] = ["fuyu", "blip-2", "idefics2", "lfm2-vl", "qwen3-vl", "mllama"]
+FAMILY_NAMES: list[str] = ["fuyu", "blip-2", "kosmos-2", "lfm2-vl", "qwen3-vl", "mllama"]
 TEST_NAMES: list[str] = [n for n in names(include_bench=False) if n not in FAMILY_NAMES]
 
 

@@ -1101,7 +1101,9 @@ class TokenProvenance:
         out = [sympy.Integer(s) for s in shape]
         info = self.tokens(node)
         done = set()
-        for ax in info.axes:
+        # whole-dim axes first: a sub-axis at the same place (each tile's tokens inside the tiles' sequence) is
+        # already counted by the axis that holds it
+        for ax in sorted(info.axes, key=lambda a: -a.length):
             st = self.stream(ax.stream)
             if st.sym_length is None:
                 continue
@@ -1109,11 +1111,15 @@ class TokenProvenance:
             if loc is None:
                 continue
             lo, hi, inner = loc
-            if lo != hi or hi in done and st.kind == BATCH:
+            if lo != hi or hi in done and st.kind == BATCH or (hi, ax.stride) in done:
                 continue
+            done.add((hi, ax.stride))
             size = out[hi]
             # replace the factor `length` of this dim by the symbolic length
-            out[hi] = sympy.simplify(size / st.length * st.sym_length) if isinstance(size, sympy.Basic) else size
+            if isinstance(size, sympy.Integer) and int(size) % st.length == 0:
+                out[hi] = sympy.Integer(int(size) // st.length) * st.sym_length
+            else:
+                out[hi] = sympy.simplify(size / st.length * st.sym_length) if isinstance(size, sympy.Basic) else size
         return tuple(out)
 
 
