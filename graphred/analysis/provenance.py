@@ -527,6 +527,18 @@ class TokenProvenance:
         w = node.args[1] if len(node.args) > 1 else None
         if not (isinstance(w, fx.Node) and self.tokens(w).learned):
             return axes
+        # features feed their projection only: an input also read elsewhere (hidden states handed over from code
+        # outside the graph, feeding a residual as well as q/k/v) is not a set of raw features
+        n = x
+        while isinstance(n, fx.Node):
+            if len([u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]) != 1:  # (not guards, asserts)
+                return axes
+            if n.op == "placeholder":
+                break
+            data = [a for a in n.all_input_nodes if not self.tokens(a).learned]
+            if len(data) != 1:
+                return axes
+            n = data[0]
         d = len(shape) - 2
         if any(self.stream(a.stream).kind == BATCH and axis_dim(a, shape) == d for a in axes) or shape[d] < 2:
             return axes  # [B, C]: one feature vector per sample, not a sequence
