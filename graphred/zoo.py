@@ -6,7 +6,7 @@ them. Everything else in graphred works from the captured graph.
 
 >>> import graphred
 >>> graphred.zoo.names()                                   # doctest: +ELLIPSIS
-['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', 'llava-bench', 'llava-bench-1024']
+['llava', 'paligemma', 'idefics3', 'qwen2-vl', 'vilt', 'blip', 'clip', 'siglip', ..., 'llava-bench', 'llava-bench-1024']
 >>> model, kwargs = graphred.zoo.load("clip")
 >>> sorted(kwargs)
 ['attention_mask', 'input_ids', 'pixel_values']
