@@ -272,6 +272,20 @@ def section_errors():
             print(f"{spec}\n  ValueError: {e}")
 
 
+def limits_mllama():
+    import warnings
+
+    _, _, prog = load("mllama")
+    plan = P.pumer(prune=0.7, merge=0.0)
+    fast = graphred.transform(prog, plan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = graphred.estimate(prog, plan)
+    print(f"mllama + {plan}: " + ", ".join(f"{s['block']} image {s['image_before']}->{s['image_after']}"
+                                           for s in fast.steps)
+          + f"; estimated FLOPs {est.flops / 1e6:.1f} M -> {est.after.flops / 1e6:.1f} M")
+
+
 def section_limits():
     header("ToMe on a decoder VLM (vision tokens scattered into placeholders)")
     attempt("llava", P.tome(r=4))
@@ -313,6 +327,8 @@ def section_limits():
     header("BLIP: a composed plan's steps in graph order and out of it")
     attempt("blip", "tome:r=4 + pumer:prune=0.3,merge=0.2")
     attempt("blip", "pumer:prune=0.3,merge=0.2 + tome:r=4")
+    header("mllama: tiles in the batch, keys projected per cross-attention layer")
+    limits_mllama()
     header("KV cache: prefill with use_cache=True, cache entries per layer after fastv(layer=1)")
     fast = graphred.transform(graphred.capture(model, **dict(inputs, use_cache=True)), P.fastv(layer=1, keep=0.5))
     with torch.no_grad():

@@ -276,7 +276,9 @@ def _forward_fails(model: nn.Module, args: tuple, kwargs: dict) -> BaseException
     return None
 
 
-_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent")
+# errors of Python code that reads tensor values (a guard on one, a symbolic value used as a dict key)
+_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent",
+                   "non-nested SymInt", "PendingUnbackedSymbolNotFound")
 _NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
 
@@ -386,6 +388,127 @@ def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.e
         return torch.export.export(model, args, kwargs, strict=False)
 
 
+class _ConcreteScalars(torch.overrides.TorchFunctionMode):
+    """During a capture with real-tensor propagation: a tensor read into Python (``tolist``, ``item``,
+    ``bool``, ``int``, ``float``, ``index``) gives the value it has at the example inputs, a plain Python
+    value, not an unbacked symbol. Python code that loops over such values, uses them as dict keys or
+    ranges (vision position ids built per image, ``mask.any()`` branches) then traces as it runs on the
+    example inputs: the graph is specialised to them, as draft export's guards are."""
+
+    _READS = frozenset({torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+                        torch.Tensor.__index__, torch.Tensor.__float__})
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    @staticmethod
+    def _real(t: Any) -> Any:
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        for _ in range(8):
+            if isinstance(t, FunctionalTensor):
+                t = t.elem
+            elif isinstance(t, torch.Tensor) and torch._is_functional_tensor(t):
+                t = torch._from_functional_tensor(t)
+            else:
+                break
+        return getattr(t, "real_tensor", None)
+
+    def _fold(self, func, args, kwargs):
+        """Integer bookkeeping over small tensors (at most :data:`graphred.serving.SMALL_VALUE_TENSOR`
+        elements, the ones serving keys by value, e.g. image grids) computed on their example values: a
+        constant of the graph, so ops with value-dependent sizes (``repeat_interleave`` by counts,
+        ``arange(counts.sum())``) get static sizes. None where that does not apply."""
+        from .serving import SMALL_VALUE_TENSOR
+
+        flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if not any(_is_traced(a) for a in tensors) or any(a.is_floating_point() or a.is_complex() for a in tensors):
+            return None
+        reals = []
+        for a in flat:
+            if isinstance(a, torch.Tensor):
+                r = self._real(a) if _is_traced(a) else a
+                if r is None or (_is_traced(a) and r.numel() > SMALL_VALUE_TENSOR):
+                    return None
+                reals.append(r)
+            else:
+                reals.append(a)
+        a2, k2 = torch.utils._pytree.tree_unflatten(reals, spec)
+        with torch.utils._python_dispatch._disable_current_modes():  # computed on the values, not traced
+            out = func(*a2, **k2)
+            ok = all(isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex())
+                     for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor))
+            out = torch.utils._pytree.tree_map(
+                lambda o: o.clone(memory_format=torch.contiguous_format) if isinstance(o, torch.Tensor) else o, out)
+        # (cloned: fresh dense constants; a folded view with expand's zero strides cannot become a graph constant)
+        return out if ok else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._READS and args and isinstance(args[0], torch.Tensor):
+            real = self._real(args[0]) if _is_traced(args[0]) else args[0]
+            if real is not None:
+                self.reads += 1
+                with torch.utils._python_dispatch._disable_current_modes():
+                    return func(real, *args[1:], **kwargs)
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) >= 2:
+            index = self._bool_index(args[1])
+            if index is not None:  # a boolean mask of known value: integer indices of static length
+                self.reads += 1
+                return func(args[0], index, *args[2:], **kwargs)
+        name = getattr(func, "__name__", "")
+        if not (isinstance(func, torch._ops.OpOverload) or name.startswith("_") or name.endswith("_")
+                or name in self._NOT_FOLDED):
+            try:
+                out = self._fold(func, args, kwargs)
+            except Exception:  # noqa: BLE001 - not foldable: traced as usual
+                out = None
+            if out is not None:
+                self.reads += 1
+                return out
+        return func(*args, **kwargs)
+
+    def _bool_index(self, index):
+        """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the
+        integer index tensors of its true positions; None when it holds no such mask."""
+        from .serving import SMALL_VALUE_TENSOR
+
+        items = index if isinstance(index, tuple) else (index,)
+        out, changed = [], False
+        for it in items:
+            if isinstance(it, torch.Tensor) and it.dtype == torch.bool:
+                real = self._real(it) if _is_traced(it) else it
+                if real is not None and real.numel() <= SMALL_VALUE_TENSOR:
+                    with torch.utils._python_dispatch._disable_current_modes():
+                        out.extend(t.clone() for t in real.nonzero(as_tuple=True))
+                    changed = True
+                    continue
+            out.append(it)
+        return tuple(out) if changed else None
+
+    _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
+                             "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
+                             "data_ptr", "requires_grad", "clone", "contiguous", "alias"})
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    """A tensor of the trace (fake or functional), not a plain constant."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch._is_functional_tensor(t)
+
+
+def _export_concrete_reads(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """:func:`_export_real_tensors` with every tensor read into Python made concrete (:class:`_ConcreteScalars`)."""
+    with torch._functorch.config.patch(
+        fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True
+    ), _ConcreteScalars():
+        return torch.export.export(model, args, kwargs, strict=False)
+
+
 def _register_output_types() -> None:
     """Let torch.export return Hugging Face key/value caches (``use_cache=True``) as pytrees."""
     try:
@@ -426,16 +549,22 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
             text = f"{type(first).__name__}: {first}"
             if any(k in text for k in _DATA_DEPENDENT):
                 try:
+                    how = "draft_export semantics (real-tensor propagation)"
                     try:
                         ep = _export_real_tensors(model, args, kwargs)
-                    except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
-                        ep = torch.export.draft_export(model, args, kwargs, strict=False)
+                    except Exception:  # noqa: BLE001 - Python that reads tensor values (loops, dict keys)
+                        try:
+                            ep = _export_concrete_reads(model, args, kwargs)
+                            how = ("real-tensor propagation with tensor values read into Python (loops, keys, "
+                                   "branches) taken at the example inputs")
+                        except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
+                            ep = torch.export.draft_export(model, args, kwargs, strict=False)
                     method = "draft_export"
                     _silence_real_tensor_propagation_logs()
                     notes.append(
                         "torch.export hit a data-dependent guard at "
-                        f"{_user_frame(first)}; captured with draft_export semantics (real-tensor "
-                        "propagation), which specialise data-dependent branches to the example inputs."
+                        f"{_user_frame(first)}; captured with {how}, which specialise data-dependent branches "
+                        "to the example inputs."
                     )
                 except Exception as second:  # noqa: BLE001
                     raise _capture_error(model, args, kwargs, second) from second

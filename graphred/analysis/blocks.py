@@ -124,7 +124,7 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             qm, qs = _modalities(prov, qk, -2, prov.tokens(a["q"]).taint)
             km, ks = _modalities(prov, qk, -1, prov.tokens(a["k"]).taint)
         if not qm and prov.tokens(a["q"]).learned or not qm and not prov.tokens(a["q"]).taint:
-            qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, Q-Former queries)
+            qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, a query transformer's queries)
         same = qs is not None and ks is not None and qs.id == ks.id
         data = (qm | km) & {IMAGE, TEXT}
         if same or (qs is None and ks is None and qm == km):
@@ -133,6 +133,8 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             # two sequences: cross-modal when the data on the two sides differs (text queries on image
             # keys); learned queries pooling one modality stay unimodal
             kind = CROSS_ATTENTION if len(data) == 2 or (qm & {IMAGE, TEXT} and km & {IMAGE, TEXT} and qm != km) else UNIMODAL_SELF
+            if _resamples(prov, a["out"]) or (qs is not None and ks is not None and qs.rule == "queries" and IMAGE in km):
+                kind = CROSS_ATTENTION  # learned queries reading image tokens: a resampler's cross-attention
         per_sample = qs.counts() if qs is not None else []
         tokens = _collapse(per_sample)
         key_tokens = _collapse(ks.counts()) if ks is not None and not same else {}
@@ -161,6 +163,11 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
         ))
     # layer index within a stack: the order of blocks sharing the stack
     return blocks
+
+
+def _resamples(prov: TokenProvenance, out) -> bool:
+    """True where the attention output starts an image stream of learned queries (see provenance)."""
+    return any(st.rule == "queries" and st.origin == out.name for _, st in prov.axes(out))
 
 
 def _collapse(per_sample: list[dict[str, int]]) -> dict[str, int]:

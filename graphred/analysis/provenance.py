@@ -110,6 +110,7 @@ class TokenInfo:
     taint: frozenset = frozenset()  # modalities whose data flows into this tensor
     direct_ids: bool = False  # values copied from an integer graph input (token ids)
     learned: bool = False  # computed from parameters/constants only (no graph input)
+    raw: bool = False  # values of a floating graph input, only reshaped, cast or scaled (features not yet projected)
 
 
 @dataclass
@@ -231,6 +232,11 @@ class TokenProvenance:
         return self.streams[self.find(sid)]
 
     def _new_stream(self, kind, length, node, rule, recipe, parents=()) -> int:
+        if rule in ("tiles", "padded"):  # the same fold (padding) of the same stream is the same stream
+            key = (rule, self.find(recipe[1]), recipe[2])
+            for st in self.streams:
+                if st.rule == rule and (st.rule, self.find(st.recipe[1]), st.recipe[2]) == key:
+                    return self.find(st.id)
         if rule == "slice":  # the same range of the same stream is the same stream (q, k, v split alike)
             key = (self.find(recipe[1]),) + tuple(recipe[2:])
             for st in self.streams:
@@ -285,9 +291,12 @@ class TokenProvenance:
 
     # ---- propagation
     def _run(self) -> None:
+        self._attention_at = {a["out"]: a for a in find_attention(self.gm)}
         for node in self.gm.graph.nodes:
             try:
                 self.info[node] = self._visit(node)
+                if node in self._attention_at:
+                    self.info[node] = self._learned_queries(node, self._attention_at[node], self.info[node])
             except Exception as e:  # a rule that cannot apply is reported, never guessed
                 self._unknown(node, f"{op_name(node)} ({type(e).__name__}: {e})")
                 self.info[node] = TokenInfo()
@@ -305,7 +314,9 @@ class TokenProvenance:
         return t
 
     def _learned(self, args) -> bool:
-        return all(self.tokens(a).learned for a in _flat_nodes(args))
+        # sizes (SymInt nodes) say nothing about where values come from
+        return all(self.tokens(a).learned for a in _flat_nodes(args) if isinstance(a.meta.get("val"), torch.Tensor)
+                   or a.op != "call_function")
 
     def _visit(self, node: fx.Node):
         if node.op == "placeholder":
@@ -337,7 +348,8 @@ class TokenProvenance:
             return TokenInfo(learned=True)
         if pk in RESHAPES:
             src = self._in(node.args[0])
-            return TokenInfo(self._fit(src.axes, shape), taint, src.direct_ids, learned)
+            return TokenInfo(self._tiles(node, self._fit(src.axes, shape), shape), taint, src.direct_ids, learned,
+                             raw=src.raw)
         if pk in (aten.permute, aten.transpose, aten.t, aten.movedim, aten.swapaxes, aten.swapdims):
             return self._permute(node, taint, learned)
         if pk in (aten.expand, aten.expand_as, aten.broadcast_to):
@@ -348,7 +360,7 @@ class TokenProvenance:
             return self._conv(node, taint, learned)
         if pk is aten.masked_scatter:
             return self._scatter(node, "mask", node.args[1], node.args[2], taint)
-        if pk is aten.index_put:
+        if pk in (aten.index_put, aten.index_put_):
             return self._index_put(node, taint)
         if pk is aten.where and len(node.args) == 3:
             return self._where(node, taint, learned)
@@ -358,6 +370,8 @@ class TokenProvenance:
             return self._stack(node, taint, learned)
         if pk in (aten.slice,):
             return self._slice(node, taint, learned)
+        if pk in (aten.pad, aten.constant_pad_nd):
+            return self._pad(node, taint, learned)
         if pk in (aten.select,):
             return self._select(node, taint, learned)
         if pk in (aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split):
@@ -370,7 +384,8 @@ class TokenProvenance:
             x = node.args[0]
             xs = node_shape(x)
             dm = {i: i for i in range(len(xs) - 1)}
-            return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+            axes = relocate(self._in(x).axes, xs, shape, dm)
+            return TokenInfo(tuple(self._projected_features(node, x, axes)), taint, False, learned)
         if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
             return self._matmul(node, taint, learned)
         if pk in REDUCTIONS:
@@ -414,7 +429,7 @@ class TokenProvenance:
             axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
             return TokenInfo(tuple(axes), frozenset({modality}))
         if dt is not None and dt.is_floating_point:
-            return TokenInfo(tuple(axes), frozenset({IMAGE}))
+            return TokenInfo(tuple(axes), frozenset({IMAGE}), raw=True)
         if dt is not None and dt != torch.bool:
             return TokenInfo(tuple(axes), frozenset(), direct_ids=True)
         return TokenInfo(tuple(axes))
@@ -441,7 +456,7 @@ class TokenProvenance:
             perm[a], perm[b] = perm[b], perm[a]
         dm = {src: dst for dst, src in enumerate(perm)}
         src = self._in(x)
-        return TokenInfo(tuple(relocate(src.axes, xs, shape, dm)), taint, src.direct_ids, learned)
+        return TokenInfo(tuple(relocate(src.axes, xs, shape, dm)), taint, src.direct_ids, learned, raw=src.raw)
 
     def _broadcast_info(self, node, ins, shape, taint, learned) -> TokenInfo:
         if shape is None:
@@ -457,7 +472,8 @@ class TokenProvenance:
             dm = {i: i + R - r for i in range(r) if i + R - r >= 0 and s[i] == shape[i + R - r]}
             for ax in relocate(self._in(a).axes, s, shape, dm):
                 loc = locate(ax, shape)
-                key = loc[1] if loc else -1
+                # keyed by dim and flat stride: a folded dim ([B*L, C]) holds two axes at different strides
+                key = (loc[1], ax.stride) if loc else (-1, ax.stride)
                 prev = by_dim.get(key)
                 if prev is None:
                     by_dim[key] = ax
@@ -468,8 +484,13 @@ class TokenProvenance:
                     else:
                         extra.append(ax)
         direct = all(self._in(a).direct_ids for a in ins) if ins else False
-        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all(locate(a, shape)[1] != locate(b, shape)[1] for b in by_dim.values()))
-        return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned)
+        data = [self._in(a) for a in ins if not self._in(a).learned]
+        raw = bool(data) and all(i.raw for i in data)
+        # (an axis of another length at the same place is a sub-axis: tiles folded into one token dim hold each
+        # tile's tokens too)
+        axes = tuple(by_dim.values()) + tuple(a for a in extra if locate(a, shape) is not None and all((locate(a, shape)[1], a.stride, a.length) != (locate(b, shape)[1], b.stride, b.length) for b in by_dim.values()))
+        return TokenInfo(axes, taint, direct and op_packet(node) in IDENTITY | RESHAPES | aten_packets("expand"), learned,
+                         raw=raw)
 
     def _broadcast(self, node, ins, taint, learned):
         return self._broadcast_info(node, ins, node_shape(node), taint, learned)
@@ -491,13 +512,141 @@ class TokenProvenance:
             if not any(axis_dim(a, shape) == d for a in axes):
                 sid = self._new_stream(TOKENS, shape[d], node, "embedding", ("uniform", CODE[TEXT]))
                 axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
-        return TokenInfo(tuple(axes), taint | {TEXT}, False, False)
+        # one id per sample (an aspect-ratio or class id looked up into a conditioning vector) is no text sequence
+        seq = any(self.stream(a.stream).kind == TOKENS and a.length > 1 for a in axes)
+        return TokenInfo(tuple(axes), taint | {TEXT} if seq else taint, False, False)
+
+    def _projected_features(self, node, x, axes) -> list[TokAxis]:
+        """A learned projection of a floating input's raw values (no convolution before it: region features,
+        flattened patches) is where image tokens enter: its row dim is a new image stream. Rows are the dim
+        before the features ([B, N, C] -> N), or each row of a [N, C] input without a batch dim."""
+        xi = self._in(x)
+        shape = node_shape(node)
+        if not xi.raw or not shape or len(shape) < 2 or any(self.stream(a.stream).kind == TOKENS for a in axes):
+            return axes
+        w = node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(w, fx.Node) and self.tokens(w).learned):
+            return axes
+        # features feed their projection only: an input also read elsewhere (hidden states handed over from code
+        # outside the graph, feeding a residual as well as q/k/v) is not a set of raw features
+        n = x
+        while isinstance(n, fx.Node):
+            if len([u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]) != 1:  # (not guards, asserts)
+                return axes
+            if n.op == "placeholder":
+                break
+            data = [a for a in n.all_input_nodes if not self.tokens(a).learned]
+            if len(data) != 1:
+                return axes
+            n = data[0]
+        d = len(shape) - 2
+        if any(self.stream(a.stream).kind == BATCH and axis_dim(a, shape) == d for a in axes) or shape[d] < 2:
+            return axes  # [B, C]: one feature vector per sample, not a sequence
+        sid = self._new_stream(TOKENS, shape[d], node, "patches", ("uniform", CODE[IMAGE]))
+        return list(axes) + [TokAxis(sid, _suffix(shape, d), shape[d])]
+
+    def _learned_queries(self, node, att, info: TokenInfo) -> TokenInfo:
+        """Learned queries (a resampler's latents, a query transformer's query tokens: computed from parameters only)
+        that attend to image tokens come out as image tokens: their positions become a new image stream at
+        the attention output. One learned query (an attention-pooling probe) pools, it makes no sequence."""
+        q, k = att["q"], att["k"]
+        qi, ki = self.tokens(q), self.tokens(k)
+        shape = node_shape(node)
+        if not qi.learned or not shape or len(shape) < 2 or shape[-2] < 2 or IMAGE not in ki.taint:
+            return info
+        ks = node_shape(k)
+        if not any(self.stream(a.stream).kind == TOKENS and axis_dim(a, ks) == len(ks) - 2 for a in ki.axes):
+            return info
+        if any(self.stream(a.stream).kind == TOKENS for a in info.axes):
+            return info
+        d = len(shape) - 2
+        axes = list(info.axes)
+        for a in ki.axes:  # the batch of the keys
+            st = self.stream(a.stream)
+            if st.kind == BATCH and axis_dim(a, ks) == 0 and shape[0] == st.length:
+                axes.append(TokAxis(st.id, _suffix(shape, 0), st.length))
+        sid = self._new_stream(TOKENS, shape[d], node, "queries", ("uniform", CODE[IMAGE]))
+        axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return TokenInfo(tuple(axes), info.taint | {IMAGE}, False, False)
+
+    def _tiles(self, node, axes, shape) -> tuple[TokAxis, ...]:
+        """A reshape that folds several copies of a token sequence into one dim (image tiles that ran through
+        the vision tower as batch rows, concatenated into one sequence per image): the folded dim is a ``tiles``
+        stream, the parent's tokens once per tile."""
+        out = list(axes)
+        if not shape:
+            return tuple(out)
+        for ax in axes:
+            st = self.stream(ax.stream)
+            loc = locate(ax, shape)
+            if st.kind != TOKENS or loc is None or loc[0] != loc[1] or loc[2] != 1 or shape[loc[1]] == ax.length:
+                continue
+            d = loc[1]
+            if shape[d] % ax.length or any(locate(o, shape) is not None and locate(o, shape)[1] == d and o != ax
+                                           for o in axes):
+                continue
+            n = shape[d] // ax.length
+            sid = self._new_stream(TOKENS, shape[d], node, "tiles", ("tiles", st.id, n), parents=(st.id,))
+            out.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return tuple(out)
+
+    def _pad(self, node, taint, learned):
+        """Padding: other dims keep their axes; a token dim padded at its end only becomes a ``padded`` stream (the
+        tokens, then the padding), as after a convolution's overhang."""
+        x = node.args[0]
+        xs, shape = node_shape(x), node_shape(node)
+        pads = list(node.args[1])
+        xi = self._in(x)
+        padded = {len(xs) - 1 - i // 2 for i, p in enumerate(pads) if p}
+        dm = {i: i for i in range(len(xs)) if i not in padded}
+        axes = relocate(xi.axes, xs, shape, dm)
+        for ax in xi.axes:
+            st = self.stream(ax.stream)
+            d = axis_dim(ax, xs)
+            if d is None or d not in padded or st.kind != TOKENS:
+                continue
+            i = 2 * (len(xs) - 1 - d)
+            if pads[i] != 0 or pads[i + 1] < 0:
+                raise ValueError("padding before the tokens")
+            sid = self._new_stream(TOKENS, shape[d], node, "padded", ("padded", st.id, xs[d]), parents=(st.id,))
+            axes.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return TokenInfo(tuple(axes), taint, False, learned)
+
+    def _conv_over_tokens(self, node, xi, xs, shape) -> TokAxis | None:
+        """A 1-d convolution whose input holds a token axis along its spatial dim mixes neighbouring tokens and
+        keeps them: output position ``i`` ends its window at input position ``i - pad + kernel - 1``. The same
+        stream where the length is kept; a ``padded`` stream (the input's tokens, then the overhang) where the
+        padding makes it longer (a causal conv, cut back to the input length by a slice afterwards)."""
+        if len(xs) != 3 or len(shape) != 3:
+            return None
+        d = 2
+        ax = next((a for a in xi.axes if self.stream(a.stream).kind == TOKENS and axis_dim(a, xs) == d), None)
+        if ax is None:
+            return None
+        w = node.args[1]
+        k = node_shape(w)[-1] if isinstance(w, fx.Node) and node_shape(w) else None
+        args = list(node.args) + [None] * 7
+        stride, padding, dilation = args[3] or [1], args[4] or [0], args[5] or [1]
+        stride, padding, dilation = [v[0] if isinstance(v, (list, tuple)) else v for v in (stride, padding, dilation)]
+        if k is None or stride != 1 or dilation != 1 or not isinstance(padding, int):
+            return None
+        if shape[d] == xs[d]:
+            return TokAxis(ax.stream, 1, ax.length)
+        shift = k - 1 - padding  # output i <-> input i + shift
+        if shift != 0 or shape[d] < xs[d]:
+            return None
+        sid = self._new_stream(TOKENS, shape[d], node, "padded", ("padded", self.stream(ax.stream).id, xs[d]),
+                               parents=(ax.stream,))
+        return TokAxis(sid, 1, shape[d])
 
     def _conv(self, node, taint, learned):
         x = node.args[0]
         xs, shape = node_shape(x), node_shape(node)
         xi = self._in(x)
         axes = relocate(xi.axes, xs, shape, {0: 0})
+        seq = self._conv_over_tokens(node, xi, xs, shape)
+        if seq is not None:  # a convolution along a token sequence (a causal/short conv layer of a decoder)
+            return TokenInfo(tuple(axes) + (seq,), taint, False, learned)
         tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
         if not tok and IMAGE in taint and len(shape) >= 3:
             spatial = 1
@@ -635,6 +784,10 @@ class TokenProvenance:
             return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
         for ax in xi.axes:
             st = self.stream(ax.stream)
+            if axis_dim(ax, xs) == dim and st.rule == "padded" and _norm_index(start, xs[dim]) == 0 \
+                    and shape[dim] == st.recipe[2] and step == 1:
+                axes.append(TokAxis(self.find(st.recipe[1]), _suffix(shape, dim), shape[dim]))  # the overhang cut off
+                continue
             if axis_dim(ax, xs) == dim and st.kind == TOKENS and shape[dim] > 0:
                 s0 = _norm_index(start, xs[dim])
                 e0 = s0 + (shape[dim] - 1) * int(step) + 1
@@ -848,6 +1001,16 @@ class TokenProvenance:
             _, parent, s0, e0, step = r
             c, s = self._parent_codes(parent)
             return c[:, s0:e0:step], s[s0:e0:step]
+        if r[0] == "tiles":
+            _, parent, n = r
+            c, s = self._parent_codes(parent)
+            return c.repeat(1, n), s.repeat(n)
+        if r[0] == "padded":  # the parent's tokens, then an overhang of padding (special, register)
+            _, parent, n = r
+            c, s = self._parent_codes(parent)
+            extra = st.length - n
+            return (torch.cat([c, torch.full((c.shape[0], extra), CODE[REGISTER], dtype=torch.int8)], 1),
+                    torch.cat([s, torch.ones(extra, dtype=torch.bool)]))
         return None, None
 
     def _parent_codes(self, sid):
@@ -921,6 +1084,13 @@ class TokenProvenance:
                 for mod, s_ in st.symbols.items():  # learned special tokens counted under a modality
                     if counts and s_ in self.symbol_values:
                         st.offsets[mod] = counts[0].get(mod, 0) - int(self.symbol_values[s_])
+            elif st.rule == "tiles":
+                parent = self.streams[self.find(r[1])]
+                st.sym_length = r[2] * (parent.sym_length if parent.sym_length is not None else parent.length)
+            elif st.rule == "padded":
+                parent = self.streams[self.find(r[1])]
+                base = parent.sym_length if parent.sym_length is not None else parent.length
+                st.sym_length = base + (st.length - r[2])
             elif st.rule == "slice":
                 parent = self.streams[r[1]]
                 base = parent.sym_length if parent.sym_length is not None else parent.length
@@ -943,7 +1113,9 @@ class TokenProvenance:
         out = [sympy.Integer(s) for s in shape]
         info = self.tokens(node)
         done = set()
-        for ax in info.axes:
+        # whole-dim axes first: a sub-axis at the same place (each tile's tokens inside the tiles' sequence) is
+        # already counted by the axis that holds it
+        for ax in sorted(info.axes, key=lambda a: -a.length):
             st = self.stream(ax.stream)
             if st.sym_length is None:
                 continue
@@ -951,11 +1123,15 @@ class TokenProvenance:
             if loc is None:
                 continue
             lo, hi, inner = loc
-            if lo != hi or hi in done and st.kind == BATCH:
+            if lo != hi or hi in done and st.kind == BATCH or (hi, ax.stride) in done:
                 continue
+            done.add((hi, ax.stride))
             size = out[hi]
             # replace the factor `length` of this dim by the symbolic length
-            out[hi] = sympy.simplify(size / st.length * st.sym_length) if isinstance(size, sympy.Basic) else size
+            if isinstance(size, sympy.Integer) and int(size) % st.length == 0:
+                out[hi] = sympy.Integer(int(size) // st.length) * st.sym_length
+            else:
+                out[hi] = sympy.simplify(size / st.length * st.sym_length) if isinstance(size, sympy.Basic) else size
         return tuple(out)
 
 

@@ -6,7 +6,7 @@ from ..analysis.provenance import CODE, IMAGE
 from ..errors import PlanError
 from ..plans import FastVStep
 from .prune_merge import cross_modal_layers, prune_stream
-from .reduce import layer_input
+from .reduce import layer_input, token_streams
 from .rewrite_state import RewriteState, StepPass
 
 
@@ -24,8 +24,7 @@ class FastVPass(StepPass):
 
     def apply(self, gm, rs: RewriteState) -> None:
         step: FastVStep = self.step
-        stack, blocks = cross_modal_layers(rs.blocks)
-        decoder = [b for b in blocks if b.kind == CROSS_MODAL_SELF]
+        stack, decoder = cross_modal_layers([b for b in rs.blocks if b.kind == CROSS_MODAL_SELF])
         if not decoder:
             raise PlanError(f"fastv: {rs.model} has no decoder layer holding image and text tokens together")
         if not all(b.causal for b in decoder) and _last_position_holds_image(rs, decoder[0].query_stream):
@@ -37,17 +36,24 @@ class FastVPass(StepPass):
                 "score with. Use graphred.plans.pumer(...).")
         by_layer = {b.layer_index: b for b in decoder}
         layers = sorted(by_layer)
-        if step.layer not in by_layer or step.layer - 1 not in by_layer:
-            raise PlanError(f"fastv: layer={step.layer} needs decoder layers {step.layer - 1} and {step.layer}; "
-                            f"{stack} has cross-modal layers {layers}. Choose 1 <= layer <= {layers[-1]}.")
+        before = [l for l in layers if l < step.layer]  # the attention layer before (layers without attention
+        if step.layer not in by_layer or not before:  # in between, e.g. convolutions, are skipped over)
+            raise PlanError(f"fastv: layer={step.layer} needs a cross-modal decoder layer at {step.layer} and one "
+                            f"before it to score with; {stack} has cross-modal layers {layers}. Choose a layer among "
+                            f"{layers[1:]}.")
         where = (stack, step.layer)
         if where in rs.cuts:
             raise PlanError(f"fastv: two FastV cuts at one layer ({step.layer} of {stack}: {rs.cuts[where]} and "
                             f"{step.spec()}) are not supported; give one fastv(layer={step.layer}, keep=k) with the "
                             "product of the keep fractions, or cut at another layer")
-        score_block = by_layer[step.layer - 1]
+        score_block = by_layer[before[-1]]
         stream = score_block.query_stream
-        point = layer_input(gm, rs.prov, stack, step.layer, stream)
+        point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer[step.layer])
+        here = token_streams(rs.prov, point, rs.prov.stream(stream).length)
+        if here and rs.prov.find(stream) not in here:
+            # the layer's input is another stream of the same positions (a write between the layers,
+            # e.g. features added to the image positions): reduce that one
+            stream = here[0]
         if prune_stream(rs, score_block, stream, point, "last", keep=step.keep, step_name="fastv",
                         renumber=step.renumber) is not None:
             rs.cuts[where] = step.spec()

@@ -343,5 +343,11 @@ def cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[Attentio
     by_stack: dict[str, list[AttentionBlock]] = {}
     for b in cm:
         by_stack.setdefault(b.stack, []).append(b)
-    stack = max(by_stack, key=lambda s: len(by_stack[s]))
+    def meets(b: AttentionBlock) -> bool:  # text queries on image keys, or one sequence holding both
+        return b.kind == CROSS_MODAL_SELF or (TEXT in b.query_modalities and IMAGE in b.key_modalities)
+
+    # the stack where text meets image most often (a resampler's cross-attention reads the image with learned
+    # queries: text-informed reductions belong where the text is)
+    # (ties: the later stack, the decoder after a resampler)
+    stack = max(by_stack, key=lambda s: (sum(meets(b) for b in by_stack[s]), len(by_stack[s]), by_stack[s][-1].index))
     return stack, by_stack[stack]

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.blocks import AttentionBlock
-from ..analysis.provenance import TokenProvenance
+from ..analysis.provenance import CODE, REGISTER, TokenProvenance
 from ..errors import PlanError
 from ..fx_utils import call_with_val, fake_like, graph_device, module_path, node_named, node_order, node_shape, op_packet
 
@@ -81,6 +81,14 @@ def emit_codes(gm: fx.GraphModule, prov: TokenProvenance, sid: int, cache: dict)
         _, parent, s0, e0, step = r
         pcodes = emit_codes(gm, prov, parent, cache)
         out = call_with_val(graph, aten.slice.Tensor, (pcodes, 1, s0, e0, step))
+    elif r[0] == "tiles":  # the parent's layout once per tile
+        _, parent, n = r
+        pcodes = emit_codes(gm, prov, parent, cache)
+        out = call_with_val(graph, aten.repeat.default, (pcodes, [1, n]))
+    elif r[0] == "padded":  # the parent's layout, then the padding (register codes)
+        _, parent, n = r
+        pcodes = emit_codes(gm, prov, parent, cache)
+        out = call_with_val(graph, aten.constant_pad_nd.default, (pcodes, [0, st.length - n], CODE[REGISTER]))
     else:
         raise PlanError(f"stream {sid} has no run-time layout ({r[0]})")
     cache[sid] = out
@@ -128,8 +136,61 @@ def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBl
         "Reduce at a layer whose attention output is added back to the token stream, or use another plan.")
 
 
-def layer_input(gm: fx.GraphModule, prov: TokenProvenance, stack: str, layer: int, stream: int) -> fx.Node:
-    """The tensor on ``stream`` that enters layer ``layer`` of ``stack`` from outside it."""
+def token_streams(prov: TokenProvenance, node: fx.Node, length: int | None = None) -> list[int]:
+    """Canonical ids of the token streams ``node`` holds on whole dims (of ``length`` tokens, if given)."""
+    return [prov.find(s.id) for _, s in prov.axes(node) if length is None or s.length == length]
+
+
+def layer_boundary(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock) -> fx.Node | None:
+    """The tensor entering the layer of ``block``, found from the graph's structure alone: the nearest
+    dominator of the attention's query, over the nodes that carry a token sequence of the query's length,
+    that also feeds the computation after the attention output (the residual skip around the attention,
+    whether norms come before or after, whatever the layer's module path). None where no such node exists
+    (no skip connection)."""
+    import networkx as nx
+
+    q, out = node_named(gm, block.query), node_named(gm, block.output)
+    lengths = [s.length for d, s in prov.axes(q)] or [None]
+    length = node_shape(q)[-2] if node_shape(q) and len(node_shape(q)) >= 2 else lengths[0]
+    order = node_order(gm)
+    g = nx.DiGraph()
+    src = "__source__"
+    for n in gm.graph.nodes:
+        if order[n] > order[q]:
+            break
+        if not token_streams(prov, n, length):
+            continue
+        ins = [a for a in n.all_input_nodes if a in g]
+        g.add_node(n)
+        for a in ins:
+            g.add_edge(a, n)
+        if not ins:
+            g.add_edge(src, n)
+    if q not in g:
+        return None
+    idom = nx.immediate_dominators(g, src)
+    down, limit = {out}, order[out] + 600  # the computation after the attention output (the layer's rest)
+    for n in list(gm.graph.nodes)[order[out] + 1:]:
+        if order[n] > limit:
+            break
+        if any(a in down for a in n.all_input_nodes):
+            down.add(n)
+    d = idom.get(q)
+    while d is not None and d != src:
+        if any(u in down for u in d.users):
+            return d
+        d = idom.get(d)
+    return None
+
+
+def layer_input(gm: fx.GraphModule, prov: TokenProvenance, stack: str, layer: int, stream: int,
+                block: AttentionBlock | None = None) -> fx.Node:
+    """The tensor on ``stream`` that enters layer ``layer`` of ``stack`` from outside it. With ``block`` (the
+    layer's attention), found structurally first (:func:`layer_boundary`), then by module path."""
+    if block is not None:
+        found = layer_boundary(gm, prov, block)
+        if found is not None:
+            return found
     prefix = f"{stack}.{layer}"
     for n in gm.graph.nodes:
         p = module_path(n)
@@ -141,22 +202,37 @@ def layer_input(gm: fx.GraphModule, prov: TokenProvenance, stack: str, layer: in
                 continue
             if any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(a)):
                 return a
-    raise PlanError(f"cannot find the input of layer {prefix}")
+    raise PlanError(f"cannot find the input of layer {prefix}: no tensor on its token stream enters the layer's "
+                    "modules from outside, and no skip connection around its attention was found in the graph")
+
+
+_SHAPE_ONLY = {aten.expand, aten.unsqueeze, aten.view, aten.reshape, aten._unsafe_view, aten.clone, aten.contiguous}
 
 
 def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock, stream: int) -> fx.Node:
     """For a cross-attention: the tensor outside the attention module that its keys come from."""
     k = node_named(gm, block.key)
     parent = block.module_path.rsplit(".", 1)[0]
-    n = k
+
+    def carries(x):
+        return any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(x))
+
+    n = good = k
     seen = 0
     while seen < 20:
+        if carries(n):
+            good = n
         p = module_path(n)
         if not (p == parent or p.startswith(parent + ".")) or n.op != "call_function":
-            return n
-        nxt = [a for a in n.all_input_nodes if any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(a))]
+            break
+        nxt = [a for a in n.all_input_nodes if carries(a)]
+        if not nxt and op_packet(n) in _SHAPE_ONLY and isinstance(n.args[0], fx.Node):
+            # (grouped-query keys repeated by expand: a view of the keys, whatever the analysis tracked there)
+            nxt = [n.args[0]]
         if not nxt:
-            return n
+            break
         n = nxt[0]
         seen += 1
-    return n
+    # the furthest tensor up the chain that still holds the stream on a whole dim (keys computed per layer from
+    # another layout, e.g. tiles in the batch, are reduced in that layer only)
+    return n if carries(n) else good

@@ -128,6 +128,8 @@ def reduce_stream(
     stands for, and may repeat positions, so ``new_length`` may exceed the current length).
     """
     graph = gm.graph
+    # a convolution along the tokens pads them (the stream plus an overhang): the same tokens for the rewrite
+    state.aliases |= {prov.find(s.id) for s in prov.streams if s.rule == "padded" and prov.find(s.recipe[1]) == prov.find(state.stream)}
     if dim is None:
         dims = stream_dims(prov, point, state.stream) if point in prov.info else []
         if not dims:

@@ -24,7 +24,7 @@ from graphred.analysis.cost import count_flops_executed
 from graphred.analysis.cost.estimate import Estimate, estimate_model, sweep
 from graphred.analysis.cost.memory import activation_memory, weight_bytes
 
-NAMES = zoo.names(include_bench=False)
+NAMES = zoo.TEST_NAMES  # (the issue-13 families: tests/test_zoo_families.py)
 
 
 @pytest.fixture(scope="module")
