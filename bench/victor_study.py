@@ -139,7 +139,8 @@ def main() -> int:
     row, _, _ = finetune(args.model, args.plan, steps=args.steps, batch=args.batch, lr=args.lr,
                          reducer_lr=args.reducer_lr, schedule=args.schedule, warmup=args.warmup, kl=args.kl,
                          hidden_mse=args.hidden_mse, seed=args.seed, limit=args.limit, what=args.what, label=args.name)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:  # two runs may finish together
+    (ROOT / "bench" / "out").mkdir(exist_ok=True)
+    with open(ROOT / "bench" / "out" / "victor_study.lock", "w") as lock:  # two runs may finish together
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
         rows = [r for r in rows if r["name"] != row["name"]] + [row]
