@@ -335,7 +335,8 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
 def finetune_shipped(name: str, plan, *, steps: int = 300, batch: int = 50, what: str | None = None, lr: float = 1e-4,
                      reducer_lr: float | None = 3e-3, temperature: float = 2.0, limit: int = 1000, seed: int = 0,
                      checkpoint: str | os.PathLike | None = None, resume: bool = False, out: str | os.PathLike | None = None,
-                     progress: bool | None = None, log_every: int = 0, evaluate: bool = True) -> dict:
+                     progress: bool | None = None, log_every: int = 0, evaluate: bool = True,
+                     schedule: str = "constant", warmup: int = 0) -> dict:
     """Fine-tune one of graphred's shipped VQA models (:mod:`graphred.data.models`) with ``plan`` in
     place: answer loss + KL to the unreduced model's answer distribution. Returns accuracies on the
     shipped test questions before and after, beside the unreduced model's; ``out`` saves the result with
@@ -379,7 +380,8 @@ def finetune_shipped(name: str, plan, *, steps: int = 300, batch: int = 50, what
 
     res = train(fast, data, teacher=teacher, steps=steps, what=what, lr=lr, reducer_lr=reducer_lr,
                 temperature=temperature, task_loss=task, logits_fn=lambda o, b: models.training_logits(name, o),
-                seed=seed, checkpoint=checkpoint, resume=resume, progress=progress, log_every=log_every)
+                seed=seed, checkpoint=checkpoint, resume=resume, progress=progress, log_every=log_every,
+                schedule=schedule, warmup=warmup)
     if evaluate and n:
         acc["after"] = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
     if out is not None:
