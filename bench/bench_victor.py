@@ -81,7 +81,19 @@ def ceiling(prog, registers: int) -> list[dict]:
     return rows
 
 
-def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds: int, fair: bool) -> dict:
+def study_row(name: str, plan: str, recipe: dict, limit: int) -> dict | None:
+    """A row of docs/results/victor_study.json that ran this very fine-tune (model, plan, recipe, seed 0,
+    no other options), or None."""
+    rows = json.loads(STUDY.read_text()) if STUDY.exists() else []
+    for r in rows:
+        if r["model"] == name and r["plan"] == plan and all(r.get(k) == v for k, v in recipe.items()) and \
+                r.get("seed") == 0 and r.get("kl") == 1.0 and r.get("questions") == limit - limit % recipe["batch"]:
+            return r
+    return None
+
+
+def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds: int, fair: bool,
+        reuse: bool = True) -> dict:
     """One row of victor.json for a trained VQA model: accuracy unreduced / Victor untrained (pooled and
     random init) / Victor fine-tuned (and the unreduced model fine-tuned with the same budget), speedups
     and training-step times."""
@@ -90,7 +102,16 @@ def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds:
     batch = recipe["batch"]
     plan = victor(registers=registers, layer=layer)
     label = f"{name} {plan}"
-    row, fast, prog = finetune(name, str(plan), limit=limit, sets=sets, label=label, **recipe)
+    reused = []
+    row = study_row(name, str(plan), recipe, limit) if reuse else None
+    if row is None:
+        row, fast, prog = finetune(name, str(plan), limit=limit, sets=sets, label=label, **recipe)
+    else:  # the same fine-tune (model, plan, recipe, seed) already ran in bench/victor_study.py
+        print(f"[{name}] fine-tune results from victor_study row {row['name']!r}", flush=True)
+        reused.append(row["name"])
+        example = models.build_inputs(name, models.load_trained(name)[1], test, test.questions[:batch])
+        prog = graphred.capture(models.load_trained(name)[0], **example)
+        fast = graphred.transform(prog, plan)  # for timing (the weights do not change the time)
     _, tok = models.load_trained(name)
     n = row["questions"]
     unreduced = scored(prog, name, test, tok, batch, n)
@@ -103,7 +124,11 @@ def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds:
     measured = speedup(prog, fast, example, rounds=rounds)
     same_budget = None
     if fair:  # the same fine-tune applied to the unreduced model: what the extra training alone gives
-        same_budget, _, _ = finetune(name, "none", limit=limit, sets=sets, label=f"{name} unreduced", **recipe)
+        same_budget = study_row(name, "none", recipe, limit) if reuse else None
+        if same_budget is not None:
+            reused.append(same_budget["name"])
+        else:
+            same_budget, _, _ = finetune(name, "none", limit=limit, sets=sets, label=f"{name} unreduced", **recipe)
 
     # training-step time, unreduced vs Victor: the same answer loss, gradients of every weight
     student, _ = models.load_trained(name)
@@ -127,6 +152,7 @@ def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds:
             "train_step_s_unreduced": statistics.median(t_full), "train_step_s_victor": statistics.median(t_victor),
             "predicted_train_step_ratio": pred_step["ratio"], "questions": n, "recipe": recipe,
             "train_s": row["train_s"], "train_s_unreduced": same_budget["train_s"] if same_budget else None,
+            "from_study": reused,
             "ceiling": ceiling(prog, registers)}
 
 
@@ -165,12 +191,14 @@ def to_markdown(rows: list[dict], study: list[dict], threads: int) -> str:
                 "victor fine-tuned | gap | target: within 4 points |", "|---|---|---:|---:|---|---:|---:|---|"]
         for r in vqa_rows:
             ref = r.get("acc_unreduced_finetuned")
-            gap = 100 * (r["acc_unreduced"] - r["acc_victor"])
-            gap_ft = "" if ref is None else f" ({100 * (ref - r['acc_victor']):+.1f} to the fine-tuned)"
+            gap = round(100 * (r["acc_unreduced"] - r["acc_victor"]), 1)
+            gap_ft = None if ref is None else round(100 * (ref - r["acc_victor"]), 1)
             out.append(f"| {r['model']} | `victor:registers={r['registers']},layer={r['layer']}` | "
                        f"{_pct(r['acc_unreduced'])} | {_pct(ref)} | {_pct(r['acc_victor_untrained'])} / "
-                       f"{_pct(r.get('acc_victor_random_init'))} | {_pct(r['acc_victor'])} | {gap:+.1f}{gap_ft} | "
-                       f"{ok(gap <= 4)} |")
+                       f"{_pct(r.get('acc_victor_random_init'))} | {_pct(r['acc_victor'])} | {gap:+.1f}"
+                       + ("" if gap_ft is None else f" ({gap_ft:+.1f} to the same fine-tune)")
+                       + f" | to unreduced: {ok(gap <= 4)}"
+                       + ("" if gap_ft is None else f"; to the same fine-tune: {ok(gap_ft <= 4)}") + " |")
         out += ["", "By question kind (unreduced / victor fine-tuned):", ""]
         for r in vqa_rows:
             bk = r.get("by_kind") or {}
@@ -184,7 +212,9 @@ def to_markdown(rows: list[dict], study: list[dict], threads: int) -> str:
                        f"{rc.get('lr'):g} (registers {rc.get('reducer_lr'):g}), {rc.get('schedule')} schedule after "
                        f"{rc.get('warmup')} warm-up steps, hidden-state MSE weight {rc.get('hidden_mse'):g}; "
                        f"{r['train_s']:.0f} s with Victor"
-                       + (f", {r['train_s_unreduced']:.0f} s unreduced." if r.get("train_s_unreduced") else "."))
+                       + (f", {r['train_s_unreduced']:.0f} s unreduced." if r.get("train_s_unreduced") else ".")
+                       + (f" The fine-tunes are the rows {', '.join(r['from_study'])} of the study below (the same "
+                          "run: model, plan, recipe and seed)." if r.get("from_study") else ""))
         out.append("")
     out += ["| model | plan | predicted speedup (whole) | predicted (decoder) | measured (whole) | measured/predicted | "
             "target |", "|---|---|---:|---:|---:|---:|---|"]
@@ -250,6 +280,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=RECIPE["warmup"])
     ap.add_argument("--hidden-mse", type=float, default=RECIPE["hidden_mse"])
     ap.add_argument("--no-fair", action="store_true", help="skip fine-tuning the unreduced model with the same budget")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="fine-tune even when docs/results/victor_study.json holds the same fine-tune")
     ap.add_argument("--bench-model", default="llava-bench", help="a zoo model for a speed-only row ('' to skip)")
     ap.add_argument("--bench-layer", type=int, default=2)
     ap.add_argument("--limit", type=int, default=1200)
@@ -264,7 +296,8 @@ def main() -> int:
     if not args.markdown_only:
         recipe = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "reducer_lr": args.reducer_lr,
                   "schedule": args.schedule, "warmup": args.warmup, "hidden_mse": args.hidden_mse}
-        new.append(vqa(args.model, args.registers, args.layer, recipe, args.limit, args.rounds, not args.no_fair))
+        new.append(vqa(args.model, args.registers, args.layer, recipe, args.limit, args.rounds, not args.no_fair,
+                       not args.no_reuse))
         if args.bench_model:
             new.append(bench(args.bench_model, 8, args.bench_layer, args.rounds))
     names = {r["model"] for r in new}
