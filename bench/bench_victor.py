@@ -261,6 +261,20 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
             out.append(f"| {r['name']} | {r['model']} | `{r['plan']}` | {r['steps']} | {r['lr']:g} ({r['reducer_lr']:g}) | "
                        f"{r['hidden_mse']:g} | {_pct(r['before']['all'])} | {_pct(a['all'])} | {kinds} | "
                        f"{r['train_s']:.0f} | {r['predicted_decoder_speedup']:.2f}x |")
+        for m in dict.fromkeys(r["model"] for r in study):
+            runs = [r for r in study if r["model"] == m]
+            vic = [r for r in runs if r["plan"].startswith("victor")]
+            if not vic:
+                continue
+            best = max(vic, key=lambda r: r["after"]["all"])
+            same = ("steps", "batch", "lr", "schedule", "warmup", "seed")  # the same budget, unreduced
+            ref = [r for r in runs if r["plan"] == "none" and all(r[k] == best[k] for k in same)]
+            base = best["before"]["all"] if not ref else ref[0]["before"]["all"]
+            line = (f"On {m} the best fine-tuned Victor here is `{best['plan']}` ({best['name']}): "
+                    f"{_pct(best['after']['all'])}, {100 * (base - best['after']['all']):+.1f} points to the unreduced model")
+            if ref:
+                line += f", {100 * (ref[0]['after']['all'] - best['after']['all']):+.1f} to it after the same fine-tune"
+            out += ["", line + f", at {best['predicted_decoder_speedup']:.2f}x predicted for the decoder."]
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
 
