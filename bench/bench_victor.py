@@ -98,7 +98,7 @@ def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds:
     random init) / Victor fine-tuned (and the unreduced model fine-tuned with the same budget), speedups
     and training-step times."""
     sets = scene_sets(name)
-    train_set, test = sets
+    _, test = sets
     batch = recipe["batch"]
     plan = victor(registers=registers, layer=layer)
     label = f"{name} {plan}"

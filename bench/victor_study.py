@@ -46,15 +46,19 @@ def decoder_speedup(est) -> float:
 
 
 def scene_sets(name: str):
-    """``(train, test)`` scene sets of the trained model ``name``: the model's own, when
-    :mod:`graphred.data.models` says which (``models.scene_sets(name)``), else the second scene set
-    for ``vqa2-*`` models and the grid scenes for the others."""
-    if hasattr(models, "scene_sets"):
-        return models.scene_sets(name)
+    """``(train, test)`` for the trained model ``name``: the test scenes it ships with
+    (``models.shipped_scenes(name)`` where graphred.data.models has it), and its training scenes: a
+    scene set to draw questions from, or for the ``vqa2-*`` models (whose scenes are generated on
+    demand) a function ``(step, batch) -> SceneSet`` of fresh training scenes, four questions each."""
+    test = models.shipped_scenes(name) if hasattr(models, "shipped_scenes") else scenes.load_shipped()
     if name.startswith("vqa2"):
         from graphred.data import scenes2
-        return scenes2.generate("train", range(20000)), scenes2.load_shipped()
-    return scenes.load("train"), scenes.load_shipped()
+
+        def train(step: int, batch: int):
+            per = -(-batch // 4)
+            return scenes2.generate("train", range(step * per, (step + 1) * per))
+        return train, test
+    return scenes.load("train"), test
 
 
 def scored(fast, name, test, tok, batch, n) -> dict:
@@ -85,14 +89,20 @@ def finetune(name: str, plan_text: str, *, steps: int, batch: int = 50, lr: floa
     before = scored(fast, name, test, tok, batch, n)
     print(f"[{label or plan_text}] before: {before}", flush=True)
 
-    qs = train.questions
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randint(len(qs), (max(steps, 1), batch), generator=gen).tolist()
     current = {}
+    if callable(train):  # scenes generated per step
+        def data(step: int) -> dict:
+            sc = train(step, batch)
+            current["qs"] = sc.questions[:batch]
+            return {**models.build_inputs(name, tok, sc, current["qs"]), **extra}
+    else:
+        qs = train.questions
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randint(len(qs), (max(steps, 1), batch), generator=gen).tolist()
 
-    def data(step: int) -> dict:
-        current["qs"] = [qs[i] for i in order[step]]
-        return {**models.build_inputs(name, tok, train, current["qs"]), **extra}
+        def data(step: int) -> dict:
+            current["qs"] = [qs[i] for i in order[step]]
+            return {**models.build_inputs(name, tok, train, current["qs"]), **extra}
 
     def task(out, _b):
         return F.cross_entropy(models.training_logits(name, out), models.targets(name, tok, current["qs"]))
