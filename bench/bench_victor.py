@@ -46,7 +46,7 @@ from victor_study import RESULTS as STUDY, decoder_speedup, finetune, scene_sets
 MARK = "bench_victor"
 RESULTS = ROOT / "docs" / "results" / "victor.json"
 #: the fine-tune recipe (chosen with bench/victor_study.py; see docs/benchmarks.md)
-RECIPE = {"steps": 600, "batch": 50, "lr": 5e-4, "reducer_lr": 5e-3, "schedule": "cosine", "warmup": 30,
+RECIPE = {"steps": 1200, "batch": 50, "lr": 5e-4, "reducer_lr": 5e-3, "schedule": "cosine", "warmup": 30,
           "hidden_mse": 0.0}
 
 
