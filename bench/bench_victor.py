@@ -1,14 +1,21 @@
 """Victor benchmark: registers after the image, the image dropped at decoder layer k.
 
-On vqa-llava (graphred's own trained decoder VQA model): accuracy unreduced / Victor untrained
-(pooled and random register init) / Victor after a short fine-tune (graphred.train: registers and
-model, KL to the unreduced model + answer loss), predicted vs measured speedup, and training-step
-time with and without Victor. On llava-bench: victor(registers=8, layer=2) predicted and measured
-whole-model speedup. Writes docs/results/victor.json and a section of docs/benchmarks.md.
+On a trained decoder VQA model (``--model``, default vqa-llava; any model of graphred.data.models):
+accuracy unreduced / Victor untrained (pooled and random register init) / Victor after a fine-tune
+(graphred.train: registers and model, KL to the unreduced model + answer loss) / the unreduced model
+after the same fine-tune; predicted (whole model and decoder) vs measured speedup; training-step
+time with and without Victor beside the predicted training-step FLOPs ratio; and how fast Victor can
+make the model at all (every drop layer, 1 and ``--registers`` registers). On a zoo model
+(``--bench-model``, default llava-bench): victor(registers=8, layer=2) predicted and measured
+whole-model speedup. Adds or replaces the models' rows of docs/results/victor.json (a list, one row
+per model) and rewrites the Victor section of docs/benchmarks.md from all rows.
 
-    python bench/bench_victor.py            # CPU, 1 thread, about 5 minutes
+    python bench/bench_victor.py                          # vqa-llava + llava-bench, CPU, 1 thread
+    python bench/bench_victor.py --model vqa2-llava --bench-model ''
+    python bench/bench_victor.py --markdown-only          # the docs section from the JSON files
 
-Needs the training scenes (Debian package dataset-fashion-mnist) for the fine-tune.
+Needs the model's training scenes for the fine-tune. About 30 minutes per model on a loaded
+2-core machine (two fine-tunes).
 """
 from __future__ import annotations
 
@@ -29,22 +36,18 @@ warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
 from graphred.analysis.cost.training import training_step_flops  # noqa: E402
-from graphred.data import models, scenes  # noqa: E402
+from graphred.data import models  # noqa: E402
+from graphred.errors import PlanError  # noqa: E402
 from graphred.measure import speedup  # noqa: E402
 from graphred.plans import victor  # noqa: E402
 from _common import publish  # noqa: E402
+from victor_study import RESULTS as STUDY, decoder_speedup, finetune, scene_sets, scored  # noqa: E402
 
 MARK = "bench_victor"
 RESULTS = ROOT / "docs" / "results" / "victor.json"
-
-
-def decoder_speedup(est) -> float:
-    """Predicted speedup of the decoder alone (its layers, the final norm and the LM head)."""
-    def dec(e):
-        stacks = {g.stack for g in e.groups if g.kind == "layer" and any(b.kind == "cross_modal_self" for b in g.blocks)}
-        tower = {g.tower for g in e.groups if g.stack in stacks}
-        return sum(g.flops for g in e.groups if g.stack in stacks or g.tower in tower or g.name.startswith("lm_head"))
-    return dec(est) / dec(est.after)
+#: the fine-tune recipe (chosen with bench/victor_study.py; see docs/benchmarks.md)
+RECIPE = {"steps": 1200, "batch": 50, "lr": 5e-4, "reducer_lr": 5e-3, "schedule": "cosine", "warmup": 30,
+          "hidden_mse": 0.0}
 
 
 def step_time(module, inputs: dict, target: torch.Tensor, name: str, rounds: int) -> float:
@@ -61,51 +64,71 @@ def step_time(module, inputs: dict, target: torch.Tensor, name: str, rounds: int
     return statistics.median(times)
 
 
-def vqa(name: str, registers: int, layer: int, steps: int, batch: int, lr: float, reducer_lr: float, limit: int,
-        rounds: int) -> dict:
-    torch.manual_seed(0)
-    teacher, tok = models.load_trained(name)
-    teacher.eval()
-    test = scenes.load_shipped()
-    n = min(limit, len(test.questions))
-    n -= n % batch
-    example = models.build_inputs(name, tok, test, test.questions[:batch])
-    prog = graphred.capture(teacher, **example)
+def ceiling(prog, registers: int) -> list[dict]:
+    """Predicted speedups (whole model, decoder) of victor(r, k) for r in (1, registers) and every
+    drop layer k the decoder has: how fast Victor can make this model at all."""
+    rows = []
+    for r in sorted({1, registers}):
+        k = 1
+        while True:
+            try:
+                est = graphred.estimate(prog, victor(registers=r, layer=k))
+            except PlanError:  # beyond the decoder
+                break
+            rows.append({"registers": r, "layer": k, "predicted_speedup": float(est.speedup),
+                         "predicted_decoder_speedup": decoder_speedup(est)})
+            k += 1
+    return rows
+
+
+def study_row(name: str, plan: str, recipe: dict, limit: int) -> dict | None:
+    """A row of docs/results/victor_study.json that ran this very fine-tune (model, plan, recipe, seed 0,
+    no other options), or None."""
+    rows = json.loads(STUDY.read_text()) if STUDY.exists() else []
+    for r in rows:
+        if r["model"] == name and r["plan"] == plan and all(r.get(k) == v for k, v in recipe.items()) and \
+                r.get("seed") == 0 and r.get("kl") == 1.0 and r.get("questions") == limit - limit % recipe["batch"]:
+            return r
+    return None
+
+
+def vqa(name: str, registers: int, layer: int, recipe: dict, limit: int, rounds: int, fair: bool,
+        reuse: bool = True) -> dict:
+    """One row of victor.json for a trained VQA model: accuracy unreduced / Victor untrained (pooled and
+    random init) / Victor fine-tuned (and the unreduced model fine-tuned with the same budget), speedups
+    and training-step times."""
+    sets = scene_sets(name)
+    _, test = sets
+    batch = recipe["batch"]
     plan = victor(registers=registers, layer=layer)
+    label = f"{name} {plan}"
+    reused = []
+    row = study_row(name, str(plan), recipe, limit) if reuse else None
+    if row is None:
+        row, fast, prog = finetune(name, str(plan), limit=limit, sets=sets, label=label, **recipe)
+    else:  # the same fine-tune (model, plan, recipe, seed) already ran in bench/victor_study.py
+        print(f"[{name}] fine-tune results from victor_study row {row['name']!r}", flush=True)
+        reused.append(row["name"])
+        example = models.build_inputs(name, models.load_trained(name)[1], test, test.questions[:batch])
+        prog = graphred.capture(models.load_trained(name)[0], **example)
+        fast = graphred.transform(prog, plan)  # for timing (the weights do not change the time)
+    _, tok = models.load_trained(name)
+    n = row["questions"]
+    unreduced = scored(prog, name, test, tok, batch, n)
+    random_init = scored(graphred.transform(prog, victor(registers=registers, layer=layer, init="random")),
+                         name, test, tok, batch, n)
+    print(f"[{name}] unreduced {unreduced['all']:.3f}, victor untrained pool-init {row['before']['all']:.3f} "
+          f"random-init {random_init['all']:.3f}, fine-tuned {row['after']['all']:.3f}", flush=True)
+    example = models.build_inputs(name, tok, test, test.questions[:batch])
     est = graphred.estimate(prog, plan)
-    t0 = time.perf_counter()
-    acc_unreduced = models.evaluate(prog, name, test, batch, tokenizer=tok, limit=n)
-    fast = graphred.transform(prog, plan)
-    acc_untrained = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
-    fast_random = graphred.transform(prog, victor(registers=registers, layer=layer, init="random"))
-    acc_random = models.evaluate(fast_random, name, test, batch, tokenizer=tok, limit=n)
-    print(f"[{name}] unreduced {acc_unreduced:.3f}, victor untrained pool-init {acc_untrained:.3f} "
-          f"random-init {acc_random:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     measured = speedup(prog, fast, example, rounds=rounds)
-
-    train = scenes.load("train")
-    qs = train.questions
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randint(len(qs), (steps, batch), generator=gen).tolist()
-
-    def data(step: int) -> dict:
-        return models.build_inputs(name, tok, train, [qs[i] for i in order[step]])
-
-    def task(out, b) -> torch.Tensor:
-        step = data_index[0]
-        return F.cross_entropy(models.training_logits(name, out), models.targets(name, tok, [qs[i] for i in order[step]]))
-
-    data_index = [0]
-
-    def data_tracked(step: int) -> dict:
-        data_index[0] = step
-        return data(step)
-
-    res = graphred.train(fast, data_tracked, teacher=teacher, steps=steps, what="registers+model", lr=lr,
-                         reducer_lr=reducer_lr, temperature=2.0, task_loss=task,
-                         logits_fn=lambda out, b: models.training_logits(name, out), seed=0, log_every=50)
-    acc_victor = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
-    print(f"[{name}] victor fine-tuned {acc_victor:.3f} ({res.seconds:.0f}s for {steps} steps)", flush=True)
+    same_budget = None
+    if fair:  # the same fine-tune applied to the unreduced model: what the extra training alone gives
+        same_budget = study_row(name, "none", recipe, limit) if reuse else None
+        if same_budget is not None:
+            reused.append(same_budget["name"])
+        else:
+            same_budget, _, _ = finetune(name, "none", limit=limit, sets=sets, label=f"{name} unreduced", **recipe)
 
     # training-step time, unreduced vs Victor: the same answer loss, gradients of every weight
     student, _ = models.load_trained(name)
@@ -118,118 +141,195 @@ def vqa(name: str, registers: int, layer: int, steps: int, batch: int, lr: float
         t_victor.append(step_time(fast_step, example, target, name, 1))
     step_ratio = statistics.median(t_victor) / statistics.median(t_full)
     pred_step = training_step_flops(est, "registers+model")
-    return {"model": name, "registers": registers, "layer": layer, "questions": n, "batch": batch, "steps": steps,
-            "lr": lr, "reducer_lr": reducer_lr, "train_s": res.seconds,
-            "acc_unreduced": acc_unreduced, "acc_victor_untrained": acc_untrained, "acc_victor_random_init": acc_random,
-            "acc_victor": acc_victor, "predicted_speedup": float(est.speedup),
-            "predicted_decoder_speedup": decoder_speedup(est), "measured_speedup": measured,
+    return {"model": name, "registers": registers, "layer": layer, "acc_unreduced": unreduced["all"],
+            "acc_victor_untrained": row["before"]["all"], "acc_victor": row["after"]["all"],
+            "predicted_speedup": float(est.speedup), "measured_speedup": measured, "train_step_ratio": step_ratio,
+            "acc_victor_random_init": random_init["all"],
+            "acc_unreduced_finetuned": same_budget["after"]["all"] if same_budget else None,
+            "by_kind": {"unreduced": unreduced, "victor_untrained": row["before"], "victor_random_init": random_init,
+                        "victor": row["after"], "unreduced_finetuned": same_budget["after"] if same_budget else None},
+            "predicted_decoder_speedup": decoder_speedup(est), "measured_over_predicted": measured / float(est.speedup),
             "train_step_s_unreduced": statistics.median(t_full), "train_step_s_victor": statistics.median(t_victor),
-            "train_step_ratio": step_ratio, "predicted_train_step_ratio": pred_step["ratio"],
-            "final_loss": res.losses[-1] if res.losses else None}
+            "predicted_train_step_ratio": pred_step["ratio"], "questions": n, "recipe": recipe,
+            "train_s": row["train_s"], "train_s_unreduced": same_budget["train_s"] if same_budget else None,
+            "from_study": reused,
+            "ceiling": ceiling(prog, registers), "threads": torch.get_num_threads()}
 
 
 def bench(name: str, registers: int, layer: int, rounds: int) -> dict:
+    """A speed-only row (a zoo model with random weights): predicted and measured whole-model speedup."""
     model, inputs = graphred.zoo.load(name)
     prog = graphred.capture(model, **inputs)
     plan = victor(registers=registers, layer=layer)
     est = graphred.estimate(prog, plan)
     fast = graphred.transform(prog, plan)
     measured = speedup(prog, fast, inputs, rounds=rounds)
-    return {"model": name, "registers": registers, "layer": layer, "predicted_speedup": float(est.speedup),
-            "measured_speedup": measured, "measured_over_predicted": measured / float(est.speedup),
+    return {"model": name, "registers": registers, "layer": layer, "acc_unreduced": None,
+            "acc_victor_untrained": None, "acc_victor": None, "predicted_speedup": float(est.speedup),
+            "measured_speedup": measured, "train_step_ratio": None,
+            "predicted_decoder_speedup": decoder_speedup(est), "measured_over_predicted": measured / float(est.speedup),
             "kv_cache_bytes": [est.kv_cache_bytes, est.after.kv_cache_bytes],
-            "flops": [int(est.flops), int(est.after.flops)]}
+            "flops": [int(est.flops), int(est.after.flops)], "threads": torch.get_num_threads()}
 
 
-def probes(name: str, registers: int, specs: list[str], batch: int, limit: int) -> list[dict]:
-    """Shorter fine-tunes at other settings (``layer:lr:steps``), for the accuracy/speed trade-off."""
-    from graphred.training import finetune_shipped
-
-    rows = []
-    for spec in specs:
-        layer, lr, steps = spec.split(":")
-        plan = victor(registers=registers, layer=int(layer))
-        r = finetune_shipped(name, plan, steps=int(steps), batch=batch, lr=float(lr), reducer_lr=1e-2, limit=limit)
-        est = graphred.estimate(r["program"], plan)
-        rows.append({"plan": str(plan), "lr": float(lr), "steps": int(steps), "unreduced": r["unreduced"],
-                     "before": r["before"], "after": r["after"], "predicted_speedup": float(est.speedup),
-                     "predicted_decoder_speedup": decoder_speedup(est), "train_s": r["train_s"]})
-        print(f"[probe] {plan} lr {lr} {steps} steps: {r['before']:.3f} -> {r['after']:.3f}", flush=True)
-    return rows
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
 
 
-def to_markdown(v: dict, b: dict, threads: int, probe_rows: list[dict] | None = None) -> str:
-    gap = 100 * (v["acc_unreduced"] - v["acc_victor"])
+def to_markdown(rows: list[dict], study: list[dict]) -> str:
+    """The Victor section of docs/benchmarks.md from the rows of victor.json and victor_study.json."""
     ok = lambda c: "met" if c else "**missed**"  # noqa: E731
-    r = b["measured_over_predicted"]
-    rv = v["measured_speedup"] / v["predicted_speedup"]
+    threads = ", ".join(str(t) for t in sorted({r.get("threads", 1) for r in rows + study}))
     out = [f"<!-- {MARK}:start (written by bench/bench_victor.py; do not edit by hand) -->",
            "### Victor: visual tokens summarised into registers (CPU)", "",
-           f"`victor:registers={v['registers']},layer={v['layer']}` on {v['model']} (graphred's own trained decoder, "
-           f"{v['questions']} shipped test questions, batch {v['batch']}); CPU, {threads} thread(s), on a shared, "
-           "loaded machine. Fine-tune: `graphred.train(..., what=\"registers+model\")`, "
-           f"{v['steps']} steps of batch {v['batch']} ({v['train_s']:.0f} s), KL to the unreduced model + answer loss, "
-           f"lr {v['lr']:g} (registers {v['reducer_lr']:g}).", "",
-           "| | accuracy | gap to unreduced | target |", "|---|---:|---:|---|",
-           f"| unreduced | {100 * v['acc_unreduced']:.1f}% | | |",
-           f"| victor, untrained, random init | {100 * v['acc_victor_random_init']:.1f}% | "
-           f"{100 * (v['acc_unreduced'] - v['acc_victor_random_init']):+.1f} | |",
-           f"| victor, untrained, pooled init | {100 * v['acc_victor_untrained']:.1f}% | "
-           f"{100 * (v['acc_unreduced'] - v['acc_victor_untrained']):+.1f} | |",
-           f"| victor, fine-tuned | {100 * v['acc_victor']:.1f}% | {gap:+.1f} | within 4 points: {ok(gap <= 4)} |", "",
-           "| model | predicted speedup (whole model) | predicted (decoder) | measured | measured/predicted | target |",
-           "|---|---:|---:|---:|---:|---|",
-           f"| {v['model']} | {v['predicted_speedup']:.2f}x | {v['predicted_decoder_speedup']:.2f}x | "
-           f"{v['measured_speedup']:.2f}x | {rv:.2f} | decoder >= 3x: {ok(v['predicted_decoder_speedup'] >= 3)}; "
-           f">= 0.85: {ok(rv >= 0.85)} |",
-           f"| {b['model']} (registers={b['registers']}, layer={b['layer']}) | {b['predicted_speedup']:.2f}x | | "
-           f"{b['measured_speedup']:.2f}x | {r:.2f} | >= 3x: {ok(b['predicted_speedup'] >= 3)}; >= 0.85: {ok(r >= 0.85)} |",
-           "",
-           f"Training step on {v['model']} (forward + answer loss + gradients of every weight, batch {v['batch']}): "
-           f"{1000 * v['train_step_s_unreduced']:.0f} ms unreduced, {1000 * v['train_step_s_victor']:.0f} ms with Victor: "
-           f"ratio {v['train_step_ratio']:.2f} measured, {v['predicted_train_step_ratio']:.2f} predicted from "
-           f"training-step FLOPs ({100 * (1 - v['train_step_ratio']):.0f}% less time; the paper reports 43% less)."]
-    if probe_rows:
-        out += ["", "Shorter fine-tunes at other drop layers (same questions, same script; registers lr 0.01):", "",
-                "| plan | lr | steps | untrained | fine-tuned | gap to unreduced | predicted speedup (whole / decoder) |",
-                "|---|---:|---:|---:|---:|---:|---|"]
-        for r in probe_rows:
-            out.append(f"| `{r['plan']}` | {r['lr']:g} | {r['steps']} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | "
-                       f"{100 * (r['unreduced'] - r['after']):+.1f} | {r['predicted_speedup']:.2f}x / "
-                       f"{r['predicted_decoder_speedup']:.2f}x |")
+           f"CPU, {threads} thread(s), on a shared, loaded machine. One row per model of `docs/results/victor.json` "
+           "(`python bench/bench_victor.py --model NAME` adds or replaces a model's row). Trained VQA models: "
+           "accuracy on the shipped test questions; the fine-tune is `graphred.train(..., what=\"registers+model\")`, "
+           "answer loss + KL to the unreduced model (recipe below), and the *same* fine-tune applied to the unreduced "
+           "model (`what=\"model\"`, no plan) is the fair reference. Zoo models (random weights) give speed only.", ""]
+    vqa_rows = [r for r in rows if r.get("acc_unreduced") is not None]
+    if vqa_rows:
+        out += ["| model | plan | unreduced | unreduced, same fine-tune | victor untrained (pooled / random init) | "
+                "victor fine-tuned | gap | target: within 4 points |", "|---|---|---:|---:|---|---:|---:|---|"]
+        for r in vqa_rows:
+            ref = r.get("acc_unreduced_finetuned")
+            gap = round(100 * (r["acc_unreduced"] - r["acc_victor"]), 1)
+            gap_ft = None if ref is None else round(100 * (ref - r["acc_victor"]), 1)
+            out.append(f"| {r['model']} | `victor:registers={r['registers']},layer={r['layer']}` | "
+                       f"{_pct(r['acc_unreduced'])} | {_pct(ref)} | {_pct(r['acc_victor_untrained'])} / "
+                       f"{_pct(r.get('acc_victor_random_init'))} | {_pct(r['acc_victor'])} | {gap:+.1f}"
+                       + ("" if gap_ft is None else f" ({gap_ft:+.1f} to the same fine-tune)")
+                       + f" | to unreduced: {ok(gap <= 4)}"
+                       + ("" if gap_ft is None else f"; to the same fine-tune: {ok(gap_ft <= 4)}") + " |")
+        out += ["", "By question kind (unreduced / victor fine-tuned):", ""]
+        for r in vqa_rows:
+            bk = r.get("by_kind") or {}
+            u, v = bk.get("unreduced") or {}, bk.get("victor") or {}
+            kinds = [k for k in u if k != "all"]
+            line = f"- {r['model']}: " + ", ".join(f"{k} {_pct(u[k])} / {_pct(v.get(k))}" for k in kinds)
+            if v and kinds:
+                worst = max(kinds, key=lambda k: u[k] - v.get(k, 0))
+                line += f". The largest loss is on `{worst}` questions ({100 * (u[worst] - v[worst]):+.1f} points)"
+                if worst == "where" and u[worst] - v[worst] > 0.04:
+                    line += ("; Victor's registers all take their image's last position, so where an object is must "
+                             "be written into their content by the decoder layers before the drop")
+            out.append(line)
+        out.append("")
+        for r in vqa_rows:
+            rc = r.get("recipe") or {}
+            out.append(f"Recipe on {r['model']}: {rc.get('steps')} steps of batch {rc.get('batch')}, AdamW, lr "
+                       f"{rc.get('lr'):g} (registers {rc.get('reducer_lr'):g}), {rc.get('schedule')} schedule after "
+                       f"{rc.get('warmup')} warm-up steps, hidden-state MSE weight {rc.get('hidden_mse'):g}; "
+                       f"{r['train_s']:.0f} s with Victor"
+                       + (f", {r['train_s_unreduced']:.0f} s unreduced." if r.get("train_s_unreduced") else ".")
+                       + (f" The fine-tunes are the rows {', '.join(r['from_study'])} of the study below (the same "
+                          "run: model, plan, recipe and seed)." if r.get("from_study") else ""))
+        out.append("")
+    out += ["| model | plan | predicted speedup (whole) | predicted (decoder) | measured (whole) | measured/predicted | "
+            "target |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        rv = r["measured_speedup"] / r["predicted_speedup"]
+        target = (f"decoder >= 3x: {ok(r['predicted_decoder_speedup'] >= 3)}; " if r.get("acc_unreduced") is not None
+                  else f"whole >= 3x: {ok(r['predicted_speedup'] >= 3)}; ")
+        out.append(f"| {r['model']} | `victor:registers={r['registers']},layer={r['layer']}` | "
+                   f"{r['predicted_speedup']:.2f}x | {r['predicted_decoder_speedup']:.2f}x | "
+                   f"{r['measured_speedup']:.2f}x | {rv:.2f} | {target}>= 0.85: {ok(rv >= 0.85)} |")
+    for r in vqa_rows:
+        if r.get("train_step_s_unreduced"):
+            out += ["", f"Training step on {r['model']} (forward + answer loss + gradients of every weight, batch "
+                    f"{(r.get('recipe') or {}).get('batch')}): {1000 * r['train_step_s_unreduced']:.0f} ms unreduced, "
+                    f"{1000 * r['train_step_s_victor']:.0f} ms with Victor: ratio {r['train_step_ratio']:.2f} measured, "
+                    f"{r['predicted_train_step_ratio']:.2f} predicted from training-step FLOPs "
+                    f"({100 * (1 - r['train_step_ratio']):.0f}% less time; the paper reports 43% less)."]
+        if r.get("ceiling"):
+            best = max(r["ceiling"], key=lambda c: c["predicted_decoder_speedup"])
+            out += ["", f"How fast Victor can make {r['model']} at all (predicted, `graphred.estimate`; the drop layer "
+                    "must be >= 1, so the image is read by at least one decoder layer):", "",
+                    "| registers | layer | predicted (whole) | predicted (decoder) |", "|---:|---:|---:|---:|"]
+            out += [f"| {c['registers']} | {c['layer']} | {c['predicted_speedup']:.2f}x | "
+                    f"{c['predicted_decoder_speedup']:.2f}x |" for c in r["ceiling"]]
+            out += ["", f"The fastest Victor plan on {r['model']} predicts {best['predicted_decoder_speedup']:.2f}x for "
+                    f"the decoder (registers={best['registers']}, layer={best['layer']}): the 3x target is "
+                    f"{'reachable' if best['predicted_decoder_speedup'] >= 3 else '**out of reach for this model**'}."]
+    if study:
+        out += ["", "What limits the accuracy: fine-tunes from `bench/victor_study.py` (`docs/results/victor_study.json`; "
+                "the same recipe for a Victor plan and for the unreduced model, `plan none`):", "",
+                "| run | model | plan | steps | lr (registers) | hidden MSE | before | after | what / where / exists / count "
+                "after | s | predicted decoder speedup |", "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
+        for r in study:
+            a = r["after"]
+            kinds = " / ".join(_pct(a[k]) for k in a if k != "all")
+            out.append(f"| {r['name']} | {r['model']} | `{r['plan']}` | {r['steps']} | {r['lr']:g} ({r['reducer_lr']:g}) | "
+                       f"{r['hidden_mse']:g} | {_pct(r['before']['all'])} | {_pct(a['all'])} | {kinds} | "
+                       f"{r['train_s']:.0f} | {r['predicted_decoder_speedup']:.2f}x |")
+        for m in dict.fromkeys(r["model"] for r in study):
+            runs = [r for r in study if r["model"] == m]
+            vic = [r for r in runs if r["plan"].startswith("victor")]
+            if not vic:
+                continue
+            best = max(vic, key=lambda r: r["after"]["all"])
+            same = ("steps", "batch", "lr", "schedule", "warmup", "seed")  # the same budget, unreduced
+            ref = [r for r in runs if r["plan"] == "none" and all(r[k] == best[k] for k in same)]
+            base = best["before"]["all"] if not ref else ref[0]["before"]["all"]
+            line = (f"On {m} the most accurate fine-tuned Victor here is `{best['plan']}` ({best['name']}): "
+                    f"{_pct(best['after']['all'])}, {100 * (base - best['after']['all']):+.1f} points to the unreduced model")
+            if ref:
+                line += f", {100 * (ref[0]['after']['all'] - best['after']['all']):+.1f} to it after the same fine-tune"
+            out += ["", line + f", at {best['predicted_decoder_speedup']:.2f}x predicted for the decoder."]
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
 
 
+def load_rows() -> list[dict]:
+    """The rows of docs/results/victor.json (one per model; an older single-model file becomes its rows)."""
+    if not RESULTS.exists():
+        return []
+    data = json.loads(RESULTS.read_text())
+    if isinstance(data, list):
+        return data
+    return [data]  # pre-list format: a single row
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="vqa-llava")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vqa-llava", help="a trained VQA model (graphred.data.models), e.g. vqa-llava")
     ap.add_argument("--registers", type=int, default=8)
     ap.add_argument("--layer", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--reducer-lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=RECIPE["steps"])
+    ap.add_argument("--batch", type=int, default=RECIPE["batch"])
+    ap.add_argument("--lr", type=float, default=RECIPE["lr"])
+    ap.add_argument("--reducer-lr", type=float, default=RECIPE["reducer_lr"])
+    ap.add_argument("--schedule", default=RECIPE["schedule"])
+    ap.add_argument("--warmup", type=int, default=RECIPE["warmup"])
+    ap.add_argument("--hidden-mse", type=float, default=RECIPE["hidden_mse"])
+    ap.add_argument("--no-fair", action="store_true", help="skip fine-tuning the unreduced model with the same budget")
+    ap.add_argument("--no-reuse", action="store_true",
+                    help="fine-tune even when docs/results/victor_study.json holds the same fine-tune")
+    ap.add_argument("--bench-model", default="llava-bench", help="a zoo model for a speed-only row ('' to skip)")
+    ap.add_argument("--bench-layer", type=int, default=2)
     ap.add_argument("--limit", type=int, default=1200)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--probes", nargs="*", default=["1:1e-3:150", "2:1e-3:150", "3:1e-3:150"],
-                    help="extra shorter fine-tunes, layer:lr:steps")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the docs section from the JSON files")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    v = vqa(args.model, args.registers, args.layer, args.steps, args.batch, args.lr, args.reducer_lr, args.limit,
-            args.rounds)
-    b = bench("llava-bench", 8, 2, args.rounds)
-    probe_rows = probes(args.model, args.registers, args.probes, args.batch, args.limit)
-    keys = ("model", "registers", "layer", "acc_unreduced", "acc_victor_untrained", "acc_victor", "predicted_speedup",
-            "measured_speedup", "train_step_ratio")
-    result = {k: v[k] for k in keys}
-    result["details"] = {"vqa": v, "llava_bench": b, "probes": probe_rows, "threads": args.threads}
-    if not args.no_write:
+    rows = load_rows()
+    new = []
+    if not args.markdown_only:
+        recipe = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "reducer_lr": args.reducer_lr,
+                  "schedule": args.schedule, "warmup": args.warmup, "hidden_mse": args.hidden_mse}
+        new.append(vqa(args.model, args.registers, args.layer, recipe, args.limit, args.rounds, not args.no_fair,
+                       not args.no_reuse))
+        if args.bench_model:
+            new.append(bench(args.bench_model, 8, args.bench_layer, args.rounds))
+    names = {r["model"] for r in new}
+    rows = [r for r in rows if r["model"] not in names] + new
+    study = json.loads(STUDY.read_text()) if STUDY.exists() else []
+    if not args.no_write and new:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    publish(to_markdown(v, b, args.threads, probe_rows), MARK, result, "bench_victor.json", write=not args.no_write)
+        RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    publish(to_markdown(rows, study), MARK, rows, "bench_victor.json", write=not args.no_write)
     return 0
 
 

@@ -138,7 +138,8 @@ def cmd_finetune(args) -> int:
 
     r = finetune_shipped(args.model, args.plan, steps=args.steps, batch=args.batch, what=args.what, lr=args.lr,
                          reducer_lr=args.reducer_lr, limit=args.limit, seed=args.seed, checkpoint=args.checkpoint,
-                         resume=args.resume, out=args.out, log_every=args.log_every)
+                         resume=args.resume, out=args.out, log_every=args.log_every, schedule=args.schedule,
+                         warmup=args.warmup)
     if "after" in r:
         print(f"{r['model']} {r['plan']} ({r['what']}, {r['steps']} steps, {r['train_s']:.0f} s): accuracy "
               f"{100 * r['unreduced']:.1f}% unreduced, {100 * r['before']:.1f}% before, {100 * r['after']:.1f}% after")
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--what", choices=["registers", "registers+model", "model"], default=None)
     s.add_argument("--lr", type=float, default=1e-4)
     s.add_argument("--reducer-lr", type=float, default=3e-3)
+    s.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    s.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     s.add_argument("--limit", type=int, default=1000, help="test questions to evaluate on (0: none)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint", default=None, help="safetensors checkpoint written during training")

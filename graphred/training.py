@@ -23,9 +23,25 @@ import torch.nn.functional as F
 
 from .errors import GraphredError
 
-__all__ = ["train", "TrainResult", "WHAT", "kept_logits"]
+__all__ = ["train", "TrainResult", "WHAT", "SCHEDULES", "kept_logits", "lr_factor"]
 
 WHAT = ("registers", "registers+model", "model")
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The learning-rate factor :func:`train` applies at ``step`` (0-based) of ``steps``.
+
+    >>> [round(lr_factor(s, 10, "cosine", warmup=2), 3) for s in (0, 1, 2, 9)]
+    [0.5, 1.0, 1.0, 0.086]
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(steps - warmup, 1)
+    t = min((step - warmup) / span, 1.0)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
 @dataclass
@@ -187,7 +203,7 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
           hidden_mse: float = 0.0, hidden_fn: Callable[[Any, dict], torch.Tensor] | None = None,
           clip: float | None = 1.0, seed: int = 0, reducer_lr: float | None = None, checkpoint: str | os.PathLike | None = None,
           checkpoint_every: int = 50, resume: bool = False, progress: bool | None = None,
-          log_every: int = 0) -> TrainResult:
+          log_every: int = 0, schedule: str = "constant", warmup: int = 0) -> TrainResult:
     """Fine-tune ``fast`` (from :func:`graphred.transform`) for ``steps`` steps of AdamW.
 
     Args:
@@ -210,12 +226,19 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
         progress: a progress bar on stderr (default: only when stderr is a terminal).
         reducer_lr: a separate learning rate for the plan's own parameters (registers start from
             scratch and usually want a larger one than the pretrained weights).
+        schedule, warmup: ``"constant"`` learning rates, or ``"cosine"`` decay to 5% at ``steps``;
+            either after ``warmup`` steps of linear warm-up. The factor is a function of the step
+            number alone, so a resumed run continues on the same curve.
 
     Returns:
         :class:`TrainResult`; ``fast`` is trained in place and left in eval mode.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise GraphredError(f"train: steps must be a non-negative integer, got {steps!r}")
+    if schedule not in SCHEDULES:
+        raise GraphredError(f"train: schedule={schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise GraphredError(f"train: warmup must be a non-negative integer (steps), got {warmup!r}")
     if teacher is None and task_loss is None and kl_weight and not task_weight:
         raise GraphredError("train: nothing to learn from: give teacher= (distillation) or task_loss=")
     params = _trainable(fast, what)
@@ -225,6 +248,7 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
     rest = [p for k, p in params.items() if not k.startswith("reducer.")]
     groups = [g for g in ({"params": reducer, "lr": reducer_lr or lr}, {"params": rest, "lr": lr}) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     ckpt = Path(checkpoint) if checkpoint is not None else None
     start = 0
     if resume:
@@ -242,6 +266,9 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
     t0 = time.perf_counter()
     try:
         for step in range(start, steps):
+            f = lr_factor(step, steps, schedule, warmup)
+            for g, b in zip(opt.param_groups, base_lrs):
+                g["lr"] = b * f
             batch = get(step)
             out = fast(**batch)
             kept = fast.kept_positions
@@ -308,7 +335,8 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
 def finetune_shipped(name: str, plan, *, steps: int = 300, batch: int = 50, what: str | None = None, lr: float = 1e-4,
                      reducer_lr: float | None = 3e-3, temperature: float = 2.0, limit: int = 1000, seed: int = 0,
                      checkpoint: str | os.PathLike | None = None, resume: bool = False, out: str | os.PathLike | None = None,
-                     progress: bool | None = None, log_every: int = 0, evaluate: bool = True) -> dict:
+                     progress: bool | None = None, log_every: int = 0, evaluate: bool = True,
+                     schedule: str = "constant", warmup: int = 0) -> dict:
     """Fine-tune one of graphred's shipped VQA models (:mod:`graphred.data.models`) with ``plan`` in
     place: answer loss + KL to the unreduced model's answer distribution. Returns accuracies on the
     shipped test questions before and after, beside the unreduced model's; ``out`` saves the result with
@@ -352,7 +380,8 @@ def finetune_shipped(name: str, plan, *, steps: int = 300, batch: int = 50, what
 
     res = train(fast, data, teacher=teacher, steps=steps, what=what, lr=lr, reducer_lr=reducer_lr,
                 temperature=temperature, task_loss=task, logits_fn=lambda o, b: models.training_logits(name, o),
-                seed=seed, checkpoint=checkpoint, resume=resume, progress=progress, log_every=log_every)
+                seed=seed, checkpoint=checkpoint, resume=resume, progress=progress, log_every=log_every,
+                schedule=schedule, warmup=warmup)
     if evaluate and n:
         acc["after"] = models.evaluate(fast, name, test, batch, tokenizer=tok, limit=n)
     if out is not None:

@@ -110,3 +110,39 @@ def test_training_step_flops():
     assert 0 < full["ratio"] < 1 and full["after"] > est.after.flops
     with pytest.raises(ValueError, match="what="):
         training_step_flops(est, "all")
+
+
+def test_registers_and_model_both_train(llava, model_state):
+    """what="registers+model" (Victor's recipe): gradients reach the registers and the module's own copy of
+    the weights; the user's model keeps its weights."""
+    model, kwargs, prog = llava
+    before = model_state.snapshot(model)
+    fast = graphred.transform(prog, victor(registers=2, layer=1))
+    w0 = {n: p.detach().clone() for n, p in fast.graph_module.named_parameters()}
+    res = graphred.train(fast, [kwargs], teacher=model, steps=1, what="registers+model", lr=1e-3, reducer_lr=1e-2,
+                         progress=False)
+    assert "reducer.graphred_registers" in res.trained and len(res.trained) == len(w0)
+    moved = {n for n, p in fast.graph_module.named_parameters() if not torch.equal(p, w0[n])}
+    assert "graphred_registers" in moved
+    assert len(moved) > len(w0) // 2, sorted(set(w0) - moved)  # the layers before and after the drop train
+    model_state.assert_unchanged(model, before)
+
+
+def test_warmup_scales_the_first_update(llava):
+    """AdamW's first update is about lr per element, so a warm-up of 2 steps halves it (factor 1/2)."""
+    model, kwargs, prog = llava
+    moves = []
+    fast = graphred.transform(prog, victor(registers=2, layer=1))
+    reg = fast.graph_module.graphred_registers
+    r0 = reg.detach().clone()
+    for warmup in (0, 2):  # each call starts a fresh optimizer; the registers start from r0 both times
+        with torch.no_grad():
+            reg.copy_(r0)
+        graphred.train(fast, [kwargs], teacher=model, steps=1, lr=1e-2, warmup=warmup, schedule="cosine",
+                       clip=None, progress=False)
+        moves.append((reg - r0).abs().max().item())
+    assert moves[1] == pytest.approx(moves[0] / 2, rel=0.05), moves
+    with pytest.raises(GraphredError, match="schedule="):
+        graphred.train(fast, [kwargs], teacher=model, steps=1, schedule="linear", progress=False)
+    with pytest.raises(GraphredError, match="warmup must be"):
+        graphred.train(fast, [kwargs], teacher=model, steps=1, warmup=-1, progress=False)

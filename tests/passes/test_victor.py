@@ -45,7 +45,8 @@ def test_layer_beyond_the_decoder(zoo_program):
         graphred.transform(zoo_program("llava"), victor(registers=2, layer=2))
 
 
-@pytest.mark.parametrize("name,what", [("vilt", "no decoder: its cross-modal stack"), ("clip", "dual encoder")])
+@pytest.mark.parametrize("name,what", [("vilt", "no decoder: its cross-modal stack"), ("clip", "dual encoder"),
+                                       ("blip", "cross-attention layers")])
 def test_models_without_a_decoder(zoo_program, name, what):
     with pytest.raises(PlanError, match=what):
         graphred.transform(zoo_program(name), victor(registers=2, layer=1))
