@@ -1,0 +1,293 @@
+"""Train the three ``vqa2-*`` models on the cluttered 224 px scenes (graphred.data.scenes2), on CPU.
+
+    python bench/train_models2.py --models vqa2-llava            # one model, ~20 minutes, 1 thread
+    python bench/train_models2.py --models vqa2-blip --steps 50 --out -   # a quick try
+
+Same architectures and recipe as bench/train_models.py (AdamW, warm-up, cosine decay, 2-D sine-cosine
+image position init, a per-token probe of each patch's content discarded after training), at 196
+image tokens. Training scenes are generated on the fly, a fresh block of scene indices every step
+(scene ``i`` of the training split is deterministic), so no scene repeats; the training photographs
+(1,500 sprites) are disjoint from the test ones. The four questions of a scene share its image: the
+decoder packs them after one image prefix (block attention mask, positions restarted), BLIP encodes
+the image once, ViLT (single stream) reads each question with its own copy of the image.
+
+Writes ``graphred/weights/<name>.safetensors`` and ``<name>.json`` (config, vocabulary, training
+facts, learning curve, test accuracy on 1,200 questions of test scenes 0..299 and on the shipped 50).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graphred.data import models, scenes2  # noqa: E402
+
+#: name -> steps, peak lr, scenes per step (four questions each)
+SCHEDULE: dict[str, dict] = {
+    "vqa2-llava": {"steps": 900, "lr": 2e-3, "scenes": 16},
+    "vqa2-vilt": {"steps": 600, "lr": 2e-3, "scenes": 8},
+    "vqa2-blip": {"steps": 800, "lr": 2e-3, "scenes": 24},
+}
+TEST_SCENES = 300
+PROBE_CLASSES = len(scenes2.CLASSES) + 2  # the ten classes, a digit, bare texture
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def sincos_2d(grid: int, dim: int, base: float = 100.0) -> torch.Tensor:
+    quarter = dim // 4
+    omega = 1.0 / base ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        ang = coord[:, None].double() * omega[None]
+        parts += [ang.sin(), ang.cos()]
+    out = torch.cat(parts, 1)
+    return F.pad(out, (0, dim - out.shape[1])).float()
+
+
+@torch.no_grad()
+def init_image_positions(fam: str, model: torch.nn.Module) -> None:
+    if fam == "llava":
+        table = model.model.vision_tower.embeddings.position_embedding.weight
+    elif fam == "blip":
+        table = model.vision_model.embeddings.position_embedding[0]
+    else:
+        table = model.vilt.embeddings.position_embeddings[0]
+    table.zero_()
+    table[1:] = sincos_2d(scenes2.GRID, table.shape[1])
+
+
+def probe_labels(data: scenes2.SceneSet2) -> torch.Tensor:
+    """``(S, 196)``: each cell's class, 10 for a digit, 11 for bare texture."""
+    lay = torch.from_numpy(data.layout).long()
+    clut = torch.from_numpy(data.clutter).long()
+    return torch.where(lay >= 0, lay, torch.where(clut >= 0, 10, 11))
+
+
+def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Decoder batch: ``<bos> <image>*196 q1 q2 q3 q4``, each question seeing the prefix and itself only."""
+    n_img = scenes2.NUM_CELLS
+    prefix = 1 + n_img
+    b = data.num_scenes
+    rows = []
+    for s in range(b):
+        qs = data.questions[4 * s: 4 * s + 4]
+        rows.append([qs[i] for i in torch.randperm(4, generator=gen).tolist()])
+    enc = [[tok.encode(q.text) for q in row] for row in rows]
+    length = prefix + max(sum(len(w) for w in row) for row in enc)
+    ids = torch.full((b, length), tok.pad_id, dtype=torch.long)
+    pos = torch.zeros((b, length), dtype=torch.long)
+    block = torch.full((b, length), -2, dtype=torch.long)
+    ids[:, 0], ids[:, 1:prefix] = tok.bos_id, tok.image_id
+    pos[:, :prefix] = torch.arange(prefix)
+    block[:, :prefix] = -1
+    where = torch.zeros((b, 4), dtype=torch.long)
+    answers = torch.tensor([[tok.token_to_id[q.answer] for q in row] for row in rows])
+    for i, row in enumerate(enc):
+        at = prefix
+        for k, words in enumerate(row):
+            n = len(words)
+            ids[i, at: at + n] = torch.tensor(words)
+            pos[i, at: at + n] = prefix + torch.arange(n)
+            block[i, at: at + n] = k
+            where[i, k] = at + n - 1
+            at += n
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    bq, bk = block[:, :, None], block[:, None, :]
+    allowed = causal & ((bk == -1) | (bq == bk)) & (bq != -2)
+    allowed |= torch.eye(length, dtype=torch.bool)
+    kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
+              "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
+    return kwargs, where, answers
+
+
+class Trainer:
+    def __init__(self, name: str, seed: int):
+        self.name, self.fam = name, models.family(name)
+        self.tok = models.default_tokenizer(name)
+        torch.manual_seed(seed)
+        self.config = models.default_config(name, self.tok)
+        self.model = models.build_model(name, self.config, self.tok).train()
+        init_image_positions(self.fam, self.model)
+        width = self.config["hidden_size"] if self.fam == "vilt" else self.config["vision_config"]["hidden_size"]
+        self.probe = torch.nn.Linear(width, PROBE_CLASSES)
+        self.captured: dict = {}
+        if self.fam == "llava":
+            self.model.model.vision_tower.register_forward_hook(self._grab)
+        elif self.fam == "blip":
+            self.model.vision_model.register_forward_hook(self._grab)
+        else:  # ViLT samples its patches in a random order: keep where each token came from
+            emb = self.model.vilt.embeddings
+            original = emb.visual_embed
+
+            def visual_embed(*args, **kwargs):
+                x, x_mask, (patch_index, hw) = original(*args, **kwargs)
+                self.captured["patch_index"] = patch_index
+                return x, x_mask, (patch_index, hw)
+
+            emb.visual_embed = visual_embed
+
+    def _grab(self, module, args, output):
+        self.captured["tokens"] = output.last_hidden_state[:, 1:]
+
+    def parameters(self):
+        return list(self.model.parameters()) + list(self.probe.parameters())
+
+    def loss(self, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(answer loss, probe loss) on one block of scenes."""
+        labels = probe_labels(data)
+        tok, name = self.tok, self.name
+        if self.fam == "llava":
+            kwargs, at, answers = packed(tok, data, gen)
+            out = self.model(**kwargs)
+            logits = out.logits[torch.arange(data.num_scenes)[:, None], at]
+            ans = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
+            tokens = self.captured["tokens"]
+        elif self.fam == "blip":
+            qs = data.questions
+            pix = scenes2.pixel_values(data.images)
+            image = self.model.vision_model(pixel_values=pix).last_hidden_state
+            tokens = image[:, 1:]
+            kw = models.build_inputs(name, tok, data, qs)
+            img = image.repeat_interleave(4, 0)
+            text = self.model.text_encoder(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
+                                           encoder_hidden_states=img,
+                                           encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long)
+                                           ).last_hidden_state
+            ans = F.cross_entropy(self.model.answer_head(text[:, 0]), models.targets(name, tok, qs))
+        else:
+            qs = data.questions
+            kw = models.build_inputs(name, tok, data, qs)
+            out = self.model(**kw, output_hidden_states=True)
+            ans = F.cross_entropy(out.logits, models.targets(name, tok, qs))
+            n = scenes2.NUM_CELLS
+            tokens = out.hidden_states[-1][:, -n:]
+            pi = self.captured["patch_index"]  # (B, n, 2): (row, col) of each image token
+            labels = labels.repeat_interleave(4, 0).gather(1, pi[..., 0] * scenes2.GRID + pi[..., 1])
+        probe = F.cross_entropy(self.probe(tokens).flatten(0, 1), labels.flatten())
+        return ans, probe
+
+
+def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
+          probe_weight: float) -> dict:
+    tr = Trainer(name, seed)
+    params = tr.parameters()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed)
+    warmup = max(1, steps // 20)
+    test = scenes2.generate("test", TEST_SCENES)
+    shipped = scenes2.load_shipped()
+    n_params = sum(p.numel() for p in tr.model.parameters())
+    print(f"[{name}] {type(tr.model).__name__}, {n_params / 1e6:.2f}M parameters, {steps} steps x {n_scenes} scenes "
+          f"(x4 questions), lr {lr}", flush=True)
+    curve = {"step": [], "loss": [], "probe_loss": [], "eval_step": [], "eval_accuracy": []}
+    ema = lambda old, new: new if old is None else 0.9 * old + 0.1 * new  # noqa: E731
+    run_a = run_p = None
+    t0 = time.perf_counter()
+    eval_s = 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes))
+        ans, probe = tr.loss(data, gen)
+        loss = ans + probe_weight * probe
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        run_a, run_p = ema(run_a, ans.item()), ema(run_p, probe.item())
+        if (step + 1) % 25 == 0 or step == steps - 1:
+            el = time.perf_counter() - t0 - eval_s
+            curve["step"].append(step + 1)
+            curve["loss"].append(round(run_a, 4))
+            curve["probe_loss"].append(round(run_p, 4))
+            print(f"[{name}] step {step + 1}/{steps} answer loss {run_a:.3f} probe {run_p:.3f} ({el:.0f}s)", flush=True)
+        if eval_every and (step + 1) % eval_every == 0 and step != steps - 1:
+            te = time.perf_counter()
+            acc = models.evaluate(tr.model, name, test, 100, tokenizer=tr.tok, limit=400)
+            tr.model.train()
+            eval_s += time.perf_counter() - te
+            curve["eval_step"].append(step + 1)
+            curve["eval_accuracy"].append(round(acc, 4))
+            print(f"[{name}]   test accuracy on 400 questions: {acc:.3f}", flush=True)
+    train_s = time.perf_counter() - t0 - eval_s
+    model = tr.model.eval()
+    pred = models.predict(model, name, test, 100, tokenizer=tr.tok)
+    test_acc = models.accuracy_by_kind(test, pred, tr.tok)
+    curve["eval_step"].append(steps)
+    curve["eval_accuracy"].append(round(float(test_acc["all"]), 4))
+    shipped_acc = models.accuracy_by_kind(shipped, models.predict(model, name, shipped, 100, tokenizer=tr.tok), tr.tok)
+    print(f"[{name}] trained in {train_s:.0f}s; test accuracy {test_acc['all']:.4f} {test_acc}; shipped "
+          f"{shipped_acc['all']:.4f}", flush=True)
+    info = {
+        "note": "trained from scratch by graphred (bench/train_models2.py) on its cluttered 224 px scenes "
+                "(graphred.data.scenes2); no pretrained weights",
+        "training": {
+            "steps": steps, "scenes_per_step": n_scenes, "questions_per_step": 4 * n_scenes, "peak_lr": lr,
+            "warmup_steps": warmup, "seed": seed,
+            "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), cosine decay to 5%, grad clip 1.0",
+            "data": f"training scenes 0..{steps * n_scenes - 1} of graphred.data.scenes2 (each seen once)",
+            "auxiliary": {"probe_weight": probe_weight,
+                          "note": "per-token linear probe of each patch's content (10 classes, digit, texture) on "
+                                  "the image tokens (vision tower output; ViLT's last layer), discarded after "
+                                  "training; 2-D sine-cosine image position init"},
+            "train_seconds": round(train_s, 1), "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip() + " (shared, loaded)",
+            "torch": torch.__version__,
+            "curve": curve,
+        },
+        "accuracy": {
+            "test": round(test_acc["all"], 4),
+            "test_by_kind": {k: round(v, 4) for k, v in test_acc.items() if k != "all"},
+            "test_questions": len(test),
+            "shipped": round(shipped_acc["all"], 4),
+            "shipped_by_kind": {k: round(v, 4) for k, v in shipped_acc.items() if k != "all"},
+            "shipped_questions": len(shipped),
+        },
+    }
+    if out is not None:
+        st, js = models.save_trained(name, model, tr.tok, tr.config, info=info, directory=out)
+        print(f"[{name}] wrote {st} ({os.path.getsize(st) / 1e6:.2f} MB) and {js}", flush=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2), choices=models.MODEL_NAMES_V2)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--scenes", type=int, default=None, help="scenes per step (four questions each)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--probe-weight", type=float, default=1.0)
+    ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in args.models:
+        s = SCHEDULE[name]
+        train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
+              args.eval_every, None if args.out == "-" else args.out, args.probe_weight)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
