@@ -33,9 +33,9 @@ from graphred.data import models, scenes2  # noqa: E402
 
 #: name -> steps, peak lr, scenes per step (four questions each)
 SCHEDULE: dict[str, dict] = {
-    "vqa2-llava": {"steps": 900, "lr": 2e-3, "scenes": 16},
-    "vqa2-vilt": {"steps": 600, "lr": 2e-3, "scenes": 8},
-    "vqa2-blip": {"steps": 800, "lr": 2e-3, "scenes": 24},
+    "vqa2-llava": {"steps": 500, "lr": 2e-3, "scenes": 16},
+    "vqa2-vilt": {"steps": 400, "lr": 2e-3, "scenes": 8},
+    "vqa2-blip": {"steps": 500, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
 PROBE_CLASSES = len(scenes2.CLASSES) + 2  # the ten classes, a digit, bare texture
@@ -79,8 +79,22 @@ def probe_labels(data: scenes2.SceneSet2) -> torch.Tensor:
     return torch.where(lay >= 0, lay, torch.where(clut >= 0, 10, 11))
 
 
-def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Decoder batch: ``<bos> <image>*196 q1 q2 q3 q4``, each question seeing the prefix and itself only."""
+def describe_rows(data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The description task: ``(B, 10)`` class indices in a random order per scene, and ``(B, 10)`` how many
+    of each the scene holds (0..4)."""
+    b = data.num_scenes
+    order = torch.stack([torch.randperm(len(scenes2.CLASSES), generator=gen) for _ in range(b)])
+    lay = torch.from_numpy(data.layout).long()
+    counts = (lay[:, :, None] == torch.arange(len(scenes2.CLASSES))).sum(1)
+    return order, counts.gather(1, order)
+
+
+def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = False):
+    """Decoder batch: ``<bos> <image>*196 q1 q2 q3 q4 [d]``, each question seeing the prefix and itself only.
+
+    ``describe``: a fifth block ``c1 n1 c2 n2 ... c10 n10`` (every class word followed by its count word,
+    classes in a random order), trained to predict each ``n`` after its ``c`` — the grounded description
+    LLaVA-style training starts from; it teaches the class-word-to-patches reading all four kinds need."""
     n_img = scenes2.NUM_CELLS
     prefix = 1 + n_img
     b = data.num_scenes
@@ -89,6 +103,14 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[dict, to
         qs = data.questions[4 * s: 4 * s + 4]
         rows.append([qs[i] for i in torch.randperm(4, generator=gen).tolist()])
     enc = [[tok.encode(q.text) for q in row] for row in rows]
+    d_at = d_ans = None
+    if describe:
+        order, counts = describe_rows(data, gen)
+        cls_ids = torch.tensor([tok.token_to_id[c] for c in scenes2.CLASSES])[order]
+        num_ids = torch.tensor([tok.token_to_id[w] for w in scenes2.NUMBERS])[counts]
+        for i, row in enumerate(enc):
+            row.append(torch.stack([cls_ids[i], num_ids[i]], -1).flatten().tolist())
+        d_ans = num_ids
     length = prefix + max(sum(len(w) for w in row) for row in enc)
     ids = torch.full((b, length), tok.pad_id, dtype=torch.long)
     pos = torch.zeros((b, length), dtype=torch.long)
@@ -105,7 +127,11 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[dict, to
             ids[i, at: at + n] = torch.tensor(words)
             pos[i, at: at + n] = prefix + torch.arange(n)
             block[i, at: at + n] = k
-            where[i, k] = at + n - 1
+            if k < 4:
+                where[i, k] = at + n - 1
+            else:
+                d_at = d_at if d_at is not None else torch.zeros((b, n // 2), dtype=torch.long)
+                d_at[i] = at + 2 * torch.arange(n // 2)
             at += n
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     bq, bk = block[:, :, None], block[:, None, :]
@@ -113,7 +139,7 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[dict, to
     allowed |= torch.eye(length, dtype=torch.bool)
     kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
               "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
-    return kwargs, where, answers
+    return kwargs, where, answers, d_at, d_ans
 
 
 class Trainer:
@@ -126,6 +152,8 @@ class Trainer:
         init_image_positions(self.fam, self.model)
         width = self.config["hidden_size"] if self.fam == "vilt" else self.config["vision_config"]["hidden_size"]
         self.probe = torch.nn.Linear(width, PROBE_CLASSES)
+        hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
+        self.count_head = torch.nn.Linear(hidden, len(scenes2.NUMBERS))  # the encoders' description probe
         self.captured: dict = {}
         if self.fam == "llava":
             self.model.model.vision_tower.register_forward_hook(self._grab)
@@ -146,17 +174,30 @@ class Trainer:
         self.captured["tokens"] = output.last_hidden_state[:, 1:]
 
     def parameters(self):
-        return list(self.model.parameters()) + list(self.probe.parameters())
+        return list(self.model.parameters()) + list(self.probe.parameters()) + list(self.count_head.parameters())
 
-    def loss(self, data: scenes2.SceneSet2, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(answer loss, probe loss) on one block of scenes."""
+    def _describe_ids(self, data, gen):
+        tok = self.tok
+        order, counts = describe_rows(data, gen)
+        b, n = order.shape
+        ids = torch.full((b, n + 2), tok.pad_id, dtype=torch.long)
+        ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
+        ids[:, 1:-1] = torch.tensor([tok.token_to_id[c] for c in scenes2.CLASSES])[order]
+        return ids, counts
+
+    def loss(self, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool):
+        """(answer loss, probe loss, description loss or None) on one block of scenes."""
         labels = probe_labels(data)
         tok, name = self.tok, self.name
+        desc = None
         if self.fam == "llava":
-            kwargs, at, answers = packed(tok, data, gen)
+            kwargs, at, answers, d_at, d_ans = packed(tok, data, gen, describe)
             out = self.model(**kwargs)
-            logits = out.logits[torch.arange(data.num_scenes)[:, None], at]
+            rows = torch.arange(data.num_scenes)[:, None]
+            logits = out.logits[rows, at]
             ans = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
+            if describe:
+                desc = F.cross_entropy(out.logits[rows, d_at].flatten(0, 1), d_ans.flatten())
             tokens = self.captured["tokens"]
         elif self.fam == "blip":
             qs = data.questions
@@ -170,6 +211,13 @@ class Trainer:
                                            encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long)
                                            ).last_hidden_state
             ans = F.cross_entropy(self.model.answer_head(text[:, 0]), models.targets(name, tok, qs))
+            if describe:
+                ids, counts = self._describe_ids(data, gen)
+                st = self.model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             encoder_hidden_states=image,
+                                             encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long)
+                                             ).last_hidden_state[:, 1:-1]
+                desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
         else:
             qs = data.questions
             kw = models.build_inputs(name, tok, data, qs)
@@ -179,12 +227,19 @@ class Trainer:
             tokens = out.hidden_states[-1][:, -n:]
             pi = self.captured["patch_index"]  # (B, n, 2): (row, col) of each image token
             labels = labels.repeat_interleave(4, 0).gather(1, pi[..., 0] * scenes2.GRID + pi[..., 1])
+            if describe:
+                ids, counts = self._describe_ids(data, gen)
+                kw = models.build_inputs(name, tok, data, qs[::4])
+                kw["input_ids"], kw["attention_mask"] = ids, torch.ones_like(ids)
+                kw["token_type_ids"] = torch.zeros_like(ids)
+                st = self.model(**kw, output_hidden_states=True).hidden_states[-1][:, 1: ids.shape[1] - 1]
+                desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
         probe = F.cross_entropy(self.probe(tokens).flatten(0, 1), labels.flatten())
-        return ans, probe
+        return ans, probe, desc
 
 
 def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
-          probe_weight: float) -> dict:
+          probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0) -> dict:
     tr = Trainer(name, seed)
     params = tr.parameters()
     decay = [p for p in params if p.dim() >= 2]
@@ -198,17 +253,19 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
     n_params = sum(p.numel() for p in tr.model.parameters())
     print(f"[{name}] {type(tr.model).__name__}, {n_params / 1e6:.2f}M parameters, {steps} steps x {n_scenes} scenes "
           f"(x4 questions), lr {lr}", flush=True)
-    curve = {"step": [], "loss": [], "probe_loss": [], "eval_step": [], "eval_accuracy": []}
+    curve = {"step": [], "loss": [], "probe_loss": [], "describe_loss": [], "eval_step": [], "eval_accuracy": []}
     ema = lambda old, new: new if old is None else 0.9 * old + 0.1 * new  # noqa: E731
-    run_a = run_p = None
+    run_a = run_p = run_d = None
     t0 = time.perf_counter()
     eval_s = 0.0
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes))
-        ans, probe = tr.loss(data, gen)
-        loss = ans + probe_weight * probe
+        ans, probe, desc = tr.loss(data, gen, describe_weight > 0 and step < describe_until * steps)
+        loss = ans + probe_weight * probe + (describe_weight * desc if desc is not None else 0.0)
+        if desc is not None:
+            run_d = ema(run_d, desc.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,7 +276,10 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             curve["step"].append(step + 1)
             curve["loss"].append(round(run_a, 4))
             curve["probe_loss"].append(round(run_p, 4))
-            print(f"[{name}] step {step + 1}/{steps} answer loss {run_a:.3f} probe {run_p:.3f} ({el:.0f}s)", flush=True)
+            curve["describe_loss"].append(round(run_d, 4) if run_d is not None else None)
+            dtxt = f" describe {run_d:.3f}" if run_d is not None else ""
+            print(f"[{name}] step {step + 1}/{steps} answer loss {run_a:.3f} probe {run_p:.3f}{dtxt} ({el:.0f}s)",
+                  flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step != steps - 1:
             te = time.perf_counter()
             acc = models.evaluate(tr.model, name, test, 100, tokenizer=tr.tok, limit=400)
@@ -245,7 +305,11 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             "warmup_steps": warmup, "seed": seed,
             "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), cosine decay to 5%, grad clip 1.0",
             "data": f"training scenes 0..{steps * n_scenes - 1} of graphred.data.scenes2 (each seen once)",
-            "auxiliary": {"probe_weight": probe_weight,
+            "auxiliary": {"probe_weight": probe_weight, "describe_weight": describe_weight,
+                          "describe_until": describe_until,
+                          "describe": "every class word followed by its count (decoder: a fifth packed block, "
+                                      "next-token; encoders: a [CLS] c1..c10 [SEP] sequence and a linear count "
+                                      "probe on each word), discarded after training",
                           "note": "per-token linear probe of each patch's content (10 classes, digit, texture) on "
                                   "the image tokens (vision tower output; ViLT's last layer), discarded after "
                                   "training; 2-D sine-cosine image position init"},
@@ -279,13 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--probe-weight", type=float, default=1.0)
+    ap.add_argument("--describe-weight", type=float, default=1.0)
+    ap.add_argument("--describe-until", type=float, default=1.0)
     ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in args.models:
         s = SCHEDULE[name]
         train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
-              args.eval_every, None if args.out == "-" else args.out, args.probe_weight)
+              args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
+              args.describe_until)
     return 0
 
 
