@@ -221,7 +221,7 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
                    f"{100 * ra['accuracy']:.1f}% ({dr:+.1f}) vs norm {100 * no['accuracy']:.1f}% ({dn:+.1f})"
                    + (f"; oracle {100 * orc['accuracy']:.1f}%" if orc else "")
                    + (f" — target (>= 3 points above both at 0.5): {met}" if p == 0.5 else ""))
-    fast = [r for r in mine if r["method"].startswith("pumer") and (r["predicted_speedup"] or 0) >= 1.8]
+    fast = [r for r in mine if r["method"] in ("pumer", "pumer+merge") and (r["predicted_speedup"] or 0) >= 1.8]
     if fast:
         best = max(fast, key=lambda r: r["accuracy"])
         d = 100 * (base - best["accuracy"])
@@ -229,6 +229,14 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
                    f"{d:.1f} points below unreduced ({'within' if d <= 3 else '**outside**'} the 3-point target)")
     else:
         out.append("- no PuMer plan here reaches 1.8x predicted")
+    for r in mine:
+        if r["method"].endswith("fine-tuned"):
+            d = 100 * (base - r["accuracy"])
+            ok = d <= 1 and r["predicted_speedup"] >= 2
+            out.append(f"- fine-tuned with the reducers in place ({r['finetune']['steps']} steps, "
+                       f"{r['finetune']['seconds'] / 60:.0f} min): `{r['plan']}` at {r['predicted_speedup']:.2f}x predicted, "
+                       f"{100 * r['training_free_accuracy']:.1f}% -> {100 * r['accuracy']:.1f}%, {d:.1f} points below "
+                       f"unreduced (target >= 2x within 1 point: {'met' if ok else '**missed**'})")
     ratios = [r["measured_speedup"] / r["predicted_speedup"] for r in mine
               if r["method"] not in ("unreduced", "oracle") and r["predicted_speedup"]]
     if ratios:

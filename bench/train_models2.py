@@ -33,9 +33,9 @@ from graphred.data import models, scenes2  # noqa: E402
 
 #: name -> steps, peak lr, scenes per step (four questions each)
 SCHEDULE: dict[str, dict] = {
-    "vqa2-llava": {"steps": 500, "lr": 2e-3, "scenes": 16},
+    "vqa2-llava": {"steps": 400, "lr": 2e-3, "scenes": 16},
     "vqa2-vilt": {"steps": 400, "lr": 2e-3, "scenes": 8},
-    "vqa2-blip": {"steps": 500, "lr": 2e-3, "scenes": 16},
+    "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
 PROBE_CLASSES = len(scenes2.CLASSES) + 2  # the ten classes, a digit, bare texture
@@ -139,17 +139,38 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
     allowed |= torch.eye(length, dtype=torch.bool)
     kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
               "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
-    return kwargs, where, answers, d_at, d_ans
+    return kwargs, where, answers, d_at, d_ans, rows
+
+
+def relevant_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
+    """``(Q, 196)`` bool: the cells each question's answer is read from (none for an absent class)."""
+    out = torch.zeros(len(questions), scenes2.NUM_CELLS, dtype=torch.bool)
+    for i, q in enumerate(questions):
+        out[i, data.relevant_cells(q)] = True
+    return out
+
+
+def grounding_loss(attn: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor | None:
+    """``attn`` ``(Q, heads, 196)``: one query's attention over the image tokens (cell order). The share of
+    it (heads averaged) on the relevant cells, as ``-log``, over the questions that have relevant cells."""
+    has = relevant.any(1)
+    if not has.any():
+        return None
+    a = attn.mean(1)
+    share = (a * relevant).sum(1) / a.sum(1).clamp_min(1e-9)
+    return -torch.log(share[has].clamp_min(1e-6)).mean()
 
 
 class Trainer:
-    def __init__(self, name: str, seed: int):
-        self.name, self.fam = name, models.family(name)
+    def __init__(self, name: str, seed: int, ground: float = 0.0):
+        self.name, self.fam, self.ground = name, models.family(name), ground
         self.tok = models.default_tokenizer(name)
         torch.manual_seed(seed)
         self.config = models.default_config(name, self.tok)
         self.model = models.build_model(name, self.config, self.tok).train()
         init_image_positions(self.fam, self.model)
+        if ground > 0 and hasattr(self.model, "set_attn_implementation"):  # attention weights are read
+            self.model.set_attn_implementation("eager")
         width = self.config["hidden_size"] if self.fam == "vilt" else self.config["vision_config"]["hidden_size"]
         self.probe = torch.nn.Linear(width, PROBE_CLASSES)
         hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
@@ -189,11 +210,16 @@ class Trainer:
         """(answer loss, probe loss, description loss or None) on one block of scenes."""
         labels = probe_labels(data)
         tok, name = self.tok, self.name
-        desc = None
+        desc = ground = None
+        n = scenes2.NUM_CELLS
         if self.fam == "llava":
-            kwargs, at, answers, d_at, d_ans = packed(tok, data, gen, describe)
-            out = self.model(**kwargs)
+            kwargs, at, answers, d_at, d_ans, qrows = packed(tok, data, gen, describe)
+            out = self.model(**kwargs, output_attentions=self.ground > 0)
             rows = torch.arange(data.num_scenes)[:, None]
+            if self.ground > 0:  # layer 0: each answer position's attention over the 196 image tokens
+                att = out.attentions[0][rows, :, at][..., 1: 1 + n]  # (B, 4, heads, 196)
+                rel = relevant_mask(data, [q for row in qrows for q in row])
+                ground = grounding_loss(att.flatten(0, 1), rel)
             logits = out.logits[rows, at]
             ans = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
             if describe:
@@ -206,10 +232,13 @@ class Trainer:
             tokens = image[:, 1:]
             kw = models.build_inputs(name, tok, data, qs)
             img = image.repeat_interleave(4, 0)
-            text = self.model.text_encoder(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
+            tout = self.model.text_encoder(input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
                                            encoder_hidden_states=img,
-                                           encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long)
-                                           ).last_hidden_state
+                                           encoder_attention_mask=torch.ones(img.shape[:-1], dtype=torch.long),
+                                           output_attentions=self.ground > 0)
+            text = tout.last_hidden_state
+            if self.ground > 0:  # cross-attention layer 0: the [CLS] query over the 196 patches
+                ground = grounding_loss(tout.cross_attentions[0][:, :, 0, 1:], relevant_mask(data, qs))
             ans = F.cross_entropy(self.model.answer_head(text[:, 0]), models.targets(name, tok, qs))
             if describe:
                 ids, counts = self._describe_ids(data, gen)
@@ -221,12 +250,16 @@ class Trainer:
         else:
             qs = data.questions
             kw = models.build_inputs(name, tok, data, qs)
-            out = self.model(**kw, output_hidden_states=True)
+            out = self.model(**kw, output_hidden_states=True, output_attentions=self.ground > 0)
             ans = F.cross_entropy(out.logits, models.targets(name, tok, qs))
-            n = scenes2.NUM_CELLS
             tokens = out.hidden_states[-1][:, -n:]
             pi = self.captured["patch_index"]  # (B, n, 2): (row, col) of each image token
-            labels = labels.repeat_interleave(4, 0).gather(1, pi[..., 0] * scenes2.GRID + pi[..., 1])
+            cell = pi[..., 0] * scenes2.GRID + pi[..., 1]  # (B, 196): the cell of each image token
+            labels = labels.repeat_interleave(4, 0).gather(1, cell)
+            if self.ground > 0:  # layer 0: the text [CLS] query over the patches (in ViLT's sampled order)
+                att = out.attentions[0][:, :, 0, -n:]
+                rel = relevant_mask(data, qs).gather(1, cell)
+                ground = grounding_loss(att, rel)
             if describe:
                 ids, counts = self._describe_ids(data, gen)
                 kw = models.build_inputs(name, tok, data, qs[::4])
@@ -235,12 +268,13 @@ class Trainer:
                 st = self.model(**kw, output_hidden_states=True).hidden_states[-1][:, 1: ids.shape[1] - 1]
                 desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
         probe = F.cross_entropy(self.probe(tokens).flatten(0, 1), labels.flatten())
-        return ans, probe, desc
+        return ans, probe, desc, ground
 
 
 def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
-          probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0) -> dict:
-    tr = Trainer(name, seed)
+          probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0,
+          ground_weight: float = 0.0) -> dict:
+    tr = Trainer(name, seed, ground_weight)
     params = tr.parameters()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -255,15 +289,18 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
           f"(x4 questions), lr {lr}", flush=True)
     curve = {"step": [], "loss": [], "probe_loss": [], "describe_loss": [], "eval_step": [], "eval_accuracy": []}
     ema = lambda old, new: new if old is None else 0.9 * old + 0.1 * new  # noqa: E731
-    run_a = run_p = run_d = None
+    run_a = run_p = run_d = run_g = None
     t0 = time.perf_counter()
     eval_s = 0.0
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes))
-        ans, probe, desc = tr.loss(data, gen, describe_weight > 0 and step < describe_until * steps)
+        ans, probe, desc, ground = tr.loss(data, gen, describe_weight > 0 and step < describe_until * steps)
         loss = ans + probe_weight * probe + (describe_weight * desc if desc is not None else 0.0)
+        if ground is not None:
+            loss = loss + ground_weight * ground
+            run_g = ema(run_g, ground.item())
         if desc is not None:
             run_d = ema(run_d, desc.item())
         opt.zero_grad(set_to_none=True)
@@ -278,6 +315,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             curve["probe_loss"].append(round(run_p, 4))
             curve["describe_loss"].append(round(run_d, 4) if run_d is not None else None)
             dtxt = f" describe {run_d:.3f}" if run_d is not None else ""
+            dtxt += f" grounding {run_g:.3f}" if run_g is not None else ""
+            curve.setdefault("grounding_loss", []).append(round(run_g, 4) if run_g is not None else None)
             print(f"[{name}] step {step + 1}/{steps} answer loss {run_a:.3f} probe {run_p:.3f}{dtxt} ({el:.0f}s)",
                   flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step != steps - 1:
@@ -289,6 +328,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             curve["eval_accuracy"].append(round(acc, 4))
             print(f"[{name}]   test accuracy on 400 questions: {acc:.3f}", flush=True)
     train_s = time.perf_counter() - t0 - eval_s
+    if ground_weight > 0 and hasattr(tr.model, "set_attn_implementation"):
+        tr.model.set_attn_implementation("sdpa")
     model = tr.model.eval()
     pred = models.predict(model, name, test, 100, tokenizer=tr.tok)
     test_acc = models.accuracy_by_kind(test, pred, tr.tok)
@@ -306,7 +347,11 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), cosine decay to 5%, grad clip 1.0",
             "data": f"training scenes 0..{steps * n_scenes - 1} of graphred.data.scenes2 (each seen once)",
             "auxiliary": {"probe_weight": probe_weight, "describe_weight": describe_weight,
-                          "describe_until": describe_until,
+                          "describe_until": describe_until, "grounding_weight": ground_weight,
+                          "grounding": "layer 0: the answer query's attention (decoder: the answer position; "
+                                       "encoders: the text [CLS]) over the image tokens is trained toward the "
+                                       "cells of the asked-about object (-log of its share), standing in for the "
+                                       "grounded pre-training real VLMs get; later layers are free",
                           "describe": "every class word followed by its count (decoder: a fifth packed block, "
                                       "next-token; encoders: a [CLS] c1..c10 [SEP] sequence and a linear count "
                                       "probe on each word), discarded after training",
@@ -333,6 +378,47 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
     return info
 
 
+def plot_curves(path: Path, directory: str | None = None) -> bool:
+    """docs/img/train_vqa2.png: each shipped vqa2 model's training losses and test accuracy, from the
+    curves recorded in its weights JSON."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, name in zip(axes, models.MODEL_NAMES_V2):
+        try:
+            meta = models.metadata(name, directory)
+        except models.WeightsError:
+            ax.set_title(f"{name}: not trained")
+            continue
+        tr = meta["training"]
+        c = tr["curve"]
+        ax.plot(c["step"], c["loss"], label="answer loss")
+        ax.plot(c["step"], c["probe_loss"], label="patch probe loss")
+        if any(v is not None for v in c.get("describe_loss", [])):
+            ax.plot(c["step"], c["describe_loss"], label="description loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (EMA)")
+        bx = ax.twinx()
+        bx.plot(c["eval_step"], [100 * a for a in c["eval_accuracy"]], "k--o", ms=3, label="test accuracy")
+        bx.set_ylabel("test accuracy (%)")
+        bx.set_ylim(0, 100)
+        ax.set_title(f"{name}: {tr['train_seconds'] / 60:.0f} min, seed {tr['seed']}, "
+                     f"{100 * meta['accuracy']['test']:.1f}%", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center")
+        bx.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2), choices=models.MODEL_NAMES_V2)
@@ -345,14 +431,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-weight", type=float, default=1.0)
     ap.add_argument("--describe-weight", type=float, default=1.0)
     ap.add_argument("--describe-until", type=float, default=1.0)
+    ap.add_argument("--ground-weight", type=float, default=0.5,
+                    help="weight of the layer-0 grounding loss on the answer query's attention (0: none)")
     ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
+    ap.add_argument("--plot", action="store_true", help="only draw docs/img/train_vqa2.png from the weights JSONs")
     args = ap.parse_args(argv)
+    if args.plot:
+        plot_curves(Path(__file__).resolve().parents[1] / "docs" / "img" / "train_vqa2.png",
+                    None if args.out in ("-", str(models.WEIGHTS_DIR)) else args.out)
+        return 0
     torch.set_num_threads(args.threads)
     for name in args.models:
         s = SCHEDULE[name]
         train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
               args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
-              args.describe_until)
+              args.describe_until, args.ground_weight)
     return 0
 
 
