@@ -255,7 +255,20 @@ def to_markdown(rows: list[dict], threads: int) -> str:
            "with random ones to PuMer's final count) from the first cross-modal layer on, by attention mask — "
            "a bound on selection, with no speedup. Training-free. Speed: one batch, alternating runs in one "
            f"process, {threads} thread(s), on a shared, loaded 2-core machine; predicted from `graphred.estimate`. "
-           "Rows: docs/results/vqa.json.", ""]
+           "Rows: docs/results/vqa.json.", "",
+           "Training (bench/train_models2.py, seed 0, one thread; losses and test accuracy along the way; "
+           "python bench/train_models2.py --plot draws it):", "", "![vqa2 training curves](img/train_vqa2.png)", ""]
+    for name in dict.fromkeys(r["model"] for r in rows if r["model"] in models.MODEL_NAMES_V2):
+        try:
+            meta = models.metadata(name)
+        except models.WeightsError:
+            continue
+        tr, acc = meta["training"], meta["accuracy"]
+        out.append(f"- {name}: {tr['steps']} steps x {tr['questions_per_step']} questions, "
+                   f"{tr['train_seconds'] / 60:.0f} min; test accuracy {100 * acc['test']:.1f}% "
+                   f"({acc['test_questions']} questions; " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
+                                                                    acc['test_by_kind'].items()) + ")")
+    out.append("")
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         base = next(r for r in mine if r["method"] == "unreduced")

@@ -139,7 +139,7 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
     allowed |= torch.eye(length, dtype=torch.bool)
     kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
               "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
-    return kwargs, where, answers, d_at, d_ans, rows
+    return kwargs, where, answers, d_at, d_ans, rows, (order if describe else None)
 
 
 def relevant_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
@@ -148,6 +148,16 @@ def relevant_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
     for i, q in enumerate(questions):
         out[i, data.relevant_cells(q)] = True
     return out
+
+
+def _mean(a, b):
+    return b if a is None else a if b is None else 0.5 * (a + b)
+
+
+def _class_cells(data: scenes2.SceneSet2, order: torch.Tensor) -> torch.Tensor:
+    """``(B * 10, 196)`` bool: for each described class (``order`` ``(B, 10)``), the cells holding it."""
+    lay = torch.from_numpy(data.layout).long()  # (B, 196)
+    return (lay[:, None, :] == order[:, :, None]).flatten(0, 1)
 
 
 def grounding_loss(attn: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor | None:
@@ -197,14 +207,14 @@ class Trainer:
     def parameters(self):
         return list(self.model.parameters()) + list(self.probe.parameters()) + list(self.count_head.parameters())
 
-    def _describe_ids(self, data, gen):
+    def _describe_ids(self, data, gen):  # -> ids (B, 12), counts (B, 10), class order (B, 10)
         tok = self.tok
         order, counts = describe_rows(data, gen)
         b, n = order.shape
         ids = torch.full((b, n + 2), tok.pad_id, dtype=torch.long)
         ids[:, 0], ids[:, -1] = tok.cls_id, tok.sep_id
         ids[:, 1:-1] = torch.tensor([tok.token_to_id[c] for c in scenes2.CLASSES])[order]
-        return ids, counts
+        return ids, counts, order
 
     def loss(self, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool):
         """(answer loss, probe loss, description loss or None) on one block of scenes."""
@@ -213,7 +223,7 @@ class Trainer:
         desc = ground = None
         n = scenes2.NUM_CELLS
         if self.fam == "llava":
-            kwargs, at, answers, d_at, d_ans, qrows = packed(tok, data, gen, describe)
+            kwargs, at, answers, d_at, d_ans, qrows, d_order = packed(tok, data, gen, describe)
             out = self.model(**kwargs, output_attentions=self.ground > 0)
             rows = torch.arange(data.num_scenes)[:, None]
             if self.ground > 0:  # layer 0: each answer position's attention over the 196 image tokens
@@ -224,6 +234,9 @@ class Trainer:
             ans = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
             if describe:
                 desc = F.cross_entropy(out.logits[rows, d_at].flatten(0, 1), d_ans.flatten())
+                if self.ground > 0:  # each class word of the description over the image tokens
+                    att = out.attentions[0][rows, :, d_at][..., 1: 1 + n]
+                    ground = _mean(ground, grounding_loss(att.flatten(0, 1), _class_cells(data, d_order)))
             tokens = self.captured["tokens"]
         elif self.fam == "blip":
             qs = data.questions
@@ -241,11 +254,15 @@ class Trainer:
                 ground = grounding_loss(tout.cross_attentions[0][:, :, 0, 1:], relevant_mask(data, qs))
             ans = F.cross_entropy(self.model.answer_head(text[:, 0]), models.targets(name, tok, qs))
             if describe:
-                ids, counts = self._describe_ids(data, gen)
-                st = self.model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             encoder_hidden_states=image,
-                                             encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long)
-                                             ).last_hidden_state[:, 1:-1]
+                ids, counts, order = self._describe_ids(data, gen)
+                dout = self.model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                               encoder_hidden_states=image,
+                                               encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long),
+                                               output_attentions=self.ground > 0)
+                st = dout.last_hidden_state[:, 1:-1]
+                if self.ground > 0:  # each class word over the patches
+                    att = dout.cross_attentions[0][:, :, 1:-1, 1:].transpose(1, 2)
+                    ground = _mean(ground, grounding_loss(att.flatten(0, 1), _class_cells(data, order)))
                 desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
         else:
             qs = data.questions
@@ -261,7 +278,7 @@ class Trainer:
                 rel = relevant_mask(data, qs).gather(1, cell)
                 ground = grounding_loss(att, rel)
             if describe:
-                ids, counts = self._describe_ids(data, gen)
+                ids, counts, order = self._describe_ids(data, gen)
                 kw = models.build_inputs(name, tok, data, qs[::4])
                 kw["input_ids"], kw["attention_mask"] = ids, torch.ones_like(ids)
                 kw["token_type_ids"] = torch.zeros_like(ids)
@@ -273,7 +290,7 @@ class Trainer:
 
 def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
           probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0,
-          ground_weight: float = 0.0) -> dict:
+          ground_weight: float = 0.0, curriculum: float = 0.0) -> dict:
     tr = Trainer(name, seed, ground_weight)
     params = tr.parameters()
     decay = [p for p in params if p.dim() >= 2]
@@ -295,7 +312,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
-        data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes))
+        ease = max(0.0, 1.0 - step / max(1.0, curriculum * steps)) if curriculum > 0 else 0.0
+        data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes), ease=ease)
         ans, probe, desc, ground = tr.loss(data, gen, describe_weight > 0 and step < describe_until * steps)
         loss = ans + probe_weight * probe + (describe_weight * desc if desc is not None else 0.0)
         if ground is not None:
@@ -348,6 +366,9 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             "data": f"training scenes 0..{steps * n_scenes - 1} of graphred.data.scenes2 (each seen once)",
             "auxiliary": {"probe_weight": probe_weight, "describe_weight": describe_weight,
                           "describe_until": describe_until, "grounding_weight": ground_weight,
+                          "curriculum": (f"clutter and texture ramp from none to full over the first "
+                                         f"{100 * curriculum:.0f}% of the steps (scenes2.generate(ease=...))")
+                                        if curriculum > 0 else "none",
                           "grounding": "layer 0: the answer query's attention (decoder: the answer position; "
                                        "encoders: the text [CLS]) over the image tokens is trained toward the "
                                        "cells of the asked-about object (-log of its share), standing in for the "
@@ -431,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-weight", type=float, default=1.0)
     ap.add_argument("--describe-weight", type=float, default=1.0)
     ap.add_argument("--describe-until", type=float, default=1.0)
+    ap.add_argument("--curriculum", type=float, default=0.5,
+                    help="ramp clutter and texture from none to full over this fraction of the steps (0: none)")
     ap.add_argument("--ground-weight", type=float, default=0.5,
                     help="weight of the layer-0 grounding loss on the answer query's attention (0: none)")
     ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
@@ -445,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         s = SCHEDULE[name]
         train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
               args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
-              args.describe_until, args.ground_weight)
+              args.describe_until, args.ground_weight, args.curriculum)
     return 0
 
 

@@ -21,6 +21,11 @@ models of standard Hugging Face architectures, trained from scratch on CPU on
 Their test accuracies (4,000 questions on 1,000 scenes of unseen photographs) and training
 facts are in ``metadata(name)``.
 
+``vqa2-llava``, ``vqa2-vilt`` and ``vqa2-blip`` are the same three architectures at 224 px / patch
+16 (196 image tokens), trained by ``bench/train_models2.py`` on the cluttered scenes of
+:mod:`graphred.data.scenes2`; every function here takes their names too (``shipped_scenes(name)``
+gives the matching test scenes, ``default_tokenizer(name)`` the vocabulary).
+
 >>> from graphred.data import models, scenes
 >>> model, tok = models.load_trained("vqa-llava")
 >>> test = scenes.load_shipped()

@@ -230,7 +230,7 @@ def quadrant(cell: int) -> str:
     return QUADRANTS[2 * (r >= GRID // 2) + (c >= GRID // 2)]
 
 
-def _texture(rng: random.Random) -> np.ndarray:
+def _texture(rng: random.Random, scale: float = 1.0) -> np.ndarray:
     """A per-scene background: three oriented sinusoids and pixel grain, values about 10..110."""
     y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
     out = np.full((IMAGE_SIZE, IMAGE_SIZE), rng.uniform(35.0, 60.0))
@@ -240,11 +240,11 @@ def _texture(rng: random.Random) -> np.ndarray:
         out += amp * np.sin(freq * (x * np.cos(theta) + y * np.sin(theta)) + phase)
     grain = np.random.Generator(np.random.PCG64(rng.getrandbits(63))).random((IMAGE_SIZE, IMAGE_SIZE))
     out += 30.0 * (grain - 0.5)
-    return out
+    return out if scale == 1.0 else out.mean() + scale * (out - out.mean())
 
 
 def _scene(rng: random.Random, scene: int, pool: np.ndarray, labels_by_class: list[list[int]],
-           digits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Question]]:
+           digits: np.ndarray, ease: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Question]]:
     ncls = len(CLASSES)
     k = rng.randint(_MIN_OBJECTS, _MAX_OBJECTS)
     palette = rng.sample(range(ncls), rng.randint(5, 7))
@@ -272,7 +272,7 @@ def _scene(rng: random.Random, scene: int, pool: np.ndarray, labels_by_class: li
         layout[cell - 1] = c
         counts[c] = counts.get(c, 0) + 1
     clutter = np.full(NUM_CELLS, -1, dtype=np.int8)
-    image = _texture(rng)
+    image = _texture(rng, 1.0 - ease)
     for i in range(NUM_CELLS):
         r, col = divmod(i, GRID)
         box = (slice(r * CELL, (r + 1) * CELL), slice(col * CELL, (col + 1) * CELL))
@@ -280,7 +280,7 @@ def _scene(rng: random.Random, scene: int, pool: np.ndarray, labels_by_class: li
             idx = labels_by_class[int(layout[i])]
             sprite = pool[idx[rng.randrange(len(idx))]].astype(np.float64) * rng.uniform(0.75, 1.0)
             image[box] = np.maximum(image[box], sprite)
-        elif rng.random() < _CLUTTER:
+        elif rng.random() < _CLUTTER * (1.0 - ease):
             d = rng.randrange(len(digits))
             clutter[i] = d % 10
             image[box] = np.maximum(image[box], digits[d].astype(np.float64) * rng.uniform(0.45, 0.75))
@@ -309,9 +309,14 @@ def _questions(rng: random.Random, scene: int, layout: np.ndarray, left_cls: int
     return out
 
 
-def generate(split: str, indices: Iterable[int] | int) -> SceneSet2:
+def generate(split: str, indices: Iterable[int] | int, *, ease: float = 0.0) -> SceneSet2:
     """Scenes ``indices`` of ``split`` (``range(indices)`` for an int); scene ``i`` is the same whichever
-    other scenes are generated with it. Question ``q.scene`` is the position in ``indices``."""
+    other scenes are generated with it. Question ``q.scene`` is the position in ``indices``.
+
+    ``ease`` in [0, 1] (a training curriculum; 0, the default, is the benchmark's scenes) thins the
+    clutter and flattens the texture by that fraction: the same objects and questions, less haystack."""
+    if not 0.0 <= float(ease) <= 1.0:
+        raise GraphredError(f"ease must be in [0, 1], got {ease!r}")
     if split not in SPLITS:
         raise GraphredError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     pool_name, limit, seed = SPLITS[split]
@@ -328,7 +333,7 @@ def generate(split: str, indices: Iterable[int] | int) -> SceneSet2:
     questions: list[Question] = []
     for s, i in enumerate(idx):
         rng = random.Random(f"graphred-scenes2:{seed}:{i}")
-        images[s], layout[s], clutter[s], qs = _scene(rng, s, pool, by_class, digits)
+        images[s], layout[s], clutter[s], qs = _scene(rng, s, pool, by_class, digits, float(ease))
         questions.extend(qs)
     return SceneSet2(split, images, layout, clutter, questions)
 
