@@ -257,7 +257,15 @@ def to_markdown(rows: list[dict], threads: int) -> str:
            f"process, {threads} thread(s), on a shared, loaded 2-core machine; predicted from `graphred.estimate`. "
            "Rows: docs/results/vqa.json.", "",
            "Training (bench/train_models2.py, seed 0, one thread; losses and test accuracy along the way; "
-           "python bench/train_models2.py --plot draws it):", "", "![vqa2 training curves](img/train_vqa2.png)", ""]
+           "python bench/train_models2.py --plot draws it):", "", "![vqa2 training curves](img/train_vqa2.png)", "",
+           "Recipe: from scratch, 196 image tokens, fresh scenes every step; auxiliary losses (discarded after "
+           "training): a per-patch content probe, a description task (every class word followed by its count) "
+           "and a **grounding loss** on layer 0 — the answer query's attention over the image tokens is trained "
+           "toward the asked-about object's cells (without it no model left the answer prior in the budget: "
+           "bench/out/train_*.log). A caveat for reading the tables: that loss makes layer 0's text-to-image "
+           "attention point at the object, which is what text-informed scoring reads (PuMer and FastV score at "
+           "layers 1 and on, which are not supervised); a curriculum thins the clutter over the first half of "
+           "the steps.", ""]
     for name in dict.fromkeys(r["model"] for r in rows if r["model"] in models.MODEL_NAMES_V2):
         try:
             meta = models.metadata(name)
@@ -298,12 +306,15 @@ def main() -> int:
     ap.add_argument("--scenes", type=int, default=200, help="test scenes (four questions each)")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="prune ratios of the sweep")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", default=None, help="weights directory (default: the shipped ones)")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global RATIOS
+    RATIOS = tuple(args.ratios)
     if args.plot_only:
         rows = json.loads(RESULTS.read_text())
     else:

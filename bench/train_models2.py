@@ -290,8 +290,16 @@ class Trainer:
 
 def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
           probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0,
-          ground_weight: float = 0.0, curriculum: float = 0.0) -> dict:
+          ground_weight: float = 0.0, curriculum: float = 0.0, init: str | None = None,
+          first_scene: int = 0) -> dict:
     tr = Trainer(name, seed, ground_weight)
+    previous = None
+    if init is not None:  # a second stage: continue from saved weights (probe heads start afresh)
+        from safetensors.torch import load_file
+
+        st, _ = models.weights_paths(name, init)
+        tr.model.load_state_dict(load_file(str(st)), strict=True)
+        previous = models.metadata(name, init)["training"]
     params = tr.parameters()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -313,7 +321,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         ease = max(0.0, 1.0 - step / max(1.0, curriculum * steps)) if curriculum > 0 else 0.0
-        data = scenes2.generate("train", range(step * n_scenes, (step + 1) * n_scenes), ease=ease)
+        first = first_scene + step * n_scenes
+        data = scenes2.generate("train", range(first, first + n_scenes), ease=ease)
         ans, probe, desc, ground = tr.loss(data, gen, describe_weight > 0 and step < describe_until * steps)
         loss = ans + probe_weight * probe + (describe_weight * desc if desc is not None else 0.0)
         if ground is not None:
@@ -363,7 +372,9 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             "steps": steps, "scenes_per_step": n_scenes, "questions_per_step": 4 * n_scenes, "peak_lr": lr,
             "warmup_steps": warmup, "seed": seed,
             "optimizer": "AdamW(betas=(0.9, 0.98), weight_decay=0.01), cosine decay to 5%, grad clip 1.0",
-            "data": f"training scenes 0..{steps * n_scenes - 1} of graphred.data.scenes2 (each seen once)",
+            "data": f"training scenes {first_scene}..{first_scene + steps * n_scenes - 1} of graphred.data.scenes2 "
+                    "(each seen once)",
+            "previous_stage": previous,
             "auxiliary": {"probe_weight": probe_weight, "describe_weight": describe_weight,
                           "describe_until": describe_until, "grounding_weight": ground_weight,
                           "curriculum": (f"clutter and texture ramp from none to full over the first "
@@ -418,7 +429,18 @@ def plot_curves(path: Path, directory: str | None = None) -> bool:
             ax.set_title(f"{name}: not trained")
             continue
         tr = meta["training"]
-        c = tr["curve"]
+        c = {k: list(v) for k, v in tr["curve"].items()}
+        minutes, stages = tr["train_seconds"] / 60, 1
+        prev = tr.get("previous_stage")
+        if prev:  # a two-stage run: the first stage's curve, then the second shifted by its steps
+            pc, off = prev["curve"], prev["steps"]
+            for k in ("step", "eval_step"):
+                c[k] = pc[k] + [off + x for x in c[k]]
+            for k in ("loss", "probe_loss", "eval_accuracy"):
+                c[k] = pc[k] + c[k]
+            c["describe_loss"] = pc.get("describe_loss", [None] * len(pc["step"])) + c.get("describe_loss", [])
+            minutes, stages = minutes + prev["train_seconds"] / 60, 2
+            ax.axvline(off, color="grey", lw=0.6, ls=":")
         ax.plot(c["step"], c["loss"], label="answer loss")
         ax.plot(c["step"], c["probe_loss"], label="patch probe loss")
         if any(v is not None for v in c.get("describe_loss", [])):
@@ -429,7 +451,7 @@ def plot_curves(path: Path, directory: str | None = None) -> bool:
         bx.plot(c["eval_step"], [100 * a for a in c["eval_accuracy"]], "k--o", ms=3, label="test accuracy")
         bx.set_ylabel("test accuracy (%)")
         bx.set_ylim(0, 100)
-        ax.set_title(f"{name}: {tr['train_seconds'] / 60:.0f} min, seed {tr['seed']}, "
+        ax.set_title(f"{name}: {minutes:.0f} min ({stages} stage{'s' if stages > 1 else ''}), seed {tr['seed']}, "
                      f"{100 * meta['accuracy']['test']:.1f}%", fontsize=9)
         ax.legend(fontsize=7, loc="upper center")
         bx.legend(fontsize=7, loc="upper right")
@@ -452,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe-weight", type=float, default=1.0)
     ap.add_argument("--describe-weight", type=float, default=1.0)
     ap.add_argument("--describe-until", type=float, default=1.0)
+    ap.add_argument("--init", default=None, help="continue from the weights in this directory (a second stage)")
+    ap.add_argument("--first-scene", type=int, default=0, help="first training scene index")
     ap.add_argument("--curriculum", type=float, default=0.5,
                     help="ramp clutter and texture from none to full over this fraction of the steps (0: none)")
     ap.add_argument("--ground-weight", type=float, default=0.5,
@@ -468,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         s = SCHEDULE[name]
         train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
               args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
-              args.describe_until, args.ground_weight, args.curriculum)
+              args.describe_until, args.ground_weight, args.curriculum, args.init, args.first_scene)
     return 0
 
 
