@@ -301,6 +301,7 @@ def to_markdown(rows: list[dict], threads: int) -> str:
 
 
 def main() -> int:
+    global RATIOS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(models.MODEL_NAMES_V2))
     ap.add_argument("--scenes", type=int, default=200, help="test scenes (four questions each)")
@@ -313,7 +314,6 @@ def main() -> int:
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    global RATIOS
     RATIOS = tuple(args.ratios)
     if args.plot_only:
         rows = json.loads(RESULTS.read_text())

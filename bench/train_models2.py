@@ -137,7 +137,10 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
     bq, bk = block[:, :, None], block[:, None, :]
     allowed = causal & ((bk == -1) | (bq == bk)) & (bq != -2)
     allowed |= torch.eye(length, dtype=torch.bool)
-    kwargs = {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos,
+    # an additive float mask: eager attention (used when the grounding loss reads attention weights)
+    # mis-reads a boolean 4-D mask (it differs from sdpa by up to 9 in the logits); a float one agrees
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, float("-inf"))
+    kwargs = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
               "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
     return kwargs, where, answers, d_at, d_ans, rows, (order if describe else None)
 
