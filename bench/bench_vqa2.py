@@ -272,8 +272,12 @@ def to_markdown(rows: list[dict], threads: int) -> str:
         except models.WeightsError:
             continue
         tr, acc = meta["training"], meta["accuracy"]
-        out.append(f"- {name}: {tr['steps']} steps x {tr['questions_per_step']} questions, "
-                   f"{tr['train_seconds'] / 60:.0f} min; test accuracy {100 * acc['test']:.1f}% "
+        prev = tr.get("previous_stage") or {}
+        steps = tr["steps"] + prev.get("steps", 0)
+        secs = tr["train_seconds"] + prev.get("train_seconds", 0)
+        stages = f" in 2 stages ({prev['steps']} + {tr['steps']})" if prev else ""
+        out.append(f"- {name}: {steps} steps{stages} x {tr['questions_per_step']} questions, "
+                   f"{secs / 60:.0f} min; test accuracy {100 * acc['test']:.1f}% "
                    f"({acc['test_questions']} questions; " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in
                                                                     acc['test_by_kind'].items()) + ")")
     out.append("")
