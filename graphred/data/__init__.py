@@ -2,14 +2,18 @@
 
 - :mod:`graphred.data.scenes`: grid scenes of real Fashion-MNIST photographs with templated
   questions (a small VQA set), its word tokenizer, and a packaged 300-scene test subset.
-- :mod:`graphred.data.models`: the three VQA models graphred trained itself on those scenes
-  (``vqa-llava``, ``vqa-vilt``, ``vqa-blip``), ``load_trained`` and ``evaluate``.
+- :mod:`graphred.data.scenes2`: cluttered 224 px scenes (196 patches) of small Fashion-MNIST objects
+  among handwritten-digit clutter, each question about one object class; sprites and a 50-scene
+  test subset ship with graphred.
+- :mod:`graphred.data.models`: the VQA models graphred trained itself on those scenes
+  (``vqa-llava``, ``vqa-vilt``, ``vqa-blip`` on the grid scenes; ``vqa2-llava``, ``vqa2-vilt``,
+  ``vqa2-blip`` on the cluttered ones), ``load_trained`` and ``evaluate``.
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["models", "scenes"]
+__all__ = ["models", "scenes", "scenes2"]
 
 
 def __getattr__(name: str):

@@ -21,6 +21,11 @@ models of standard Hugging Face architectures, trained from scratch on CPU on
 Their test accuracies (4,000 questions on 1,000 scenes of unseen photographs) and training
 facts are in ``metadata(name)``.
 
+``vqa2-llava``, ``vqa2-vilt`` and ``vqa2-blip`` are the same three architectures at 224 px / patch
+16 (196 image tokens), trained by ``bench/train_models2.py`` on the cluttered scenes of
+:mod:`graphred.data.scenes2`; every function here takes their names too (``shipped_scenes(name)``
+gives the matching test scenes, ``default_tokenizer(name)`` the vocabulary).
+
 >>> from graphred.data import models, scenes
 >>> model, tok = models.load_trained("vqa-llava")
 >>> test = scenes.load_shipped()
@@ -64,10 +69,15 @@ __all__ = [
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("vqa-llava", "vqa-vilt", "vqa-blip")
+#: The same three architectures trained on the cluttered 224 px scenes (:mod:`graphred.data.scenes2`,
+#: 196 image tokens); bench/train_models2.py trains them.
+MODEL_NAMES_V2: tuple[str, ...] = ("vqa2-llava", "vqa2-vilt", "vqa2-blip")
+ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + MODEL_NAMES_V2
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 FORMAT_VERSION = 1
 
 PATCH = 12  # 84 px / 12 -> a 7x7 grid: 49 image tokens
+PATCH_V2 = 16  # 224 px / 16 -> a 14x14 grid: 196 image tokens
 #: Questions are at most 10 words; every model pads its text to a fixed length so batch shapes
 #: do not depend on which questions share a batch.
 MAX_QUESTION_WORDS = 10
@@ -115,17 +125,61 @@ class BlipVQA(nn.Module):
 
 
 def _check_name(name: str) -> str:
-    if name not in MODEL_NAMES:
-        raise GraphredError(f"unknown trained model {name!r}; expected one of {list(MODEL_NAMES)}")
+    if name not in ALL_MODEL_NAMES:
+        raise GraphredError(f"unknown trained model {name!r}; expected one of {list(ALL_MODEL_NAMES)}")
     return name
+
+
+def family(name: str) -> str:
+    """``"llava"``, ``"vilt"`` or ``"blip"``: the architecture of a trained model name."""
+    return _check_name(name).rsplit("-", 1)[1]
+
+
+def geometry(name: str) -> tuple[int, int]:
+    """``(image size in px, patch size in px)`` of ``name``'s inputs (84/12 or, for ``vqa2-*``, 224/16)."""
+    _check_name(name)
+    if name in MODEL_NAMES_V2:
+        from . import scenes2
+
+        return scenes2.IMAGE_SIZE, PATCH_V2
+    return IMAGE_SIZE, PATCH
+
+
+def image_tokens(name: str) -> int:
+    """The number of image patches (image tokens) ``name`` reads."""
+    size, patch = geometry(name)
+    return (size // patch) ** 2
+
+
+def default_tokenizer(name: str) -> SceneTokenizer:
+    """The tokenizer ``name`` is trained with (the vocabulary of its scene set)."""
+    if _check_name(name) in MODEL_NAMES_V2:
+        from . import scenes2
+
+        return scenes2.tokenizer()
+    return SceneTokenizer()
+
+
+def shipped_scenes(name: str):
+    """The packaged test scenes of ``name``'s scene set (``scenes.load_shipped`` or ``scenes2.load_shipped``)."""
+    if _check_name(name) in MODEL_NAMES_V2:
+        from . import scenes2
+
+        return scenes2.load_shipped()
+    from . import scenes
+
+    return scenes.load_shipped()
 
 
 def default_config(name: str, tokenizer: SceneTokenizer | None = None) -> dict:
     """The JSON-able configuration ``bench/train_models.py`` trains ``name`` with."""
-    tok = tokenizer or SceneTokenizer()
+    tok = tokenizer or default_tokenizer(name)
     vocab, n_ans = tok.vocab_size, len(tok.answers)
-    _check_name(name)
-    if name == "vqa-llava":
+    IMAGE_SIZE, PATCH = geometry(name)  # noqa: N806 - the v1 constants, per model
+    fam = family(name)
+    if name in MODEL_NAMES_V2:
+        return _config_v2(fam, tok, IMAGE_SIZE, PATCH)
+    if fam == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -138,7 +192,7 @@ def default_config(name: str, tokenizer: SceneTokenizer | None = None) -> dict:
                           image_seq_length=(IMAGE_SIZE // PATCH) ** 2, vision_feature_layer=-1,
                           vision_feature_select_strategy="default", projector_hidden_act="gelu")
         return cfg.to_dict()
-    if name == "vqa-vilt":
+    if fam == "vilt":
         from transformers import ViltConfig
 
         cfg = ViltConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -158,16 +212,53 @@ def default_config(name: str, tokenizer: SceneTokenizer | None = None) -> dict:
     return {"vision_config": vision.to_dict(), "text_config": text.to_dict(), "num_answers": n_ans}
 
 
+def _config_v2(fam: str, tok: SceneTokenizer, size: int, patch: int) -> dict:
+    """The ``vqa2-*`` configurations: 224 px, patch 16 (196 image tokens); widths as the v1 models,
+    sized so that each trains in about 20 minutes on one CPU thread."""
+    vocab, n_ans, n_img = tok.vocab_size, len(tok.answers), (size // patch) ** 2
+    if fam == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=size, patch_size=patch, num_channels=3, projection_dim=64)
+        text = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
+                           pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                           tie_word_embeddings=False)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_id,
+                          image_seq_length=n_img, vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
+        return cfg.to_dict()
+    if fam == "vilt":
+        from transformers import ViltConfig
+
+        cfg = ViltConfig(vocab_size=vocab, hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=192, image_size=size, patch_size=patch, num_channels=3,
+                         max_position_embeddings=MAX_QUESTION_WORDS + 2, max_image_length=-1,
+                         num_labels=n_ans, id2label=dict(enumerate(tok.answers)),
+                         label2id={a: i for i, a in enumerate(tok.answers)}, pad_token_id=tok.pad_id)
+        return cfg.to_dict()
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    vision = BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=size, patch_size=patch, projection_dim=64)
+    text = BlipTextConfig(vocab_size=vocab, hidden_size=128, encoder_hidden_size=64, intermediate_size=256,
+                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_QUESTION_WORDS + 2,
+                          pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                          sep_token_id=tok.sep_id, is_decoder=True, projection_dim=64)
+    return {"vision_config": vision.to_dict(), "text_config": text.to_dict(), "num_answers": n_ans}
+
+
 def build_model(name: str, config: dict | None = None, tokenizer: SceneTokenizer | None = None) -> nn.Module:
     """A freshly initialised model for ``name`` (random weights: for training, not evaluation)."""
     cfg = config if config is not None else default_config(name, tokenizer)
     _check_name(name)
     try:
-        if name == "vqa-llava":
+        if family(name) == "llava":
             from transformers import LlavaConfig, LlavaForConditionalGeneration
 
             model = LlavaForConditionalGeneration(LlavaConfig.from_dict(cfg))
-        elif name == "vqa-vilt":
+        elif family(name) == "vilt":
             from transformers import ViltConfig, ViltForQuestionAnswering
 
             model = ViltForQuestionAnswering(ViltConfig.from_dict(cfg))
@@ -191,7 +282,7 @@ def build_model(name: str, config: dict | None = None, tokenizer: SceneTokenizer
 def text_length(name: str) -> int:
     """The fixed text length of ``name``'s inputs (without image tokens)."""
     _check_name(name)
-    return MAX_QUESTION_WORDS + (1 if name == "vqa-llava" else 2)
+    return MAX_QUESTION_WORDS + (1 if family(name) == "llava" else 2)
 
 
 def build_inputs(name: str, tokenizer: SceneTokenizer, scenes: SceneSet,
@@ -214,8 +305,9 @@ def build_inputs(name: str, tokenizer: SceneTokenizer, scenes: SceneSet,
         rows.append(words)
     b = len(rows)
     pixels = scenes.pixel_values(questions)
-    if name == "vqa-llava":
-        n_img = (IMAGE_SIZE // PATCH) ** 2
+    size = geometry(name)[0]
+    if family(name) == "llava":
+        n_img = image_tokens(name)
         total = length + n_img
         ids = torch.full((b, total), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((b, total), dtype=torch.long)
@@ -230,9 +322,9 @@ def build_inputs(name: str, tokenizer: SceneTokenizer, scenes: SceneSet,
         seq = [tok.cls_id] + words + [tok.sep_id]
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-    if name == "vqa-vilt":
+    if family(name) == "vilt":
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-                "pixel_values": pixels, "pixel_mask": torch.ones((b, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.long)}
+                "pixel_values": pixels, "pixel_mask": torch.ones((b, size, size), dtype=torch.long)}
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
@@ -255,9 +347,8 @@ def answer_logits(name: str, output: Any, tokenizer: SceneTokenizer) -> torch.Te
 
     The decoder's scores are its logits at the last position restricted to the answer tokens.
     """
-    _check_name(name)
     logits = _logits_of(output)
-    if name == "vqa-llava":
+    if family(name) == "llava":
         if logits.dim() == 3:
             logits = logits[:, -1, :]
         return logits[:, tokenizer.answer_token_ids]
@@ -266,7 +357,7 @@ def answer_logits(name: str, output: Any, tokenizer: SceneTokenizer) -> torch.Te
 
 def targets(name: str, tokenizer: SceneTokenizer, questions: Sequence[Question]) -> torch.Tensor:
     """Training targets: the answer token id (decoder, over the vocabulary) or answer index."""
-    if name == "vqa-llava":
+    if family(name) == "llava":
         return torch.tensor([tokenizer.token_to_id[q.answer] for q in questions], dtype=torch.long)
     return torch.tensor([tokenizer.answer_index(q.answer) for q in questions], dtype=torch.long)
 
@@ -274,7 +365,7 @@ def targets(name: str, tokenizer: SceneTokenizer, questions: Sequence[Question])
 def training_logits(name: str, output: Any) -> torch.Tensor:
     """The logits the training loss reads: last position over the vocabulary, or answer scores."""
     logits = _logits_of(output)
-    return logits[:, -1, :] if name == "vqa-llava" else logits
+    return logits[:, -1, :] if family(name) == "llava" else logits
 
 
 def _placement(model: Any, device: Any, dtype: Any) -> tuple[Any, Any]:
@@ -309,8 +400,7 @@ def predict(model: Callable[..., Any], name: str, scenes: SceneSet, batch_size: 
     ``device``/``dtype`` (by default those of an ``nn.Module``'s parameters; CPU float32 for
     other callables); ``progress(done, total)`` is called after every batch.
     """
-    _check_name(name)
-    tok = tokenizer or SceneTokenizer()
+    tok = tokenizer or default_tokenizer(name)
     device, dtype = _placement(model, device, dtype)
     qs = scenes.questions if limit is None else scenes.questions[: int(limit)]
     if batch_size < 1:
@@ -343,7 +433,7 @@ def evaluate(model: Callable[..., Any], name: str, scenes: SceneSet, batch_size:
              progress: Callable[[int, int], None] | None = None,
              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> float:
     """Accuracy (a fraction) of ``model`` on the questions of ``scenes``; see :func:`predict`."""
-    tok = tokenizer or SceneTokenizer()
+    tok = tokenizer or default_tokenizer(name)
     pred = predict(model, name, scenes, batch_size, tokenizer=tok, limit=limit, progress=progress,
                    device=device, dtype=dtype)
     if pred.numel() == 0:
@@ -354,11 +444,15 @@ def evaluate(model: Callable[..., Any], name: str, scenes: SceneSet, batch_size:
 def accuracy_by_kind(scenes: SceneSet, predictions: torch.Tensor,
                      tokenizer: SceneTokenizer | None = None) -> dict[str, float]:
     """Accuracy per question kind (and ``"all"``) of predictions from :func:`predict`."""
-    tok = tokenizer or SceneTokenizer()
+    if tokenizer is None:
+        from .scenes2 import SceneSet2, tokenizer as tokenizer_v2
+
+        tokenizer = tokenizer_v2() if isinstance(scenes, SceneSet2) else SceneTokenizer()
+    tok = tokenizer
     n = predictions.numel()
     ok = (predictions == _truth(scenes, tok, n)).tolist()
     out: dict[str, float] = {}
-    for kind in KINDS:
+    for kind in dict.fromkeys([*KINDS, *(q.kind for q in scenes.questions[:n])]):
         hits = [o for o, q in zip(ok, scenes.questions[:n]) if q.kind == kind]
         if hits:
             out[kind] = sum(hits) / len(hits)
