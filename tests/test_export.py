@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ import torch
 
 import graphred
 from graphred.plans import fastv, pumer, tome
+
+from output_leaves import tensor_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,21 +32,10 @@ PLANS = {
 }
 
 
-def _leaves(x, path="out"):
-    if isinstance(x, torch.Tensor):
-        yield path, x
-    elif isinstance(x, Mapping):
-        for k in x.keys():
-            yield from _leaves(x[k], f"{path}.{k}")
-    elif isinstance(x, (tuple, list)):
-        for i, v in enumerate(x):
-            yield from _leaves(v, f"{path}[{i}]")
-
-
 def _run(fn, kwargs) -> dict:
     with torch.no_grad():
         torch.manual_seed(0)
-        return dict(_leaves(fn(**kwargs)))
+        return dict(tensor_leaves(fn(**kwargs)))
 
 
 @pytest.fixture(scope="module")

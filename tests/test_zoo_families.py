@@ -14,7 +14,6 @@ mllama (4: tiles folded into the batch, gated cross-attention layers interleaved
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import pytest
 import torch
@@ -26,22 +25,13 @@ from graphred.analysis.cost import count_flops_executed
 from graphred.errors import PlanSavesNothingWarning
 from graphred.plans import pumer
 
+from output_leaves import tensor_leaves
+
 NAMES = zoo.FAMILY_NAMES
 UNEVEN = {"gemma3", "mistral3", "aya-vision", "internvl"}  # samples hold different image counts (tests/passes/test_uneven.py)
 BIDIRECTIONAL_IMAGES = {"gemma3"}  # image tokens attend to each other both ways
 # PuMer at its default layers (the cross-modal decoder layers after the first); mllama is not reduced yet (below)
 PLANS = {n: pumer(prune=0.3, merge=0.2) for n in NAMES if n != "mllama"}
-
-
-def _leaves(x, path="out"):
-    if isinstance(x, torch.Tensor):
-        yield path, x
-    elif isinstance(x, Mapping):
-        for k in x.keys():
-            yield from _leaves(x[k], f"{path}.{k}")
-    elif isinstance(x, (tuple, list)):
-        for i, v in enumerate(x):
-            yield from _leaves(v, f"{path}[{i}]")
 
 
 def _image_positions(model, kwargs) -> list[int]:
@@ -115,7 +105,7 @@ def test_zero_reduction_is_identity(name, zoo_model, zoo_program):
     with torch.no_grad():
         want, got = model(**kwargs), reduced(**kwargs)
     assert reduced.steps == []
-    w, g = dict(_leaves(want)), dict(_leaves(got))
+    w, g = dict(tensor_leaves(want)), dict(tensor_leaves(got))
     assert w.keys() == g.keys() and w
     for k in w:
         assert torch.equal(w[k], g[k]), f"{name}: {k} differs"
@@ -146,7 +136,7 @@ def test_reducing_plan_lowers_estimated_and_measured_flops(name, zoo_model, zoo_
     reduced = graphred.transform(prog, PLANS[name])
     with torch.no_grad():
         out = reduced(**kwargs)
-    for k, t in _leaves(out):
+    for k, t in tensor_leaves(out):
         if t.is_floating_point():
             assert torch.isfinite(t).all(), f"{name}: {k}"
     prunes = [s for s in reduced.steps if s["op"] == "prune"]

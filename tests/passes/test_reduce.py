@@ -13,24 +13,14 @@ import graphred
 from graphred import zoo
 from graphred.plans import fastv, pumer, tome
 
+from output_leaves import tensor_leaves
+
 # bound once: a name lookup per call would also see a submodule that shadowed the function
 transform = graphred.transform
 
 gr = torch.ops.graphred
 
 CROSS_MODAL = ["llava", "paligemma", "idefics3", "qwen2-vl", "vilt", "blip"]
-
-
-def _leaves(x, path="out"):
-    """(path, tensor) for every tensor leaf of a model output."""
-    if isinstance(x, torch.Tensor):
-        yield path, x
-    elif isinstance(x, Mapping):
-        for k in x.keys():
-            yield from _leaves(x[k], f"{path}.{k}")
-    elif isinstance(x, (tuple, list)):
-        for i, v in enumerate(x):
-            yield from _leaves(v, f"{path}[{i}]")
 
 
 def _logits(out):
@@ -69,7 +59,7 @@ def test_zero_reduction_is_identity(zoo_name, zoo_model, zoo_program):
         torch.manual_seed(0)
         got = reduced(**kwargs)
     assert reduced.steps == []
-    w, g = dict(_leaves(want)), dict(_leaves(got))
+    w, g = dict(tensor_leaves(want)), dict(tensor_leaves(got))
     assert w.keys() == g.keys()
     assert w, "no tensor outputs"
     for k in w:
@@ -84,7 +74,7 @@ def test_fastv_keep_all_is_identity(zoo_model, zoo_program):
         want = model(**kwargs)
         torch.manual_seed(0)
         got = reduced(**kwargs)
-    w, g = dict(_leaves(want)), dict(_leaves(got))
+    w, g = dict(tensor_leaves(want)), dict(tensor_leaves(got))
     assert w.keys() == g.keys()
     for k in w:
         assert torch.equal(w[k], g[k]), k
@@ -112,7 +102,6 @@ def test_no_duplicate_gathers_after_pumer(zoo_program):
     shared = [v for v in by_root.values() if len(v) > 1]
     assert not shared, f"views of one table gathered separately: {[[n.name for n in v] for v in shared]}"
     graph.lint()
-
 
 
 def test_fastv_structure_llava(zoo_model, zoo_program):
@@ -157,7 +146,7 @@ def test_pumer_runs_and_respects_ratios(name, zoo_model, zoo_program):
     reduced = transform(zoo_program(name), pumer(prune=0.3, merge=0.2))
     with torch.no_grad():
         out = reduced(**kwargs)
-    for k, t in _leaves(out):
+    for k, t in tensor_leaves(out):
         if t.is_floating_point():
             assert torch.isfinite(t).all(), f"{name}: {k} not finite"
     prunes = [s for s in reduced.steps if s["op"] == "prune"]
@@ -376,7 +365,7 @@ def test_tome_clip_and_idempotence(zoo_program):
     lengths = [s["image_before"] for s in r1.steps[:1]] + [s["image_after"] for s in r1.steps]
     assert lengths == [65, 57, 49], r1.steps
     assert [s["length_after"] for s in r1.steps] == [57, 49]
-    for k, t in _leaves(out):
+    for k, t in tensor_leaves(out):
         if t.is_floating_point():
             assert torch.isfinite(t).all(), k
 
