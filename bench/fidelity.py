@@ -30,18 +30,7 @@ from graphred.plans import pumer, tome  # noqa: E402
 
 
 def deeper(name: str, layers: int = 4):
-    model, kwargs = zoo.load(name)
-    config = copy.deepcopy(model.config)
-    if name in ("clip", "siglip"):
-        config.vision_config.num_hidden_layers = layers
-    elif name == "llava":
-        config.text_config.num_hidden_layers = layers
-    else:
-        config.num_hidden_layers = layers
-    if name == "vilt":
-        config.initializer_range = 0.2
-    torch.manual_seed(0)
-    model = type(model)(config).eval()
+    model, kwargs = zoo.deepened(name, layers)
     return model, kwargs, graphred.capture(copy.deepcopy(model), **kwargs)
 
 

@@ -10,7 +10,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import graphred
-from graphred import zoo
 from graphred.plans import fastv, pumer, tome
 
 from output_leaves import tensor_leaves

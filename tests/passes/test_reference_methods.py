@@ -35,32 +35,13 @@ ATOL = 1e-4
 # --------------------------------------------------------------------------------- models
 
 
-def _deeper(name: str, layers: int = 4, seed: int = 0):
-    """Zoo preset ``name`` with ``layers`` layers in the sub-model the methods act on (seeded init)."""
-    model, kwargs = zoo.load(name, seed=seed)
-    config = copy.deepcopy(model.config)
-    if name in ("clip", "siglip"):
-        config.vision_config.num_hidden_layers = layers
-    elif name == "llava":
-        config.text_config.num_hidden_layers = layers
-    else:
-        config.num_hidden_layers = layers
-    if name == "vilt":
-        # at the default init (std 0.02) ViLT's attention is almost uniform: image scores differ by ~1e-9,
-        # below float rounding, and the score order PuMer splits by is a coin toss. Sharper weights separate them.
-        config.initializer_range = 0.2
-    torch.manual_seed(seed)
-    deep = type(model)(config).eval()
-    return deep, kwargs
-
-
 _CACHE: dict = {}
 
 
 def _captured(name: str, padding: str = "default"):
     key = (name, padding)
     if key not in _CACHE:
-        model, kwargs = _deeper(name)
+        model, kwargs = zoo.deepened(name)
         if padding == "right":
             kwargs = _right_padded(kwargs)
         _CACHE[key] = (model, kwargs, graphred.capture(copy.deepcopy(model), **kwargs))
