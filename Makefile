@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/graphred demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV)

@@ -21,6 +21,7 @@ for any test that must show something leaves a model as it was.
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import pytest
@@ -29,6 +30,11 @@ import torch.nn as nn
 
 import graphred
 from graphred import zoo
+
+# The suite runs in two pytest-xdist workers (Makefile: ``-n 2 --dist loadfile``), one per core: give each
+# worker one intra-op thread, so that two workers do not fight over two cores with four threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # ------------------------------------------------------------------- model state snapshots
 
