@@ -129,7 +129,7 @@ def test_untraceable_line_and_forced_graph_break(zoo_model, zoo_program):
     assert _reduced(got, _run(model, kwargs))
 
 
-def test_llava_new_shapes_and_two_plans(zoo_model):
+def test_llava_new_shapes_and_two_plans(zoo_model, zoo_program):
     """Same outputs as transform; a new batch size recompiles (through Dynamo's guards, then a graph
     Dynamo made dynamic, which the backend specialises per shape); a second compile with another plan
     gives that plan's outputs, and the first keeps its own."""
@@ -138,8 +138,9 @@ def test_llava_new_shapes_and_two_plans(zoo_model):
     small = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     torch._dynamo.reset()
     fast = [torch.compile(model, backend=graphred_backend, options={"plan": p, "backend": "aot_eager"}) for p in plans]
-    want = {(p, b): _run(graphred.transform(graphred.capture(model, **inputs), p), inputs)
-            for p in plans for b, inputs in ((2, kwargs), (1, small))}
+    prog = {2: zoo_program("llava"), 1: graphred.capture(model, **small)}
+    want = {(p, b): _run(graphred.transform(prog[b], p), inputs)
+            for p, b, inputs in ((plans[0], 2, kwargs), (plans[0], 1, small), (plans[1], 2, kwargs))}
     got = _run(fast[0], kwargs)
     _assert_same(got, want[plans[0], 2], "llava")
     assert _reduced(got, _run(model, kwargs)), "the plan changed nothing under the backend"
