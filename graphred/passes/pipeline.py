@@ -36,6 +36,7 @@ from .registers import VictorPass
 from .pumer import PumerPass
 from .rewrite_state import Rewrite, RewriteState, StepPass
 from .tome import ToMePass
+from .unfold import UnfoldKeySourcesPass
 from .token_axis import record_original_shapes
 
 STEP_PASSES: dict[type, type[StepPass]] = {PumerStep: PumerPass, FastVStep: FastVPass, ToMeStep: ToMePass,
@@ -124,9 +125,15 @@ def run_pipeline(gm: fx.GraphModule, plan: Plan, example_inputs: tuple[tuple, di
     """
     passes = lower(plan)
     new = copy_graph_module(gm)
-    record_original_shapes(new)
     am = AnalysisManager()
-    prov = am.get(Provenance(example_inputs, value_inputs=value_inputs), new)
+    seed = Provenance(example_inputs, value_inputs=value_inputs)
+    if any(isinstance(p, StepPass) for p in passes):
+        # cross-attention keys folded with another dim (tiles in the batch): unfold them first; a modified graph
+        # gets its provenance and blocks computed again below
+        am.get(seed, new)
+        PassManager([UnfoldKeySourcesPass()], analyses=am, check_meta=check_meta)(new)
+    record_original_shapes(new)
+    prov = am.get(seed, new)
     blocks = am.get(Blocks, new)
     am.get(Rewrite(model or type(gm).__name__, value_inputs or example_inputs, keep_all=keep_all), new)
     PassManager(passes, analyses=am, check_meta=check_meta)(new)
