@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..analysis.blocks import Blocks
 from ..analysis.provenance import Provenance, TokenProvenance
 from ..errors import PreconditionError
-from ..fx_utils import is_pointwise, module_path, node_named, node_shape, op_packet, set_fake_val
+from ..fx_utils import MADE_BY, is_pointwise, module_path, node_named, node_shape, op_packet, record, set_fake_val
 from .infra import GraphredPass, PassResult
 from .rewrite_state import RECORDS
 
@@ -74,15 +74,17 @@ def folded_key_chains(gm: fx.GraphModule, prov: TokenProvenance, blocks) -> list
 
         for start in (b.key, b.value):
             n = node_named(gm, start)
-            for _ in range(40):  # up to the first tensor that holds the key tokens on a whole dim
-                ins = [a for a in n.all_input_nodes if whole(a)]
+            for _ in range(40):  # up to the first tensor in the layer that holds the key tokens on a whole dim
+                ins = [a for a in n.all_input_nodes if whole(a) and _under(module_path(a), layer)]
                 if ins:
                     n = ins[0]
-                elif op_packet(n) in _PASS_THROUGH and isinstance(n.args[0], fx.Node):
+                elif op_packet(n) in _PASS_THROUGH and isinstance(n.args[0], fx.Node) \
+                        and _under(module_path(n.args[0]), layer):
                     n = n.args[0]  # (grouped-query keys repeated by expand: a view of the keys)
                 else:
                     break
-            if n in seen or op_packet(n) not in _VIEWS or not whole(n) or not isinstance(n.args[0], fx.Node):
+            if n in seen or op_packet(n) not in _VIEWS or not whole(n) or not _under(module_path(n), layer) \
+                    or not isinstance(n.args[0], fx.Node):
                 continue
             view, d = n, whole(n)[0]
             wshape, top = node_shape(view), view.args[0]
@@ -137,6 +139,7 @@ class UnfoldKeySourcesPass(GraphredPass):
                     if k in src.meta:
                         u.meta[k] = src.meta[k]
                 set_fake_val(u)
+                record(u, MADE_BY, self.name)
                 views[(src, tuple(shape))] = u
             chain[0].replace_input_with(src, u)
             try:
