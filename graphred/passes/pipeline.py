@@ -5,6 +5,7 @@
 
     plan ──lower──> [PumerPass | FastVPass | ToMePass per step] + ProportionalAttentionPass
                     + FillerMaskPass + PositionsOutputPass + CSEPass
+                    (run_pipeline runs UnfoldKeySourcesPass first when a step reduces)
                                      │
     PassManager(passes, analyses=AnalysisManager) ── after each modifying pass: lint, recompile,
                                      │               meta["val"] check, drop analyses not preserved

@@ -114,8 +114,8 @@ class UnfoldKeySourcesPass(GraphredPass):
     docstring). Values are unchanged; the token provenance and blocks are dropped (the pipeline computes them
     again on the result). Needs :class:`Provenance` and :class:`Blocks` in its analysis manager.
 
-    >>> UnfoldKeySourcesPass.preserves >= {"Provenance"}
-    False
+    >>> "Provenance" in UnfoldKeySourcesPass.preserves, "MadeBy" in UnfoldKeySourcesPass.preserves
+    (False, True)
     """
 
     preserves = RECORDS
