@@ -157,6 +157,9 @@ def test_mllama_reduction_reaches_the_later_cross_attention_layer(zoo_model, zoo
         est = graphred.estimate(prog, plan)
     measured_before, measured_after = count_flops_executed(model, **kwargs), count_flops_executed(reduced, **kwargs)
     assert est.after.flops < est.flops and est.after.flops_matmul < est.flops_matmul
+    # ... and its expression says so: the tiles' length (written in the tower's patch symbol) is solved for the cut
+    assert not [n for n in est.after.notes if "subs_at" in n], est.after.notes
+    assert int(est.after.flops_expr.subs(est.after.symbols)) == est.after.flops
     assert est.after.flops_matmul == measured_after < measured_before, (est.after.flops_matmul, measured_after,
                                                                         measured_before)
     # numerics: the eager model (a private copy) with layer 3 given the kept image tokens and mask columns
