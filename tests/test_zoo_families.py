@@ -24,8 +24,9 @@ import graphred
 from graphred import zoo
 from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
 from graphred.analysis.cost import count_flops_executed
-from graphred.errors import PlanSavesNothingWarning
+from graphred.errors import GraphredWarning, PlanSavesNothingWarning
 from graphred.fx_utils import MADE_BY, module_path, recorded
+from graphred.passes import unfold as unfold_pass
 from graphred.plans import pumer
 
 from output_leaves import tensor_leaves
@@ -179,6 +180,19 @@ def test_mllama_reduction_reaches_the_later_cross_attention_layer(zoo_model, zoo
         want, uncut = eager(**kwargs).logits, model(**kwargs).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, uncut, rtol=1e-5, atol=1e-5)  # the cut mattered
+
+
+def test_mllama_without_the_unfolding_the_warning_names_the_obstacle(zoo_program, monkeypatch):
+    """Where no unfolding view applies (here: the unfolding switched off), the cut stays in the scoring layer;
+    the warning names the node where the tokens first hold a dim of their own, and the op reading the folded
+    layout, with their module paths."""
+    monkeypatch.setattr(unfold_pass, "folded_key_chains", lambda *a: [])
+    layer = r"model\.language_model\.layers\.1\.cross_attn"
+    with pytest.warns(GraphredWarning, match=rf"keys of {layer}: .* at \w+ \(module {layer}\), inside the layer; "
+                      rf"\w+ \(module {layer}\.k_proj\) computes them from a layout where they are folded"):
+        reduced = graphred.transform(zoo_program("mllama"), pumer(prune=0.7, merge=0.0))
+    gm = reduced.graph_module
+    assert not [n for n in gm.graph.nodes if recorded(n, MADE_BY) == "UnfoldKeySourcesPass"]
 
 
 # the uneven families run the same plan, with per-sample checks, in tests/passes/test_uneven.py

@@ -57,7 +57,8 @@ def _row_input(n: fx.Node) -> fx.Node | None:
     return x
 
 
-def folded_key_chains(gm: fx.GraphModule, prov: TokenProvenance, blocks) -> list[tuple[fx.Node, list[fx.Node], fx.Node, list[int]]]:
+def folded_key_chains(gm: fx.GraphModule, prov: TokenProvenance,
+                      blocks) -> list[tuple[fx.Node, list[fx.Node], fx.Node, list[int]]]:
     """``[(source, chain, view, unfolded shape)]``: for the keys and values of every attention whose key tokens
     are not its query tokens, the row-wise chain (first op first) that projects them from a ``source`` outside
     the attention's layer in which the key tokens are folded with another dim, up to the ``view`` that first
