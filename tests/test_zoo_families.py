@@ -36,7 +36,7 @@ UNEVEN = {"gemma3", "mistral3", "aya-vision", "internvl"}  # samples hold differ
 BIDIRECTIONAL_IMAGES = {"gemma3"}  # image tokens attend to each other both ways
 # PuMer at its default layers (the cross-modal decoder layers after the first); mllama's reducing plan is tested
 # below (structure and numerics against the eager model cut by hand)
-PLANS = {n: pumer(prune=0.3, merge=0.2) for n in NAMES}
+PLANS = {n: pumer(prune=0.3, merge=0.2) for n in NAMES if n != "mllama"}
 
 
 def _image_positions(model, kwargs) -> list[int]:
@@ -195,8 +195,9 @@ def test_mllama_without_the_unfolding_the_warning_names_the_obstacle(zoo_program
     assert not [n for n in gm.graph.nodes if recorded(n, MADE_BY) == "UnfoldKeySourcesPass"]
 
 
-# the uneven families run the same plan, with per-sample checks, in tests/passes/test_uneven.py
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in UNEVEN])
+# the uneven families run the same plan, with per-sample checks, in tests/passes/test_uneven.py; mllama's reducing
+# plan is checked above (its PLANS entry, with merging, runs bit-exact under keep_all in tests/passes/test_keep_all.py)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "mllama" and n not in UNEVEN])
 def test_reducing_plan_lowers_estimated_and_measured_flops(name, zoo_model, zoo_program):
     model, kwargs = zoo_model(name)
     prog = zoo_program(name)
