@@ -273,17 +273,18 @@ def section_errors():
 
 
 def limits_mllama():
-    import warnings
+    from graphred.analysis.cost import count_flops_executed
 
-    _, _, prog = load("mllama")
-    plan = P.pumer(prune=0.7, merge=0.0)
-    fast = graphred.transform(prog, plan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    model, inputs, prog = load("mllama")
+    for plan in (P.pumer(prune=0.7, merge=0.0), P.pumer(prune=0.3, merge=0.2)):
+        fast = graphred.transform(prog, plan)
         est = graphred.estimate(prog, plan)
-    print(f"mllama + {plan}: " + ", ".join(f"{s['block']} image {s['image_before']}->{s['image_after']}"
-                                           for s in fast.steps)
-          + f"; estimated FLOPs {est.flops / 1e6:.1f} M -> {est.after.flops / 1e6:.1f} M")
+        before, after = count_flops_executed(model, **inputs), count_flops_executed(fast, **inputs)
+        print(f"mllama + {plan}: " + ", ".join(f"{s['op']} at {s['block']} image {s['image_before']}->{s['image_after']}"
+                                               for s in fast.steps)
+              + f"; estimated FLOPs {est.flops / 1e6:.2f} M -> {est.after.flops / 1e6:.2f} M, matrix products "
+              f"{est.flops_matmul / 1e6:.2f} M -> {est.after.flops_matmul / 1e6:.2f} M; measured (FlopCounterMode) "
+              f"{before / 1e6:.2f} M -> {after / 1e6:.2f} M")
 
 
 def section_limits():
@@ -327,7 +328,7 @@ def section_limits():
     header("BLIP: a composed plan's steps in graph order and out of it")
     attempt("blip", "tome:r=4 + pumer:prune=0.3,merge=0.2")
     attempt("blip", "pumer:prune=0.3,merge=0.2 + tome:r=4")
-    header("mllama: tiles in the batch, keys projected per cross-attention layer")
+    header("mllama: tiles in the batch, keys/values projected per cross-attention layer from one unfolded view")
     limits_mllama()
     header("KV cache: prefill with use_cache=True, cache entries per layer after fastv(layer=1)")
     fast = graphred.transform(graphred.capture(model, **dict(inputs, use_cache=True)), P.fastv(layer=1, keep=0.5))

@@ -590,6 +590,9 @@ class _Family:
     # weight matrices the random init leaves all zero (loaded from checkpoints in practice) get a seeded
     # normal init, so that tokens through them differ (Gemma 3's image projection would map every image to 0)
     init_zero_matrices: bool = False
+    # scalar gates the random init leaves at zero (set by checkpoints) get a seeded value in [0.5, 1), so that the
+    # gated branch reaches the output (Mllama's cross-attention gates would shut the image out of the text)
+    init_zero_gates: bool = False
 
 
 _FAMILIES: dict[str, _Family] = {
@@ -608,7 +611,7 @@ _FAMILIES: dict[str, _Family] = {
     "blip-2": _Family(("Blip2ForConditionalGeneration",), _blip2_inputs, 24, True),
     "idefics2": _Family(("Idefics2ForConditionalGeneration",), _idefics2_inputs, 24, True),
     "lfm2_vl": _Family(("Lfm2VlForConditionalGeneration",), _lfm2_vl_inputs, 24, True),
-    "mllama": _Family(("MllamaForConditionalGeneration",), _mllama_inputs, 24, True),
+    "mllama": _Family(("MllamaForConditionalGeneration",), _mllama_inputs, 24, True, init_zero_gates=True),
     "kosmos-2": _Family(("Kosmos2ForConditionalGeneration",), _kosmos2_inputs, 24, True),
     "vilt": _Family(("ViltForQuestionAnswering", "ViltModel"), _vilt_inputs, 16, False),
     "blip": _Family(("BlipForImageTextRetrieval",), _dual_inputs, 16, False),
@@ -1056,6 +1059,11 @@ def load(name: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
                 for _, w in model.named_parameters():
                     if w.dim() >= 2 and not bool(w.any()):
                         w.normal_(0.0, 0.02)
+        if _FAMILIES[p.family].init_zero_gates:
+            with torch.no_grad():
+                for _, w in model.named_parameters():
+                    if w.numel() == 1 and not bool(w.any()):
+                        w.uniform_(0.5, 1.0)
     model.eval()
     kwargs, _ = _example_inputs(p, config, seed)
     finish = _FAMILIES[p.family].finish

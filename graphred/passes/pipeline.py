@@ -5,6 +5,7 @@
 
     plan ──lower──> [PumerPass | FastVPass | ToMePass per step] + ProportionalAttentionPass
                     + FillerMaskPass + PositionsOutputPass + CSEPass
+                    (run_pipeline runs UnfoldKeySourcesPass first when a step reduces)
                                      │
     PassManager(passes, analyses=AnalysisManager) ── after each modifying pass: lint, recompile,
                                      │               meta["val"] check, drop analyses not preserved
@@ -36,6 +37,7 @@ from .registers import VictorPass
 from .pumer import PumerPass
 from .rewrite_state import Rewrite, RewriteState, StepPass
 from .tome import ToMePass
+from .unfold import UnfoldKeySourcesPass
 from .token_axis import record_original_shapes
 
 STEP_PASSES: dict[type, type[StepPass]] = {PumerStep: PumerPass, FastVStep: FastVPass, ToMeStep: ToMePass,
@@ -124,9 +126,15 @@ def run_pipeline(gm: fx.GraphModule, plan: Plan, example_inputs: tuple[tuple, di
     """
     passes = lower(plan)
     new = copy_graph_module(gm)
-    record_original_shapes(new)
     am = AnalysisManager()
-    prov = am.get(Provenance(example_inputs, value_inputs=value_inputs), new)
+    seed = Provenance(example_inputs, value_inputs=value_inputs)
+    if any(isinstance(p, StepPass) for p in passes):
+        # cross-attention keys folded with another dim (tiles in the batch): unfold them first; a modified graph
+        # gets its provenance and blocks computed again below
+        am.get(seed, new)
+        PassManager([UnfoldKeySourcesPass()], analyses=am, check_meta=check_meta)(new)
+    record_original_shapes(new)
+    prov = am.get(seed, new)
     blocks = am.get(Blocks, new)
     am.get(Rewrite(model or type(gm).__name__, value_inputs or example_inputs, keep_all=keep_all), new)
     PassManager(passes, analyses=am, check_meta=check_meta)(new)
@@ -152,9 +160,26 @@ def subs_at(gm: fx.GraphModule, rs: RewriteState) -> dict[str, dict]:
                 sym = st.symbols.get(mod)
                 if sym is not None:
                     current[sym] = sympy.Integer(v - st.offsets.get(mod, 0))
+                else:  # a stream whose length is written in another's symbol (tiles of an image): solve for it
+                    current.update(_solve_length(rs.prov, st, mod, v))
         if n.name in rs.original_names and current:
             out[n.name] = dict(current)
     return out
+
+
+def _solve_length(prov: TokenProvenance, st, modality: str, count: int) -> dict:
+    """``{symbol: value}`` making the symbolic length of ``st`` (a stream of ``modality`` tokens only, its length
+    written in one symbol of the stream it derives from) equal ``count``; empty where that does not hold. The
+    estimate checks the substituted expression against the reduced graph's count."""
+    if st.sym_length is None or any(n for c in st.counts() for m, n in c.items() if m != modality):
+        return {}
+    free = sympy.sympify(st.sym_length).free_symbols - {prov.batch_symbol}
+    if len(free) != 1:
+        return {}
+    s = free.pop()
+    x = sympy.Symbol("x")  # (not an integer symbol: the solution may be a fraction, e.g. 2*n + 2 = 17)
+    sol = sympy.solve(sympy.Eq(sympy.sympify(st.sym_length).subs(s, x), count), x)
+    return {s: sol[0]} if len(sol) == 1 else {}
 
 
 __all__ = ["STEP_PASSES", "PipelineResult", "copy_graph_module", "lower", "run_pipeline", "subs_at"]

@@ -235,4 +235,16 @@ def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock,
         seen += 1
     # the furthest tensor up the chain that still holds the stream on a whole dim (keys computed per layer from
     # another layout, e.g. tiles in the batch, are reduced in that layer only)
-    return n if carries(n) else good
+    if carries(n):
+        return n
+    if module_path(good) == parent or module_path(good).startswith(parent + "."):
+        import warnings
+
+        from ..errors import GraphredWarning
+
+        warnings.warn(GraphredWarning(
+            f"keys of {block.module_path}: the image tokens first hold a dim of their own at {good.name} (module "
+            f"{module_path(good)}), inside the layer; {n.name} (module {module_path(n) or '<top>'}) computes them from "
+            "a layout where they are folded with another dim that no unfolding view could replace, so the cut "
+            "shortens this layer's keys only, after its scores, and no later layer reads fewer tokens"), stacklevel=3)
+    return good

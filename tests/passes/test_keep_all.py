@@ -27,6 +27,7 @@ CASES = [
     ("vilt", "pumer:prune=0.3,merge=0.2,merge_text=0.2"),
     ("blip", "pumer:prune=0.3,merge=0.2"),
     ("blip", "tome:r=4"),
+    ("mllama", "pumer:prune=0.3,merge=0.2"),  # keys/values read through one unfolded view of the tiled image states
     ("clip", "tome:r=4"),
     ("siglip", "tome:r=4"),
     ("llava-bench", "fastv:layer=2,keep=0.5 + pumer:prune=0.3,merge=0.2,layers=4/6"),
