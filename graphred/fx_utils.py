@@ -267,6 +267,57 @@ def flat_inputs(gm: fx.GraphModule, args: Any, kwargs: Any) -> list | None:
         return None
 
 
+def _align(value: Any, spec: Any) -> Any:
+    if spec.is_leaf() or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict) and isinstance(spec.context, list):
+        keys = spec.context
+        kids = {k: _align(value[k], c) for k, c in zip(keys, spec.children()) if k in value}
+        reorder = list(value.keys()) != list(keys) and set(value.keys()) == set(keys)
+        if not reorder and all(kids[k] is value[k] for k in kids):
+            return value
+        if type(value) is dict:  # torch.fx flattens a plain dict by the spec's keys: its order does not matter
+            return {**value, **kids}
+        import copy
+
+        out = copy.copy(value)
+        for k, v in kids.items():
+            out[k] = v
+        if reorder and hasattr(out, "move_to_end"):
+            for k in keys:
+                out.move_to_end(k)
+        return out
+    if type(value) in (list, tuple) and len(value) == spec.num_children:
+        items = [_align(v, c) for v, c in zip(value, spec.children())]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    return value
+
+
+def align_inputs(gm: Any, args: Any, kwargs: dict) -> tuple[Any, dict]:
+    """``(args, kwargs)`` arranged the way the graph module's input spec recorded them: an ordered mapping
+    (a Hugging Face ``ModelOutput`` passed as an input) whose keys the spec holds in another order is
+    re-ordered in a shallow copy, since torch.fx's ``tree_flatten_spec`` compares such a node's keys in
+    order. Another producer of the same output (say, a ``ModelOutput`` whose fields were set after it was
+    built) gives the same keys in another order. The caller's objects are left as they are.
+
+    >>> import torch
+    >>> from transformers.modeling_outputs import BaseModelOutputWithPooling
+    >>> gm = torch.export.export(type("M", (torch.nn.Module,), {"forward": lambda self, o: o.last_hidden_state
+    ...     + o.pooler_output})(), (), {"o": BaseModelOutputWithPooling(torch.ones(2), torch.ones(2))}).module()
+    >>> o = BaseModelOutputWithPooling(pooler_output=torch.ones(2)); o["last_hidden_state"] = torch.ones(2)
+    >>> _, kw = align_inputs(gm, (), {"o": o})
+    >>> list(kw["o"].keys()), list(o.keys())
+    (['last_hidden_state', 'pooler_output'], ['pooler_output', 'last_hidden_state'])
+    """
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or spec.num_children != 2:
+        return args, kwargs
+    try:
+        return _align(tuple(args), spec.children()[0]), _align(dict(kwargs), spec.children()[1])
+    except Exception:  # noqa: BLE001 - an input the spec does not describe: torch's own check reports it
+        return args, kwargs
+
+
 def graph_device(gm: fx.GraphModule) -> torch.device:
     """The device the graph's inputs live on (meta for a program captured without weights)."""
     for n in gm.graph.nodes:

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import GraphredError, InputError
+from .fx_utils import align_inputs
 
 __all__ = ["Buckets", "Specialization", "Specializations", "describe_inputs", "signature_key"]
 
@@ -91,6 +92,7 @@ class Specialization:
     def run(self, arguments: dict[str, Any]):
         args = [arguments[n] for n in self.positional]
         kwargs = {k: v for k, v in arguments.items() if k not in self.positional}
+        args, kwargs = align_inputs(self.graph_module, args, kwargs)  # a ModelOutput's keys in the spec's order
         return self.graph_module(*args, **kwargs)
 
 

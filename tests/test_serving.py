@@ -161,3 +161,27 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_model_output_input_in_another_key_order_runs_the_stored_graph():
+    # a ModelOutput's keys follow how it was built (fields set afterwards come last); the stored graph's input spec
+    # holds one order and torch.fx compares it in order. Same keys in another order must run, and the caller's
+    # object keep its order
+    from transformers.modeling_outputs import BaseModelOutputWithPooling as Out
+    from graphred.serving import Specialization, signature_key
+
+    class M(torch.nn.Module):
+        def forward(self, x, o):
+            return x * o.last_hidden_state + o.pooler_output
+
+    x, a, b = torch.randn(3), torch.randn(3), torch.randn(3)
+    seen = Out(last_hidden_state=a, pooler_output=b)
+    gm = torch.export.export(M(), (x,), {"o": seen}).module()
+    late = Out(pooler_output=b)
+    late["last_hidden_state"] = a
+    assert list(late.keys()) != list(seen.keys())
+    assert signature_key({"x": x, "o": late}) == signature_key({"x": x, "o": seen})  # one specialisation serves both
+    with pytest.raises((RuntimeError, ValueError)):  # torch's own check of the spec
+        gm(x, o=late)
+    out = Specialization(gm, positional=("x",)).run({"x": x, "o": late})
+    assert torch.equal(out, x * a + b) and list(late.keys()) == ["pooler_output", "last_hidden_state"]
