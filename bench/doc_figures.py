@@ -81,19 +81,11 @@ ACCURACY_PLANS = [("llava", "fastv:layer=1,keep=0.5"), ("llava", "pumer:prune=0.
 
 def measured_peak_activations(fn, args: tuple, kwargs: dict) -> int:
     """Peak bytes of inputs + activations while ``fn`` runs, by torch's MemTracker (it follows the real
-    storages the CPU kernels allocate and free); the inputs are registered as live."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-    from torch.utils._pytree import tree_leaves
+    storages the CPU kernels allocate and free); the inputs are registered as live, weights and tensor
+    constants as weights (graphred.analysis.cost.oracle.peak_activations_executed)."""
+    from graphred.analysis.cost.oracle import peak_activations_executed
 
-    mt = MemTracker()
-    mt.track_external(fn)
-    with torch.no_grad(), mt:
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                t.view_as(t)
-        out = fn(*args, **kwargs)
-        del out
-    return int(mt.get_tracker_snapshot("peak")[torch.device("cpu")][_MemRefType.ACT])
+    return peak_activations_executed(fn, *args, **kwargs)
 
 
 def _err(pred: int, ref: int) -> str:

@@ -16,7 +16,6 @@ import time
 import pytest
 import sympy
 import torch
-from torch.utils._pytree import tree_leaves
 
 import graphred
 from graphred import PlanError, zoo
@@ -41,18 +40,11 @@ def estimates(zoo_program):
 
 def _measured_peak_activations(gm, args: tuple, kwargs: dict) -> int:
     """Peak bytes of inputs + activations while ``gm`` runs, by torch's MemTracker (an independent
-    measurement: it follows the real storages the CPU kernels allocate and free)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    measurement: it follows the real storages the CPU kernels allocate and free; graphred's oracle registers the
+    inputs as live, the weights and tensor constants as weights)."""
+    from graphred.analysis.cost.oracle import peak_activations_executed
 
-    mt = MemTracker()
-    mt.track_external(gm)
-    with torch.no_grad(), mt:
-        for t in tree_leaves((args, kwargs)):  # the inputs are live too: register their storages
-            if isinstance(t, torch.Tensor):
-                t.view_as(t)
-        out = gm(*args, **kwargs)
-        del out
-    return int(mt.get_tracker_snapshot("peak")[torch.device("cpu")][_MemRefType.ACT])
+    return peak_activations_executed(gm, *args, **kwargs)
 
 
 def _has_apply_plan() -> bool:

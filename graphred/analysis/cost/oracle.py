@@ -37,6 +37,7 @@ __all__ = [
     "flop_counter_mode",
     "count_flops_executed",
     "flop_counts_executed",
+    "peak_activations_executed",
 ]
 
 aten = torch.ops.aten
@@ -223,3 +224,39 @@ def flop_counts_executed(fn: Callable, *args, **kwargs) -> dict[str, int]:
         fn(*args, **kwargs)
     counts = fc.get_flop_counts().get("Global", {})
     return {str(k): int(v) for k, v in counts.items()}
+
+
+def _tensor_constants(fn: Any) -> list[torch.Tensor]:
+    """Tensors a module holds as plain attributes, neither parameters nor buffers (torch.export's lifted
+    constants, set on the graph module as attributes)."""
+    if not isinstance(fn, torch.nn.Module):
+        return []
+    return [v for m in fn.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+
+
+def peak_activations_executed(fn: Callable, *args, **kwargs) -> int:
+    """Peak bytes of inputs + activations while ``fn(*args, **kwargs)`` really runs (CPU), by torch's
+    ``MemTracker`` (it follows the storages the kernels allocate and free): the reference the liveness
+    estimate (:func:`graphred.analysis.cost.memory.activation_memory`) is checked against.
+
+    The inputs are registered as live. The module's parameters and buffers, and its tensor constants
+    (plain tensor attributes: the constants torch.export lifts), are registered apart, as weights: left
+    unregistered, a constant would count as an activation from the first op that returns a view of it
+    (a ``reshape`` of a constant allocates nothing), and stay counted for the rest of the run.
+
+    >>> lin, x = torch.nn.Linear(8, 4), torch.randn(2, 8)
+    >>> peak_activations_executed(lin, x)     # x: 64 B, the output: 32 B
+    96
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.utils._pytree import tree_leaves
+
+    mt = MemTracker()
+    mt.track_external(*([fn] if isinstance(fn, torch.nn.Module) else []), *_tensor_constants(fn))
+    with torch.no_grad(), mt:
+        for t in tree_leaves((args, kwargs)):  # the inputs are live too: register their storages
+            if isinstance(t, torch.Tensor):
+                t.view_as(t)
+        out = fn(*args, **kwargs)
+        del out
+    return int(mt.get_tracker_snapshot("peak").get(torch.device("cpu"), {}).get(_MemRefType.ACT, 0))
