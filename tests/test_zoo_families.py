@@ -24,6 +24,7 @@ import graphred
 from graphred import zoo
 from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
 from graphred.analysis.cost import count_flops_executed
+from graphred.analysis.cost.oracle import peak_activations_executed
 from graphred.errors import GraphredWarning, PlanSavesNothingWarning
 from graphred.fx_utils import MADE_BY, module_path, recorded
 from graphred.passes import unfold as unfold_pass
@@ -195,6 +196,48 @@ def test_mllama_without_the_unfolding_the_warning_names_the_obstacle(zoo_program
     assert not [n for n in gm.graph.nodes if recorded(n, MADE_BY) == "UnfoldKeySourcesPass"]
 
 
+
+def test_mllama_tome_finds_the_tiled_tower_and_names_the_split_of_its_tiles(zoo_program):
+    """mllama's vision tower holds image tokens and the padding slots that round each tile up (register tokens):
+    ToMe takes it as an image-only stack. It lays the tiles end to end in one sequence and later takes them apart
+    again with a reshape, which a merge over the whole sequence cannot follow: the error names that obstacle, the
+    node and its module path."""
+    from graphred.errors import PlanError
+    from graphred.plans import tome
+
+    with pytest.raises(PlanError) as info:
+        graphred.transform(zoo_program("mllama"), tome(r=4))
+    msg = str(info.value)
+    assert "no image-only attention stack" not in msg
+    assert "tome at model.vision_model.transformer.layers.0.self_attn" in msg
+    assert "the token axis is split here over dims 1..2" in msg and "(module model.vision_model)" in msg
+    assert "call_function[target=torch.ops.aten.reshape" in msg
+
+
+def test_lfm2_fastv_cuts_at_a_convolution_layer_and_refuses_one_with_no_attention_before(zoo_model, zoo_program):
+    """lfm2-vl's decoder: convolution layers 0 and 2, attention layers 1 and 3. FastV at layer 2 scores with layer
+    1's attention and cuts at the input of the convolution layer (found by its module path); FLOPs drop, estimated
+    and measured alike. At layer 1 no attention comes before: the error says so."""
+    from graphred.errors import PlanError
+    from graphred.plans import fastv
+
+    model, kwargs = zoo_model("lfm2-vl")
+    prog = zoo_program("lfm2-vl")
+    with pytest.raises(PlanError, match=r"layer=1 needs an attention layer of model\.language_model\.layers before "
+                       r"it .* attention layers are \[1, 3\] .* Choose a layer after 1"):
+        graphred.transform(prog, fastv(layer=1, keep=0.5))
+    plan = fastv(layer=2, keep=0.5)
+    reduced = graphred.transform(prog, plan)
+    est = graphred.estimate(prog, plan)
+    with torch.no_grad():
+        out = reduced(**kwargs)
+    L = kwargs["input_ids"].shape[1]
+    n_img = min(_image_positions(model, kwargs))
+    assert out.logits.shape[1] == L - (n_img - round(0.5 * n_img)) and torch.isfinite(out.logits).all()
+    measured_after = count_flops_executed(reduced, **kwargs)
+    assert est.after.flops_matmul == measured_after < count_flops_executed(model, **kwargs)
+
+
 # the uneven families run the same plan, with per-sample checks, in tests/passes/test_uneven.py; mllama's reducing
 # plan is checked above (its PLANS entry, with merging, runs bit-exact under keep_all in tests/passes/test_keep_all.py)
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "mllama" and n not in UNEVEN])
@@ -220,6 +263,11 @@ def test_reducing_plan_lowers_estimated_and_measured_flops(name, zoo_model, zoo_
 @pytest.mark.parametrize("name", NAMES)
 def test_estimate_equals_flop_counter(name, zoo_model, zoo_program):
     model, kwargs = zoo_model(name)
-    est = graphred.estimate(zoo_program(name))
+    prog = zoo_program(name)
+    est = graphred.estimate(prog)
     assert est.flops_matmul == count_flops_executed(model, **kwargs) > 0
     assert not est.uncounted, est.uncounted
+    # and the peak activation memory equals MemTracker's on the captured graph (qwen3-vl's folded constants,
+    # viewed by dead reshapes, are weights: the oracle registers them as such)
+    args, kw = prog.example_inputs()
+    assert est.peak_activation_bytes == peak_activations_executed(prog.graph_module, *args, **kw), name

@@ -37,10 +37,10 @@ class FastVPass(StepPass):
         by_layer = {b.layer_index: b for b in decoder}
         layers = sorted(by_layer)
         before = [l for l in layers if l < step.layer]  # the attention layer before (layers without attention
-        if step.layer not in by_layer or not before:  # in between, e.g. convolutions, are skipped over)
-            raise PlanError(f"fastv: layer={step.layer} needs a cross-modal decoder layer at {step.layer} and one "
-                            f"before it to score with; {stack} has cross-modal layers {layers}. Choose a layer among "
-                            f"{layers[1:]}.")
+        if not before:  # in between, e.g. convolutions, are skipped over)
+            raise PlanError(f"fastv: layer={step.layer} needs an attention layer of {stack} before it to score with; "
+                            f"its cross-modal attention layers are {layers} (layers without attention, e.g. "
+                            f"convolutions, have no scores). Choose a layer after {layers[0]}.")
         where = (stack, step.layer)
         if where in rs.cuts:
             raise PlanError(f"fastv: two FastV cuts at one layer ({step.layer} of {stack}: {rs.cuts[where]} and "
@@ -48,7 +48,8 @@ class FastVPass(StepPass):
                             "product of the keep fractions, or cut at another layer")
         score_block = by_layer[before[-1]]
         stream = score_block.query_stream
-        point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer[step.layer])
+        # a layer without attention (a convolution): its input is found by the layer's module path
+        point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer.get(step.layer))
         here = token_streams(rs.prov, point, rs.prov.stream(stream).length)
         if here and rs.prov.find(stream) not in here:
             # the layer's input is another stream of the same positions (a write between the layers,

@@ -402,6 +402,12 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     try:
         set_fake_val(n)
     except Exception as e:  # the op did not accept the reduced shapes
+        split = _split_axis(prov, n, {state.stream} | state.aliases)
+        if split is not None:
+            raise _fail(f"the token axis is split here over dims {split[0]}..{split[1]} (sizes {split[2]}: a sequence "
+                        "made of equal parts, such as an image's tiles laid end to end, taken apart again); the "
+                        "reduction changed the length of the whole axis, so no part keeps its size. Reduce where the "
+                        "parts are not taken apart afterwards, or in each part apart", n, pass_name) from e
         raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", n, pass_name) from e
     new_shape = node_shape(n)
     if new_shape is None:
@@ -476,6 +482,20 @@ def _compose_gather_chain(graph, state, a, dims, index, old):
             x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, comp, d))
     state._gathered[key] = x
     return x
+
+
+def _split_axis(prov: TokenProvenance, node: fx.Node, streams) -> tuple[int, int, list[int]] | None:
+    """``(first, last, sizes)`` when ``node`` (original shape) holds one of ``streams`` spread over several dims."""
+    shape = recorded(node, ORIG_SHAPE) or node_shape(node)
+    if shape is None:
+        return None
+    targets = {prov.find(s) for s in streams}
+    for ax in prov.tokens(node).axes:
+        if prov.find(ax.stream) in targets and prov.stream(ax.stream).kind == TOKENS:
+            loc = locate(TokAxis(prov.find(ax.stream), ax.stride, ax.length), shape)
+            if loc is not None and loc[0] != loc[1]:
+                return loc[0], loc[1], list(shape[loc[0]:loc[1] + 1])
+    return None
 
 
 def _factor(sd, d):

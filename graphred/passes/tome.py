@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..analysis.blocks import UNIMODAL_SELF, AttentionBlock
-from ..analysis.provenance import IMAGE
+from ..analysis.provenance import IMAGE, REGISTER
 from ..errors import PlanError
 from ..plans import ToMeStep
 from .prune_merge import merge_stream
@@ -30,7 +30,9 @@ class ToMePass(StepPass):
         step: ToMeStep = self.step
         towers: dict[str, list[AttentionBlock]] = {}
         for b in rs.blocks:
-            if b.kind == UNIMODAL_SELF and b.query_modalities == frozenset({IMAGE}) and b.query_stream is not None:
+            # image tokens, and maybe register tokens (learned or padding slots, never merged) beside them
+            if b.kind == UNIMODAL_SELF and IMAGE in b.query_modalities and b.query_modalities <= {IMAGE, REGISTER} \
+                    and b.query_stream is not None:
                 towers.setdefault(b.stack, []).append(b)
         if not towers:
             raise PlanError("tome: no image-only attention stack (vision tower) was found in the graph")
