@@ -202,11 +202,12 @@ class Trainer:
     def __init__(self, name: str, seed: int, ground: float = 0.0, ground_query: str = "answer",
                  answer_layer: int | None = None, left_weight: float = 0.0,
                  hop_layer: int | None = None, probe_balance: float = 1.0, word_weight: float = 0.0,
-                 word_layer: int = 0):
+                 word_layer: int = 0, decoder_probes: float = 0.0, word_ground_layers: int = 1):
         self.name, self.fam, self.ground = name, models.family(name), ground
         self.ground_query, self.answer_layer, self.left_weight = ground_query, answer_layer, left_weight
         self.hop_layer, self.probe_balance, self.word_weight, self.word_layer = (hop_layer, probe_balance,
                                                                                word_weight, word_layer)
+        self.decoder_probes, self.word_ground_layers = decoder_probes, word_ground_layers
         self.tok = models.default_tokenizer(name)
         torch.manual_seed(seed)
         self.config = models.default_config(name, self.tok)
@@ -218,7 +219,10 @@ class Trainer:
         self.probe = torch.nn.Linear(width, PROBE_CLASSES)
         self.left_probe = torch.nn.Linear(width, PROBE_CLASSES)  # the left neighbour's content
         if self.fam == "llava":  # the answer from the question's class word (decoder), discarded after training
-            self.word_probe = torch.nn.Linear(self.config["text_config"]["hidden_size"], len(scenes2.ANSWERS))
+            hidden = self.config["text_config"]["hidden_size"]
+            self.word_probe = torch.nn.Linear(hidden, len(scenes2.ANSWERS))
+            self.pos_probe = torch.nn.Linear(hidden, 2 * scenes2.GRID)
+            self.dec_left_probe = torch.nn.Linear(hidden, PROBE_CLASSES)
         hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
         self.count_head = torch.nn.Linear(hidden, len(scenes2.NUMBERS))  # the encoders' description probe
         self.captured: dict = {}
@@ -241,7 +245,8 @@ class Trainer:
         self.captured["tokens"] = output.last_hidden_state[:, 1:]
 
     def parameters(self):
-        extra = list(self.word_probe.parameters()) if self.fam == "llava" else []
+        extra = ([p for m in (self.word_probe, self.pos_probe, self.dec_left_probe) for p in m.parameters()]
+                 if self.fam == "llava" else [])
         return (list(self.model.parameters()) + list(self.probe.parameters()) + list(self.left_probe.parameters())
                 + list(self.count_head.parameters()) + extra)
 
@@ -287,13 +292,29 @@ class Trainer:
         labels = probe_labels(data)
         left = left_labels(labels)
         tok, name = self.tok, self.name
-        desc = ground = word_probe = None
+        desc = ground = word_probe = extra_probe = None
         n = scenes2.NUM_CELLS
         if self.fam == "llava":
             kwargs, at, answers, d_at, d_ans, qrows, d_order, word_at = packed(tok, data, gen, describe)
-            out = self.model(**kwargs, output_attentions=self.ground > 0, output_hidden_states=self.word_weight > 0)
+            out = self.model(**kwargs, output_attentions=self.ground > 0,
+                             output_hidden_states=self.word_weight > 0 or self.decoder_probes > 0)
             rows = torch.arange(data.num_scenes)[:, None]
             flat = [q for row in qrows for q in row]
+            if self.decoder_probes > 0:
+                # the image tokens as the decoder reads them: their cell (row, column) at its input (the
+                # projector's output), and their left neighbour's content after layer 0 (a previous-token
+                # head: row-major order puts the left neighbour just before)
+                entering = out.hidden_states[0][:, 1: 1 + n]
+                cell = torch.arange(n)
+                rc = self.pos_probe(entering)  # (B, n, 2 * GRID)
+                g = scenes2.GRID
+                pos_loss = (F.cross_entropy(rc[..., :g].flatten(0, 1), (cell // g).repeat(data.num_scenes))
+                            + F.cross_entropy(rc[..., g:].flatten(0, 1), (cell % g).repeat(data.num_scenes)))
+                w = torch.ones(PROBE_CLASSES)
+                w[len(scenes2.CLASSES):] = 1.0 / self.probe_balance
+                dec_left = F.cross_entropy(self.dec_left_probe(out.hidden_states[1][:, 1: 1 + n]).flatten(0, 1),
+                                           left.flatten(), weight=w)
+                extra_probe = self.decoder_probes * (pos_loss + dec_left)
             if self.word_weight > 0:  # the answer, read from the class word's state after layer `word_layer`
                 state = out.hidden_states[self.word_layer + 1][rows, word_at]  # (B, 4, hidden)
                 word_probe = F.cross_entropy(self.word_probe(state).flatten(0, 1),
@@ -303,9 +324,10 @@ class Trainer:
                 # layer 0 the answer position has not read the question yet)
                 att = out.attentions[0][rows, :, at][..., 1: 1 + n]  # (B, 4, heads, 196)
                 ground = grounding_loss(att.flatten(0, 1), relevant_mask(data, flat))
-            elif self.ground > 0:  # layer 0: the question's class word over the cells of that class
-                att = out.attentions[0][rows, :, word_at][..., 1: 1 + n]
-                ground = grounding_loss(att.flatten(0, 1), object_mask(data, flat))
+            elif self.ground > 0:  # layer 0 (and on): the question's class word over the cells of that class
+                for layer in range(self.word_ground_layers):
+                    att = out.attentions[layer][rows, :, word_at][..., 1: 1 + n]
+                    ground = _mean(ground, grounding_loss(att.flatten(0, 1), object_mask(data, flat)))
             if self.ground > 0 and self.hop_layer is not None:
                 # the answer position's attention to the question's class word (the second hop)
                 att = out.attentions[self.hop_layer][rows, :, at]  # (B, 4, heads, L)
@@ -385,6 +407,8 @@ class Trainer:
         probe = self.probe_loss(tokens, labels, left)
         if word_probe is not None:
             probe = probe + self.word_weight * word_probe
+        if extra_probe is not None:
+            probe = probe + extra_probe
         return ans, probe, desc, ground
 
 
@@ -393,9 +417,10 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
           ground_weight: float = 0.0, curriculum: float = 0.0, init: str | None = None,
           first_scene: int = 0, ground_query: str = "answer", answer_layer: int | None = None,
           left_weight: float = 0.0, vision_steps: int = 0, hop_layer: int | None = None,
-          probe_balance: float = 1.0, word_weight: float = 0.0, word_layer: int = 0) -> dict:
+          probe_balance: float = 1.0, word_weight: float = 0.0, word_layer: int = 0,
+          decoder_probes: float = 0.0, word_ground_layers: int = 1) -> dict:
     tr = Trainer(name, seed, ground_weight, ground_query, answer_layer, left_weight, hop_layer, probe_balance,
-                 word_weight, word_layer)
+                 word_weight, word_layer, decoder_probes, word_ground_layers)
     previous = None
     if init is not None:  # a second stage: continue from saved weights (probe heads start afresh)
         from safetensors.torch import load_file
@@ -520,7 +545,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
                           "grounding_query": ground_query, "answer_grounding_layer": answer_layer,
                           "left_probe_weight": left_weight, "hop_grounding_layer": hop_layer,
                           "probe_balance": probe_balance, "word_probe_weight": word_weight,
-                          "word_probe_layer": word_layer,
+                          "word_probe_layer": word_layer, "decoder_probes_weight": decoder_probes,
+                          "word_grounding_layers": word_ground_layers,
                           "curriculum": (f"clutter and texture ramp from none to full over the first "
                                          f"{100 * curriculum:.0f}% of the steps (scenes2.generate(ease=...))")
                                         if curriculum > 0 else "none",
@@ -651,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="decoder: weight of a linear probe reading the answer from the question's class word "
                          "after layer --word-layer (makes the layer-0 read of the object carry what the answer needs)")
     ap.add_argument("--word-layer", type=int, default=0)
+    ap.add_argument("--decoder-probes", type=float, default=0.0,
+                    help="decoder: weight of probes on the image tokens inside the decoder: their cell (row, column) "
+                         "at its input, their left neighbour's content after layer 0")
+    ap.add_argument("--word-ground-layers", type=int, default=1,
+                    help="decoder: ground the question's class word in this many layers from layer 0")
     ap.add_argument("--left-weight", type=float, default=0.0,
                     help="weight of a second per-patch probe: the left neighbour's content (for 'left')")
     ap.add_argument("--vision-steps", type=int, default=0,
@@ -669,7 +700,8 @@ def main(argv: list[str] | None = None) -> int:
               args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
               args.describe_until, args.ground_weight, args.curriculum, args.init, args.first_scene,
               args.ground_query, args.answer_layer, args.left_weight, args.vision_steps,
-              args.hop_layer, args.probe_balance, args.word_weight, args.word_layer)
+              args.hop_layer, args.probe_balance, args.word_weight, args.word_layer, args.decoder_probes,
+              args.word_ground_layers)
     return 0
 
 
