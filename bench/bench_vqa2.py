@@ -58,11 +58,11 @@ def plans_for(name: str) -> list[tuple[str, object, float | None]]:
     if fam == "llava":
         # the same comparison with pruning from layer 0 on (after the first layer's attention), where the
         # decoder still reads the image in layer 1
-        for p in (0.5,):
-            out.append((f"pumer{EARLY}", pumer(prune=p, merge=0.0, layers="from:0"), None))
-            out.append((f"pumer+merge{EARLY}", pumer(prune=p, merge=0.2, layers="from:0"), None))
-            out.append((f"random{EARLY}", prune(ratio=p, layers="from:0", scorer="random"), None))
-            out.append((f"norm{EARLY}", prune(ratio=p, layers="from:0", scorer="norm"), None))
+        for p in (0.3, 0.5):
+            out.append((f"pumer{EARLY}", pumer(prune=p, merge=0.0, layers="from:0"), p))
+            out.append((f"pumer+merge{EARLY}", pumer(prune=p, merge=0.2, layers="from:0"), p))
+            out.append((f"random{EARLY}", prune(ratio=p, layers="from:0", scorer="random"), p))
+            out.append((f"norm{EARLY}", prune(ratio=p, layers="from:0", scorer="norm"), p))
         out += [("fastv", fastv(layer=1, keep=k), None) for k in (0.5, 0.25, 0.125)]
         out += [("victor", victor(registers=r, layer=2), None) for r in (8, 16)]
     else:
@@ -231,14 +231,17 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
                    f"{100 * ra['accuracy']:.1f}% ({dr:+.1f}) vs norm {100 * no['accuracy']:.1f}% ({dn:+.1f})"
                    + (f"; oracle {100 * orc['accuracy']:.1f}%" if orc else "")
                    + (f" — target (>= 3 points above both at 0.5): {met}" if p == 0.5 else ""))
-    early = {r["method"][: -len(EARLY)]: r for r in mine if r["method"].endswith(EARLY)}
-    if all(m in early for m in ("pumer", "random", "norm")):
+    for p in sorted({r["ratio"] for r in mine if r["method"].endswith(EARLY)}):
+        early = {r["method"][: -len(EARLY)]: r for r in mine if r["method"].endswith(EARLY) and r["ratio"] == p}
+        if not all(m in early for m in ("pumer", "random", "norm")):
+            continue
         t, ra, no = early["pumer"], early["random"], early["norm"]
         dr, dn = 100 * (t["accuracy"] - ra["accuracy"]), 100 * (t["accuracy"] - no["accuracy"])
-        out.append(f"- prune 0.5 from layer 0 ({t['image_tokens_left']} image tokens left): PuMer "
+        out.append(f"- prune {p:g} from layer 0 ({t['image_tokens_left']} image tokens left): PuMer "
                    f"{100 * t['accuracy']:.1f}% vs random {100 * ra['accuracy']:.1f}% ({dr:+.1f}) vs norm "
-                   f"{100 * no['accuracy']:.1f}% ({dn:+.1f}) — {'met' if dr >= 3 and dn >= 3 else '**missed**'} "
-                   "(>= 3 points above both)")
+                   f"{100 * no['accuracy']:.1f}% ({dn:+.1f})"
+                   + (f" — {'met' if dr >= 3 and dn >= 3 else '**missed**'} (>= 3 points above both)"
+                      if p == 0.5 else ""))
     fast = [r for r in mine if r["method"].split(" from")[0] in ("pumer", "pumer+merge")
             and (r["predicted_speedup"] or 0) >= 1.8]
     if fast:
