@@ -38,6 +38,7 @@ SCHEDULE: dict[str, dict] = {
     "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
+VISION_FIRST_SCENE = 800_000  # stage 1 (the image tower alone) reads scenes from here on
 PROBE_CLASSES = len(scenes2.CLASSES) + 2  # the ten classes, a digit, bare texture
 
 
@@ -119,6 +120,8 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
     pos[:, :prefix] = torch.arange(prefix)
     block[:, :prefix] = -1
     where = torch.zeros((b, 4), dtype=torch.long)
+    word_at = torch.zeros((b, 4), dtype=torch.long)  # the asked-about class word of each question
+    class_words = _class_word_ids(tok)
     answers = torch.tensor([[tok.token_to_id[q.answer] for q in row] for row in rows])
     for i, row in enumerate(enc):
         at = prefix
@@ -129,6 +132,7 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
             block[i, at: at + n] = k
             if k < 4:
                 where[i, k] = at + n - 1
+                word_at[i, k] = at + next(j for j, w in enumerate(words) if w in class_words)
             else:
                 d_at = d_at if d_at is not None else torch.zeros((b, n // 2), dtype=torch.long)
                 d_at[i] = at + 2 * torch.arange(n // 2)
@@ -142,7 +146,13 @@ def packed(tok, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool = 
     mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, float("-inf"))
     kwargs = {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos,
               "pixel_values": scenes2.pixel_values(data.images), "use_cache": False}
-    return kwargs, where, answers, d_at, d_ans, rows, (order if describe else None)
+    return kwargs, where, answers, d_at, d_ans, rows, (order if describe else None), word_at
+
+
+def _class_word_ids(tok) -> set[int]:
+    from graphred.data.scenes import PLURALS
+
+    return {tok.token_to_id[w] for w in (*scenes2.CLASSES, *PLURALS) if w in tok.token_to_id}
 
 
 def relevant_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
@@ -150,6 +160,20 @@ def relevant_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
     out = torch.zeros(len(questions), scenes2.NUM_CELLS, dtype=torch.bool)
     for i, q in enumerate(questions):
         out[i, data.relevant_cells(q)] = True
+    return out
+
+
+def object_mask(data: scenes2.SceneSet2, questions) -> torch.Tensor:
+    """``(Q, 196)`` bool: the cells of the class each question names (none for an absent class)."""
+    lay = torch.from_numpy(data.layout).long()
+    return lay[[q.scene for q in questions]] == torch.tensor([q.target for q in questions])[:, None]
+
+
+def left_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``(S, 196)``: the probe label of each cell's left neighbour (bare texture in column 0)."""
+    out = torch.full_like(labels, PROBE_CLASSES - 1)
+    out[:, 1:] = labels[:, :-1]
+    out[:, ::scenes2.GRID] = PROBE_CLASSES - 1
     return out
 
 
@@ -175,8 +199,15 @@ def grounding_loss(attn: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor |
 
 
 class Trainer:
-    def __init__(self, name: str, seed: int, ground: float = 0.0):
+    def __init__(self, name: str, seed: int, ground: float = 0.0, ground_query: str = "answer",
+                 answer_layer: int | None = None, left_weight: float = 0.0,
+                 hop_layer: int | None = None, probe_balance: float = 1.0, word_weight: float = 0.0,
+                 word_layer: int = 0, decoder_probes: float = 0.0, word_ground_layers: int = 1):
         self.name, self.fam, self.ground = name, models.family(name), ground
+        self.ground_query, self.answer_layer, self.left_weight = ground_query, answer_layer, left_weight
+        self.hop_layer, self.probe_balance, self.word_weight, self.word_layer = (hop_layer, probe_balance,
+                                                                               word_weight, word_layer)
+        self.decoder_probes, self.word_ground_layers = decoder_probes, word_ground_layers
         self.tok = models.default_tokenizer(name)
         torch.manual_seed(seed)
         self.config = models.default_config(name, self.tok)
@@ -186,6 +217,12 @@ class Trainer:
             self.model.set_attn_implementation("eager")
         width = self.config["hidden_size"] if self.fam == "vilt" else self.config["vision_config"]["hidden_size"]
         self.probe = torch.nn.Linear(width, PROBE_CLASSES)
+        self.left_probe = torch.nn.Linear(width, PROBE_CLASSES)  # the left neighbour's content
+        if self.fam == "llava":  # the answer from the question's class word (decoder), discarded after training
+            hidden = self.config["text_config"]["hidden_size"]
+            self.word_probe = torch.nn.Linear(hidden, len(scenes2.ANSWERS))
+            self.pos_probe = torch.nn.Linear(hidden, 2 * scenes2.GRID)
+            self.dec_left_probe = torch.nn.Linear(hidden, PROBE_CLASSES)
         hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
         self.count_head = torch.nn.Linear(hidden, len(scenes2.NUMBERS))  # the encoders' description probe
         self.captured: dict = {}
@@ -208,7 +245,10 @@ class Trainer:
         self.captured["tokens"] = output.last_hidden_state[:, 1:]
 
     def parameters(self):
-        return list(self.model.parameters()) + list(self.probe.parameters()) + list(self.count_head.parameters())
+        extra = ([p for m in (self.word_probe, self.pos_probe, self.dec_left_probe) for p in m.parameters()]
+                 if self.fam == "llava" else [])
+        return (list(self.model.parameters()) + list(self.probe.parameters()) + list(self.left_probe.parameters())
+                + list(self.count_head.parameters()) + extra)
 
     def _describe_ids(self, data, gen):  # -> ids (B, 12), counts (B, 10), class order (B, 10)
         tok = self.tok
@@ -219,20 +259,85 @@ class Trainer:
         ids[:, 1:-1] = torch.tensor([tok.token_to_id[c] for c in scenes2.CLASSES])[order]
         return ids, counts, order
 
+    def vision_modules(self) -> list[torch.nn.Module]:
+        """The image tower (and the per-patch probes) that stage 1 trains alone."""
+        if self.fam == "llava":
+            return [self.model.model.vision_tower, self.probe, self.left_probe]
+        if self.fam == "blip":
+            return [self.model.vision_model, self.probe, self.left_probe]
+        raise ValueError("a single-stream model has no separate image tower")
+
+    def vision_loss(self, data: scenes2.SceneSet2) -> torch.Tensor:
+        """Stage 1: the per-patch probes on the image tower's output (each cell's content and its left
+        neighbour's), the tower alone: the pretrained image encoder real VLMs start from."""
+        pix = scenes2.pixel_values(data.images)
+        tower = self.model.model.vision_tower if self.fam == "llava" else self.model.vision_model
+        tokens = tower(pixel_values=pix).last_hidden_state[:, 1:]
+        labels = probe_labels(data)
+        return self.probe_loss(tokens, labels, left_labels(labels))
+
+    def probe_loss(self, tokens: torch.Tensor, labels: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        """The per-patch probes (own content; left neighbour's at ``left_weight``), objects weighted up by
+        ``probe_balance`` (they are 6% of the cells: unweighted, the probe learns texture and digits)."""
+        w = torch.ones(PROBE_CLASSES)
+        w[len(scenes2.CLASSES):] = 1.0 / self.probe_balance
+        out = F.cross_entropy(self.probe(tokens).flatten(0, 1), labels.flatten(), weight=w)
+        if self.left_weight > 0:
+            out = out + self.left_weight * F.cross_entropy(self.left_probe(tokens).flatten(0, 1), left.flatten(),
+                                                           weight=w)
+        return out
+
     def loss(self, data: scenes2.SceneSet2, gen: torch.Generator, describe: bool):
         """(answer loss, probe loss, description loss or None) on one block of scenes."""
         labels = probe_labels(data)
+        left = left_labels(labels)
         tok, name = self.tok, self.name
-        desc = ground = None
+        desc = ground = word_probe = extra_probe = None
         n = scenes2.NUM_CELLS
         if self.fam == "llava":
-            kwargs, at, answers, d_at, d_ans, qrows, d_order = packed(tok, data, gen, describe)
-            out = self.model(**kwargs, output_attentions=self.ground > 0)
+            kwargs, at, answers, d_at, d_ans, qrows, d_order, word_at = packed(tok, data, gen, describe)
+            out = self.model(**kwargs, output_attentions=self.ground > 0,
+                             output_hidden_states=self.word_weight > 0 or self.decoder_probes > 0)
             rows = torch.arange(data.num_scenes)[:, None]
-            if self.ground > 0:  # layer 0: each answer position's attention over the 196 image tokens
+            flat = [q for row in qrows for q in row]
+            if self.decoder_probes > 0:
+                # the image tokens as the decoder reads them: their cell (row, column) at its input (the
+                # projector's output), and their left neighbour's content after layer 0 (a previous-token
+                # head: row-major order puts the left neighbour just before)
+                entering = out.hidden_states[0][:, 1: 1 + n]
+                cell = torch.arange(n)
+                rc = self.pos_probe(entering)  # (B, n, 2 * GRID)
+                g = scenes2.GRID
+                pos_loss = (F.cross_entropy(rc[..., :g].flatten(0, 1), (cell // g).repeat(data.num_scenes))
+                            + F.cross_entropy(rc[..., g:].flatten(0, 1), (cell % g).repeat(data.num_scenes)))
+                w = torch.ones(PROBE_CLASSES)
+                w[len(scenes2.CLASSES):] = 1.0 / self.probe_balance
+                dec_left = F.cross_entropy(self.dec_left_probe(out.hidden_states[1][:, 1: 1 + n]).flatten(0, 1),
+                                           left.flatten(), weight=w)
+                extra_probe = self.decoder_probes * (pos_loss + dec_left)
+            if self.word_weight > 0:  # the answer, read from the class word's state after layer `word_layer`
+                state = out.hidden_states[self.word_layer + 1][rows, word_at]  # (B, 4, hidden)
+                word_probe = F.cross_entropy(self.word_probe(state).flatten(0, 1),
+                                             torch.tensor([tok.answer_index(q.answer) for q in flat]))
+            if self.ground > 0 and self.ground_query == "answer":
+                # layer 0: each answer position's attention over the 196 image tokens (ill-posed: at
+                # layer 0 the answer position has not read the question yet)
                 att = out.attentions[0][rows, :, at][..., 1: 1 + n]  # (B, 4, heads, 196)
-                rel = relevant_mask(data, [q for row in qrows for q in row])
-                ground = grounding_loss(att.flatten(0, 1), rel)
+                ground = grounding_loss(att.flatten(0, 1), relevant_mask(data, flat))
+            elif self.ground > 0:  # layer 0 (and on): the question's class word over the cells of that class
+                for layer in range(self.word_ground_layers):
+                    att = out.attentions[layer][rows, :, word_at][..., 1: 1 + n]
+                    ground = _mean(ground, grounding_loss(att.flatten(0, 1), object_mask(data, flat)))
+            if self.ground > 0 and self.hop_layer is not None:
+                # the answer position's attention to the question's class word (the second hop)
+                att = out.attentions[self.hop_layer][rows, :, at]  # (B, 4, heads, L)
+                onehot = torch.zeros(att.shape[:2] + att.shape[-1:], dtype=torch.bool)
+                onehot[rows, torch.arange(4)[None], word_at] = True
+                ground = _mean(ground, grounding_loss(att.flatten(0, 1), onehot.flatten(0, 1)))
+            if self.ground > 0 and self.answer_layer is not None:
+                # a later layer: the answer position (which has read the question by now) over the answer's cells
+                att = out.attentions[self.answer_layer][rows, :, at][..., 1: 1 + n]
+                ground = _mean(ground, grounding_loss(att.flatten(0, 1), relevant_mask(data, flat)))
             logits = out.logits[rows, at]
             ans = F.cross_entropy(logits.flatten(0, 1), answers.flatten())
             if describe:
@@ -276,10 +381,22 @@ class Trainer:
             pi = self.captured["patch_index"]  # (B, n, 2): (row, col) of each image token
             cell = pi[..., 0] * scenes2.GRID + pi[..., 1]  # (B, 196): the cell of each image token
             labels = labels.repeat_interleave(4, 0).gather(1, cell)
-            if self.ground > 0:  # layer 0: the text [CLS] query over the patches (in ViLT's sampled order)
+            left = left.repeat_interleave(4, 0).gather(1, cell)
+            if self.ground > 0 and self.ground_query == "answer":
+                # layer 0: the text [CLS] query over the patches (in ViLT's sampled order); ill-posed, as
+                # for the decoder: at layer 0 [CLS] has not read the question
                 att = out.attentions[0][:, :, 0, -n:]
                 rel = relevant_mask(data, qs).gather(1, cell)
                 ground = grounding_loss(att, rel)
+            elif self.ground > 0:  # layer 0: the question's class word over the cells of that class
+                words = _class_word_ids(tok)
+                ids = kw["input_ids"]
+                pos = torch.tensor([next(j for j, w in enumerate(r) if w in words) for r in ids.tolist()])
+                att = out.attentions[0][torch.arange(len(qs)), :, pos][..., -n:]  # (Q, heads, n)
+                ground = grounding_loss(att, object_mask(data, qs).gather(1, cell))
+            if self.ground > 0 and self.answer_layer is not None:  # later: [CLS] over the answer's cells
+                att = out.attentions[self.answer_layer][:, :, 0, -n:]
+                ground = _mean(ground, grounding_loss(att, relevant_mask(data, qs).gather(1, cell)))
             if describe:
                 ids, counts, order = self._describe_ids(data, gen)
                 kw = models.build_inputs(name, tok, data, qs[::4])
@@ -287,15 +404,23 @@ class Trainer:
                 kw["token_type_ids"] = torch.zeros_like(ids)
                 st = self.model(**kw, output_hidden_states=True).hidden_states[-1][:, 1: ids.shape[1] - 1]
                 desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
-        probe = F.cross_entropy(self.probe(tokens).flatten(0, 1), labels.flatten())
+        probe = self.probe_loss(tokens, labels, left)
+        if word_probe is not None:
+            probe = probe + self.word_weight * word_probe
+        if extra_probe is not None:
+            probe = probe + extra_probe
         return ans, probe, desc, ground
 
 
 def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every: int, out: str | None,
           probe_weight: float, describe_weight: float = 1.0, describe_until: float = 1.0,
           ground_weight: float = 0.0, curriculum: float = 0.0, init: str | None = None,
-          first_scene: int = 0) -> dict:
-    tr = Trainer(name, seed, ground_weight)
+          first_scene: int = 0, ground_query: str = "answer", answer_layer: int | None = None,
+          left_weight: float = 0.0, vision_steps: int = 0, hop_layer: int | None = None,
+          probe_balance: float = 1.0, word_weight: float = 0.0, word_layer: int = 0,
+          decoder_probes: float = 0.0, word_ground_layers: int = 1) -> dict:
+    tr = Trainer(name, seed, ground_weight, ground_query, answer_layer, left_weight, hop_layer, probe_balance,
+                 word_weight, word_layer, decoder_probes, word_ground_layers)
     previous = None
     if init is not None:  # a second stage: continue from saved weights (probe heads start afresh)
         from safetensors.torch import load_file
@@ -303,6 +428,39 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
         st, _ = models.weights_paths(name, init)
         tr.model.load_state_dict(load_file(str(st)), strict=True)
         previous = models.metadata(name, init)["training"]
+    stage1 = None
+    cache = Path(__file__).resolve().parent / "out" / (f"stage1-{name}-seed{seed}-{vision_steps}x{n_scenes}-lr{lr}"
+                                                      f"-left{left_weight}-bal{probe_balance}.pt")
+    if vision_steps > 0 and cache.is_file():  # stage 1 is deterministic: reuse a finished one
+        saved = torch.load(cache)
+        for m, sd in zip(tr.vision_modules(), saved["modules"]):
+            m.load_state_dict(sd)
+        stage1 = saved["info"]
+        print(f"[{name}] stage 1 from {cache}", flush=True)
+    elif vision_steps > 0:  # stage 1: the image tower alone on the per-patch probes
+        vparams = [p for m in tr.vision_modules() for p in m.parameters()]
+        vopt = torch.optim.AdamW(vparams, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        t1, run_v, vcurve = time.perf_counter(), None, {"step": [], "probe_loss": []}
+        for step in range(vision_steps):
+            for g in vopt.param_groups:
+                g["lr"] = lr_at(step, vision_steps, lr, max(1, vision_steps // 20))
+            first = VISION_FIRST_SCENE + step * n_scenes
+            vloss = tr.vision_loss(scenes2.generate("train", range(first, first + n_scenes)))
+            vopt.zero_grad(set_to_none=True)
+            vloss.backward()
+            torch.nn.utils.clip_grad_norm_(vparams, 1.0)
+            vopt.step()
+            run_v = vloss.item() if run_v is None else 0.9 * run_v + 0.1 * vloss.item()
+            if (step + 1) % 25 == 0 or step == vision_steps - 1:
+                vcurve["step"].append(step + 1)
+                vcurve["probe_loss"].append(round(run_v, 4))
+                print(f"[{name}] stage 1 step {step + 1}/{vision_steps} probe loss {run_v:.3f} "
+                      f"({time.perf_counter() - t1:.0f}s)", flush=True)
+        stage1 = {"steps": vision_steps, "scenes_per_step": n_scenes, "peak_lr": lr,
+                  "data": f"training scenes {VISION_FIRST_SCENE}..{VISION_FIRST_SCENE + vision_steps * n_scenes - 1}",
+                  "train_seconds": round(time.perf_counter() - t1, 1), "curve": vcurve}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"modules": [m.state_dict() for m in tr.vision_modules()], "info": stage1}, cache)
     params = tr.parameters()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -351,12 +509,15 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
                   flush=True)
         if eval_every and (step + 1) % eval_every == 0 and step != steps - 1:
             te = time.perf_counter()
-            acc = models.evaluate(tr.model, name, test, 100, tokenizer=tr.tok, limit=400)
+            pred = models.predict(tr.model, name, test, 100, tokenizer=tr.tok, limit=400)
+            by = models.accuracy_by_kind(test, pred, tr.tok)
+            acc = by["all"]
             tr.model.train()
             eval_s += time.perf_counter() - te
             curve["eval_step"].append(step + 1)
             curve["eval_accuracy"].append(round(acc, 4))
-            print(f"[{name}]   test accuracy on 400 questions: {acc:.3f}", flush=True)
+            print(f"[{name}]   test accuracy on 400 questions: {acc:.3f} "
+                  f"({', '.join(f'{k} {v:.2f}' for k, v in by.items() if k != 'all')})", flush=True)
     train_s = time.perf_counter() - t0 - eval_s
     if ground_weight > 0 and hasattr(tr.model, "set_attn_implementation"):
         tr.model.set_attn_implementation("sdpa")
@@ -378,15 +539,31 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
             "data": f"training scenes {first_scene}..{first_scene + steps * n_scenes - 1} of graphred.data.scenes2 "
                     "(each seen once)",
             "previous_stage": previous,
+            "vision_stage": stage1,
             "auxiliary": {"probe_weight": probe_weight, "describe_weight": describe_weight,
                           "describe_until": describe_until, "grounding_weight": ground_weight,
+                          "grounding_query": ground_query, "answer_grounding_layer": answer_layer,
+                          "left_probe_weight": left_weight, "hop_grounding_layer": hop_layer,
+                          "probe_balance": probe_balance, "word_probe_weight": word_weight,
+                          "word_probe_layer": word_layer, "decoder_probes_weight": decoder_probes,
+                          "word_grounding_layers": word_ground_layers,
                           "curriculum": (f"clutter and texture ramp from none to full over the first "
                                          f"{100 * curriculum:.0f}% of the steps (scenes2.generate(ease=...))")
                                         if curriculum > 0 else "none",
-                          "grounding": "layer 0: the answer query's attention (decoder: the answer position; "
-                                       "encoders: the text [CLS]) over the image tokens is trained toward the "
-                                       "cells of the asked-about object (-log of its share), standing in for the "
-                                       "grounded pre-training real VLMs get; later layers are free",
+                          "grounding": ("layer 0: the answer query's attention (decoder: the answer position; "
+                                        "encoders: the text [CLS]) over the image tokens is trained toward the "
+                                        "cells of the asked-about object (-log of its share), standing in for the "
+                                        "grounded pre-training real VLMs get; later layers are free")
+                                       if ground_query == "answer" else
+                                       ("layer 0: the attention of the question's class word (the word naming "
+                                        "the asked-about class) over the image tokens is trained toward the cells "
+                                        "of that class (-log of its share of the image attention; none for an "
+                                        "absent class), and in the description block each class word toward its "
+                                        "cells; standing in for the grounded pre-training real VLMs get; later "
+                                        "layers and the answer position are free"),
+                          "stage_1": "the image tower alone trained on the per-patch probes (own content, and the "
+                                     "left neighbour's at left_probe_weight) before the VQA stage (vision_stage)"
+                                     if vision_steps > 0 else "none",
                           "describe": "every class word followed by its count (decoder: a fifth packed block, "
                                       "next-token; encoders: a [CLS] c1..c10 [SEP] sequence and a linear count "
                                       "probe on each word), discarded after training",
@@ -434,6 +611,8 @@ def plot_curves(path: Path, directory: str | None = None) -> bool:
         tr = meta["training"]
         c = {k: list(v) for k, v in tr["curve"].items()}
         minutes, stages = tr["train_seconds"] / 60, 1
+        if tr.get("vision_stage"):  # the image tower's own first stage (per-patch probes), not on the x axis
+            minutes, stages = minutes + tr["vision_stage"]["train_seconds"] / 60, 2
         prev = tr.get("previous_stage")
         if prev:  # a two-stage run: the first stage's curve, then the second shifted by its steps
             pc, off = prev["curve"], prev["steps"]
@@ -483,6 +662,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="ramp clutter and texture from none to full over this fraction of the steps (0: none)")
     ap.add_argument("--ground-weight", type=float, default=0.5,
                     help="weight of the layer-0 grounding loss on the answer query's attention (0: none)")
+    ap.add_argument("--ground-query", choices=("answer", "word"), default="answer",
+                    help="decoder: which query the layer-0 grounding loss trains: the answer position, or the "
+                         "question's class word (the answer position cannot know the class at layer 0)")
+    ap.add_argument("--answer-layer", type=int, default=None,
+                    help="decoder: also ground the answer position's attention at this layer (it has read the "
+                         "question by then)")
+    ap.add_argument("--hop-layer", type=int, default=None,
+                    help="decoder: train the answer position's attention at this layer toward the question's "
+                         "class word")
+    ap.add_argument("--probe-balance", type=float, default=1.0,
+                    help="weight object cells this many times a digit or texture cell in the patch probes")
+    ap.add_argument("--word-weight", type=float, default=0.0,
+                    help="decoder: weight of a linear probe reading the answer from the question's class word "
+                         "after layer --word-layer (makes the layer-0 read of the object carry what the answer needs)")
+    ap.add_argument("--word-layer", type=int, default=0)
+    ap.add_argument("--decoder-probes", type=float, default=0.0,
+                    help="decoder: weight of probes on the image tokens inside the decoder: their cell (row, column) "
+                         "at its input, their left neighbour's content after layer 0")
+    ap.add_argument("--word-ground-layers", type=int, default=1,
+                    help="decoder: ground the question's class word in this many layers from layer 0")
+    ap.add_argument("--left-weight", type=float, default=0.0,
+                    help="weight of a second per-patch probe: the left neighbour's content (for 'left')")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="stage 1: train the image tower alone on the per-patch probes for this many steps first")
     ap.add_argument("--out", default=str(models.WEIGHTS_DIR), help="weights directory ('-' to write nothing)")
     ap.add_argument("--plot", action="store_true", help="only draw docs/img/train_vqa2.png from the weights JSONs")
     args = ap.parse_args(argv)
@@ -495,7 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         s = SCHEDULE[name]
         train(name, args.steps or s["steps"], args.lr or s["lr"], args.scenes or s["scenes"], args.seed,
               args.eval_every, None if args.out == "-" else args.out, args.probe_weight, args.describe_weight,
-              args.describe_until, args.ground_weight, args.curriculum, args.init, args.first_scene)
+              args.describe_until, args.ground_weight, args.curriculum, args.init, args.first_scene,
+              args.ground_query, args.answer_layer, args.left_weight, args.vision_steps,
+              args.hop_layer, args.probe_balance, args.word_weight, args.word_layer, args.decoder_probes,
+              args.word_ground_layers)
     return 0
 
 
