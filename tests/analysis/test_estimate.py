@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import sympy
@@ -436,12 +435,11 @@ def _llava15_config(tmp_path, hidden=4096, layers=32, heads=32, inter=11008):
     return tmp_path
 
 
-def test_llava15_7b_config_estimates_in_under_a_minute(tmp_path):
+def test_llava15_7b_config_estimate_equals_the_hand_count(tmp_path):
+    """A full-size config, estimated on the meta device (no weights allocated); no timing here (timings live
+    in bench/)."""
     path = _llava15_config(tmp_path)
-    t0 = time.perf_counter()
     est = estimate_model(os.fspath(path))
-    seconds = time.perf_counter() - t0
-    assert seconds < 60, seconds
     v = {s.name: n for s, n in est.symbols.items()}
     assert v["n_img"] == 576 and v["n_patch"] == 576
     B, L, T = v["B"], v["n_img"] + v["n_txt"], 577
