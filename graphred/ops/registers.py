@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["register_layout", "IMAGE_CODE", "REGISTER_CODE"]
+__all__ = ["register_layout", "shrink_image_runs", "IMAGE_CODE", "REGISTER_CODE"]
 
 # the modality codes of graphred.analysis.provenance.CODE (kept in step by a test)
 IMAGE_CODE = 1
@@ -96,3 +96,58 @@ def register_layout(codes: Tensor, registers: int, images: int, image_tokens: in
         ([[0, 1, 2, 4, 5, 3]], [[0, 1, 2, 2, 2, 3]], [[0, 3, 4, 5]])
     """
     return torch.ops.graphred.register_layout(codes, registers, images, image_tokens)
+
+
+# ----------------------------------------------------------------------------- shrinking placeholder runs
+def _check_shrink(codes: Tensor, num: int, den: int, length: int) -> None:
+    _check(codes.dim() == 2, f"graphred::shrink_image_runs: codes must be [B, L], got {tuple(codes.shape)}")
+    _check(0 <= num <= den and den >= 1, f"graphred::shrink_image_runs: need 0 <= num <= den, got {num}/{den}")
+    _check(0 < length <= codes.shape[1], f"graphred::shrink_image_runs: length={length} does not fit {codes.shape[1]}")
+
+
+@torch.library.custom_op("graphred::shrink_image_runs", mutates_args=(),
+                         schema="(Tensor codes, int num, int den, int length) -> Tensor")
+def _shrink_image_runs(codes: Tensor, num: int, den: int, length: int) -> Tensor:
+    _check_shrink(codes, num, den, length)
+    B, L = codes.shape
+    is_img = (codes == IMAGE_CODE).cpu()
+    rows = []
+    for b in range(B):
+        keep, i, row = [], 0, is_img[b].tolist()
+        while i < L:
+            if not row[i]:
+                keep.append(i)
+                i += 1
+                continue
+            j = i
+            while j < L and row[j]:
+                j += 1
+            _check((j - i) * num % den == 0, f"graphred::shrink_image_runs: a run of {j - i} image placeholders at "
+                   f"position {i} of sample {b} cannot shrink by {num}/{den} (the image tokens written there shrank "
+                   "by that ratio); every image must have the placeholder count it had when the model was captured")
+            keep.extend(range(i, i + (j - i) * num // den))
+            i = j
+        _check(len(keep) == length, f"graphred::shrink_image_runs: sample {b} keeps {len(keep)} positions, the "
+               f"graph expects {length}; batch samples with equal image placeholder counts")
+        rows.append(keep)
+    return torch.tensor(rows, dtype=torch.long, device=codes.device)
+
+
+@_shrink_image_runs.register_fake
+def _(codes, num, den, length):
+    _check_shrink(codes, num, den, length)
+    return codes.new_empty(codes.shape[0], length, dtype=torch.long)
+
+
+def shrink_image_runs(codes: Tensor, num: int, den: int, length: int) -> Tensor:
+    """Keep index ``[B, length]`` of a token stream whose image runs (maximal runs of image codes) each keep
+    their first ``run * num / den`` positions; every other position is kept. Used where fewer image tokens
+    than placeholders reach a scatter (a vision tower reduced by ToMe): the placeholder spans shrink alike.
+
+    Example:
+        >>> import torch, graphred.ops as gops
+        >>> codes = torch.tensor([[0, 1, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.int8)
+        >>> gops.shrink_image_runs(codes, 1, 2, 6).tolist()
+        [[0, 1, 2, 5, 6, 7]]
+    """
+    return torch.ops.graphred.shrink_image_runs(codes, num, den, length)

@@ -39,6 +39,7 @@ from ..fx_utils import SIDE, call_with_val, node_shape, record
 from .infra import GraphredPass
 from .rewrite_state import RewriteState, StepPass
 from .reduce import graph_device, layer_input
+from .placeholders import PLACEHOLDER_OP
 from .token_axis import reduce_stream
 
 aten = torch.ops.aten
@@ -219,7 +220,8 @@ class InsertRegisters(GraphredPass):
         if sid is None:
             raise PlanError(f"victor: the token axis of {layers[0].module_path} is unknown (see the analysis report)")
         st = ctx.state(sid)
-        if st.abs_index is not None:
+        # (image placeholders shrunk to what a reduced vision tower writes are fine: the images are shorter)
+        if st.abs_index is not None and any(h.get("op") != PLACEHOLDER_OP for h in st.history):
             raise PlanError("victor: the decoder's tokens were already reduced by an earlier step (pumer/fastv); victor "
                             "drops every image token itself, so use it alone on the decoder (vision-tower steps such "
                             "as tome(...) may come before it)")
@@ -246,7 +248,12 @@ class InsertRegisters(GraphredPass):
         # initial values (on the example inputs, before the graph changes)
         args, kwargs = ctx.example_inputs or ((), {})
         x0 = _value_at(gm, point.name, args, kwargs) if ctx.example_inputs is not None else None
-        init = initial_registers(x0, info.codes, N, step.init, step.seed, D, dtype)
+        codes0 = info.codes
+        if x0 is not None and st.abs_index is not None:  # the stream's codes at its current numbering
+            at = _value_at(gm, st.abs_index.name, args, kwargs)
+            codes0 = codes0.expand(at.shape[0], -1).gather(1, at.cpu()) if at is not None else None
+            x0 = x0 if codes0 is not None else None
+        init = initial_registers(x0, codes0, N, step.init, step.seed, D, dtype)
         k = sum(1 for name, _ in gm.named_parameters(recurse=False) if name.startswith(REGISTER_PARAM))
         pname = f"{REGISTER_PARAM}_{k}" if k else REGISTER_PARAM
         dev = graph_device(gm)
@@ -291,11 +298,14 @@ class InsertRegisters(GraphredPass):
         biases) gets its register columns made causal in the new order."""
         graph = gm.graph
         targets = []
+        def by_orig(x) -> bool:  # gathered with orig_i, or with an earlier reduction's index composed with it
+            if not (isinstance(x, fx.Node) and x.target is gr.gather_tokens.default):
+                return False
+            ix = x.args[1]
+            return ix is orig_i or (isinstance(ix, fx.Node) and ix.target is gr.gather_tokens.default and ix.args[1] is orig_i)
+
         for n in list(graph.nodes):
-            if n.op != "call_function" or n.target is not gr.gather_tokens.default or n.args[1] is not orig_i:
-                continue
-            inner = n.args[0]
-            if not (isinstance(inner, fx.Node) and inner.target is gr.gather_tokens.default and inner.args[1] is orig_i):
+            if n.op != "call_function" or not by_orig(n) or not by_orig(n.args[0]):
                 continue
             s = node_shape(n)
             if s is None or len(s) < 2 or s[-1] != L_new or s[-2] != L_new:
