@@ -333,6 +333,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 a = ga
                 ashape = node_shape(ga)
     # re-specialise shape arguments
+    if pk in (aten.view, aten.reshape, aten._unsafe_view) and not sd and n.args[0] in reduced_inputs and \
+            len(orig_shape) > len(original_shape(n.args[0]) or ()):
+        raise _fail(f"the reduced tokens are reshaped to {list(orig_shape)}, a layout with no dim for the tokens (a "
+                    "spatial grid: pooling or pixel shuffle follows); tokens merged or pruned before it leave no grid, "
+                    "so reduce after it (in the decoder: victor, fastv or pumer)", n, pass_name)
     if pk in _SHAPE_ARG_OPS:
         size_arg = 1
         sizes = list(n.args[size_arg])
