@@ -24,7 +24,7 @@ from .token_axis import ReductionError, reduce_stream, stream_dims
 
 gr = torch.ops.graphred
 
-__all__ = ["shrink_placeholders", "PLACEHOLDER_OP"]
+__all__ = ["shrink_placeholders", "only_shrunk", "PLACEHOLDER_OP"]
 
 PLACEHOLDER_OP = "shrink_placeholders"  # the op name in the rewrite log and stream history
 
@@ -52,7 +52,7 @@ def shrink_placeholders(rs, gm: fx.GraphModule, scatter: fx.Node, rows0: int, ro
     sid = prov.find(stream.id)
     st = rs.state(sid, step_name=pass_name)
     again = st.abs_index is not None  # a later layer of the tower reduced again: shrink the shrunk spans
-    if again and any(h.get("op") != PLACEHOLDER_OP for h in st.history):
+    if again and not only_shrunk(st):
         raise _refuse("the sequence the image tokens are scattered into was already reduced by a decoder step; list "
                       "vision-tower steps (tome) before decoder steps", scatter, pass_name)
     n_img = rs.counts[sid].get(IMAGE, 0)
@@ -81,13 +81,22 @@ def shrink_placeholders(rs, gm: fx.GraphModule, scatter: fx.Node, rows0: int, ro
     point_dims = stream_dims(prov, dest, {sid} | {prov.find(p) for p in info.parents})
     dest_dim = point_dims[0][0] if point_dims else dim
     g = reduce_stream(gm, prov, st, scatter.args[0], keep, new_len, pass_name=pass_name, dim=dest_dim)
-    st.history.append({"op": PLACEHOLDER_OP, "node": scatter.name})
+    st.history.append({"op": PLACEHOLDER_OP, "node": scatter.name, "abs_index": st.abs_index})
     rs.counts[sid][IMAGE] = k_img
     rs.last_point[sid] = g
     rs.log.append({"step": rs.step, "op": PLACEHOLDER_OP, "block": module_path(scatter) or "<top>",
                    f"{IMAGE}_before": n_img, f"{IMAGE}_after": k_img, "length_after": new_len})
     rs.subs.append((g.name, {"stream": sid, IMAGE: k_img}))
     return True
+
+
+def only_shrunk(st) -> bool:
+    """Whether every reduction of the stream state ``st`` so far is a placeholder shrink (its tokens are the
+    original ones less the image placeholders a reduced vision tower no longer fills)."""
+    if st.abs_index is None:
+        return True
+    last = st.history[-1] if st.history else {}
+    return last.get("op") == PLACEHOLDER_OP and last.get("abs_index") is st.abs_index
 
 
 def _runs(codes) -> list[int]:

@@ -39,7 +39,7 @@ from ..fx_utils import SIDE, call_with_val, node_shape, record
 from .infra import GraphredPass
 from .rewrite_state import RewriteState, StepPass
 from .reduce import graph_device, layer_input
-from .placeholders import PLACEHOLDER_OP
+from .placeholders import only_shrunk
 from .token_axis import reduce_stream
 
 aten = torch.ops.aten
@@ -221,7 +221,7 @@ class InsertRegisters(GraphredPass):
             raise PlanError(f"victor: the token axis of {layers[0].module_path} is unknown (see the analysis report)")
         st = ctx.state(sid)
         # (image placeholders shrunk to what a reduced vision tower writes are fine: the images are shorter)
-        if st.abs_index is not None and any(h.get("op") != PLACEHOLDER_OP for h in st.history):
+        if not only_shrunk(st):
             raise PlanError("victor: the decoder's tokens were already reduced by an earlier step (pumer/fastv); victor "
                             "drops every image token itself, so use it alone on the decoder (vision-tower steps such "
                             "as tome(...) may come before it)")
