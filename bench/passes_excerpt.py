@@ -287,8 +287,17 @@ def limits_mllama():
 
 
 def section_limits():
-    header("ToMe on a decoder VLM (vision tokens scattered into placeholders)")
-    attempt("llava", P.tome(r=4))
+    header("ToMe in a decoder VLM's vision tower: the placeholder spans shrink with the tower's tokens")
+    _, _, prog = load("llava")
+    for plan in (P.tome(r=4), P.victor(registers=4, layer=1) + P.tome(r=4)):
+        fast = graphred.transform(prog, plan)
+        print(f"llava + {plan}: " + "; ".join(
+            f"{s['op']} at {s['block']}" + (f" image {s['image_before']}->{s['image_after']}" if "image_before" in s
+                                             else f" +{s['registers']} registers") for s in fast.steps)
+            + f"; decoder length {prog.example_inputs()[1]['input_ids'].shape[1]} -> "
+            f"{[s for s in fast.steps if s['op'] != 'merge_image'][-1]['length_after']}")
+    for name in ("idefics3", "gemma3"):
+        attempt(name, P.tome(r=2))
     header("ToMe on Qwen2-VL's vision tower")
     attempt("qwen2-vl", P.tome(r=2))
     header("ToMe where the vision tower keeps its own stream")

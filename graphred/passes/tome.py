@@ -24,8 +24,8 @@ class ToMePass(StepPass):
     ToMePass(tome:r=4)
     """
 
-    hint = ("ToMe merges tokens inside a vision tower whose tokens stay in their own stream; try other layers or "
-            "another r, or report the node named above.")
+    hint = ("ToMe merges tokens inside a vision tower whose tokens stay in their own stream or are scattered into a "
+            "decoder's placeholders; try other layers or another r, or report the node named above.")
 
     def apply(self, gm, rs: RewriteState) -> None:
         step: ToMeStep = self.step
