@@ -350,3 +350,37 @@ def test_tome_in_a_tower_it_cannot_reduce_names_the_obstacle(zoo_program, name, 
     with pytest.raises(PlanError, match=obstacle) as e:
         graphred.transform(zoo_program(name), victor(registers=2, layer=1) + tome(r=2))
     assert e.value.node and e.value.module_path or "at node" in str(e.value)
+
+
+# ----------------------------------------------------------------- uneven batches
+def test_uneven_batch_each_sample_matches_the_reference_alone(zoo_model, zoo_program):
+    """Samples with different image counts (the zoo's internvl batch: one image, then two): every sample gets the
+    registers of the most images (filler slots where it has fewer), a sample with more image tokens keeps the
+    difference as filler slots at the drop; each sample's real slots equal the eager reference run on it alone."""
+    model, kwargs = zoo_model("internvl")
+    fast = graphred.transform(zoo_program("internvl"), victor(registers=3, layer=1))
+    ins, drop = fast.steps
+    with torch.no_grad():
+        got = fast(**kwargs).logits
+    kept = fast.kept_positions
+    regs = fast.graph_module.graphred_registers.detach()
+    img = model.config.image_token_id
+    ids = kwargs["input_ids"]
+    runs = [int(((ids[b] == img) & ~torch.cat([ids[b, 1:] == img, torch.tensor([False])])).sum()) for b in range(len(ids))]
+    assert len(set(runs)) > 1 and drop["fillers_after"] == [3 * (max(runs) - r) + n - min(drop["image_before"])
+                                                            for r, n in zip(runs, drop["image_before"])]
+    assert (kept == -1).sum(1).tolist() == drop["fillers_after"]
+    first = 0
+    for b, r in enumerate(runs):
+        kw_b = {k: (v[first:first + r] if k == "pixel_values" else v[b:b + 1]) if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items()}
+        first += r
+        want = _llava_reference(model, kw_b, regs, layer=1, images=r)
+        real = kept[b] >= 0
+        assert int(real.sum()) == want.shape[1]
+        torch.testing.assert_close(got[b, real], want[0], atol=2e-5, rtol=1e-4)
+    from graphred.analysis.cost import count_flops_executed
+
+    est = graphred.estimate(zoo_program("internvl"), victor(registers=3, layer=1))
+    oracle = count_flops_executed(fast, **kwargs)
+    assert abs(est.after.flops_matmul - oracle) <= 0.01 * oracle, (est.after.flops_matmul, oracle)
