@@ -325,10 +325,14 @@ def section_limits():
         print(f"{plan}: " + "; ".join(f"{s['op']} image tokens per sample {s['image_before']} -> {s['image_after']}"
                                       for s in fast.steps)
               + f"; length {ids.shape[1]} -> {fast.kept_positions.shape[1]}, filler slots per sample {fillers}")
-    try:
-        graphred.transform(prog2, P.victor(registers=4, layer=1))
-    except graphred.PlanError as e:
-        print(f"{P.victor(registers=4, layer=1)}\n  PlanError: {e}")
+    fast = graphred.transform(prog2, P.victor(registers=4, layer=1))
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(3, 3, 32, 32), use_cache=False)
+    ins, drop = fast.steps
+    print(f"{P.victor(registers=4, layer=1)}: insert_registers {ins['registers']} per image run (at most "
+          f"{ins['images']} per sample), length {ids.shape[1]} -> {ins['length_after']}; drop_image image "
+          f"tokens per sample {drop['image_before']} -> 0; length -> {drop['length_after']}, filler slots per sample "
+          f"{(fast.kept_positions == -1).sum(1).tolist()}")
     header("PuMer on ViLT: prune + merge + merge_text at the same layer (composes)")
     attempt("vilt", "pumer:prune=0,merge=0.2,merge_text=0.1")
     attempt("vilt", "pumer:prune=0.3,merge=0,merge_text=0.1")
