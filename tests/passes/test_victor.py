@@ -343,6 +343,28 @@ def test_victor_composes_with_tome_in_the_tower(zoo_model, zoo_program):
         assert torch.equal(zero(**kwargs).logits, ref(**kwargs).logits)
 
 
+def test_victor_and_tome_on_paligemma_prefix_lm(zoo_model, zoo_program):
+    """PaliGemma (SigLIP tower, no class token, prefix-LM decoder): every tower layer's merges reach the decoder, so
+    the placeholders shrink twice; the estimate counts the graph that runs (FlopCounterMode)."""
+    from graphred.analysis.cost import count_flops_executed
+
+    model, kwargs = zoo_model("paligemma")
+    prog = zoo_program("paligemma")
+    plan = victor(registers=2, layer=1) + tome(r=2)
+    fast = graphred.transform(prog, plan)
+    shrinks = [s for s in fast.steps if s["op"] == "shrink_placeholders"]
+    merges = [s for s in fast.steps if s["op"] == "merge_image"]
+    assert [s["image_after"] for s in shrinks] == [s["image_after"] for s in merges]  # the tower's count, each layer
+    drop = fast.steps[-1]
+    assert drop["op"] == "drop_image" and drop["image_before"] == merges[-1]["image_after"]
+    with torch.no_grad():
+        out = fast(**kwargs).logits
+    assert out.shape[1] == kwargs["input_ids"].shape[1] - shrinks[0]["image_before"] + 2 and torch.isfinite(out).all()
+    est = graphred.estimate(prog, plan)
+    oracle = count_flops_executed(fast, **kwargs)
+    assert abs(est.after.flops_matmul - oracle) <= 0.01 * oracle, (est.after.flops_matmul, oracle)
+
+
 @pytest.mark.parametrize("name,obstacle", [("idefics3", "size only known at run time"),
                                            ("qwen2-vl", "no residual add follows the attention"),
                                            ("gemma3", "reshaped to .* a layout with no dim for the tokens")])
