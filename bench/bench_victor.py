@@ -11,7 +11,7 @@ whole-model speedup. Adds or replaces the models' rows of docs/results/victor.js
 per model) and rewrites the Victor section of docs/benchmarks.md from all rows.
 
     python bench/bench_victor.py                          # vqa-llava + llava-bench, CPU, 1 thread
-    python bench/bench_victor.py --model vqa2-llava --bench-model ''
+    python bench/bench_victor.py --model vqa2-llava --bench-model '' --steps 200 --warmup 10 --no-fair
     python bench/bench_victor.py --markdown-only          # the docs section from the JSON files
 
 Needs the model's training scenes for the fine-tune. About 30 minutes per model on a loaded
@@ -184,7 +184,7 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
            "### Victor: visual tokens summarised into registers (CPU)", "",
            f"CPU, {threads} thread(s), on a shared, loaded machine. One row per model of `docs/results/victor.json` "
            "(`python bench/bench_victor.py --model NAME` adds or replaces a model's row). Trained VQA models: "
-           "accuracy on the shipped test questions; the fine-tune is `graphred.train(..., what=\"registers+model\")`, "
+           "accuracy on the shipped test questions (the `vqa2-*` models: the 1200 questions of their test split); the fine-tune is `graphred.train(..., what=\"registers+model\")`, "
            "answer loss + KL to the unreduced model (recipe below), and the *same* fine-tune applied to the unreduced "
            "model (`what=\"model\"`, no plan) is the fair reference. Zoo models (random weights) give speed only.", ""]
     vqa_rows = [r for r in rows if r.get("acc_unreduced") is not None]

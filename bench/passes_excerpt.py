@@ -288,8 +288,17 @@ def limits_mllama():
 
 
 def section_limits():
-    header("ToMe on a decoder VLM (vision tokens scattered into placeholders)")
-    attempt("llava", P.tome(r=4))
+    header("ToMe in a decoder VLM's vision tower: the placeholder spans shrink with the tower's tokens")
+    _, _, prog = load("llava")
+    for plan in (P.tome(r=4), P.victor(registers=4, layer=1) + P.tome(r=4)):
+        fast = graphred.transform(prog, plan)
+        print(f"llava + {plan}: " + "; ".join(
+            f"{s['op']} at {s['block']}" + (f" image {s['image_before']}->{s['image_after']}" if "image_before" in s
+                                             else f" +{s['registers']} registers") for s in fast.steps)
+            + f"; decoder length {prog.example_inputs()[1]['input_ids'].shape[1]} -> "
+            f"{[s for s in fast.steps if s['op'] != 'merge_image'][-1]['length_after']}")
+    for name in ("idefics3", "gemma3"):
+        attempt(name, P.tome(r=2))
     header("ToMe on Qwen2-VL's vision tower")
     attempt("qwen2-vl", P.tome(r=2))
     header("ToMe where the vision tower keeps its own stream")
@@ -317,10 +326,14 @@ def section_limits():
         print(f"{plan}: " + "; ".join(f"{s['op']} image tokens per sample {s['image_before']} -> {s['image_after']}"
                                       for s in fast.steps)
               + f"; length {ids.shape[1]} -> {fast.kept_positions.shape[1]}, filler slots per sample {fillers}")
-    try:
-        graphred.transform(prog2, P.victor(registers=4, layer=1))
-    except graphred.PlanError as e:
-        print(f"{P.victor(registers=4, layer=1)}\n  PlanError: {e}")
+    fast = graphred.transform(prog2, P.victor(registers=4, layer=1))
+    with torch.no_grad():
+        fast(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(3, 3, 32, 32), use_cache=False)
+    ins, drop = fast.steps
+    print(f"{P.victor(registers=4, layer=1)}: insert_registers {ins['registers']} per image run (at most "
+          f"{ins['images']} per sample), length {ids.shape[1]} -> {ins['length_after']}; drop_image image "
+          f"tokens per sample {drop['image_before']} -> 0; length -> {drop['length_after']}, filler slots per sample "
+          f"{(fast.kept_positions == -1).sum(1).tolist()}")
     header("PuMer on ViLT: prune + merge + merge_text at the same layer (composes)")
     attempt("vilt", "pumer:prune=0,merge=0.2,merge_text=0.1")
     attempt("vilt", "pumer:prune=0.3,merge=0,merge_text=0.1")

@@ -34,6 +34,7 @@ from graphred.data import models, scenes  # noqa: E402
 from graphred.plans import Plan, parse_plan  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "victor_study.json"
+TEST_SCENES_V2 = 300  # bench/train_models2.py's test split: 300 scenes, 1200 questions (the shipped file holds 50)
 
 
 def decoder_speedup(est) -> float:
@@ -47,12 +48,15 @@ def decoder_speedup(est) -> float:
 
 def scene_sets(name: str):
     """``(train, test)`` for the trained model ``name``: the test scenes it ships with
-    (``models.shipped_scenes(name)`` where graphred.data.models has it), and its training scenes: a
+    (``models.shipped_scenes(name)`` where graphred.data.models has it; for the ``vqa2-*`` models the
+    300 test scenes they are scored on when trained), and its training scenes: a
     scene set to draw questions from, or for the ``vqa2-*`` models (whose scenes are generated on
     demand) a function ``(step, batch) -> SceneSet`` of fresh training scenes, four questions each."""
     test = models.shipped_scenes(name) if hasattr(models, "shipped_scenes") else scenes.load_shipped()
     if name.startswith("vqa2"):
         from graphred.data import scenes2
+
+        test = scenes2.generate("test", TEST_SCENES_V2)  # the test split the vqa2 models are scored on
 
         def train(step: int, batch: int):
             per = -(-batch // 4)

@@ -13,7 +13,7 @@ from .tokens import (
     select_tokens_padded,
     size_bias,
 )
-from .registers import register_layout
+from .registers import register_layout, register_layout_ragged, shrink_image_runs
 
 __all__ = [
     "attention_scores",
@@ -24,4 +24,6 @@ __all__ = [
     "select_tokens_padded",
     "size_bias",
     "register_layout",
+    "register_layout_ragged",
+    "shrink_image_runs",
 ]

@@ -56,7 +56,10 @@ def lower(plan: Plan) -> list[GraphredPass]:
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a graphred.plans.Plan, got {type(plan).__name__}: build one with graphred.plans.pumer(...)")
     passes: list[GraphredPass] = []
-    for step in plan.steps:
+    steps = plan.steps
+    if any(isinstance(s, VictorStep) for s in steps):  # ToMe acts in the vision tower, upstream of the decoder
+        steps = tuple(s for s in steps if isinstance(s, ToMeStep)) + tuple(s for s in steps if not isinstance(s, ToMeStep))
+    for step in steps:
         if step.is_identity:
             continue
         cls = STEP_PASSES.get(type(step))

@@ -131,9 +131,10 @@ def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBl
         if len(down) > 400:
             break
     raise PlanError(
-        f"no residual add follows the attention at {block.module_path} on its token stream (for example, attention "
-        "computed separately per image and concatenated), so there is no single tensor to reduce after it. "
-        "Reduce at a layer whose attention output is added back to the token stream, or use another plan.")
+        f"no residual add follows the attention at {block.module_path} (its output node {block.output}) on its token "
+        "stream (for example, attention computed separately per image and concatenated), so there is no single "
+        "tensor to reduce after it. Reduce at a layer whose attention output is added back to the token stream, or "
+        "use another plan.", node=block.output, module_path=block.module_path)
 
 
 def token_streams(prov: TokenProvenance, node: fx.Node, length: int | None = None) -> list[int]:

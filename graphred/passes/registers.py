@@ -39,6 +39,7 @@ from ..fx_utils import SIDE, call_with_val, node_shape, record
 from .infra import GraphredPass
 from .rewrite_state import RewriteState, StepPass
 from .reduce import graph_device, layer_input
+from .placeholders import only_shrunk
 from .token_axis import reduce_stream
 
 aten = torch.ops.aten
@@ -218,21 +219,28 @@ class InsertRegisters(GraphredPass):
         sid = prov.find(layers[0].query_stream) if layers[0].query_stream is not None else None
         if sid is None:
             raise PlanError(f"victor: the token axis of {layers[0].module_path} is unknown (see the analysis report)")
-        st = ctx.state(sid)
-        if st.abs_index is not None:
+        st = ctx.state(sid, ragged=True, step_name="victor")
+        ragged = ctx.ragged.get(st.stream)
+        # (image placeholders shrunk to what a reduced vision tower writes are fine: the images are shorter)
+        if not only_shrunk(st):
             raise PlanError("victor: the decoder's tokens were already reduced by an earlier step (pumer/fastv); victor "
                             "drops every image token itself, so use it alone on the decoder (vision-tower steps such "
                             "as tome(...) may come before it)")
         info = prov.streams[st.stream]
         n_img = ctx.counts[st.stream][IMAGE]
-        runs = set(_image_runs(info.codes)) if info.codes is not None else set()
-        if n_img == 0 or not runs or 0 in runs:
+        per_runs = _image_runs(info.codes) if info.codes is not None else []
+        runs = set(per_runs)
+        per_img = ragged[IMAGE] if ragged is not None else [n_img] * max(len(per_runs), 1)
+        if n_img == 0 or not runs or 0 in runs or 0 in per_img:
             raise PlanError(f"victor: the decoder stream of {stack} holds no image tokens in some sample (image tokens "
-                            f"per sample: {n_img}); Victor summarises images")
-        if len(runs) != 1:
-            raise PlanError(f"victor: samples hold different numbers of images ({sorted(runs)}); graphred inserts the "
-                            "same number of registers in every sample, so batch prompts with equal image counts")
-        images = runs.pop()
+                            f"per sample: {per_img}); Victor summarises images")
+        # uneven batch (different image counts or sizes): every sample gets the slots of the most images, filler
+        # slots where it has fewer; at the drop a sample with more image tokens keeps the difference as fillers
+        uneven = ragged is not None or len(runs) != 1
+        if uneven and st.filler is not None:
+            raise PlanError("victor: the uneven batch's decoder stream already holds filler slots from an earlier step; "
+                            "use victor alone on it")
+        images = max(runs)
         first = layers[0].layer_index
         point = layer_input(gm, prov, stack, first, st.stream)
         dims = [d for d, s in prov.axes(point) if prov.find(s.id) == st.stream]
@@ -246,23 +254,34 @@ class InsertRegisters(GraphredPass):
         # initial values (on the example inputs, before the graph changes)
         args, kwargs = ctx.example_inputs or ((), {})
         x0 = _value_at(gm, point.name, args, kwargs) if ctx.example_inputs is not None else None
-        init = initial_registers(x0, info.codes, N, step.init, step.seed, D, dtype)
+        codes0 = info.codes
+        if x0 is not None and st.abs_index is not None:  # the stream's codes at its current numbering
+            at = _value_at(gm, st.abs_index.name, args, kwargs)
+            codes0 = codes0.expand(at.shape[0], -1).gather(1, at.cpu()) if at is not None else None
+            x0 = x0 if codes0 is not None else None
+        init = initial_registers(x0, codes0, N, step.init, step.seed, D, dtype)
         k = sum(1 for name, _ in gm.named_parameters(recurse=False) if name.startswith(REGISTER_PARAM))
         pname = f"{REGISTER_PARAM}_{k}" if k else REGISTER_PARAM
         dev = graph_device(gm)
         gm.register_parameter(pname, nn.Parameter(init.to(dev)))
         with graph.inserting_after(point):
             codes = ctx.codes(st.stream, point.next)
+        L_new = L + N * images
+        K = L_new - min(per_img)
+        fill_ins = fill_keep = None
         with graph.inserting_before(codes.next):
-            layout = call_with_val(graph, gr.register_layout.default, (codes, N, images, n_img))
-            src_i = call_with_val(graph, operator.getitem, (layout, 0))
-            orig_i = call_with_val(graph, operator.getitem, (layout, 1))
-            is_reg = call_with_val(graph, operator.getitem, (layout, 2))
-            keep_i = call_with_val(graph, operator.getitem, (layout, 3))
+            if uneven:
+                layout = call_with_val(graph, gr.register_layout_ragged.default, (codes, N, L_new, K))
+                src_i, orig_i, is_reg, fill_ins, keep_i, fill_keep = (
+                    call_with_val(graph, operator.getitem, (layout, i)) for i in range(6))
+            else:
+                layout = call_with_val(graph, gr.register_layout.default, (codes, N, images, n_img))
+                src_i, orig_i, is_reg, keep_i = (call_with_val(graph, operator.getitem, (layout, i)) for i in range(4))
             reg = graph.get_attr(pname)
             reg.meta["val"] = _fake_of(gm, getattr(gm, pname))
-        for n in (layout, src_i, orig_i, is_reg, keep_i):
-            record(n, SIDE, True)
+        for n in (layout, src_i, orig_i, is_reg, keep_i, fill_ins, fill_keep):
+            if n is not None:
+                record(n, SIDE, True)
         Bc = node_shape(orig_i)[0]
         if Bc != B and Bc != 1:
             raise PlanError(f"victor: modality codes have batch {Bc}, the stream batch {B}")
@@ -272,15 +291,22 @@ class InsertRegisters(GraphredPass):
             r = call_with_val(graph, aten.expand.default, (r, [B, N, D]))
             return call_with_val(graph, aten.cat.default, ([x, r], 1))
 
-        L_new = L + N * images
         g = reduce_stream(gm, prov, st, point, orig_i, L_new, transform=with_registers, gather_index=src_i,
                           pass_name=f"victor (insert registers) at {stack}.{first}",
                           inputs_ready=reg)
         self._causal_register_columns(gm, orig_i, is_reg, L_new)
         ctx.counts[st.stream][REGISTER] = ctx.counts[st.stream].get(REGISTER, 0) + N * images
         ctx.last_point[st.stream] = g
+        fillers = None
+        if uneven:  # the missing registers' slots of samples with fewer images: no attention sees them
+            per_images = per_runs if len(per_runs) == len(per_img) else [images] * len(per_img)
+            fillers = [N * (images - m) for m in per_images]
+            st.filler = fill_ins
+            ctx.filler_marks.setdefault(st.stream, []).append((g, fill_ins))
+            ctx.fillers[st.stream] = list(fillers)
         ctx.victor = {"stream": st.stream, "is_register": is_reg, "keep": keep_i, "stack": stack,
-                      "images": images, "registers": N, "param": pname, "point": g}
+                      "images": images, "registers": N, "param": pname, "point": g,
+                      "uneven": uneven, "per_image_tokens": list(per_img), "filler_keep": fill_keep, "fillers": fillers}
         ctx.log.append({"step": "victor", "op": "insert_registers", "block": f"{stack}.{first}", "registers": N,
                         "images": images, "length_after": L_new, "parameter": pname})
         ctx.subs.append((g.name, {"stream": st.stream, REGISTER: N * images}))
@@ -291,11 +317,14 @@ class InsertRegisters(GraphredPass):
         biases) gets its register columns made causal in the new order."""
         graph = gm.graph
         targets = []
+        def by_orig(x) -> bool:  # gathered with orig_i, or with an earlier reduction's index composed with it
+            if not (isinstance(x, fx.Node) and x.target is gr.gather_tokens.default):
+                return False
+            ix = x.args[1]
+            return ix is orig_i or (isinstance(ix, fx.Node) and ix.target is gr.gather_tokens.default and ix.args[1] is orig_i)
+
         for n in list(graph.nodes):
-            if n.op != "call_function" or n.target is not gr.gather_tokens.default or n.args[1] is not orig_i:
-                continue
-            inner = n.args[0]
-            if not (isinstance(inner, fx.Node) and inner.target is gr.gather_tokens.default and inner.args[1] is orig_i):
+            if n.op != "call_function" or not by_orig(n) or not by_orig(n.args[0]):
                 continue
             s = node_shape(n)
             if s is None or len(s) < 2 or s[-1] != L_new or s[-2] != L_new:
@@ -346,18 +375,27 @@ class DropImageTokens(GraphredPass):
         v = ctx.victor
         if v is None:
             raise PlanError("victor: DropImageTokens runs after InsertRegisters")
-        st = ctx.state(v["stream"])
+        st = ctx.state(v["stream"], ragged=True, step_name="victor")
         point = layer_input(gm, ctx.prov, v["stack"], step.layer, st.stream)
         ctx.check_order(st.stream, point, "victor")
         n_img = ctx.counts[st.stream][IMAGE]
-        new_len = st.length - n_img
+        per = v["per_image_tokens"]
+        new_len = st.length - (min(per) if v["uneven"] else n_img)
         g = reduce_stream(gm, ctx.prov, st, point, v["keep"], new_len,
                           pass_name=f"victor (drop image tokens) at {v['stack']}.{step.layer}")
         ctx.last_point[st.stream] = g
         ctx.counts[st.stream][IMAGE] = 0
-        ctx.log.append({"step": "victor", "op": "drop_image", "block": f"{v['stack']}.{step.layer}",
-                        "image_before": n_img, "image_after": 0, "length_after": new_len})
-        ctx.subs.append((g.name, {"stream": st.stream, IMAGE: 0}))
+        if v["uneven"]:  # a sample with more image tokens than the fewest keeps the difference as filler slots
+            st.filler = v["filler_keep"]
+            ctx.filler_marks.setdefault(st.stream, []).append((g, st.filler))
+            ctx.fillers[st.stream] = [f + p - min(per) for f, p in zip(v["fillers"], per)]
+            ctx.counts[st.stream][IMAGE] = per[0] - min(per)  # the first sample's image slots left as fillers
+        entry = {"step": "victor", "op": "drop_image", "block": f"{v['stack']}.{step.layer}",
+                 "image_before": list(per) if v["uneven"] else n_img, "image_after": 0, "length_after": new_len}
+        if v["uneven"]:
+            entry["fillers_after"] = list(ctx.fillers[st.stream])
+        ctx.log.append(entry)
+        ctx.subs.append((g.name, {"stream": st.stream, IMAGE: ctx.counts[st.stream][IMAGE]}))
         return PassResult(gm, True)
 
 

@@ -111,7 +111,7 @@ class RewriteState:
         if sid not in self.states:
             st = self.prov.streams[sid]
             self.states[sid] = StreamState(sid, st.length, st.length, kept_prefix=_leading_fixed(st),
-                                           kept_suffix=_trailing_fixed(st))
+                                           kept_suffix=_trailing_fixed(st), on_scatter=self._shrink_placeholders)
             counts = st.counts()
             per, per_sample = {}, {}
             for m in (IMAGE, TEXT, REGISTER):
@@ -133,6 +133,11 @@ class RewriteState:
                 f"{st.origin} (module {st_module(self.gm, st.origin)}); this step keeps one count for every sample. "
                 "PuMer and FastV keep per-sample counts on such batches; or batch samples with equal image counts")
         return self.states[sid]
+
+    def _shrink_placeholders(self, gm, scatter, rows0, rows1, pass_name) -> bool:
+        from .placeholders import shrink_placeholders  # (it imports the token-axis rewrite, as this module does)
+
+        return shrink_placeholders(self, gm, scatter, rows0, rows1, pass_name)
 
     def codes(self, sid: int, before: fx.Node) -> fx.Node:
         """Current-level modality codes of the stream, inserted before ``before``."""

@@ -64,6 +64,11 @@ class StreamState:
     renumber: bool = False  # position tables meeting the stream elementwise take slots 0..K-1
     history: list[dict] = field(default_factory=list)
     graph_mutates: bool | None = None  # whether the graph has in-place ops (then views are not shared by structure)
+    # samples of the stream concatenated along the tokens (``cat(unbind(x))``: [B*L, C]): cat stream id -> its length
+    folded: dict = field(default_factory=dict)
+    # called when the reduced tokens reach a masked_scatter as its source: (gm, node, source rows before, after,
+    # pass name) -> True where it shrank the destination's placeholders to match (else the scatter is refused)
+    on_scatter: Callable | None = field(default=None, repr=False)
 
 
 def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> list[tuple[int, int]]:
@@ -259,6 +264,9 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
         r = len(ashape)
         # batch dims broadcast from the right, excluding the two matrix dims
         return [d + R - r for d in range(r - 2) if (d + R - r) in out_dims] if r > 2 else []
+    if pk is aten.masked_scatter and a is not n.args[2]:  # the mask lines up with the destination, not the source
+        R, r = len(out_shape), len(ashape)
+        return [d for d in range(r) if (d + R - r) in out_dims]
     if not (is_pointwise(n) or pk in (aten.cat, aten.concat, aten.where, aten.masked_fill, aten.stack)):
         return []  # weights, norms' affine parameters, indices of other ops: never token-aligned
     R = len(out_shape)
@@ -325,14 +333,20 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 a = ga
                 ashape = node_shape(ga)
     # re-specialise shape arguments
+    if pk in (aten.view, aten.reshape, aten._unsafe_view) and not sd and n.args[0] in reduced_inputs and \
+            len(orig_shape) > len(original_shape(n.args[0]) or ()):
+        raise _fail(f"the reduced tokens are reshaped to {list(orig_shape)}, a layout with no dim for the tokens (a "
+                    "spatial grid: pooling or pixel shuffle follows); tokens merged or pruned before it leave no grid, "
+                    "so reduce after it (in the decoder: victor, fastv or pumer)", n, pass_name)
     if pk in _SHAPE_ARG_OPS:
         size_arg = 1
         sizes = list(n.args[size_arg])
+        folded = _folded_dims(prov, state, n)
         for d, f in sd:
             # an int, or a symbolic size computed in the graph (data-dependent capture): both become the
             # reduced length, which is static
             if d < len(sizes) and (isinstance(sizes[d], fx.Node) or isinstance(sizes[d], int) and sizes[d] != -1):
-                sizes[d] = f * new
+                sizes[d] = folded.get(d, f * new)
         args = list(n.args)
         args[size_arg] = sizes
         n.args = tuple(args)
@@ -386,6 +400,14 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             if ix is not None and d in reduced.get(src, set()):
                 raise _fail("advanced indexing on the reduced token axis (positions moved)", n, pass_name)
     elif pk in (aten.masked_scatter, aten.index_put, aten.index_put_, aten.scatter, aten.scatter_add):
+        src = n.args[2] if len(n.args) > 2 else None
+        if pk is aten.masked_scatter and src in reduced_inputs and n.args[0] not in reduced_inputs and \
+                n.args[1] not in reduced_inputs and state.on_scatter is not None:
+            # fewer tokens than placeholders: the destination's placeholder spans shrink alike (or a graphred error)
+            rows0 = _numel(original_shape(src)) // max(_numel(original_shape(src)[-1:]), 1)
+            rows1 = _numel(node_shape(src)) // max(_numel(node_shape(src)[-1:]), 1)
+            if state.on_scatter(gm, n, rows0, rows1, pass_name):
+                return
         if any(a in reduced_inputs for a in n.args[1:]):
             raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
                         "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
@@ -394,7 +416,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         parts = [t for t in n.args[0] if isinstance(t, fx.Node)]
         on_axis = [t for t in parts if cdim in reduced.get(t, set())]
         others_empty = all(t.meta["val"].numel() == 0 for t in parts if t not in on_axis)
-        if on_axis and not (len(on_axis) == 1 and others_empty):
+        folded_sid = _samples_cat(prov, state, n, parts, on_axis, cdim)
+        if folded_sid is not None:  # every part is one sample of the stream: the samples' tokens, one after another
+            state.aliases.add(folded_sid)
+            state.folded[folded_sid] = sum(node_shape(t)[cdim] for t in parts)
+            sd = stream_dims(prov, n, {state.stream} | state.aliases)
+            out_dims = {d for d, _ in sd}
+        elif on_axis and not (len(on_axis) == 1 and others_empty):
             # (appending to an empty key/value cache is fine: the result is the reduced tokens)
             raise _fail("concatenation along the reduced token axis", n, pass_name)
         if on_axis:
@@ -496,6 +524,35 @@ def _split_axis(prov: TokenProvenance, node: fx.Node, streams) -> tuple[int, int
             if loc is not None and loc[0] != loc[1]:
                 return loc[0], loc[1], list(shape[loc[0]:loc[1] + 1])
     return None
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape or ():
+        out *= int(s)
+    return out
+
+
+def _samples_cat(prov, state, n, parts, on_axis, cdim):
+    """The id of the stream ``n`` makes by concatenating, along the reduced token axis, parts that are each
+    one sample of the reduced stream (``cat(unbind(x))``, ``cat(split(x))``: a ``[B*L, C]`` layout), else None."""
+    if len(parts) < 2 or len(on_axis) != len(parts):
+        return None
+    mine = {state.stream} | state.aliases
+    for t in parts:
+        if not any(d == cdim for d, _ in stream_dims(prov, t, mine)):
+            return None
+    for d, st in prov.axes(n):
+        if d == cdim and st.recipe and st.recipe[0] == "cat":
+            return prov.find(st.id)
+    return None
+
+
+def _folded_dims(prov, state, n) -> dict[int, int]:
+    """dim -> current length, for the dims of ``n`` that hold a folded (samples concatenated) stream."""
+    if not state.folded:
+        return {}
+    return {d: state.folded[prov.find(st.id)] for d, st in prov.axes(n) if prov.find(st.id) in state.folded}
 
 
 def _factor(sd, d):

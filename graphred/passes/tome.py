@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..analysis.blocks import UNIMODAL_SELF, AttentionBlock
 from ..analysis.provenance import IMAGE, REGISTER
 from ..errors import PlanError
+from ..fx_utils import module_path, node_shape
 from ..plans import ToMeStep
 from .prune_merge import merge_stream
 from .pumer import selected_layers
@@ -23,8 +24,8 @@ class ToMePass(StepPass):
     ToMePass(tome:r=4)
     """
 
-    hint = ("ToMe merges tokens inside a vision tower whose tokens stay in their own stream; try other layers or "
-            "another r, or report the node named above.")
+    hint = ("ToMe merges tokens inside a vision tower whose tokens stay in their own stream or are scattered into a "
+            "decoder's placeholders; try other layers or another r, or report the node named above.")
 
     def apply(self, gm, rs: RewriteState) -> None:
         step: ToMeStep = self.step
@@ -43,6 +44,15 @@ class ToMePass(StepPass):
             for layer in selected_layers("tome", step.layers, sorted(by_layer), "layers", f"the vision tower {stack}"):
                 b = by_layer[layer]
                 point = residual_after(gm, rs.prov, b, b.query_stream)
+                shape = node_shape(point)
+                if shape is not None and any(s < 0 for s in shape):
+                    raise PlanError(
+                        f"tome: the tokens of the vision tower {stack} at node {point.name} (module "
+                        f"{module_path(point) or '<top>'}) have a size only known at run time ({list(shape)}, -1 = "
+                        "data-dependent: the images fed to the tower are chosen by a run-time mask, e.g. padding "
+                        "images dropped); ToMe merges tokens where the number of images follows from the input "
+                        "shapes. Reduce in the decoder instead (victor, fastv or pumer).",
+                        node=point.name, module_path=module_path(point))
                 st = rs.state(b.query_stream)
                 rs.layer_chain = []
                 merge_stream(rs, b, b.query_stream, point, step.r / max(rs.counts[st.stream][IMAGE], 1), IMAGE,

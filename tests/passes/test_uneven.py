@@ -191,9 +191,3 @@ def test_generate_refuses_filler_slots(zoo_capture):
     inputs = {k: v for k, v in kwargs.items() if k != "use_cache"}
     with pytest.raises(graphred.GraphredError, match="filler slots"):
         fast.generate(**inputs, max_new_tokens=2, do_sample=False)
-
-
-def test_other_steps_name_the_uneven_batch(zoo_program):
-    """A step that keeps one count for every sample (Victor's drop of all image tokens) says why it cannot run."""
-    with pytest.raises(graphred.PlanError, match=r"different numbers of image tokens \(\[16, 32\]\).*module"):
-        graphred.transform(zoo_program("internvl"), graphred.plans.victor(registers=4, layer=1))

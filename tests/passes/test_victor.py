@@ -82,23 +82,29 @@ def test_structure_on_every_zoo_decoder(zoo_model, zoo_program, model_state, nam
     model_state.assert_unchanged(model, before)
 
 
-def _llava_reference(model, kwargs, registers: torch.Tensor, layer: int, images: int = 1) -> torch.Tensor:
+def _llava_reference(model, kwargs, registers: torch.Tensor, layer: int, images: int = 1, embeds=None,
+                     positions=None) -> torch.Tensor:
     """Victor by hand on the eager Hugging Face model: the language model run on embeddings with the
     registers inserted after the image (their position ids: the image's last token's), the image
-    removed from the hidden states, rotary tables and mask where layer ``layer`` begins."""
+    removed from the hidden states, rotary tables and mask where layer ``layer`` begins. ``embeds`` and
+    ``positions`` (with ``kwargs`` holding the matching ids and mask) replace the model's own embeddings
+    and position ids 0..L-1."""
     lm = model.model.language_model
     seen = {}
     h = lm.register_forward_pre_hook(lambda mod, a, kw: seen.update(kw), with_kwargs=True)
-    with torch.no_grad():
-        model(**kwargs)
+    if embeds is None:
+        with torch.no_grad():
+            model(**kwargs)
     h.remove()
-    E = seen["inputs_embeds"]
+    E = seen["inputs_embeds"] if embeds is None else embeds
     B, L, D = E.shape
     codes = (kwargs["input_ids"] == model.config.image_token_id).to(torch.int8)
     n_img = int(codes[0].sum())
     src, orig, is_reg, keep = gops.register_layout(codes, registers.shape[0], images, n_img)
     E2 = gops.gather_tokens(torch.cat([E, registers.expand(B, -1, -1)], 1), src, 1)
     mask2 = gops.gather_tokens(kwargs["attention_mask"], orig, 1)
+    if positions is not None:
+        orig = gops.gather_tokens(positions, orig, 1)
 
     def drop(mod, args, kw, first):
         args = list(args)
@@ -236,3 +242,167 @@ def test_causal_lm_labels_follow_the_registers():
     want = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
                                              labels.gather(1, kept[:, :-1] + 1).reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, want)
+
+
+# ----------------------------------------------------------------- ToMe in the vision tower, then Victor
+def _scatter_source(fast, kwargs) -> torch.Tensor:
+    """The image rows the transformed graph writes into the text embeddings (the masked_scatter source)."""
+    import torch.fx as fx
+    from torch.utils import _pytree as pytree
+
+    gm = fast.graph_module
+    (scatter,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.masked_scatter.default]
+    got = {}
+
+    class Grab(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is scatter.args[2]:
+                got["rows"] = out
+            return out
+
+    flat = pytree.tree_leaves(gm.graph._codegen.process_inputs((), dict(kwargs)))
+    with torch.no_grad():
+        Grab(gm).run(*flat)
+    return got["rows"]
+
+
+def _shrunk_inputs(model, kwargs, rows: torch.Tensor):
+    """By hand: every image's placeholder run keeps its first K positions (K = rows per image), the image rows
+    are scattered there, the kept tokens keep their original position ids."""
+    img = model.config.image_token_id
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    B, L = ids.shape
+    n = int((ids[0] == img).sum())
+    K = rows.shape[0] // B
+    keep = torch.stack([torch.cat([torch.nonzero(row != img).flatten(), torch.nonzero(row == img).flatten()[:K]]).sort().values
+                        for row in ids])
+    ids2, mask2 = ids.gather(1, keep), mask.gather(1, keep)
+    with torch.no_grad():
+        E = model.get_input_embeddings()(ids2)
+        E = E.masked_scatter((ids2 == img).unsqueeze(-1), rows.to(E.dtype))
+    return dict(kwargs, input_ids=ids2, attention_mask=mask2), E, keep, n, K
+
+
+def test_tome_in_the_tower_shrinks_the_placeholders_and_matches_a_reference(zoo_model, zoo_program, model_state):
+    model, kwargs = zoo_model("llava")
+    before = model_state.snapshot(model)
+    fast = graphred.transform(zoo_program("llava"), tome(r=2))
+    shrink = [s for s in fast.steps if s["op"] == "shrink_placeholders"]
+    merges = [s for s in fast.steps if s["op"] == "merge_image"]
+    assert shrink and merges
+    rows = _scatter_source(fast, kwargs)
+    kw2, E, keep, n, K = _shrunk_inputs(model, kwargs, rows)
+    assert K < n and shrink[-1]["image_after"] == K  # the tower's merges reached the decoder
+    with torch.no_grad():
+        got = fast(**kwargs).logits
+        want = model(inputs_embeds=E, attention_mask=kw2["attention_mask"], position_ids=keep).logits
+    assert got.shape == want.shape == (kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1] - (n - K), want.shape[-1])
+    assert torch.equal(fast.kept_positions, keep)
+    valid = kw2["attention_mask"].bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=1e-4)
+    model_state.assert_unchanged(model, before)
+
+
+def test_victor_composes_with_tome_in_the_tower(zoo_model, zoo_program):
+    """victor + tome (either order): ToMe merges in the tower, the placeholders shrink, the registers follow the
+    shorter image; checked against the eager reference, the estimate against FlopCounterMode, and tome(r=0)
+    leaves Victor as it is."""
+    from graphred.analysis.cost import count_flops_executed
+
+    model, kwargs = zoo_model("llava")
+    prog = zoo_program("llava")
+    plan = victor(registers=3, layer=1) + tome(r=2)
+    fast = graphred.transform(prog, plan)
+    ops = [s["op"] for s in fast.steps]
+    assert ops.index("shrink_placeholders") < ops.index("insert_registers") < ops.index("drop_image")
+    ins = [s for s in fast.steps if s["op"] == "insert_registers"][0]
+    rows = _scatter_source(fast, kwargs)
+    kw2, E, keep, n, K = _shrunk_inputs(model, kwargs, rows)
+    L = kwargs["input_ids"].shape[1]
+    assert ins["length_after"] == L - (n - K) + 3
+    with torch.no_grad():
+        got = fast(**kwargs).logits
+    want = _llava_reference(model, kw2, fast.graph_module.graphred_registers.detach(), layer=1, embeds=E, positions=keep)
+    assert got.shape == want.shape and got.shape[1] == L - n + 3
+    valid = gops.gather_tokens(kwargs["attention_mask"], fast.kept_positions, 1).bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=1e-4)
+    # the same rewrite whichever order the plan lists the steps in
+    other = graphred.transform(prog, tome(r=2) + victor(registers=3, layer=1))
+    with torch.no_grad():
+        torch.testing.assert_close(other(**kwargs).logits, got)
+    est = graphred.estimate(prog, plan)
+    oracle = count_flops_executed(fast, **kwargs)
+    assert abs(est.after.flops_matmul - oracle) <= 0.01 * oracle, (est.after.flops_matmul, oracle)
+    alone = graphred.estimate(prog, victor(registers=3, layer=1))
+    assert est.after.flops < alone.after.flops  # the tower's merges pay off in the decoder too
+    # zero reduction in the tower: Victor alone, bit for bit
+    zero = graphred.transform(prog, victor(registers=3, layer=1) + tome(r=0))
+    ref = graphred.transform(prog, victor(registers=3, layer=1))
+    with torch.no_grad():
+        assert torch.equal(zero(**kwargs).logits, ref(**kwargs).logits)
+
+
+def test_victor_and_tome_on_paligemma_prefix_lm(zoo_model, zoo_program):
+    """PaliGemma (SigLIP tower, no class token, prefix-LM decoder): every tower layer's merges reach the decoder, so
+    the placeholders shrink twice; the estimate counts the graph that runs (FlopCounterMode)."""
+    from graphred.analysis.cost import count_flops_executed
+
+    model, kwargs = zoo_model("paligemma")
+    prog = zoo_program("paligemma")
+    plan = victor(registers=2, layer=1) + tome(r=2)
+    fast = graphred.transform(prog, plan)
+    shrinks = [s for s in fast.steps if s["op"] == "shrink_placeholders"]
+    merges = [s for s in fast.steps if s["op"] == "merge_image"]
+    assert [s["image_after"] for s in shrinks] == [s["image_after"] for s in merges]  # the tower's count, each layer
+    drop = fast.steps[-1]
+    assert drop["op"] == "drop_image" and drop["image_before"] == merges[-1]["image_after"]
+    with torch.no_grad():
+        out = fast(**kwargs).logits
+    assert out.shape[1] == kwargs["input_ids"].shape[1] - shrinks[0]["image_before"] + 2 and torch.isfinite(out).all()
+    est = graphred.estimate(prog, plan)
+    oracle = count_flops_executed(fast, **kwargs)
+    assert abs(est.after.flops_matmul - oracle) <= 0.01 * oracle, (est.after.flops_matmul, oracle)
+
+
+@pytest.mark.parametrize("name,obstacle", [("idefics3", "size only known at run time"),
+                                           ("qwen2-vl", "no residual add follows the attention"),
+                                           ("gemma3", "reshaped to .* a layout with no dim for the tokens")])
+def test_tome_in_a_tower_it_cannot_reduce_names_the_obstacle(zoo_program, name, obstacle):
+    with pytest.raises(PlanError, match=obstacle) as e:
+        graphred.transform(zoo_program(name), victor(registers=2, layer=1) + tome(r=2))
+    assert e.value.node and e.value.module_path or "at node" in str(e.value)
+
+
+# ----------------------------------------------------------------- uneven batches
+def test_uneven_batch_each_sample_matches_the_reference_alone(zoo_model, zoo_program):
+    """Samples with different image counts (the zoo's internvl batch: one image, then two): every sample gets the
+    registers of the most images (filler slots where it has fewer), a sample with more image tokens keeps the
+    difference as filler slots at the drop; each sample's real slots equal the eager reference run on it alone."""
+    model, kwargs = zoo_model("internvl")
+    fast = graphred.transform(zoo_program("internvl"), victor(registers=3, layer=1))
+    ins, drop = fast.steps
+    with torch.no_grad():
+        got = fast(**kwargs).logits
+    kept = fast.kept_positions
+    regs = fast.graph_module.graphred_registers.detach()
+    img = model.config.image_token_id
+    ids = kwargs["input_ids"]
+    runs = [int(((ids[b] == img) & ~torch.cat([ids[b, 1:] == img, torch.tensor([False])])).sum()) for b in range(len(ids))]
+    assert len(set(runs)) > 1 and drop["fillers_after"] == [3 * (max(runs) - r) + n - min(drop["image_before"])
+                                                            for r, n in zip(runs, drop["image_before"])]
+    assert (kept == -1).sum(1).tolist() == drop["fillers_after"]
+    first = 0
+    for b, r in enumerate(runs):
+        kw_b = {k: (v[first:first + r] if k == "pixel_values" else v[b:b + 1]) if isinstance(v, torch.Tensor) else v
+                for k, v in kwargs.items()}
+        first += r
+        want = _llava_reference(model, kw_b, regs, layer=1, images=r)
+        real = kept[b] >= 0
+        assert int(real.sum()) == want.shape[1]
+        torch.testing.assert_close(got[b, real], want[0], atol=2e-5, rtol=1e-4)
+    from graphred.analysis.cost import count_flops_executed
+
+    est = graphred.estimate(zoo_program("internvl"), victor(registers=3, layer=1))
+    oracle = count_flops_executed(fast, **kwargs)
+    assert abs(est.after.flops_matmul - oracle) <= 0.01 * oracle, (est.after.flops_matmul, oracle)
