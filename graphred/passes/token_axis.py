@@ -335,6 +335,9 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     # re-specialise shape arguments
     if pk in (aten.view, aten.reshape, aten._unsafe_view) and not sd and n.args[0] in reduced_inputs and \
             len(orig_shape) > len(original_shape(n.args[0]) or ()):
+        split = _split_axis(prov, n, {state.stream} | state.aliases)
+        if split is not None:
+            raise _fail(_split_message(split), n, pass_name)
         raise _fail(f"the reduced tokens are reshaped to {list(orig_shape)}, a layout with no dim for the tokens (a "
                     "spatial grid: pooling or pixel shuffle follows); tokens merged or pruned before it leave no grid, "
                     "so reduce after it (in the decoder: victor, fastv or pumer)", n, pass_name)
@@ -432,10 +435,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     except Exception as e:  # the op did not accept the reduced shapes
         split = _split_axis(prov, n, {state.stream} | state.aliases)
         if split is not None:
-            raise _fail(f"the token axis is split here over dims {split[0]}..{split[1]} (sizes {split[2]}: a sequence "
-                        "made of equal parts, such as an image's tiles laid end to end, taken apart again); the "
-                        "reduction changed the length of the whole axis, so no part keeps its size. Reduce where the "
-                        "parts are not taken apart afterwards, or in each part apart", n, pass_name) from e
+            raise _fail(_split_message(split), n, pass_name) from e
         raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", n, pass_name) from e
     new_shape = node_shape(n)
     if new_shape is None:
@@ -510,6 +510,13 @@ def _compose_gather_chain(graph, state, a, dims, index, old):
             x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, comp, d))
     state._gathered[key] = x
     return x
+
+
+def _split_message(split: tuple[int, int, list[int]]) -> str:
+    return (f"the token axis is split here over dims {split[0]}..{split[1]} (sizes {split[2]}: a sequence made of "
+            "equal parts, such as an image's tiles laid end to end, taken apart again); the reduction changed the "
+            "length of the whole axis, so no part keeps its size. Reduce where the parts are not taken apart "
+            "afterwards, or in each part apart")
 
 
 def _split_axis(prov: TokenProvenance, node: fx.Node, streams) -> tuple[int, int, list[int]] | None:
