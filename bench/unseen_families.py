@@ -537,7 +537,7 @@ def b_florence2():
     vision = dict(in_channels=3, depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
                   patch_prenorm=[False, True], embed_dim=[32, 64], num_heads=[2, 4], num_groups=[2, 4],
                   window_size=4, projection_dim=64, max_temporal_embeddings=4, max_position_embeddings=16)
-    text = dict(model_type="bart", vocab_size=V, d_model=64, encoder_layers=1, decoder_layers=1,
+    text = dict(model_type="bart", vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2,
                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
                 max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                 decoder_start_token_id=2)

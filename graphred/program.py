@@ -458,6 +458,14 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if index is not None:  # a boolean mask of known value: integer indices of static length
                 self.reads += 1
                 return func(args[0], index, *args[2:], **kwargs)
+            index = self._mask_positions(args[1])
+            if index is not None:  # a large mask: the same positions, with one data-dependent count
+                return func(args[0], index, *args[2:], **kwargs)
+        if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
+            # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
+            # unbind give the same index tensors
+            return tuple(torch.nonzero(args[0]).unbind(1))
         name = getattr(func, "__name__", "")
         if not (isinstance(func, torch._ops.OpOverload) or name.startswith("_") or name.endswith("_")
                 or name in self._NOT_FOLDED):
@@ -480,13 +488,31 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         for it in items:
             if isinstance(it, torch.Tensor) and it.dtype == torch.bool:
                 real = self._real(it) if _is_traced(it) else it
-                if real is not None and real.numel() <= SMALL_VALUE_TENSOR:
+                # (a constant mask, e.g. folded from an image grid, has static positions whatever its size)
+                if real is not None and (real is it or real.numel() <= SMALL_VALUE_TENSOR):
                     with torch.utils._python_dispatch._disable_current_modes():
                         out.extend(t.clone() for t in real.nonzero(as_tuple=True))
                     changed = True
                     continue
             out.append(it)
         return tuple(out) if changed else None
+
+    @staticmethod
+    def _mask_positions(index):
+        """``index`` with each boolean mask tensor of the trace replaced by the integer index tensors of its true
+        positions, computed in the graph (``nonzero().unbind(1)``: indexing by a mask leaves a pending unbacked
+        size under real-tensor propagation); None when it holds no such mask."""
+        items = index if isinstance(index, tuple) else (index,)
+        if not any(isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it)
+                   for it in items):
+            return None
+        out = []
+        for it in items:
+            if isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it):
+                out.extend(torch.nonzero(it).unbind(1))
+            else:
+                out.append(it)
+        return tuple(out)
 
     _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
