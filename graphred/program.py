@@ -6,6 +6,7 @@ import copy
 import inspect
 import io
 import logging
+import operator
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -597,6 +598,7 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
             else:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
+    _inline_integer_grad_blocks(gm)
     prog = Program(
         graph_module=gm,
         exported=ep,
@@ -608,6 +610,45 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
         model=model,
     )
     return prog
+
+
+def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
+    """Inline the ``torch.no_grad()`` / ``enable_grad`` blocks of ``gm`` (``wrap_with_set_grad_enabled``
+    submodules) whose outputs are all integer or boolean: no gradient flows through them, so the grad mode
+    changes nothing, and inline their data-dependent sizes (``nonzero`` positions) are bound where they are made
+    (a fake-tensor re-propagation of the submodule leaves them pending)."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not wrap_with_set_grad_enabled or len(n.args) < 2:
+            continue
+        outs = torch.utils._pytree.tree_leaves(n.meta.get("val"))
+        if not outs or any(not isinstance(o, torch.Tensor) or o.is_floating_point() or o.is_complex() for o in outs):
+            continue
+        sub_node = n.args[1]
+        sub = getattr(gm, sub_node.target, None) if isinstance(sub_node, torch.fx.Node) else None
+        if not isinstance(sub, torch.fx.GraphModule) or any(m.op in ("get_attr", "call_module") for m in sub.graph.nodes):
+            continue
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in n.users):
+            continue
+        placeholders = [m for m in sub.graph.nodes if m.op == "placeholder"]
+        if len(placeholders) != len(n.args) - 2:
+            continue
+        with gm.graph.inserting_before(n):
+            out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, n.args[2:])))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        for u in list(n.users):
+            u.replace_all_uses_with(out[u.args[1]])
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> CaptureError:
