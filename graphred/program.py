@@ -599,6 +599,8 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
     _inline_integer_grad_blocks(gm)
+    if method == "draft_export":
+        _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
     prog = Program(
         graph_module=gm,
         exported=ep,
@@ -610,6 +612,43 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
         model=model,
     )
     return prog
+
+
+def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, how: str) -> None:
+    """A graph captured with values read at the example inputs must reproduce the model on them: run both
+    (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
+    beyond float tolerance. A specialisation that went wrong (a value read after an in-place write, a branch
+    taken on a stale value) is caught here instead of as wrong outputs later."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
+    if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+        return
+    try:
+        with torch.no_grad(), _preserve_attributes(model):
+            want = _tensor_leaves(model(*args, **kwargs))
+            again = _tensor_leaves(model(*args, **kwargs))
+            g = _tensor_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
+        return
+    w = want
+    if len(w) != len(g) or len(again) != len(w) or not all(
+            a.shape == b.shape and torch.equal(a.nan_to_num(0), b.nan_to_num(0)) for a, b in zip(w, again)):
+        return  # (a forward that draws random numbers in eval mode cannot be compared)
+    for i, (a, b) in enumerate(zip(w, g)):
+        if a.shape != b.shape or (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5,
+                                                                                equal_nan=True)) \
+                or (not a.is_floating_point() and not torch.equal(a, b)):
+            diff = (a.float() - b.float()).abs().nan_to_num(0).max().item() if a.shape == b.shape else None
+            raise CaptureError(
+                f"{type(model).__name__}: the graph captured with values read at the example inputs does not "
+                f"reproduce the model on those inputs (output {i}, shape {tuple(a.shape)}: "
+                f"{'shape ' + str(tuple(b.shape)) if diff is None else f'max difference {diff:.3g}'}). {how} "
+                "A value read into Python was stale or a branch was specialised wrongly; pass the data-dependent "
+                "inputs precomputed, or compile with torch.compile(model, backend='graphred', ...).")
+
+
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    out = out.to_tuple() if hasattr(out, "to_tuple") else out
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
