@@ -769,20 +769,33 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def subprocess_commit() -> str:
+    import os
+    import subprocess
+
+    return os.environ.get("GRAPHRED_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--tag", default="after", choices=["before", "after"])
     ap.add_argument("--build-only", action="store_true", help="check the builders only (eager forward)")
+    ap.add_argument("--out", default="", help="write this run's rows to a JSON file")
     ap.add_argument("--render", action="store_true", help="rewrite the docs section from docs/results/unseen.json")
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
     args = ap.parse_args()
     if args.render or args.rows_from:
         data = json.loads(RESULTS.read_text())
+        for path in [p for p in args.rows_from.split(",") if p]:
+            other = json.loads(Path(path).read_text())
+            have = {r["family"]: r for r in data.get(args.tag, [])} if path != args.rows_from.split(",")[0] else {}
+            have.update({r["family"]: r for r in other[args.tag]})
+            data[args.tag] = [have[n] for n in FAMILIES if n in have]
+            data[args.tag + "_commit"] = other[args.tag + "_commit"]
         if args.rows_from:
-            other = json.loads(Path(args.rows_from).read_text())
-            data[args.tag], data[args.tag + "_commit"] = other[args.tag], other[args.tag + "_commit"]
             RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
@@ -794,6 +807,8 @@ def main() -> None:
         rows.append(r)
         print(f"{n:20s} {r['set']:9s} {'REDUCED' if r['reduced'] else r['stage']:9s} {r['seconds']:6.1f}s "
               f"{r['error_class'] or ''}: {r['error'] or ''}", flush=True)
+    if args.out:  # rows only, merged later with --rows-from (runs split over processes)
+        Path(args.out).write_text(json.dumps({args.tag: rows, args.tag + "_commit": subprocess_commit()}) + "\n")
     if args.write:
         data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
         data["families"], data["dev"], data["held_out"], data["excluded"] = FAMILIES, DEV, HELD_OUT, EXCLUDED

@@ -459,9 +459,6 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if index is not None:  # a boolean mask of known value: integer indices of static length
                 self.reads += 1
                 return func(args[0], index, *args[2:], **kwargs)
-            index = self._mask_positions(args[1])
-            if index is not None:  # a large mask: the same positions, with one data-dependent count
-                return func(args[0], index, *args[2:], **kwargs)
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -497,23 +494,6 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                     continue
             out.append(it)
         return tuple(out) if changed else None
-
-    @staticmethod
-    def _mask_positions(index):
-        """``index`` with each boolean mask tensor of the trace replaced by the integer index tensors of its true
-        positions, computed in the graph (``nonzero().unbind(1)``: indexing by a mask leaves a pending unbacked
-        size under real-tensor propagation); None when it holds no such mask."""
-        items = index if isinstance(index, tuple) else (index,)
-        if not any(isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it)
-                   for it in items):
-            return None
-        out = []
-        for it in items:
-            if isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it):
-                out.extend(torch.nonzero(it).unbind(1))
-            else:
-                out.append(it)
-        return tuple(out)
 
     _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
@@ -626,29 +606,39 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
         with torch.no_grad(), _preserve_attributes(model):
             want = _tensor_leaves(model(*args, **kwargs))
             again = _tensor_leaves(model(*args, **kwargs))
-            g = _tensor_leaves(gm(*args, **kwargs))
+            got = _tensor_leaves(gm(*args, **kwargs))
     except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
         return
-    w = want
-    if len(w) != len(g) or len(again) != len(w) or not all(
-            a.shape == b.shape and torch.equal(a.nan_to_num(0), b.nan_to_num(0)) for a, b in zip(w, again)):
+    if want.keys() != again.keys() or not all(
+            want[k].shape == again[k].shape and torch.equal(want[k].nan_to_num(0), again[k].nan_to_num(0)) for k in want):
         return  # (a forward that draws random numbers in eval mode cannot be compared)
-    for i, (a, b) in enumerate(zip(w, g)):
-        if a.shape != b.shape or (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5,
-                                                                                equal_nan=True)) \
+    for k in want:
+        a, b = want[k], got.get(k)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype:
+            continue  # (outputs are compared where both sides name the same tensor)
+        if (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)) \
                 or (not a.is_floating_point() and not torch.equal(a, b)):
-            diff = (a.float() - b.float()).abs().nan_to_num(0).max().item() if a.shape == b.shape else None
+            diff = (a.float() - b.float()).abs().nan_to_num(0).max().item()
             raise CaptureError(
                 f"{type(model).__name__}: the graph captured with values read at the example inputs does not "
-                f"reproduce the model on those inputs (output {i}, shape {tuple(a.shape)}: "
-                f"{'shape ' + str(tuple(b.shape)) if diff is None else f'max difference {diff:.3g}'}). {how} "
-                "A value read into Python was stale or a branch was specialised wrongly; pass the data-dependent "
-                "inputs precomputed, or compile with torch.compile(model, backend='graphred', ...).")
+                f"reproduce the model on those inputs (output {k}, shape {tuple(a.shape)}: max difference "
+                f"{diff:.3g}). {how} A value read into Python was stale or a branch was specialised wrongly; pass "
+                "the data-dependent inputs precomputed, or compile with torch.compile(model, backend='graphred', "
+                "...).")
 
 
-def _tensor_leaves(out: Any) -> list[torch.Tensor]:
-    out = out.to_tuple() if hasattr(out, "to_tuple") else out
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+def _tensor_leaves(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
+    """The tensors of a model output by path (``out.logits``, ``out[0]``): dicts and ``ModelOutput`` by key."""
+    if isinstance(out, torch.Tensor):
+        return {prefix: out}
+    found: dict[str, torch.Tensor] = {}
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        for k in out.keys():
+            found.update(_tensor_leaves(out[k], f"{prefix}.{k}"))
+    elif isinstance(out, (list, tuple)):
+        for i, v in enumerate(out):
+            found.update(_tensor_leaves(v, f"{prefix}[{i}]"))
+    return found
 
 
 def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
