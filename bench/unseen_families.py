@@ -754,14 +754,21 @@ def render(data: dict) -> str:
         if data.get(tag):
             lines += [f"**{labels[tag]}**: {_rates(data[tag])}.", ""]
     before = {r["family"]: r for r in data.get("before", [])}
-    rows = data.get("after") or data.get("before")
-    lines += ["| family | set | class | before | after | error (after) | s |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["set"], r["family"])):
-        b = before.get(r["family"])
+    after = {r["family"]: r for r in data.get("after", [])}
+    missing = [n for n in FAMILIES if n not in after]
+    if missing and after:
+        lines += [f"Not measured after the fixes (the run was stopped at the deadline on a loaded machine): "
+                  f"{', '.join(missing)}; the rates above count only the families measured.", ""]
+    lines += ["| family | set | before | after | error (after, or before where not measured after) | s |",
+              "|---|---|---|---|---|---|"]
+    for n in sorted(FAMILIES, key=lambda n: (n in HELD_OUT, n)):
+        b, r = before.get(n), after.get(n)
         bst = "" if b is None else "reduced" if b["reduced"] else b["stage"]
-        err = "" if r["reduced"] else f"{r['error_class']}: {r['error']}".replace("|", "\\|")[:170]
-        lines.append(f"| {r['family']} | {r['set']} | {r['notes'].get('class', '')} | {bst} | "
-                     f"{'reduced' if r['reduced'] else r['stage']} | {err} | {r['seconds']} |")
+        ast = "not measured" if r is None else "reduced" if r["reduced"] else r["stage"]
+        e = r if r is not None else b
+        err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
+        lines.append(f"| {n} | {'dev' if n in DEV else 'held-out'} | {bst} | {ast} | {err} | "
+                     f"{'' if e is None else e['seconds']} |")
     lines += ["", "Stage = the first check that failed (build, capture, analysis, identity, reduce, flops). "
               "Excluded by the rule: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()) + ".", ""]
     lines += [f"- {n}" for n in NOTES]
@@ -784,9 +791,23 @@ def main() -> None:
     ap.add_argument("--tag", default="after", choices=["before", "after"])
     ap.add_argument("--build-only", action="store_true", help="check the builders only (eager forward)")
     ap.add_argument("--out", default="", help="write this run's rows to a JSON file")
+    ap.add_argument("--log-to-rows", nargs=2, metavar=("LOG", "JSON"),
+                    help="rows from a run's printed lines (a run stopped before writing), commit from GRAPHRED_COMMIT")
     ap.add_argument("--render", action="store_true", help="rewrite the docs section from docs/results/unseen.json")
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
     args = ap.parse_args()
+    if args.log_to_rows:
+        rows = []
+        for line in Path(args.log_to_rows[0]).read_text().splitlines():
+            m = re.match(r"^(\S+)\s+(dev|held-out)\s+(\S+)\s+([\d.]+)s (\S*): ?(.*)$", line)
+            if not m or m.group(1) not in FAMILIES:
+                continue
+            ok = m.group(3) == "REDUCED"
+            rows.append({"family": m.group(1), "set": m.group(2), "stage": "done" if ok else m.group(3),
+                         "reduced": ok, "error_class": m.group(5) or None, "error": m.group(6) or None,
+                         "seconds": float(m.group(4)), "notes": {"from_log": True}})
+        Path(args.log_to_rows[1]).write_text(json.dumps({args.tag: rows, args.tag + "_commit": subprocess_commit()}))
+        return
     if args.render or args.rows_from:
         data = json.loads(RESULTS.read_text())
         for path in [p for p in args.rows_from.split(",") if p]:
@@ -805,6 +826,8 @@ def main() -> None:
     for n in names:
         r = measure(n, args.build_only)
         rows.append(r)
+        if args.out:  # after every family: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps({args.tag: rows, args.tag + "_commit": subprocess_commit()}) + "\n")
         print(f"{n:20s} {r['set']:9s} {'REDUCED' if r['reduced'] else r['stage']:9s} {r['seconds']:6.1f}s "
               f"{r['error_class'] or ''}: {r['error'] or ''}", flush=True)
     if args.out:  # rows only, merged later with --rows-from (runs split over processes)
