@@ -602,6 +602,10 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
     leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
     if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
         return
+    # the graph may write into its buffers and constants (export lifts in-place updates): they are put back
+    saved = [(t, t.clone()) for m in gm.modules()
+             for t in list(m._buffers.values()) + [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
     try:
         with torch.no_grad(), _preserve_attributes(model):
             want = _tensor_leaves(model(*args, **kwargs))
@@ -609,6 +613,10 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
             got = _tensor_leaves(gm(*args, **kwargs))
     except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
         return
+    finally:
+        with torch.no_grad():
+            for t, copy_ in saved:
+                t.copy_(copy_)
     if want.keys() != again.keys() or not all(
             want[k].shape == again[k].shape and torch.equal(want[k].nan_to_num(0), again[k].nan_to_num(0)) for k in want):
         return  # (a forward that draws random numbers in eval mode cannot be compared)
