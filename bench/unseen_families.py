@@ -724,6 +724,12 @@ NOTES = [
     "Held-out contamination, stated: chameleon's graph was looked at while the VQ-code fix was diagnosed (emu3, dev, "
     "has the same pattern; the fix is what emu3 needs); glm4v and instructblip were tried in an earlier session "
     "(glm4v reduced untuned, instructblip needed the fix in d39c68e).",
+    "The after rows were measured in two processes at 84a09ac on a loaded machine; glm4v was measured again at "
+    "9928373, which restores the buffers a graph writes into after capture's own check run (at 84a09ac that extra "
+    "run changed glm4v's later outputs); the before rows are the first run (3363000, the same graphred as "
+    "c489ae6), with colpali and florence2 measured again at c489ae6 after the harness changed for them (a NaN-aware "
+    "compare: colpali's model puts NaN in padded rows; florence2 at 2 encoder + 2 decoder layers like the other "
+    "builders, from 1 + 1).",
     "Harness, not graphred: build failures (llama4: transformers 5.24's Llama4ForConditionalGeneration.forward reads a "
     "field its text model does not return; perception_lm: its timm tower needs PIL, not installed) are counted as "
     "not reduced in the rates; the rate without them is given beside.",
