@@ -815,13 +815,16 @@ def main() -> None:
         Path(args.log_to_rows[1]).write_text(json.dumps({args.tag: rows, args.tag + "_commit": subprocess_commit()}))
         return
     if args.render or args.rows_from:
+        import os
+
         data = json.loads(RESULTS.read_text())
         for path in [p for p in args.rows_from.split(",") if p]:
             other = json.loads(Path(path).read_text())
             have = {r["family"]: r for r in data.get(args.tag, [])} if path != args.rows_from.split(",")[0] else {}
             have.update({r["family"]: r for r in other[args.tag]})
             data[args.tag] = [have[n] for n in FAMILIES if n in have]
-            data[args.tag + "_commit"] = other[args.tag + "_commit"]
+            # (GRAPHRED_COMMIT: the code a run measured, where HEAD moved on while it ran)
+            data[args.tag + "_commit"] = os.environ.get("GRAPHRED_COMMIT") or other[args.tag + "_commit"]
         if args.rows_from:
             RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
