@@ -6,6 +6,7 @@ import copy
 import inspect
 import io
 import logging
+import operator
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -458,6 +459,11 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if index is not None:  # a boolean mask of known value: integer indices of static length
                 self.reads += 1
                 return func(args[0], index, *args[2:], **kwargs)
+        if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
+            # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
+            # unbind give the same index tensors
+            return tuple(torch.nonzero(args[0]).unbind(1))
         name = getattr(func, "__name__", "")
         if not (isinstance(func, torch._ops.OpOverload) or name.startswith("_") or name.endswith("_")
                 or name in self._NOT_FOLDED):
@@ -480,7 +486,8 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         for it in items:
             if isinstance(it, torch.Tensor) and it.dtype == torch.bool:
                 real = self._real(it) if _is_traced(it) else it
-                if real is not None and real.numel() <= SMALL_VALUE_TENSOR:
+                # (a constant mask, e.g. folded from an image grid, has static positions whatever its size)
+                if real is not None and (real is it or real.numel() <= SMALL_VALUE_TENSOR):
                     with torch.utils._python_dispatch._disable_current_modes():
                         out.extend(t.clone() for t in real.nonzero(as_tuple=True))
                     changed = True
@@ -571,6 +578,9 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
             else:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
+    _inline_integer_grad_blocks(gm)
+    if method == "draft_export":
+        _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
     prog = Program(
         graph_module=gm,
         exported=ep,
@@ -582,6 +592,100 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
         model=model,
     )
     return prog
+
+
+def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, how: str) -> None:
+    """A graph captured with values read at the example inputs must reproduce the model on them: run both
+    (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
+    beyond float tolerance. A specialisation that went wrong (a value read after an in-place write, a branch
+    taken on a stale value) is caught here instead of as wrong outputs later."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
+    if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+        return
+    # the graph may write into its buffers and constants (export lifts in-place updates): they are put back
+    saved = [(t, t.clone()) for m in gm.modules()
+             for t in list(m._buffers.values()) + [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
+    try:
+        with torch.no_grad(), _preserve_attributes(model):
+            want = _tensor_leaves(model(*args, **kwargs))
+            again = _tensor_leaves(model(*args, **kwargs))
+            got = _tensor_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
+        return
+    finally:
+        with torch.no_grad():
+            for t, copy_ in saved:
+                t.copy_(copy_)
+    if want.keys() != again.keys() or not all(
+            want[k].shape == again[k].shape and torch.equal(want[k].nan_to_num(0), again[k].nan_to_num(0)) for k in want):
+        return  # (a forward that draws random numbers in eval mode cannot be compared)
+    for k in want:
+        a, b = want[k], got.get(k)
+        if b is None or a.shape != b.shape or a.dtype != b.dtype:
+            continue  # (outputs are compared where both sides name the same tensor)
+        if (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)) \
+                or (not a.is_floating_point() and not torch.equal(a, b)):
+            diff = (a.float() - b.float()).abs().nan_to_num(0).max().item()
+            raise CaptureError(
+                f"{type(model).__name__}: the graph captured with values read at the example inputs does not "
+                f"reproduce the model on those inputs (output {k}, shape {tuple(a.shape)}: max difference "
+                f"{diff:.3g}). {how} A value read into Python was stale or a branch was specialised wrongly; pass "
+                "the data-dependent inputs precomputed, or compile with torch.compile(model, backend='graphred', "
+                "...).")
+
+
+def _tensor_leaves(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
+    """The tensors of a model output by path (``out.logits``, ``out[0]``): dicts and ``ModelOutput`` by key."""
+    if isinstance(out, torch.Tensor):
+        return {prefix: out}
+    found: dict[str, torch.Tensor] = {}
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):
+        for k in out.keys():
+            found.update(_tensor_leaves(out[k], f"{prefix}.{k}"))
+    elif isinstance(out, (list, tuple)):
+        for i, v in enumerate(out):
+            found.update(_tensor_leaves(v, f"{prefix}[{i}]"))
+    return found
+
+
+def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
+    """Inline the ``torch.no_grad()`` / ``enable_grad`` blocks of ``gm`` (``wrap_with_set_grad_enabled``
+    submodules) whose outputs are all integer or boolean: no gradient flows through them, so the grad mode
+    changes nothing, and inline their data-dependent sizes (``nonzero`` positions) are bound where they are made
+    (a fake-tensor re-propagation of the submodule leaves them pending)."""
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target is not wrap_with_set_grad_enabled or len(n.args) < 2:
+            continue
+        outs = torch.utils._pytree.tree_leaves(n.meta.get("val"))
+        if not outs or any(not isinstance(o, torch.Tensor) or o.is_floating_point() or o.is_complex() for o in outs):
+            continue
+        sub_node = n.args[1]
+        sub = getattr(gm, sub_node.target, None) if isinstance(sub_node, torch.fx.Node) else None
+        if not isinstance(sub, torch.fx.GraphModule) or any(m.op in ("get_attr", "call_module") for m in sub.graph.nodes):
+            continue
+        if not all(u.op == "call_function" and u.target is operator.getitem for u in n.users):
+            continue
+        placeholders = [m for m in sub.graph.nodes if m.op == "placeholder"]
+        if len(placeholders) != len(n.args) - 2:
+            continue
+        with gm.graph.inserting_before(n):
+            out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, n.args[2:])))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        for u in list(n.users):
+            u.replace_all_uses_with(out[u.args[1]])
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(n)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            delattr(gm, sub_node.target)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> CaptureError:

@@ -502,7 +502,8 @@ class TokenProvenance:
         dm = {i: i for i in range(len(ishape))}
         axes = relocate(ids_info.axes, ishape, shape, dm)
         if not ids_info.direct_ids:
-            return TokenInfo(tuple(axes), self.tokens(w).taint, False, ids_info.learned)
+            # codes computed from the image (a VQ tokenizer's argmin) looked up in a table stay image-derived
+            return TokenInfo(tuple(axes), self.tokens(w).taint | (ids_info.taint & {IMAGE}), False, ids_info.learned)
         # token ids straight from an input: their last dim enumerates text tokens
         has_tok = any(self.stream(a.stream).kind == TOKENS for a in axes)
         if not has_tok and len(ishape) >= 1:
@@ -669,6 +670,10 @@ class TokenProvenance:
     def _index_put(self, node, taint):
         indices, values = node.args[1], node.args[2]
         vt = self.tokens(values).taint if isinstance(values, fx.Node) else frozenset()
+        base = self._in(node.args[0])
+        if base.direct_ids and (not isinstance(values, fx.Node) or self.tokens(values).learned):
+            # a constant written into input ids (out-of-table ids zeroed for a second table): still the input's ids
+            return TokenInfo(base.axes, taint, True, base.learned)
         code = CODE[IMAGE] if IMAGE in vt else CODE[TEXT]
         return self._write_into_stream(node, "index_put", lambda st, d: ("index_put", st.id, tuple(indices), d, code),
                                        [ix for ix in indices if isinstance(ix, fx.Node)], taint)

@@ -1,0 +1,148 @@
+"""General fixes found by bench/unseen_families.py on its dev families, each on a tiny synthetic model.
+
+* image tokens made by a VQ tokenizer (Emu3): the image's codes are looked up in the text embedding table and
+  scattered into the prompt; they are image tokens (before, the lookup dropped the image's provenance);
+* input ids with a constant written into them (IDEFICS' decoupled embedding zeroes out-of-table ids) are still
+  the prompt's ids: its embedding is the text stream (before, no text was found);
+* capture with values read at the example inputs: a large boolean mask index and ``nonzero(as_tuple=True)``
+  under ``torch.no_grad`` (ColQwen2, Phi-4-multimodal) capture, and the captured graph is checked against the
+  model on the example inputs (a wrong specialisation is a CaptureError, not wrong outputs later).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import graphred
+from graphred import program as program_mod
+from graphred.analysis.blocks import CROSS_MODAL_SELF
+from graphred.errors import CaptureError
+from graphred.passes.infra import check_meta_vals
+from graphred.plans import pumer
+
+V, D, IMG_ID, N_IMG = 40, 16, 39, 4
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+class _VQDecoder(nn.Module):
+    """Image -> conv -> nearest codebook entry -> code ids mapped into the vocabulary -> the text table ->
+    scattered into the prompt's placeholders; optionally a decoupled vocabulary (ids >= V - 8 zeroed for the
+    main table, looked up in a second one)."""
+
+    def __init__(self, decoupled: bool = False):
+        super().__init__()
+        self.decoupled = decoupled
+        self.conv = nn.Conv2d(3, 8, 4, 4)
+        self.codebook = nn.Parameter(torch.randn(6, 8))
+        self.register_buffer("code_to_id", torch.arange(6) + 10)
+        self.embed = nn.Embedding(V, D)
+        self.extra = nn.Embedding(8, D)
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, input_ids, pixel_values):
+        ids = input_ids
+        if self.decoupled:
+            ids = input_ids.clone()
+            ids[input_ids >= V - 8] = 0
+        x = self.embed(ids)
+        if self.decoupled:
+            x = x + self.extra((input_ids - (V - 8)).clamp(min=0))
+        f = self.conv(pixel_values).flatten(2).transpose(1, 2)  # [B, 4, 8]
+        codes = torch.cdist(f, self.codebook.expand(f.shape[0], -1, -1)).argmin(-1)
+        img = self.embed(self.code_to_id[codes])  # the image's tokens, from the text table
+        mask = (input_ids == IMG_ID).unsqueeze(-1).expand_as(x)
+        x = x.masked_scatter(mask, img)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, V - 8, (2, 10), generator=g)
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+
+
+def _decoder_blocks(model, kwargs):
+    report = graphred.analyze(graphred.capture(model, **kwargs))
+    return [b for b in report.blocks if b.kind == CROSS_MODAL_SELF], report
+
+
+def test_vq_codes_through_the_text_table_are_image_tokens():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2, str(report)
+    assert all([t["image"] for t in b.tokens_per_sample] == [N_IMG, N_IMG] for b in decoder)
+
+
+def test_constant_written_into_input_ids_keeps_them_text():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder(decoupled=True).eval(), _inputs()
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2, str(report)
+    assert all([t.get("text") for t in b.tokens_per_sample] == [10 - N_IMG] * 2 for b in decoder)
+    prog = graphred.capture(model, **kwargs)
+    reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+    with torch.no_grad():
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
+
+
+class _MaskedRows(nn.Module):
+    """Rows picked by a mask built from a small grid input (ColQwen2 unpads its patches so), a branch on the
+    ids, and image positions found by ``nonzero(as_tuple=True)`` under ``no_grad`` (Phi-4-multimodal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+
+    def forward(self, input_ids, patches, grid):
+        counts = grid[:, 0] * grid[:, 1]
+        keep = torch.arange(patches.shape[1])[None] < counts[:, None]  # [B, 40]: 80 > 64 elements
+        feats = self.proj(patches[keep])
+        x = self.embed(input_ids)
+        if (input_ids == IMG_ID).any():  # a data-dependent branch: the capture reads values
+            with torch.no_grad():
+                pos = torch.nonzero(input_ids == IMG_ID, as_tuple=True)
+            x = x.index_put(pos, feats[: pos[0].shape[0]])
+        return x
+
+
+def test_mask_index_and_nonzero_tuple_capture_with_values_read():
+    torch.manual_seed(0)
+    model = _MaskedRows().eval()
+    ids = torch.randint(0, V - 2, (2, 12))
+    ids[:, 3:7] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, 40, 4), "grid": torch.tensor([[2, 2], [2, 2]])}
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
+    # the positions' count is bound where nonzero makes it: the graph re-propagates (it did not in a no_grad block)
+    check_meta_vals(prog.graph_module)
+
+
+def test_a_specialised_graph_that_differs_from_the_model_is_a_capture_error():
+    torch.manual_seed(0)
+    model = _MaskedRows().eval()
+    ids = torch.randint(0, V - 2, (2, 12))
+    ids[:, 3:7] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, 40, 4), "grid": torch.tensor([[2, 2], [2, 2]])}
+    prog = graphred.capture(model, **kwargs)
+    other = _MaskedRows().eval()  # other weights: what a wrongly specialised graph computes, for the check
+    with pytest.raises(CaptureError, match=r"does not reproduce the model .*output out, shape \(2, 12, 16\)"):
+        program_mod._check_specialised(other, prog.graph_module, (), kwargs, "")
+    program_mod._check_specialised(model, prog.graph_module, (), kwargs, "")  # the right graph passes
