@@ -121,13 +121,17 @@ class _MaskedRows(nn.Module):
         return x
 
 
-def test_mask_index_and_nonzero_tuple_capture_with_values_read():
+def _masked_rows_captured():
     torch.manual_seed(0)
     model = _MaskedRows().eval()
     ids = torch.randint(0, V - 2, (2, 12))
     ids[:, 3:7] = IMG_ID
     kwargs = {"input_ids": ids, "patches": torch.randn(2, 40, 4), "grid": torch.tensor([[2, 2], [2, 2]])}
-    prog = graphred.capture(model, **kwargs)
+    return model, kwargs, graphred.capture(model, **kwargs)
+
+
+def test_mask_index_and_nonzero_tuple_capture_with_values_read():
+    model, kwargs, prog = _masked_rows_captured()
     assert prog.method == "draft_export"
     with torch.no_grad():
         assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
@@ -136,12 +140,7 @@ def test_mask_index_and_nonzero_tuple_capture_with_values_read():
 
 
 def test_a_specialised_graph_that_differs_from_the_model_is_a_capture_error():
-    torch.manual_seed(0)
-    model = _MaskedRows().eval()
-    ids = torch.randint(0, V - 2, (2, 12))
-    ids[:, 3:7] = IMG_ID
-    kwargs = {"input_ids": ids, "patches": torch.randn(2, 40, 4), "grid": torch.tensor([[2, 2], [2, 2]])}
-    prog = graphred.capture(model, **kwargs)
+    model, kwargs, prog = _masked_rows_captured()
     other = _MaskedRows().eval()  # other weights: what a wrongly specialised graph computes, for the check
     with pytest.raises(CaptureError, match=r"does not reproduce the model .*output out, shape \(2, 12, 16\)"):
         program_mod._check_specialised(other, prog.graph_module, (), kwargs, "")
