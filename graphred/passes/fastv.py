@@ -49,7 +49,14 @@ class FastVPass(StepPass):
         score_block = by_layer[before[-1]]
         stream = score_block.query_stream
         # a layer without attention (a convolution): its input is found by the layer's module path
-        point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer.get(step.layer))
+        try:
+            point = layer_input(gm, rs.prov, stack, step.layer, stream, block=by_layer.get(step.layer))
+        except PlanError as e:
+            if step.layer in by_layer:
+                raise
+            raise PlanError(f"fastv: layer={step.layer} is neither an attention layer of {stack} (those are {layers}) "
+                            f"nor a layer whose input could be found ({e}). Choose a layer after {layers[0]} that the "
+                            "decoder has.") from e
         here = token_streams(rs.prov, point, rs.prov.stream(stream).length)
         if here and rs.prov.find(stream) not in here:
             # the layer's input is another stream of the same positions (a write between the layers,

@@ -337,7 +337,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             len(orig_shape) > len(original_shape(n.args[0]) or ()):
         split = _split_axis(prov, n, {state.stream} | state.aliases)
         if split is not None:
-            raise _fail(_split_message(split), n, pass_name)
+            raise _fail(f"the reduced tokens are reshaped to {list(orig_shape)}, a layout with no dim for the tokens: "
+                        f"the token axis is split here over dims {split[0]}..{split[1]} (sizes {split[2]}: an image's "
+                        "tiles laid end to end taken apart again, or a spatial grid for pooling or pixel shuffle); "
+                        "tokens merged or pruned before it leave no part its size, so reduce after it (in the "
+                        "decoder: victor, fastv or pumer)", n, pass_name)
         raise _fail(f"the reduced tokens are reshaped to {list(orig_shape)}, a layout with no dim for the tokens (a "
                     "spatial grid: pooling or pixel shuffle follows); tokens merged or pruned before it leave no grid, "
                     "so reduce after it (in the decoder: victor, fastv or pumer)", n, pass_name)
