@@ -349,6 +349,18 @@ def _paligemma_inputs(config: Any, gen: torch.Generator, batch: int, text_len: i
     return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
 
 
+def _one_image_per_sample(text: dict, gen: torch.Generator, vision_config: Any, size: int) -> dict:
+    """Idefics-style inputs: the prompts of ``text`` and one ``size`` px image per sample, all pixels valid."""
+    batch = text["input_ids"].shape[0]
+    return {
+        "input_ids": text["input_ids"],
+        "attention_mask": text["attention_mask"],
+        "pixel_values": _pixels(gen, batch, 1, _channels(vision_config), size, size),
+        "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool),
+        "use_cache": False,
+    }
+
+
 def _idefics3_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
     v = config.vision_config
     size, patch = _size(v.image_size), _size(v.patch_size)
@@ -363,14 +375,7 @@ def _idefics3_inputs(config: Any, gen: torch.Generator, batch: int, text_len: in
          ("text", text_len - 4 - pre)],
         vocab=vocab, pad_id=_pad_id(config), image_id=config.image_token_id, avoid={1, fake, glob}, pad=3,
     )
-    kwargs = {
-        "input_ids": out["input_ids"],
-        "attention_mask": out["attention_mask"],
-        "pixel_values": _pixels(gen, batch, 1, _channels(v), size, size),
-        "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool),
-        "use_cache": False,
-    }
-    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+    return _one_image_per_sample(out, gen, v, size), {"image": n_img, "text": text_len, "padding": "left"}
 
 
 def _qwen2_vl_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:
@@ -507,14 +512,7 @@ def _idefics2_inputs(config: Any, gen: torch.Generator, batch: int, text_len: in
     n_img = int(config.perceiver_config.resampler_n_latents)
     size = _size(v.image_size)
     t = _placeholder_decoder(config, gen, batch, text_len, n_img)
-    kwargs = {
-        "input_ids": t["input_ids"],
-        "attention_mask": t["attention_mask"],
-        "pixel_values": _pixels(gen, batch, 1, _channels(v), size, size),
-        "pixel_attention_mask": torch.ones(batch, 1, size, size, dtype=torch.bool),
-        "use_cache": False,
-    }
-    return kwargs, {"image": n_img, "text": text_len, "padding": "left"}
+    return _one_image_per_sample(t, gen, v, size), {"image": n_img, "text": text_len, "padding": "left"}
 
 
 def _lfm2_vl_inputs(config: Any, gen: torch.Generator, batch: int, text_len: int, cls_name: str) -> tuple[dict, dict]:

@@ -64,16 +64,11 @@ class FillerMaskPass(GraphredPass):
         order = node_order(gm)
         changed = False
         for sid, marks in rs.filler_marks.items():
-            marks = sorted(marks, key=lambda m: order[m[0]])
-            for b in rs.blocks:
-                if b.key_stream is None or rs.prov.find(b.key_stream) != sid:
-                    continue
-                att = rs.node(b.node)
-                live = [m for m in marks if order[m[0]] < order[att]]
-                if not live or live[-1][1] is None:
+            for b, att, (_, filler) in rs.attentions_after(sid, marks, order):
+                if filler is None:
                     continue
                 same = b.query_stream is not None and rs.prov.find(b.query_stream) == sid
-                _mask(graph, att, b, live[-1][1], same)
+                _mask(graph, att, b, filler, same)
                 changed = True
         return PassResult(gm, changed)
 

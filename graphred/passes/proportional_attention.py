@@ -30,15 +30,8 @@ class ProportionalAttentionPass(GraphredPass):
         order = node_order(gm)
         changed = False
         for sid in rs.proportional:
-            marks = sorted(rs.size_marks.get(sid, []), key=lambda m: order[m[0]])
-            for b in rs.blocks:
-                if b.key_stream is None or rs.prov.find(b.key_stream) != sid:
-                    continue
-                att = rs.node(b.node)
-                live = [m for m in marks if order[m[0]] < order[att]]
-                if not live:
-                    continue
-                _bias(graph, att, b, live[-1][1])
+            for b, att, (_, sizes) in rs.attentions_after(sid, rs.size_marks.get(sid, []), order):
+                _bias(graph, att, b, sizes)
                 changed = True
         return PassResult(gm, changed)
 

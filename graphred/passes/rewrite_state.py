@@ -91,6 +91,18 @@ class RewriteState:
             n = self._names[name]
         return n
 
+    def attentions_after(self, sid: int, marks: list, order: dict):
+        """``(block, attention node, last mark before it)`` for every attention whose keys are on stream ``sid``
+        and that comes after at least one of ``marks`` (``(node, value)`` pairs, any order)."""
+        marks = sorted(marks, key=lambda m: order[m[0]])
+        for b in self.blocks:
+            if b.key_stream is None or self.prov.find(b.key_stream) != sid:
+                continue
+            att = self.node(b.node)
+            live = [m for m in marks if order[m[0]] < order[att]]
+            if live:
+                yield b, att, live[-1]
+
     def check_order(self, sid: int, point: fx.Node, step_name: str) -> None:
         """Steps are applied in the order given; each must act later in the graph than the previous
         reductions of the same stream."""
