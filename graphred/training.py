@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import GraphredError
 
-__all__ = ["train", "TrainResult", "WHAT", "SCHEDULES", "kept_logits", "lr_factor"]
+__all__ = ["train", "TrainResult", "WHAT", "SCHEDULES", "kept_logits", "kept_hidden", "lr_factor"]
 
 WHAT = ("registers", "registers+model", "model")
 SCHEDULES = ("constant", "cosine")
@@ -90,6 +90,65 @@ def kept_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kept
     if isinstance(am, torch.Tensor) and am.dim() == 2:
         valid = valid & torch.gather(am.expand(B, -1), 1, kept).bool()
     return student_logits[valid], t[valid]
+
+
+def _hidden_states(out: Any, who: str) -> tuple:
+    hs = out.get("hidden_states") if hasattr(out, "get") else getattr(out, "hidden_states", None)
+    if not isinstance(hs, (tuple, list)) or not hs or not all(isinstance(h, torch.Tensor) for h in hs):
+        raise GraphredError(f"train: hidden_mse without hidden_fn pairs the {who}'s hidden_states, and its output "
+                            "has none; put output_hidden_states=True in each batch, or pass hidden_fn=(output, batch) "
+                            "-> features")
+    return tuple(hs)
+
+
+def kept_hidden(student_out: Any, teacher_out: Any, kept: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair the student's hidden states with the teacher's at the same original positions and layers:
+    ``[N, D]`` each, the default features of ``train(..., hidden_mse=w)``. Both outputs need
+    ``hidden_states`` (``output_hidden_states=True``). Every layer whose student state has the output's
+    length (every layer after the plan's last drop, where ``kept`` maps student positions to original
+    ones; every layer for a plan that keeps every token) is paired with the teacher's state of the same
+    index; positions several student tokens stand for (Victor's registers) and padding are left out.
+    Each layer's pair is divided by the teacher's root-mean-square state at that layer, so that every
+    layer weighs alike in the MSE (a residual stream grows layer by layer).
+    This is the signal that teaches the layers before a drop to carry what the teacher's later layers
+    still read from the dropped tokens.
+
+    >>> import torch
+    >>> s = {"hidden_states": (torch.zeros(1, 5, 2), torch.ones(1, 3, 2))}   # 3 tokens left after layer 0
+    >>> t = {"hidden_states": (torch.zeros(1, 4, 2), torch.full((1, 4, 2), 2.0))}
+    >>> a, b = kept_hidden(s, t, torch.tensor([[0, 3, 3]]), {})  # positions 0 and 3; the duplicate is left out
+    >>> a.shape, b[0].tolist()                                   # divided by the teacher's RMS (2)
+    (torch.Size([1, 2]), [1.0, 1.0])
+    """
+    s_hs, t_hs = _hidden_states(student_out, "student"), _hidden_states(teacher_out, "teacher")
+    if len(s_hs) != len(t_hs):
+        raise GraphredError(f"train: the student has {len(s_hs)} hidden states and the teacher {len(t_hs)}; pass "
+                            "hidden_fn=(output, batch) -> features to pair them")
+    B = s_hs[-1].shape[0]
+    am = batch.get("attention_mask")
+    if kept is None:
+        K = s_hs[-1].shape[1]
+        idx = torch.arange(K, device=s_hs[-1].device).expand(B, K)
+        valid = torch.ones(B, K, dtype=torch.bool, device=idx.device)
+    else:
+        idx, K = kept, kept.shape[1]
+        counts = torch.zeros(B, int(kept.max()) + 1, dtype=torch.long, device=kept.device)
+        counts.scatter_add_(1, kept, torch.ones_like(kept))
+        valid = torch.gather(counts, 1, kept) == 1
+    if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] > int(idx.max()):
+        valid = valid & torch.gather(am.expand(B, -1), 1, idx).bool()
+    s_out, t_out = [], []
+    for s, t in zip(s_hs, t_hs):
+        if s.dim() != 3 or s.shape[1] != K:
+            continue  # a layer before the drop: its positions are not the output's
+        tk = torch.gather(t, 1, idx.unsqueeze(-1).expand(B, K, t.shape[-1]))[valid]
+        scale = tk.detach().float().pow(2).mean().clamp_min(1e-12).rsqrt()  # every layer weighs alike
+        s_out.append(s[valid] * scale)
+        t_out.append(tk * scale)
+    if not s_out:
+        raise GraphredError(f"train: no hidden state of the student has the output's {K} positions, so none can be "
+                            "paired with the teacher's; pass hidden_fn=(output, batch) -> features")
+    return torch.cat(s_out), torch.cat(t_out)
 
 
 def _batches(data) -> Callable[[int], dict]:
@@ -219,7 +278,9 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
         task_loss: ``(output, batch) -> loss`` on the student (default: the output's ``loss`` when
             the batch has ``labels``, else none).
         hidden_mse, hidden_fn: an MSE between ``hidden_fn(output, batch)`` of student and teacher
-            (features paired by the caller, e.g. a pooled last hidden state).
+            (features paired by the caller, e.g. a pooled last hidden state); without ``hidden_fn``, the
+            hidden states of every layer after the plan's last drop at the kept positions
+            (:func:`kept_hidden`; the batches need ``output_hidden_states=True``).
         checkpoint, checkpoint_every, resume: a safetensors checkpoint (trained parameters and the
             optimizer state) written every ``checkpoint_every`` steps and at the end; ``resume=True``
             continues from it.
@@ -289,8 +350,10 @@ def train(fast, data, teacher=None, *, steps: int = 100, what: str = "registers"
                     loss = loss + kl_weight * kl
                 if hidden_mse:
                     if hidden_fn is None:
-                        raise GraphredError("train: hidden_mse needs hidden_fn=(output, batch) -> features")
-                    mse = F.mse_loss(hidden_fn(out, batch).float(), hidden_fn(t_out, batch).float())
+                        s_h, t_h = kept_hidden(out, t_out, kept, batch)
+                    else:
+                        s_h, t_h = hidden_fn(out, batch), hidden_fn(t_out, batch)
+                    mse = F.mse_loss(s_h.float(), t_h.float())
                     parts["mse"] = float(mse.detach())
                     loss = loss + hidden_mse * mse
             if task_weight:

@@ -146,3 +146,34 @@ def test_warmup_scales_the_first_update(llava):
         graphred.train(fast, [kwargs], teacher=model, steps=1, schedule="linear", progress=False)
     with pytest.raises(GraphredError, match="warmup must be"):
         graphred.train(fast, [kwargs], teacher=model, steps=1, warmup=-1, progress=False)
+
+
+def test_hidden_mse_pairs_the_kept_hidden_states(llava):
+    """hidden_mse without hidden_fn: the student's hidden states after the drop against the teacher's at the
+    same original positions and layers (registers and padding left out); zero for the identity plan."""
+    from graphred.plans import Plan
+    from graphred.training import kept_hidden
+
+    model, kwargs, prog = llava
+    fast = graphred.transform(prog, victor(registers=2, layer=1))
+    with pytest.raises(GraphredError, match="output_hidden_states=True"):
+        graphred.train(fast, [kwargs], teacher=model, steps=1, hidden_mse=1.0, progress=False)
+    batch = {**kwargs, "output_hidden_states": True}
+    with torch.no_grad():
+        out, kept = fast.forward_with_positions(**batch)
+        t_out = model(**batch)
+        s, t = kept_hidden(out, t_out, kept, batch)
+        same, _ = kept_hidden(t_out, t_out, None, batch)
+    after = [h for h in out.hidden_states if h.shape[1] == kept.shape[1]]
+    text = kwargs["attention_mask"].gather(1, kept).bool()
+    regs = (kept.unsqueeze(2) == kept.unsqueeze(1)).sum(2) > 1
+    assert 0 < len(after) < len(out.hidden_states) == len(t_out.hidden_states)
+    assert s.shape == t.shape and s.shape[0] == len(after) * int((text & ~regs).sum())
+    assert float((s - t).pow(2).mean()) > 0
+    assert same.shape[0] == len(t_out.hidden_states) * int(kwargs["attention_mask"].sum())
+    res = graphred.train(graphred.transform(prog, Plan()), [batch], teacher=model, steps=1, what="model",
+                         kl_weight=0.0, hidden_mse=1.0, progress=False)
+    assert res.parts[0]["mse"] == 0.0  # zero reduction: the student's states are the teacher's
+    res = graphred.train(fast, [batch], teacher=model, steps=2, what="registers+model", kl_weight=0.0,
+                         hidden_mse=1.0, lr=1e-3, progress=False)
+    assert res.parts[0]["mse"] > 0
