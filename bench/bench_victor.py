@@ -41,7 +41,7 @@ from graphred.errors import PlanError  # noqa: E402
 from graphred.measure import speedup  # noqa: E402
 from graphred.plans import victor  # noqa: E402
 from _common import publish  # noqa: E402
-from victor_study import RESULTS as STUDY, decoder_speedup, finetune, scene_sets, scored  # noqa: E402
+from victor_study import PROBES, RESULTS as STUDY, decoder_speedup, finetune, scene_sets, scored  # noqa: E402
 
 MARK = "bench_victor"
 RESULTS = ROOT / "docs" / "results" / "victor.json"
@@ -219,7 +219,8 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
             rc = r.get("recipe") or {}
             out.append(f"Recipe on {r['model']}: {rc.get('steps')} steps of batch {rc.get('batch')}, AdamW, lr "
                        f"{rc.get('lr'):g} (registers {rc.get('reducer_lr'):g}), {rc.get('schedule')} schedule after "
-                       f"{rc.get('warmup')} warm-up steps, hidden-state MSE weight {rc.get('hidden_mse'):g}; "
+                       f"{rc.get('warmup')} warm-up steps, hidden-state MSE weight {rc.get('hidden_mse'):g}"
+                       + (f" ({rc['hidden_at']})" if rc.get("hidden_at") else "") + "; "
                        f"{r['train_s']:.0f} s with Victor"
                        + (f", {r['train_s_unreduced']:.0f} s unreduced." if r.get("train_s_unreduced") else ".")
                        + (f" The fine-tunes are the rows {', '.join(r['from_study'])} of the study below (the same "
@@ -254,14 +255,18 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
     if study:
         out += ["", "What limits the accuracy: fine-tunes from `bench/victor_study.py` (`docs/results/victor_study.json`; "
                 "the same recipe for a Victor plan and for the unreduced model, `plan none`):", "",
-                "| run | model | plan | steps | lr (registers) | hidden MSE | before | after | what / where / exists / count "
-                "after | s | predicted decoder speedup |", "|---|---|---|---:|---|---:|---:|---:|---|---:|---:|"]
+                "| run | model | plan | steps | lr (registers) | hidden MSE | before | after | by kind after | s | "
+                "predicted decoder speedup |", "|---|---|---|---:|---|---|---:|---:|---|---:|---:|"]
         for r in study:
             a = r["after"]
-            kinds = " / ".join(_pct(a[k]) for k in a if k != "all")
+            kinds = ", ".join(f"{k} {_pct(a[k])}" for k in a if k != "all")
+            mse = f"{r['hidden_mse']:g}" + (f" ({r['hidden_at']})" if r.get("hidden_at") else "")
             out.append(f"| {r['name']} | {r['model']} | `{r['plan']}` | {r['steps']} | {r['lr']:g} ({r['reducer_lr']:g}) | "
-                       f"{r['hidden_mse']:g} | {_pct(r['before']['all'])} | {_pct(a['all'])} | {kinds} | "
+                       f"{mse} | {_pct(r['before']['all'])} | {_pct(a['all'])} | {kinds} | "
                        f"{r['train_s']:.0f} | {r['predicted_decoder_speedup']:.2f}x |")
+        out += ["", "Hidden MSE: `last` = the last position after every decoder layer (bench/victor_study.py's own "
+                "pairing); `kept` = `graphred.train`'s default (`graphred.training.kept_hidden`: every kept text "
+                "position after every layer past the drop, each layer divided by the teacher's RMS)."]
         for m in dict.fromkeys(r["model"] for r in study):
             runs = [r for r in study if r["model"] == m]
             vic = [r for r in runs if r["plan"].startswith("victor")]
@@ -276,8 +281,39 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
             if ref:
                 line += f", {100 * (ref[0]['after']['all'] - best['after']['all']):+.1f} to it after the same fine-tune"
             out += ["", line + f", at {best['predicted_decoder_speedup']:.2f}x predicted for the decoder."]
+    out += probes_markdown(study)
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
+
+
+def probes_markdown(study: list[dict]) -> list[str]:
+    """Where the ``left`` answer is in the model: linear probes (bench/victor_study.py ``left_probe``) on
+    the unreduced model (docs/results/victor_probes.json) and on fine-tuned Victor modules (study rows
+    run with ``--probe``)."""
+    base = json.loads(PROBES.read_text()) if PROBES.exists() else None
+    runs = [r for r in study if r.get("left_probe")]
+    if not base and not runs:
+        return []
+    out = ["", "Where the answer to `left` (\"what is left of the X ?\") lives: test accuracy of a linear probe "
+           "(fitted on 1500 training scenes, scored on the 300 test scenes' left questions; hidden state 0 = the "
+           "decoder's input, state i = after decoder layer i-1):", "",
+           "| module | probe on | accuracy |", "|---|---|---:|"]
+    for label, res in ([(f"{base['model']} unreduced", base)] if base else []) + \
+            [(f"{r['model']} victor fine-tuned ({r['name']})", r["left_probe"]) for r in runs]:
+        out.append(f"| {label} | answer prior (`nothing`) | {_pct(res['prior'])} |")
+        out += [f"| {label} | {k} | {_pct(v)} |" for k, v in res.items() if k not in ("prior", "test_questions", "model", "module")]
+    if base:
+        word0 = base.get("class word, hidden state 1")
+        word1 = base.get("class word, hidden state 2")
+        cell_in = base.get("object's image token, hidden state 0")
+        cell0 = base.get("object's image token, hidden state 1")
+        out += ["", f"In the unreduced model no token entering the decoder carries the left relation (the asked-about "
+                f"object's image token at the decoder's input: {_pct(cell_in)}, prior {_pct(base['prior'])}); decoder "
+                f"layer 0 writes it into the image tokens ({_pct(cell0)} after layer 0), and layer 1 reads it into the "
+                f"class word ({_pct(word0)} after layer 0, {_pct(word1)} after layer 1). Victor with layer=1 drops the "
+                "image where layer 1 begins, so a Victor model answers `left` only if the vision tower learns to put "
+                "the left neighbour into each image token *and* layer 0 learns to read it, in the same fine-tune."]
+    return out
 
 
 def load_rows() -> list[dict]:
@@ -302,6 +338,8 @@ def main() -> int:
     ap.add_argument("--schedule", default=RECIPE["schedule"])
     ap.add_argument("--warmup", type=int, default=RECIPE["warmup"])
     ap.add_argument("--hidden-mse", type=float, default=RECIPE["hidden_mse"])
+    ap.add_argument("--hidden-at", default="kept", choices=("kept", "last"),
+                    help="with --hidden-mse: graphred.train's kept-position pairing, or the last position only")
     ap.add_argument("--no-fair", action="store_true", help="skip fine-tuning the unreduced model with the same budget")
     ap.add_argument("--no-reuse", action="store_true",
                     help="fine-tune even when docs/results/victor_study.json holds the same fine-tune")
@@ -319,6 +357,8 @@ def main() -> int:
     if not args.markdown_only:
         recipe = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "reducer_lr": args.reducer_lr,
                   "schedule": args.schedule, "warmup": args.warmup, "hidden_mse": args.hidden_mse}
+        if args.hidden_mse:
+            recipe["hidden_at"] = args.hidden_at
         new.append(vqa(args.model, args.registers, args.layer, recipe, args.limit, args.rounds, not args.no_fair,
                        not args.no_reuse))
         if args.bench_model:
