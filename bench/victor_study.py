@@ -77,8 +77,8 @@ PROBES = ROOT / "docs" / "results" / "victor_probes.json"
 def left_probe(module, name: str, tok, *, train_scenes: int = 1500, batch: int = 50, seed: int = 0) -> dict:
     """How well a linear probe reads the answer of the ``left`` questions ("what is left of the X ?")
     from states of ``module`` (the unreduced model or a Victor module): the question's class word (the
-    last word before ``?``) at every hidden state, and, for the unreduced model, the asked-about
-    object's image token at the decoder's input and after layers 0 and 1. Probes are fitted on
+    last word before ``?``) at every hidden state, and the asked-about object's image token at the
+    decoder's input and after layers 0 and 1 where the module still has it. Probes are fitted on
     ``train_scenes`` fresh training scenes (one left question each) and scored on the 300 test
     scenes; the answer prior (``nothing``) is given beside them."""
     from graphred.data import scenes2
@@ -93,10 +93,10 @@ def left_probe(module, name: str, tok, *, train_scenes: int = 1500, batch: int =
                 hs = module(**inp, output_hidden_states=True).hidden_states
             for layer, h in enumerate(hs):
                 out.setdefault(f"class word, hidden state {layer}", []).append(h[:, -2].float())
-            if hs[0].shape[1] == hs[-1].shape[1]:  # the unreduced model: image tokens at every layer
-                first = (inp["input_ids"] == tok.image_id).float().argmax(1)
-                cells = torch.tensor([int(np.flatnonzero(sset.layout[q.scene] == q.target)[0]) for q in b])
-                for layer in (0, 1, 2):
+            first = (inp["input_ids"] == tok.image_id).float().argmax(1)
+            cells = torch.tensor([int(np.flatnonzero(sset.layout[q.scene] == q.target)[0]) for q in b])
+            for layer in (0, 1, 2):  # image tokens where the module still has them (Victor: the decoder's input)
+                if layer == 0 or hs[layer].shape[1] == hs[0].shape[1]:
                     out.setdefault(f"object's image token, hidden state {layer}", []).append(
                         hs[layer][torch.arange(len(b)), first + cells].float())
         y = torch.tensor([tok.answer_index(q.answer) for q in qs])
@@ -194,7 +194,7 @@ def finetune(name: str, plan_text: str, *, steps: int, batch: int = 50, lr: floa
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--name", required=True)
+    ap.add_argument("--name", help="the row's name (required for a fine-tune)")
     ap.add_argument("--model", default="vqa-llava")
     ap.add_argument("--plan", default="victor:registers=8,layer=1", help="a plan, or 'none' (the unreduced model)")
     ap.add_argument("--what", default=None)
@@ -222,6 +222,8 @@ def main() -> int:
         print(res, flush=True)
         PROBES.write_text(json.dumps(res, indent=1) + "\n")
         return 0
+    if not args.name:
+        ap.error("--name is required for a fine-tune")
     row, _, _ = finetune(args.model, args.plan, steps=args.steps, batch=args.batch, lr=args.lr,
                          reducer_lr=args.reducer_lr, schedule=args.schedule, warmup=args.warmup, kl=args.kl,
                          hidden_mse=args.hidden_mse, seed=args.seed, limit=args.limit, what=args.what, label=args.name,
