@@ -101,7 +101,8 @@ def _hidden_states(out: Any, who: str) -> tuple:
     return tuple(hs)
 
 
-def kept_hidden(student_out: Any, teacher_out: Any, kept: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_hidden(student_out: Any, teacher_out: Any, kept: torch.Tensor | None,
+                batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair the student's hidden states with the teacher's at the same original positions and layers:
     ``[N, D]`` each, the default features of ``train(..., hidden_mse=w)``. Both outputs need
     ``hidden_states`` (``output_hidden_states=True``). Every layer whose student state has the output's
