@@ -594,6 +594,38 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     return prog
 
 
+@contextlib.contextmanager
+def _exporting_reads(value: bool):
+    """``torch.compiler.is_exporting()`` answers ``value`` while inside (the module attribute the model's code
+    calls is swapped; used to run the model eagerly down its export path, to name why a graph differs)."""
+    import torch.compiler as tc
+
+    saved = tc.is_exporting
+    tc.is_exporting = lambda: value
+    try:
+        yield
+    finally:
+        tc.is_exporting = saved
+
+
+def _differs_when_exporting(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """True where the model run eagerly, but told that it is being exported, computes what the graph computes:
+    its code takes another path under ``torch.compiler.is_exporting()`` (Hugging Face's mask helpers keep an
+    all-true padding mask when exporting and drop it eagerly, and SDPA then applies the attention module's own
+    ``is_causal``), so the graph is right for that path and wrong for the eager one. Hiding the flag from the
+    capture does not help there: the helpers also test whether the mask is a fake tensor."""
+    try:
+        with torch.no_grad(), _preserve_attributes(model), _exporting_reads(True):
+            traced_path = _tensor_leaves(model(*args, **kwargs))
+        with torch.no_grad():
+            got = _tensor_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - the model does not run so: not this cause
+        return False
+    same = [k for k in traced_path if k in got and traced_path[k].shape == got[k].shape]
+    return bool(same) and all(
+        torch.allclose(traced_path[k].float(), got[k].float(), rtol=1e-4, atol=1e-5, equal_nan=True) for k in same)
+
+
 def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, how: str) -> None:
     """A graph captured with values read at the example inputs must reproduce the model on them: run both
     (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
@@ -627,6 +659,16 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
         if (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)) \
                 or (not a.is_floating_point() and not torch.equal(a, b)):
             diff = (a.float() - b.float()).abs().nan_to_num(0).max().item()
+            if _differs_when_exporting(model, gm, args, kwargs):
+                raise CaptureError(
+                    f"{type(model).__name__}: the captured graph does not reproduce the model on the example inputs "
+                    f"(output {k}, shape {tuple(a.shape)}: max difference {diff:.3g}) because the model computes "
+                    "differently while it is traced: run eagerly with torch.compiler.is_exporting() true, it computes "
+                    "what the graph computes. Its code branches on being exported or traced (e.g. Hugging Face's mask "
+                    "helpers keep an all-true padding mask when tracing and drop it eagerly, and SDPA then applies "
+                    "the attention module's own is_causal, so an attention declared causal is causal eagerly only). "
+                    "Pass example inputs for which both paths agree (a padding mask with a masked position), or fix "
+                    "the model's flag.")
             raise CaptureError(
                 f"{type(model).__name__}: the graph captured with values read at the example inputs does not "
                 f"reproduce the model on those inputs (output {k}, shape {tuple(a.shape)}: max difference "
