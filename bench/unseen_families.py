@@ -20,6 +20,16 @@ Per family, the stages (the first failing stage and its error are recorded; "red
   reduce    graphred.transform(prog, pumer(prune=0.3, merge=0.2)) runs, outputs finite, a prune step drops image tokens
   flops     graphred.estimate(prog, plan): after < before, and FlopCounterMode on the reduced module < on the model
 
+Fresh held-out set (rule and list written down 2026-11-28 ~01:50 UTC, after the dev fixes of issue 13's second
+round and before any of these families was built or measured): the model types of transformers 5.24's
+``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` (the auto class for image+text -> text) that are not in ``BRIEF``
+and not a zoo family, one model type per class (a type mapped to a class already covered, or to the class of an
+earlier type in sorted order, is left out: pp_chart2table is GotOcr2ForConditionalGeneration, glmga is
+Glm46VForConditionalGeneration), without evolla (protein sequences, no image) and vision-encoder-decoder (a generic
+container, no architecture of its own): 55 types. Time allows 10: ``random.Random(2026).sample(sorted(types), 10)``,
+listed in ``FRESH``. Built by the same conventions as the others; graphred is not changed for them (measured, never
+debugged). A family whose tiny build this script cannot make run is recorded at stage build, counted not reduced.
+
 PuMer at its defaults is the plan for every family (decoders and encoder-decoders alike): one plan, no tuning.
 
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
@@ -74,6 +84,35 @@ def split() -> tuple[list[str], list[str]]:
 
 
 DEV, HELD_OUT = split()
+
+# the fresh held-out set (rule in the docstring; the draw, recomputable with ``fresh_draw()``)
+FRESH = ["dots3_note", "ernie4_5_vl_moe", "glm46v", "hy_v4_vl", "minimax_m3_vl", "molmo2", "nemotron_h_omni",
+         "paddleocr_vl", "pix2struct", "udop"]
+ALL = FAMILIES + FRESH
+ZOO_TYPES = {"llava", "paligemma", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "aya_vision", "internvl",
+             "qwen3_vl", "fuyu", "blip-2", "idefics2", "lfm2_vl", "mllama", "kosmos-2", "vilt", "blip", "clip", "siglip",
+             "smolvlm", "pixtral"}
+
+
+def fresh_draw() -> list[str]:
+    """The fresh held-out draw, from the installed transformers' mapping (the rule in the docstring)."""
+    from transformers.models.auto import modeling_auto
+
+    it = modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    brief = {b.replace("-", "_") for b in BRIEF} | {"kosmos-2.5"}
+    covered = {it[k] for k in it if k in ZOO_TYPES or k.replace("-", "_") in brief}
+    types, classes = [], set()
+    for k in sorted(it):
+        if k in ZOO_TYPES or k.replace("-", "_") in brief or it[k] in covered or it[k] in classes \
+                or k in ("evolla", "vision-encoder-decoder"):
+            continue
+        classes.add(it[k])
+        types.append(k)
+    return sorted(random.Random(2026).sample(types, 10))
+
+
+def set_of(name: str) -> str:
+    return "dev" if name in DEV else "fresh" if name in FRESH else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
