@@ -578,9 +578,16 @@ def _respecialise_scaled_view(n: fx.Node, reduced: dict, old: int, new: int) -> 
     src_shape = node_shape(n.args[0])
     want = _numel(src_shape)
     rdims = [d for d in reduced.get(n.args[0], set()) if 0 <= d < len(src_shape)]
-    if not rdims or not all(isinstance(x, int) and x >= 0 for x in sizes) or _numel(sizes) == want or old <= 0:
+    if not rdims or not all(isinstance(x, int) and x >= -1 for x in sizes) or old <= 0:
         return False
     inner = _numel(src_shape[max(rdims) + 1:])  # the flat stride of the innermost reduced dim
+    if sizes.count(-1) == 1:  # the view infers that size itself: right where it is the one that grows
+        d = sizes.index(-1)
+        rest = -_numel(sizes)
+        return _numel(sizes[d + 1:]) >= inner and rest > 0 and want % rest == 0 and \
+            all(x % old != 0 or _numel(sizes[j + 1:]) < inner for j, x in enumerate(sizes) if j != d)
+    if -1 in sizes or _numel(sizes) == want:
+        return False
     fits = [d for d, x in enumerate(sizes) if _numel(sizes[d + 1:]) >= inner and x % old == 0
             and _numel(sizes) // x * (x // old * new) == want]
     if len(fits) != 1:
