@@ -698,6 +698,128 @@ def b_udop():
                    "use_cache": False}
 
 
+def _qwen_like(cls_name: str, cfg, image_size: int = 32, extra: dict | None = None, per_image: int | None = None):
+    """A decoder with Qwen2-VL-style inputs (patches + image_grid_thw, the zoo's qwen2_vl prompt builder); start /
+    end token ids the family does not have are only prompt tokens here."""
+    import transformers
+
+    for k, v in dict(vision_start_token_id=V - 2, vision_end_token_id=V - 1, video_token_id=V - 3).items():
+        if getattr(cfg, k, None) is None:
+            setattr(cfg, k, v)
+    cfg.vision_config.graphred_image_size = image_size
+    if not hasattr(cfg.vision_config, "temporal_patch_size"):  # (images: one frame; the prompt builder reads it)
+        cfg.vision_config.temporal_patch_size = 1
+    model = getattr(transformers, cls_name)(cfg)
+    kwargs, _ = zoo._FAMILIES["qwen2_vl"].inputs(cfg, _gen(0), BATCH, TEXT, cls_name)
+    if per_image is not None:  # the family's own placeholder count per image (e.g. a newline token per row)
+        t = image_prompts(_gen(1), cfg.image_token_id, [per_image] * BATCH, [1] * BATCH,
+                          around=([cfg.vision_start_token_id], [cfg.vision_end_token_id]))
+        kwargs.update(t, mm_token_type_ids=(t["input_ids"] == cfg.image_token_id).to(torch.int32))
+    kwargs.update(extra or {})
+    return model, kwargs
+
+
+def b_hy_v4_vl():
+    from transformers import HYV4VLConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                  out_hidden_size=64, patch_size=4, spatial_merge_size=2, max_image_size=64)
+    text = _text(head_dim=16, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1, q_lora_rank=32,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, index_topk=64,
+                 index_head_dim=16, index_n_heads=2,
+                 rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
+    cfg = HYV4VLConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3)
+    return _qwen_like("HYV4VLForConditionalGeneration", cfg, per_image=20)  # 4 rows of 4, a newline per row
+
+
+def b_minimax_m3_vl():
+    from transformers import MiniMaxM3VLConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+    text = _text(head_dim=16, num_local_experts=2, num_experts_per_tok=1, dense_intermediate_size=128,
+                 shared_intermediate_size=64, rotary_dim=8, index_n_heads=2, index_head_dim=16, index_block_size=16,
+                 index_topk_blocks=4)
+    cfg = MiniMaxM3VLConfig(text_config=text, vision_config=vision, image_token_index=V - 4,
+                            video_token_index=V - 3, projector_hidden_size=64)
+    cfg.image_token_id = V - 4
+    return _qwen_like("MiniMaxM3SparseForConditionalGeneration", cfg)
+
+
+def b_ernie4_5_vl_moe():
+    from transformers import Ernie4_5_VLMoeConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_merge_size=2)
+    text = _text(head_dim=16, moe_intermediate_size=[32, 32], moe_num_experts=2, moe_k=1, moe_num_shared_experts=1,
+                 moe_layer_start_index=1, rope_parameters={"rope_type": "default", "mrope_section": [3, 3, 2],
+                                                           "rope_theta": 10000.0})
+    cfg = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                               image_start_token_id=V - 2, image_end_token_id=V - 1, video_start_token_id=V - 6,
+                               video_end_token_id=V - 5)
+    return _qwen_like("Ernie4_5_VLMoeForConditionalGeneration", cfg)
+
+
+def b_molmo2():
+    from transformers import Molmo2Config, Molmo2ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, image_size=[16, 16], patch_size=4)
+    adapter = dict(vision_feature_layer=[-1], hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                   head_dim=16, intermediate_size=64, text_hidden_size=64)
+    text = _text(head_dim=16, additional_vocab_size=8)
+    img = V - 4
+    cfg = Molmo2Config(vision_config=vision, adapter_config=adapter, text_config=text, image_start_token_id=V - 2,
+                       low_res_image_start_token_id=V - 5, image_end_token_id=V - 1, image_patch_id=img,
+                       frame_start_token_id=V - 6, frame_end_token_id=V - 7)
+    model = Molmo2ForConditionalGeneration(cfg)
+    gen = _gen(1)
+    # one 16x16 crop per image (4x4 patches), pooled 2x2 into 4 tokens: pooling rows index the flat patches
+    pix = torch.randn(2, 16, 48, generator=_gen(0))
+    base = torch.tensor([[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]])
+    pooling = torch.cat([base, base + 16])
+    t = image_prompts(gen, img, [4, 4], [1, 1], around=([V - 2], [V - 1]))
+    return model, {**t, "pixel_values": pix, "image_token_pooling": pooling,
+                   "image_grids": torch.tensor([[2, 2, 0, 0], [2, 2, 0, 0]]), "use_cache": False}
+
+
+def b_nemotron_h_omni():
+    import transformers
+
+    vision = dict(model_type="radio", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  image_size=32, max_img_size=64, num_cls_tokens=1, num_registers=1, video_temporal_patch_size=2)
+    text = dict(model_type="nemotron_h", vocab_size=V, hidden_size=64, layers_block_type=["mamba", "attention",
+                                                                                           "moe", "attention"],
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1,
+                chunk_size=16, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                moe_shared_expert_intermediate_size=32, max_position_embeddings=512)
+    cfg = transformers.NemotronH_Omni_Reasoning_V3_Config(vision_config=vision, text_config=text, image_token_id=V - 1,
+                                                          video_token_id=V - 2, projector_hidden_size=64,
+                                                          vision_hidden_size=32)
+    model = transformers.NemotronH_Omni_Reasoning_V3(cfg)
+    # one 32x32 image per sample: 8x8 patches, pixel-shuffled by 0.5 into 16 tokens
+    pix = torch.randn(128, 48, generator=_gen(0))
+    t = image_prompts(_gen(1), V - 1, [16, 16], [1, 1])
+    return model, {**t, "pixel_values": pix, "image_grid_hw": torch.tensor([[8, 8], [8, 8]]), "use_cache": False}
+
+
+def b_dots3_note():
+    from transformers import Dots3NoteConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  moe_intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, adapter_in_dim=32,
+                  adapter_out_dim=64, adapter_merge_size=2, spatial_merge_size=2, pyramid_num_routed=[-1, 2])
+    audio = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 downsample_hidden_size=32, adapter_input_size=32, adapter_out_dim=64, feature_size=16)
+    text = _text(num_key_value_heads=4, head_dim=16, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                 qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                 index_topk=64, index_head_dim=16, index_n_heads=2)
+    cfg = Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=V - 4,
+                          video_token_id=V - 3, audio_token_id=V - 5)
+    return _qwen_like("Dots3NoteForConditionalGeneration", cfg)
+
+
 BUILDERS = {
     "aria": b_aria, "chameleon": b_chameleon, "cohere2_vision": b_cohere2_vision, "colpali": b_colpali,
     "colqwen2": b_colqwen2, "deepseek_vl": b_deepseek_vl, "deepseek_vl_hybrid": b_deepseek_vl_hybrid,
@@ -713,7 +835,8 @@ BUILDERS = {
     "qwen2_5_vl": b_qwen2_5_vl,
     "idefics2": b_idefics2,
     "smolvlm": b_smolvlm,
-    "glm46v": b_glm46v, "paddleocr_vl": b_paddleocr_vl, "pix2struct": b_pix2struct, "udop": b_udop,
+    "hy_v4_vl": b_hy_v4_vl, "minimax_m3_vl": b_minimax_m3_vl, "ernie4_5_vl_moe": b_ernie4_5_vl_moe,
+    "dots3_note": b_dots3_note, "molmo2": b_molmo2, "nemotron_h_omni": b_nemotron_h_omni, "glm46v": b_glm46v, "paddleocr_vl": b_paddleocr_vl, "pix2struct": b_pix2struct, "udop": b_udop,
 }
 
 
