@@ -716,6 +716,10 @@ def _qwen_like(cls_name: str, cfg, image_size: int = 32, extra: dict | None = No
                           around=([cfg.vision_start_token_id], [cfg.vision_end_token_id]))
         kwargs.update(t, mm_token_type_ids=(t["input_ids"] == cfg.image_token_id).to(torch.int32))
     kwargs.update(extra or {})
+    import inspect
+
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:  # (not an input of this family)
+        kwargs.pop("mm_token_type_ids")
     return model, kwargs
 
 

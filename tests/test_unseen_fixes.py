@@ -10,7 +10,8 @@
 * tokens routed to experts (Aria's mixture of experts): rows flattened, top-k experts per token, rows sorted by
   expert (``sort`` positions, ``x[perm // k]``), the inverse permutation (``inv[perm] = arange``) and
   ``view(N, k, C).sum(1)``: reduced tokens take the same route (before, "advanced indexing on the reduced token
-  axis"); positions from an input still fail;
+  axis"); positions from an input still fail; tokens tiled once per expert (Llama 4: ``repeat(E, 1)``,
+  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens");
 * a model whose Python asks ``torch.compiler.is_exporting()`` (Phi-4-multimodal: Hugging Face's mask helper keeps
   an all-true mask under export and drops it eagerly, where the vision attention, declared causal, then masks
   causally): the graph of the exported path differs from the model; the CaptureError names that cause (before,
@@ -159,9 +160,9 @@ class _Experts(nn.Module):
     """Top-k routing as Hugging Face's grouped experts do it (sort rows by expert, run, restore the order), or
     ``dense``: the same function computed per token without routing (the reference)."""
 
-    def __init__(self, dense: bool = False, n_experts: int = 3, k: int = 2):
+    def __init__(self, dense: bool = False, n_experts: int = 3, k: int = 2, tiled: bool = False):
         super().__init__()
-        self.dense, self.k = dense, k
+        self.dense, self.k, self.tiled = dense, k, tiled
         self.router = nn.Linear(D, n_experts, bias=False)
         self.w = nn.Parameter(torch.randn(n_experts, D, D) / 4)
 
@@ -170,6 +171,12 @@ class _Experts(nn.Module):
             w, idx = torch.topk(self.router(x), self.k, dim=-1)
             return x + (torch.einsum("bld,blkde->blke", x, self.w[idx]) * w.softmax(-1).unsqueeze(-1)).sum(2)
         h = x.view(-1, x.shape[-1])
+        if self.tiled:  # Llama 4: every token tiled once per expert, weighted by its score, viewed [E, -1, C]
+            w, idx = torch.topk(self.router(h), self.k, dim=-1)
+            scores = torch.zeros_like(self.router(h)).scatter(1, idx, w.softmax(-1))
+            rows = h.repeat(self.w.shape[0], 1) * scores.transpose(0, 1).reshape(-1, 1)
+            out = torch.bmm(rows.view(self.w.shape[0], -1, x.shape[-1]), self.w)
+            return x + out.view(self.w.shape[0], -1, x.shape[-1]).sum(0).view(x.shape)
         w, idx = torch.topk(self.router(h), self.k, dim=-1)
         ids_g, perm = torch.sort(idx.reshape(-1))
         rows = torch.bmm(h[perm // self.k].unsqueeze(1), self.w[ids_g]).squeeze(1)
@@ -180,11 +187,13 @@ class _Experts(nn.Module):
 
 
 class _MoEDecoder(nn.Module):
+    """Layer 0 routes by sorting, layer 1 by tiling (or both dense)."""
+
     def __init__(self, dense: bool = False, shuffle: bool = False):
         super().__init__()
         self.shuffle = shuffle
         self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
-        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _Experts(dense)) for _ in range(2)])
+        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _Experts(dense, tiled=i == 1)) for i in range(2)])
 
     def forward(self, input_ids, pixel_values, order=None):
         x = self.embed(input_ids)

@@ -426,7 +426,10 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             rows1 = _numel(node_shape(src)) // max(_numel(node_shape(src)[-1:]), 1)
             if state.on_scatter(gm, n, rows0, rows1, pass_name):
                 return
-        if any(a in reduced_inputs for a in _flat_nodes(n.args[1:])):
+        row_wise = pk in (aten.scatter, aten.scatter_add) and n.args[0] in reduced_inputs and \
+            isinstance(n.args[1], int) and n.args[1] % len(orig_shape) not in reduced.get(n.args[0], set())
+        # (a scatter within each token's row, e.g. top-k expert scores into a row of experts, keeps the rows)
+        if not row_wise and any(a in reduced_inputs for a in _flat_nodes(n.args[1:])):
             raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
                         "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
     elif pk in (aten.cat, aten.concat):
