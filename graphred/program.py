@@ -402,6 +402,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.reads = 0
+        # integer tensors computed from floating-point ones (top-k expert ids, argmax): never folded, their values
+        # at trace time are not the inputs' bookkeeping (and can differ from the model's own run)
+        # (by id, the tensors kept alive for the capture: a WeakSet would compare tensors with ==)
+        self._from_floats: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def _real(t: Any) -> Any:
@@ -425,7 +429,8 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
 
         flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        if not any(_is_traced(a) for a in tensors) or any(a.is_floating_point() or a.is_complex() for a in tensors):
+        if not any(_is_traced(a) for a in tensors) or any(a.is_floating_point() or a.is_complex() for a in tensors) \
+                or any(id(a) in self._from_floats for a in tensors):
             return None
         reals = []
         for a in flat:
@@ -474,7 +479,13 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if out is not None:
                 self.reads += 1
                 return out
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(a.is_floating_point() or a.is_complex() or id(a) in self._from_floats for a in ins):
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex()):
+                    self._from_floats[id(o)] = o
+        return out
 
     def _bool_index(self, index):
         """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the
@@ -495,9 +506,13 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             out.append(it)
         return tuple(out) if changed else None
 
+    # (and fresh buffers: ``empty_like(perm)`` then ``inv[perm] = arange(n)`` writes into it; folded, the buffer
+    # would be a graph constant holding uninitialised memory, the write lost)
     _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
-                             "data_ptr", "requires_grad", "clone", "contiguous", "alias"})
+                             "data_ptr", "requires_grad", "clone", "contiguous", "alias",
+                             "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
+                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided"})
 
 
 def _is_traced(t: torch.Tensor) -> bool:

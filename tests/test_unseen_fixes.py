@@ -11,7 +11,10 @@
   expert (``sort`` positions, ``x[perm // k]``), the inverse permutation (``inv[perm] = arange``) and
   ``view(N, k, C).sum(1)``: reduced tokens take the same route (before, "advanced indexing on the reduced token
   axis"); positions from an input still fail; tokens tiled once per expert (Llama 4: ``repeat(E, 1)``,
-  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens");
+  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens"); the same routing captured with
+  values read into Python (ERNIE-4.5-VL-MoE, GLM-4.5V-MoE: image counts as dict keys): ``empty_like(perm)`` is no
+  longer folded into a constant of uninitialised memory, lost the write ``inv[perm] = arange`` (before, an
+  IndexError at run-time-garbage positions, reported as "unhashable type: non-nested SymInt");
 * a model whose Python asks ``torch.compiler.is_exporting()`` (Phi-4-multimodal: Hugging Face's mask helper keeps
   an all-true mask under export and drops it eagerly, where the vision attention, declared causal, then masks
   causally): the graph of the exported path differs from the model; the CaptureError names that cause (before,
@@ -189,15 +192,17 @@ class _Experts(nn.Module):
 class _MoEDecoder(nn.Module):
     """Layer 0 routes by sorting, layer 1 by tiling (or both dense)."""
 
-    def __init__(self, dense: bool = False, shuffle: bool = False):
+    def __init__(self, dense: bool = False, shuffle: bool = False, python_keys: bool = False):
         super().__init__()
-        self.shuffle = shuffle
+        self.shuffle, self.python_keys = shuffle, python_keys
         self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
         self.layers = nn.ModuleList([nn.Sequential(_Layer(), _Experts(dense, tiled=i == 1)) for i in range(2)])
 
     def forward(self, input_ids, pixel_values, order=None):
         x = self.embed(input_ids)
         x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
+        if self.python_keys:  # image counts read into Python as dict keys (as M-RoPE index builders do)
+            x = x * {c: 1.0 for c in (input_ids == IMG_ID).sum(1).tolist()}[N_IMG]
         for layer in self.layers:
             x = layer(x)
         if self.shuffle:  # tokens reordered by positions an input gives: not computed from the tokens
@@ -275,5 +280,14 @@ def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
         graphred.capture(model, **kwargs)
     mask[1, -1] = False  # a masked position: both paths keep the mask, and the graph is the model
     prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
+    torch.manual_seed(0)
+    model, kwargs = _MoEDecoder(python_keys=True).eval(), _moe_inputs()
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
     with torch.no_grad():
         torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
