@@ -402,8 +402,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.reads = 0
-        # integer tensors computed from floating-point ones (top-k expert ids, argmax): never folded, their values
-        # at trace time are not the inputs' bookkeeping (and can differ from the model's own run)
+        # integer tensors selected by floating-point values (top-k expert ids, argmax, a sort's positions) and
+        # what is computed from them: never folded, their values at trace time are not the inputs' bookkeeping
+        # (and can differ from the model's own run)
         # (by id, the tensors kept alive for the capture: a WeakSet would compare tensors with ==)
         self._from_floats: dict[int, torch.Tensor] = {}
 
@@ -481,7 +482,8 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                 return out
         out = func(*args, **kwargs)
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        if any(a.is_floating_point() or a.is_complex() or id(a) in self._from_floats for a in ins):
+        if any(id(a) in self._from_floats for a in ins) or name in self._SELECTS and any(
+                a.is_floating_point() or a.is_complex() for a in ins):
             for o in torch.utils._pytree.tree_leaves(out):
                 if isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex()):
                     self._from_floats[id(o)] = o
@@ -506,6 +508,8 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             out.append(it)
         return tuple(out) if changed else None
 
+    _SELECTS = frozenset({"topk", "sort", "argsort", "msort", "argmax", "argmin", "max", "min", "kthvalue", "mode",
+                          "multinomial"})
     # (and fresh buffers: ``empty_like(perm)`` then ``inv[perm] = arange(n)`` writes into it; folded, the buffer
     # would be a graph constant holding uninitialised memory, the write lost)
     _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
