@@ -959,7 +959,7 @@ NOTES = [
     "Round 2 (2026-11-28). Before = the previous round's after rows (graphred 84a09ac). After = graphred 74638ad "
     "for the 29 families (two processes, 1 thread each, on a machine shared with four other engineers' jobs), "
     "86bc4f5 for the 10 fresh families (86bc4f5 differs from 74638ad only in a rule that lets a scatter within "
-    "each token's row through, where 74638ad refused it), and 61b5dd5 for the tuned-on rows.",
+    "each token's row through, where 74638ad refused it), and f4971f8 for the tuned-on rows.",
     "Fixes made on dev failures only: aria (tokens routed to experts: sort / x[perm // k] / inverse permutation / "
     "view(N, k, C); graphred/passes/token_axis.py), llama4 (tokens tiled per expert, view(E, -1, C); same file). "
     "phi4_multimodal: root cause found, not fixable in graphred: transformers' mask helper keeps an all-true "

@@ -11,7 +11,9 @@
   expert (``sort`` positions, ``x[perm // k]``), the inverse permutation (``inv[perm] = arange``) and
   ``view(N, k, C).sum(1)``: reduced tokens take the same route (before, "advanced indexing on the reduced token
   axis"); positions from an input still fail; tokens tiled once per expert (Llama 4: ``repeat(E, 1)``,
-  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens"); the same routing captured with
+  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens"); logits masked on the vocabulary
+  axis after the cut (``logits[:, :, ids] = -inf``, Chameleon's image-token ids; before, "reached dims that the
+  analysis did not trace"); the same routing captured with
   values read into Python (ERNIE-4.5-VL-MoE, GLM-4.5V-MoE: image counts as dict keys): ``empty_like(perm)`` is no
   longer folded into a constant of uninitialised memory, lost the write ``inv[perm] = arange`` (before, an
   IndexError at run-time-garbage positions, reported as "unhashable type: non-nested SymInt");
@@ -207,7 +209,9 @@ class _MoEDecoder(nn.Module):
             x = layer(x)
         if self.shuffle:  # tokens reordered by positions an input gives: not computed from the tokens
             x = x[:, order]
-        return self.head(x)
+        logits = self.head(x)
+        logits[:, :, torch.tensor([0, IMG_ID])] = -1e4  # ids never generated, masked on the vocabulary axis
+        return logits
 
 
 def _moe_inputs():
