@@ -13,7 +13,8 @@
   axis"); positions from an input still fail; tokens tiled once per expert (Llama 4: ``repeat(E, 1)``,
   ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens"); logits masked on the vocabulary
   axis after the cut (``logits[:, :, ids] = -inf``, Chameleon's image-token ids; before, "reached dims that the
-  analysis did not trace"); the same routing captured with
+  analysis did not trace"); ``torch.min`` of two tensors on the tokens (Pix2Struct's relative position buckets;
+  before, the analysis took it for a reduction and lost the token axis); the same routing captured with
   values read into Python (ERNIE-4.5-VL-MoE, GLM-4.5V-MoE: image counts as dict keys): ``empty_like(perm)`` is no
   longer folded into a constant of uninitialised memory, lost the write ``inv[perm] = arange`` (before, an
   IndexError at run-time-garbage positions, reported as "unhashable type: non-nested SymInt");
@@ -203,6 +204,7 @@ class _MoEDecoder(nn.Module):
     def forward(self, input_ids, pixel_values, order=None):
         x = self.embed(input_ids)
         x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
+        x = torch.min(x, torch.full_like(x, 1e4))  # elementwise min of two tensors (T5-style position buckets)
         if self.python_keys:  # image counts read into Python as dict keys (as M-RoPE index builders do)
             x = x * {c: 1.0 for c in (input_ids == IMG_ID).sum(1).tolist()}[N_IMG]
         for layer in self.layers:
