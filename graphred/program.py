@@ -402,6 +402,11 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.reads = 0
+        # integer tensors selected by floating-point values (top-k expert ids, argmax, a sort's positions) and
+        # what is computed from them: never folded, their values at trace time are not the inputs' bookkeeping
+        # (and can differ from the model's own run)
+        # (by id, the tensors kept alive for the capture: a WeakSet would compare tensors with ==)
+        self._from_floats: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def _real(t: Any) -> Any:
@@ -425,7 +430,8 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
 
         flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-        if not any(_is_traced(a) for a in tensors) or any(a.is_floating_point() or a.is_complex() for a in tensors):
+        if not any(_is_traced(a) for a in tensors) or any(a.is_floating_point() or a.is_complex() for a in tensors) \
+                or any(id(a) in self._from_floats for a in tensors):
             return None
         reals = []
         for a in flat:
@@ -474,7 +480,14 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if out is not None:
                 self.reads += 1
                 return out
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(id(a) in self._from_floats for a in ins) or name in self._SELECTS and any(
+                a.is_floating_point() or a.is_complex() for a in ins):
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex()):
+                    self._from_floats[id(o)] = o
+        return out
 
     def _bool_index(self, index):
         """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the
@@ -495,9 +508,15 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             out.append(it)
         return tuple(out) if changed else None
 
+    _SELECTS = frozenset({"topk", "sort", "argsort", "msort", "argmax", "argmin", "max", "min", "kthvalue", "mode",
+                          "multinomial"})
+    # (and fresh buffers: ``empty_like(perm)`` then ``inv[perm] = arange(n)`` writes into it; folded, the buffer
+    # would be a graph constant holding uninitialised memory, the write lost)
     _NOT_FOLDED = frozenset({"size", "dim", "numel", "stride", "storage_offset", "untyped_storage", "detach",
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
-                             "data_ptr", "requires_grad", "clone", "contiguous", "alias"})
+                             "data_ptr", "requires_grad", "clone", "contiguous", "alias",
+                             "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
+                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided"})
 
 
 def _is_traced(t: torch.Tensor) -> bool:
@@ -594,6 +613,38 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     return prog
 
 
+@contextlib.contextmanager
+def _exporting_reads(value: bool):
+    """``torch.compiler.is_exporting()`` answers ``value`` while inside (the module attribute the model's code
+    calls is swapped; used to run the model eagerly down its export path, to name why a graph differs)."""
+    import torch.compiler as tc
+
+    saved = tc.is_exporting
+    tc.is_exporting = lambda: value
+    try:
+        yield
+    finally:
+        tc.is_exporting = saved
+
+
+def _differs_when_exporting(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+    """True where the model run eagerly, but told that it is being exported, computes what the graph computes:
+    its code takes another path under ``torch.compiler.is_exporting()`` (Hugging Face's mask helpers keep an
+    all-true padding mask when exporting and drop it eagerly, and SDPA then applies the attention module's own
+    ``is_causal``), so the graph is right for that path and wrong for the eager one. Hiding the flag from the
+    capture does not help there: the helpers also test whether the mask is a fake tensor."""
+    try:
+        with torch.no_grad(), _preserve_attributes(model), _exporting_reads(True):
+            traced_path = _tensor_leaves(model(*args, **kwargs))
+        with torch.no_grad():
+            got = _tensor_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - the model does not run so: not this cause
+        return False
+    same = [k for k in traced_path if k in got and traced_path[k].shape == got[k].shape]
+    return bool(same) and all(
+        torch.allclose(traced_path[k].float(), got[k].float(), rtol=1e-4, atol=1e-5, equal_nan=True) for k in same)
+
+
 def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, how: str) -> None:
     """A graph captured with values read at the example inputs must reproduce the model on them: run both
     (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
@@ -627,6 +678,16 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
         if (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)) \
                 or (not a.is_floating_point() and not torch.equal(a, b)):
             diff = (a.float() - b.float()).abs().nan_to_num(0).max().item()
+            if _differs_when_exporting(model, gm, args, kwargs):
+                raise CaptureError(
+                    f"{type(model).__name__}: the captured graph does not reproduce the model on the example inputs "
+                    f"(output {k}, shape {tuple(a.shape)}: max difference {diff:.3g}) because the model computes "
+                    "differently while it is traced: run eagerly with torch.compiler.is_exporting() true, it computes "
+                    "what the graph computes. Its code branches on being exported or traced (e.g. Hugging Face's mask "
+                    "helpers keep an all-true padding mask when tracing and drop it eagerly, and SDPA then applies "
+                    "the attention module's own is_causal, so an attention declared causal is causal eagerly only). "
+                    "Pass example inputs for which both paths agree (a padding mask with a masked position), or fix "
+                    "the model's flag.")
             raise CaptureError(
                 f"{type(model).__name__}: the graph captured with values read at the example inputs does not "
                 f"reproduce the model on those inputs (output {k}, shape {tuple(a.shape)}: max difference "

@@ -6,7 +6,22 @@
   the prompt's ids: its embedding is the text stream (before, no text was found);
 * capture with values read at the example inputs: a large boolean mask index and ``nonzero(as_tuple=True)``
   under ``torch.no_grad`` (ColQwen2, Phi-4-multimodal) capture, and the captured graph is checked against the
-  model on the example inputs (a wrong specialisation is a CaptureError, not wrong outputs later).
+  model on the example inputs (a wrong specialisation is a CaptureError, not wrong outputs later);
+* tokens routed to experts (Aria's mixture of experts): rows flattened, top-k experts per token, rows sorted by
+  expert (``sort`` positions, ``x[perm // k]``), the inverse permutation (``inv[perm] = arange``) and
+  ``view(N, k, C).sum(1)``: reduced tokens take the same route (before, "advanced indexing on the reduced token
+  axis"); positions from an input still fail; tokens tiled once per expert (Llama 4: ``repeat(E, 1)``,
+  ``view(E, -1, C)``; before, "reshaped to a layout with no dim for the tokens"); logits masked on the vocabulary
+  axis after the cut (``logits[:, :, ids] = -inf``, Chameleon's image-token ids; before, "reached dims that the
+  analysis did not trace"); ``torch.min`` of two tensors on the tokens (Pix2Struct's relative position buckets;
+  before, the analysis took it for a reduction and lost the token axis); the same routing captured with
+  values read into Python (ERNIE-4.5-VL-MoE, GLM-4.5V-MoE: image counts as dict keys): ``empty_like(perm)`` is no
+  longer folded into a constant of uninitialised memory, lost the write ``inv[perm] = arange`` (before, an
+  IndexError at run-time-garbage positions, reported as "unhashable type: non-nested SymInt");
+* a model whose Python asks ``torch.compiler.is_exporting()`` (Phi-4-multimodal: Hugging Face's mask helper keeps
+  an all-true mask under export and drops it eagerly, where the vision attention, declared causal, then masks
+  causally): the graph of the exported path differs from the model; the CaptureError names that cause (before,
+  "does not reproduce the model", cause unknown).
 """
 from __future__ import annotations
 
@@ -18,7 +33,7 @@ from torch import nn
 import graphred
 from graphred import program as program_mod
 from graphred.analysis.blocks import CROSS_MODAL_SELF
-from graphred.errors import CaptureError
+from graphred.errors import CaptureError, PlanError
 from graphred.passes.infra import check_meta_vals
 from graphred.plans import pumer
 
@@ -145,3 +160,140 @@ def test_a_specialised_graph_that_differs_from_the_model_is_a_capture_error():
     with pytest.raises(CaptureError, match=r"does not reproduce the model .*output out, shape \(2, 12, 16\)"):
         program_mod._check_specialised(other, prog.graph_module, (), kwargs, "")
     program_mod._check_specialised(model, prog.graph_module, (), kwargs, "")  # the right graph passes
+
+
+class _Experts(nn.Module):
+    """Top-k routing as Hugging Face's grouped experts do it (sort rows by expert, run, restore the order), or
+    ``dense``: the same function computed per token without routing (the reference)."""
+
+    def __init__(self, dense: bool = False, n_experts: int = 3, k: int = 2, tiled: bool = False):
+        super().__init__()
+        self.dense, self.k, self.tiled = dense, k, tiled
+        self.router = nn.Linear(D, n_experts, bias=False)
+        self.w = nn.Parameter(torch.randn(n_experts, D, D) / 4)
+
+    def forward(self, x):
+        if self.dense:
+            w, idx = torch.topk(self.router(x), self.k, dim=-1)
+            return x + (torch.einsum("bld,blkde->blke", x, self.w[idx]) * w.softmax(-1).unsqueeze(-1)).sum(2)
+        h = x.view(-1, x.shape[-1])
+        if self.tiled:  # Llama 4: every token tiled once per expert, weighted by its score, viewed [E, -1, C]
+            w, idx = torch.topk(self.router(h), self.k, dim=-1)
+            scores = torch.zeros_like(self.router(h)).scatter(1, idx, w.softmax(-1))
+            rows = h.repeat(self.w.shape[0], 1) * scores.transpose(0, 1).reshape(-1, 1)
+            out = torch.bmm(rows.view(self.w.shape[0], -1, x.shape[-1]), self.w)
+            return x + out.view(self.w.shape[0], -1, x.shape[-1]).sum(0).view(x.shape)
+        w, idx = torch.topk(self.router(h), self.k, dim=-1)
+        ids_g, perm = torch.sort(idx.reshape(-1))
+        rows = torch.bmm(h[perm // self.k].unsqueeze(1), self.w[ids_g]).squeeze(1)
+        rows = rows * w.softmax(-1).reshape(-1)[perm].unsqueeze(-1)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.size(0))
+        return x + rows[inv].view(h.shape[0], self.k, x.shape[-1]).sum(1).view(x.shape)
+
+
+class _MoEDecoder(nn.Module):
+    """Layer 0 routes by sorting, layer 1 by tiling (or both dense)."""
+
+    def __init__(self, dense: bool = False, shuffle: bool = False, python_keys: bool = False):
+        super().__init__()
+        self.shuffle, self.python_keys = shuffle, python_keys
+        self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _Experts(dense, tiled=i == 1)) for i in range(2)])
+
+    def forward(self, input_ids, pixel_values, order=None):
+        x = self.embed(input_ids)
+        x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
+        x = torch.min(x, torch.full_like(x, 1e4))  # elementwise min of two tensors (T5-style position buckets)
+        if self.python_keys:  # image counts read into Python as dict keys (as M-RoPE index builders do)
+            x = x * {c: 1.0 for c in (input_ids == IMG_ID).sum(1).tolist()}[N_IMG]
+        for layer in self.layers:
+            x = layer(x)
+        if self.shuffle:  # tokens reordered by positions an input gives: not computed from the tokens
+            x = x[:, order]
+        logits = self.head(x)
+        logits[:, :, torch.tensor([0, IMG_ID])] = -1e4  # ids never generated, masked on the vocabulary axis
+        return logits
+
+
+def _moe_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V - 2, (2, D), generator=g)  # (as many tokens as channels: [B*L*k, C] -> [B*L, k, C]
+    ids[:, 2:2 + N_IMG] = IMG_ID                          # has two sizes that are multiples of L)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, N_IMG, 12, generator=g)}
+
+
+def test_tokens_routed_to_experts_are_reduced_like_the_dense_model():
+    torch.manual_seed(0)
+    routed, dense = _MoEDecoder().eval(), _MoEDecoder(dense=True).eval()
+    dense.load_state_dict(routed.state_dict())
+    kwargs = _moe_inputs()
+    outs = []
+    for model in (routed, dense):
+        prog = graphred.capture(model, **kwargs)
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.25))
+        check_meta_vals(reduced.graph_module)
+        with torch.no_grad():
+            outs.append(reduced(**kwargs))
+        assert [s["image_after"] for s in reduced.steps if s["op"] == "prune"] == [2], reduced.steps
+    assert outs[0].shape[1] < kwargs["input_ids"].shape[1]
+    torch.testing.assert_close(outs[0], outs[1])  # routing the kept tokens = computing them one by one
+
+
+def test_tokens_indexed_by_an_inputs_positions_still_fail():
+    torch.manual_seed(0)
+    kwargs = dict(_moe_inputs(), order=torch.arange(D - 1, -1, -1))
+    prog = graphred.capture(_MoEDecoder(dense=True, shuffle=True).eval(), **kwargs)
+    with pytest.raises(PlanError, match="positions not computed from the reduced tokens"):
+        graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+
+
+class _MaskDroppedEagerly(nn.Module):
+    """An all-true patch mask dropped unless exporting (as Hugging Face's mask helpers do), then attention that is
+    causal when it has no mask; a data-dependent branch on the ids sends capture down its values-read path."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+
+    def forward(self, input_ids, patches, patch_mask):
+        x = self.proj(patches)
+        B, P, _ = x.shape
+        q = x.view(B, P, 2, D // 2).transpose(1, 2)
+        mask = patch_mask
+        if not torch.compiler.is_exporting() and bool(mask.all()):
+            mask = None
+        if mask is None:
+            a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, q, q, attn_mask=mask[:, None, None, :])
+        img = a.transpose(1, 2).reshape(B, P, D)
+        e = self.embed(input_ids)
+        if (input_ids == IMG_ID).any():
+            e = e.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(e), img)
+        return e
+
+
+def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
+    torch.manual_seed(0)
+    model = _MaskDroppedEagerly().eval()
+    ids = torch.randint(0, V - 2, (2, 10))
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    mask = torch.ones(2, N_IMG, dtype=torch.bool)
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, N_IMG, 4), "patch_mask": mask}
+    with pytest.raises(CaptureError, match=r"computes differently while it is traced: run eagerly with "
+                                           r"torch.compiler.is_exporting\(\) true"):
+        graphred.capture(model, **kwargs)
+    mask[1, -1] = False  # a masked position: both paths keep the mask, and the graph is the model
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
+    torch.manual_seed(0)
+    model, kwargs = _MoEDecoder(python_keys=True).eval(), _moe_inputs()
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))

@@ -388,7 +388,7 @@ class TokenProvenance:
             return TokenInfo(tuple(self._projected_features(node, x, axes)), taint, False, learned)
         if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
             return self._matmul(node, taint, learned)
-        if pk in REDUCTIONS:
+        if pk in REDUCTIONS and not is_pointwise(node):  # (min.other, max.other: elementwise, two tensors)
             return self._reduce(node, taint, learned)
         if pk in LOSSES:
             return self._loss(node, taint, learned)

@@ -288,6 +288,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         set_fake_val(n)
         new_shape = node_shape(n)
         reduced[n] = {d for d in out_dims if new_shape and orig_shape and new_shape[d] != orig_shape[d]}
+        if new_shape and orig_shape and len(new_shape) == len(orig_shape):
+            # an output of an op the analysis has no axis rule for (topk, sort: routing tokens to experts) whose
+            # length follows the tokens: still reduced, so its users are revisited
+            reduced[n] |= {d for d in range(len(new_shape))
+                           if new_shape[d] != orig_shape[d] and _scales(orig_shape[d], new_shape[d], old, new)}
         return
     if orig_shape is None:  # several outputs (split, native_layer_norm, sdpa kernels): getitems follow
         try:
@@ -334,6 +339,9 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
                 ashape = node_shape(ga)
     # re-specialise shape arguments
     if pk in (aten.view, aten.reshape, aten._unsafe_view) and not sd and n.args[0] in reduced_inputs and \
+            _respecialise_scaled_view(n, reduced, old, new):
+        pass  # one dim of the view grows with the tokens (rows routed and restored, [B*L*k, C] -> [B*L, k, C])
+    elif pk in (aten.view, aten.reshape, aten._unsafe_view) and not sd and n.args[0] in reduced_inputs and \
             len(orig_shape) > len(original_shape(n.args[0]) or ()):
         split = _split_axis(prov, n, {state.stream} | state.aliases)
         if split is not None:
@@ -405,7 +413,10 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         idxs = n.args[1]
         for d, ix in enumerate(idxs):
             if ix is not None and d in reduced.get(src, set()):
-                raise _fail("advanced indexing on the reduced token axis (positions moved)", n, pass_name)
+                _check_runtime_positions(n, src, d, ix, reduced, pass_name)
+    elif pk in (aten.index_put, aten.index_put_) and (n.args[0] in reduced_inputs or any(
+            isinstance(ix, fx.Node) and ix in reduced_inputs for ix in n.args[1])):
+        _fix_index_put(gm, n, reduced, reduced_inputs, pass_name)
     elif pk in (aten.masked_scatter, aten.index_put, aten.index_put_, aten.scatter, aten.scatter_add):
         src = n.args[2] if len(n.args) > 2 else None
         if pk is aten.masked_scatter and src in reduced_inputs and n.args[0] not in reduced_inputs and \
@@ -415,7 +426,10 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             rows1 = _numel(node_shape(src)) // max(_numel(node_shape(src)[-1:]), 1)
             if state.on_scatter(gm, n, rows0, rows1, pass_name):
                 return
-        if any(a in reduced_inputs for a in n.args[1:]):
+        row_wise = pk in (aten.scatter, aten.scatter_add) and n.args[0] in reduced_inputs and \
+            isinstance(n.args[1], int) and n.args[1] % len(orig_shape) not in reduced.get(n.args[0], set())
+        # (a scatter within each token's row, e.g. top-k expert scores into a row of experts, keeps the rows)
+        if not row_wise and any(a in reduced_inputs for a in _flat_nodes(n.args[1:])):
             raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
                         "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
     elif pk in (aten.cat, aten.concat):
@@ -448,7 +462,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             reduced[n] = set(out_dims)
         return
     changed = {d for d in range(min(len(new_shape), len(orig_shape))) if new_shape[d] != orig_shape[d]}
-    if changed - out_dims or len(new_shape) != len(orig_shape):
+    # a dim the analysis has no axis for may still follow the tokens: rows routed through a data-dependent
+    # permutation (experts), or an op without an axis rule that keeps the token dim. Its length is k * tokens
+    # before and after; every size constant on it was re-specialised above (or set_fake_val failed), and
+    # positions indexing it were checked to be computed from the reduced rows at run time.
+    untraced = {d for d in changed - out_dims if not _scales(orig_shape[d], new_shape[d], old, new)}
+    if untraced or len(new_shape) != len(orig_shape):
+        changed = untraced or changed
         raise _fail(f"the reduced token axis reached dims {sorted(changed - out_dims)} that the analysis did not "
                     "trace (an op without a provenance rule upstream)", n, pass_name)
     reduced[n] = changed
@@ -535,6 +555,129 @@ def _split_axis(prov: TokenProvenance, node: fx.Node, streams) -> tuple[int, int
             if loc is not None and loc[0] != loc[1]:
                 return loc[0], loc[1], list(shape[loc[0]:loc[1] + 1])
     return None
+
+
+def _flat_nodes(args) -> list[fx.Node]:
+    out = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += _flat_nodes(a)
+    return out
+
+
+def _scales(size0: int, size1: int, old: int, new: int) -> bool:
+    """A dim of ``size0`` = k * ``old`` that is now k * ``new``: it follows the tokens."""
+    return old > 0 and size0 % old == 0 and size1 == size0 // old * new
+
+
+def _respecialise_scaled_view(n: fx.Node, reduced: dict, old: int, new: int) -> bool:
+    """A view of a reduced tensor with no analysed token dim (rows permuted for routing): the one size that is a
+    multiple of the old length, and lies at or above the input's innermost reduced dim in the flat layout,
+    becomes that multiple of the new one, where that alone matches the input's new element count. False (nothing
+    changed) where no size, or more than one, fits."""
+    sizes = list(n.args[1])
+    src_shape = node_shape(n.args[0])
+    want = _numel(src_shape)
+    rdims = [d for d in reduced.get(n.args[0], set()) if 0 <= d < len(src_shape)]
+    if not rdims or not all(isinstance(x, int) and x >= -1 for x in sizes) or old <= 0:
+        return False
+    inner = _numel(src_shape[max(rdims) + 1:])  # the flat stride of the innermost reduced dim
+    if sizes.count(-1) == 1:  # the view infers that size itself: right where it is the one that grows
+        d = sizes.index(-1)
+        rest = -_numel(sizes)
+        return _numel(sizes[d + 1:]) >= inner and rest > 0 and want % rest == 0 and \
+            all(x % old != 0 or _numel(sizes[j + 1:]) < inner for j, x in enumerate(sizes) if j != d)
+    if -1 in sizes or _numel(sizes) == want:
+        return False
+    fits = [d for d, x in enumerate(sizes) if _numel(sizes[d + 1:]) >= inner and x % old == 0
+            and _numel(sizes) // x * (x // old * new) == want]
+    if len(fits) != 1:
+        return False
+    sizes[fits[0]] = sizes[fits[0]] // old * new
+    n.args = (n.args[0], sizes, *n.args[2:])
+    return True
+
+
+_VALUE_PASS = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.clone, aten.contiguous, aten._to_copy,
+               aten.alias, aten.detach, aten.lift_fresh_copy, aten.unsqueeze, aten.squeeze}
+_ARG_POSITIONS = {aten.sort: (1, -1), aten.topk: (2, -1), aten.max: (1, None), aten.min: (1, None),
+                  aten.kthvalue: (2, -1), aten.mode: (1, -1)}  # op -> (position of its dim argument, default)
+
+
+def _runtime_positions(ix: fx.Node, reduced: dict) -> tuple[int, int] | None:
+    """``(n, k)`` where the values of ``ix`` are positions along a reduced dim of current length ``n``, divided by
+    ``k``, computed at run time from the reduced rows themselves (the index output of a sort/topk/argsort along
+    that dim, its inverse permutation, views of those, floor division by a constant); None otherwise (positions
+    read from an input or a constant would still number the tokens before the reduction)."""
+    div = 1
+    x = ix
+    for _ in range(64):
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            return None
+        pk = op_packet(x)
+        if pk in _VALUE_PASS:
+            x = x.args[0]
+            continue
+        if pk is aten.floor_divide and len(x.args) > 1 and isinstance(x.args[1], int) and x.args[1] > 0:
+            div *= x.args[1]
+            x = x.args[0]
+            continue
+        if pk in (aten.argsort, aten.argmax, aten.argmin) or (
+                x.target is operator.getitem and x.args[1] == 1 and isinstance(x.args[0], fx.Node)
+                and op_packet(x.args[0]) in _ARG_POSITIONS):
+            op = x if pk in (aten.argsort, aten.argmax, aten.argmin) else x.args[0]
+            where, default = (1, -1) if op is x else _ARG_POSITIONS[op_packet(op)]
+            d = op.args[where] if len(op.args) > where else op.kwargs.get("dim", default)
+            src = op.args[0]
+            shape = node_shape(src)
+            if d is None or not isinstance(d, int) or shape is None or src not in reduced:
+                return None
+            d %= len(shape)
+            if d not in reduced[src]:
+                return None
+            return (shape[d], div) if shape[d] % div == 0 else None
+        if pk in (aten.index_put, aten.index_put_) and len(x.args) >= 3 and len(x.args[1]) == 1:
+            # inv[perm] = arange(n): the inverse permutation of positions along the same dim
+            base, (perm,), vals = x.args[0], x.args[1], x.args[2]
+            inner = _runtime_positions(perm, reduced) if isinstance(perm, fx.Node) else None
+            if inner is None or inner[1] != 1 or not isinstance(vals, fx.Node) or op_packet(vals) is not aten.arange \
+                    or node_shape(vals) != (inner[0],) or op_packet(base) not in (aten.empty_like, aten.zeros_like):
+                return None
+            return (inner[0], div) if inner[0] % div == 0 else None
+        return None
+    return None
+
+
+def _check_runtime_positions(n, src, d, ix, reduced, pass_name):
+    pos = _runtime_positions(ix, reduced)
+    length = node_shape(src)[d]
+    if pos is None or pos[0] // pos[1] != length:
+        raise _fail("advanced indexing on the reduced token axis with positions not computed from the reduced "
+                    "tokens (an input's or a constant's positions still number the tokens before the reduction)",
+                    n, pass_name)
+
+
+def _fix_index_put(gm, n, reduced, reduced_inputs, pass_name):
+    """``x[idx] = v`` touching the reduced rows: an index on a reduced dim of ``x`` must be positions computed
+    from the reduced rows; ``v`` an ``arange`` over the old rows (an inverse permutation) is re-made over the new
+    rows; ``v`` left at full length otherwise fails in ``set_fake_val``."""
+    base, idxs, vals = n.args[0], list(n.args[1]), n.args[2]
+    bdims = reduced.get(base, set()) if base in reduced_inputs else set()
+    on_rows = [d for d, ix in enumerate(idxs) if isinstance(ix, fx.Node) and d in bdims]
+    for d in on_rows:
+        _check_runtime_positions(n, base, d, idxs[d], reduced, pass_name)
+    if base not in reduced_inputs:  # a reduced index writing into a full-length tensor: its rows are gone
+        raise _fail("positions computed from the reduced tokens write into a tensor that keeps the full length",
+                    n, pass_name)
+    if on_rows and isinstance(vals, fx.Node) and vals not in reduced_inputs and op_packet(vals) is aten.arange \
+            and len(vals.args) == 1 and isinstance(vals.args[0], int):
+        rows = node_shape(idxs[on_rows[0]])
+        if rows is not None and len(rows) == 1 and rows[0] != vals.args[0]:
+            with gm.graph.inserting_before(n):
+                ar = call_with_val(gm.graph, aten.arange.default, (rows[0],), dict(vals.kwargs))
+            n.replace_input_with(vals, ar)
 
 
 def _numel(shape) -> int:
