@@ -65,9 +65,17 @@ def plans_for(name: str) -> list[tuple[str, object, float | None]]:
             out.append((f"norm{EARLY}", prune(ratio=p, layers="from:0", scorer="norm"), p))
         out += [("fastv", fastv(layer=1, keep=k), None) for k in (0.5, 0.25, 0.125)]
         out += [("victor", victor(registers=r, layer=2), None) for r in (8, 16)]
-    else:
+    elif fam == "blip":
         out += [("tome", tome(r=r), None) for r in (24, 48)]
+    # ViLT: no ToMe rows. ToMe merges inside an image-only attention stack (a vision tower); ViLT's single
+    # stream has none (graphred refuses the plan with "no image-only attention stack"), see TOME_VILT
     return out
+
+
+TOME_VILT = ("No ToMe rows: ToMe merges image tokens inside an image-only attention stack (a vision tower), "
+             "and single-stream ViLT has none — its image tokens enter the one encoder together with the text "
+             "— so graphred refuses `tome:...` here (\"no image-only attention stack (vision tower) was found "
+             "in the graph\"). PuMer's merge is the merging method for this architecture.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ def oracle_accuracy(model, name: str, tok, data: scenes2.SceneSet2, keep: int, b
             kw["attention_mask"] = mask
             out = model(**kw)
         elif fam == "vilt":
-            raise ValueError("no oracle for ViLT: its pixel_mask sets the image geometry")
+            out = _vilt_masked(model, kw, drop)
         else:
             image = model.vision_model(pixel_values=kw["pixel_values"]).last_hidden_state
             att = torch.cat([torch.ones(len(bq), 1, dtype=torch.long), (~drop).long()], 1)
@@ -114,6 +122,46 @@ def oracle_accuracy(model, name: str, tok, data: scenes2.SceneSet2, keep: int, b
         truth = torch.tensor([tok.answer_index(q.answer) for q in bq])
         hits += int((pred == truth).sum())
     return hits / len(qs)
+
+
+def _vilt_masked(model, kw: dict, drop: torch.Tensor):
+    """ViLT with the image tokens of the cells ``drop`` ``(B, 196)`` masked off as keys for every query
+    (text and image alike; each token still sees itself), in every layer. Its ``pixel_mask`` cannot do
+    this: ViLT reads it as the image's size. ViLT samples its patches in a random order: the cell of
+    each token is read from ``visual_embed``."""
+    emb = model.vilt.embeddings
+    original = emb.visual_embed
+    seen = {}
+
+    def visual_embed(*args, **kwargs):
+        x, x_mask, (patch_index, hw) = original(*args, **kwargs)
+        seen["cell"] = patch_index[..., 0] * scenes2.GRID + patch_index[..., 1]
+        return x, x_mask, (patch_index, hw)
+
+    def pre(mod, args, kwargs):
+        args = list(args)
+        mask = args[1] if len(args) > 1 else kwargs["attention_mask"]  # (B, 1, 1, L) additive
+        length = mask.shape[-1]
+        n = scenes2.NUM_CELLS
+        cols = torch.zeros(mask.shape[0], length, dtype=torch.bool)
+        cols[:, -n:] = drop.gather(1, seen["cell"])
+        full = mask.expand(mask.shape[0], 1, length, length).clone()
+        cut = cols[:, None, None, :] & ~torch.eye(length, dtype=torch.bool)[None, None]
+        full = full.masked_fill(cut, torch.finfo(full.dtype).min)
+        if len(args) > 1:
+            args[1] = full
+        else:
+            kwargs["attention_mask"] = full
+        return tuple(args), kwargs
+
+    emb.visual_embed = visual_embed
+    hooks = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in model.vilt.encoder.layer]
+    try:
+        return model(**kw)
+    finally:
+        del emb.visual_embed  # the bound method of the class again
+        for h in hooks:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,11 +203,6 @@ def run_model(name: str, n_scenes: int, batch: int, rounds: int, weights: str | 
         print(f"[{name}] {method:12s} {str(plan):45s} left {left}  acc {100 * acc:.1f}%  measured {tb / tf:.2f}x  "
               f"predicted {float(est.speedup):.2f}x ({time.perf_counter() - t0:.0f}s)", flush=True)
     for ratio, left in sorted(kept_at.items()):
-        if models.family(name) == "vilt":
-            # ViLT reads its pixel_mask as the image's size (it resizes its position table to the unmasked
-            # rows and columns), so masking patches there is not dropping them: no oracle here
-            print(f"[{name}] oracle: not measured (ViLT's pixel_mask sets the image geometry)", flush=True)
-            break
         acc = oracle_accuracy(model, name, tok, data, left, batch)
         rows.append({"model": name, "method": "oracle", "plan": f"keep the asked-about object's patches ({left})",
                      "ratio": ratio, "image_tokens_left": left, "accuracy": round(acc, 4), "measured_speedup": None,
@@ -273,8 +316,10 @@ def to_markdown(rows: list[dict], threads: int) -> str:
            "The `vqa2-*` models (bench/train_models2.py) on graphred.data.scenes2: 8-14 small Fashion-MNIST "
            "objects among about 90 digit-clutter cells on a textured canvas; each question is about one class "
            "of object, whose answer sits in at most four of the 196 patches. All methods at the same layers "
-           "and ratios (equal kept image tokens); `oracle` (decoder and BLIP; ViLT reads its pixel mask as the image size) keeps the asked-about object's patches (filled up "
-           "with random ones to PuMer's final count) from the first cross-modal layer on, by attention mask — "
+           "and ratios (equal kept image tokens); `oracle` keeps the asked-about object's patches (filled up "
+           "with random ones to PuMer's final count) from the first cross-modal layer on, by attention mask (ViLT: "
+           "the other image tokens masked off as keys in every layer, since ViLT reads its pixel mask as the "
+           "image's size) — "
            "a bound on selection, with no speedup. Training-free. Speed: one batch, alternating runs in one "
            f"process, {threads} thread(s), on a shared, loaded 2-core machine; predicted from `graphred.estimate`. "
            "Rows: docs/results/vqa.json.", "",
@@ -342,6 +387,8 @@ def to_markdown(rows: list[dict], threads: int) -> str:
             out.append(f"| {r['method']} | `{r['plan']}` | {r['image_tokens_left'] if r['image_tokens_left'] is not None else ''} "
                        f"| {100 * r['accuracy']:.1f}% | {d:+.1f} | {ms} | {ps} | {mp} |")
         out += [""] + verdicts(rows, name) + [""]
+        if models.family(name) == "vilt":
+            out += [TOME_VILT, ""]
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
 
