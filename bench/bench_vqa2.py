@@ -310,6 +310,142 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
     return out
 
 
+DIAGNOSIS = ROOT / "docs" / "results" / "vqa2_diagnosis.json"
+
+
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _kinds(d: dict) -> str:
+    return ", ".join(f"{k} {100 * d[k]:.0f}%" for k in ("where", "exists", "count", "left") if k in d)
+
+
+def diagnosis_lines(rows: list[dict]) -> list[str]:
+    """Why the remaining misses miss, from bench/vqa2_diagnose.py's measurements (docs/results/vqa2_diagnosis.json)."""
+    if not DIAGNOSIS.exists():
+        return []
+    import re
+
+    d = json.loads(DIAGNOSIS.read_text())
+    out = ["#### Why the misses miss (bench/vqa2_diagnose.py)", "",
+           f"Measurements on test scenes 0..99 (400 questions), {d.get('note', '')}.", ""]
+    cut = d.get("cut", {})
+    if cut:
+        out += ["**Text-informed vs random from layer 1** — how much of the answer still sits in the image tokens "
+                "where a `layers=from:1` plan prunes: the accuracy when the text cannot read *any* image token from "
+                "layer k on (decoder and ViLT: the text rows masked off the image columns; BLIP: the cross-attention "
+                "of those layers skipped), against PuMer, random and norm at prune 0.5, by question kind:", ""]
+    for name, c in cut.items():
+        u = c["unreduced"]
+        blind = c["text_blind_to_image_from_layer"]
+        steps = c.get("from1_steps") or []
+        first = steps[0].get("block", "") if steps else ""
+        idx = [int(x) for x in re.findall(r"\.(\d+)\.", f".{first}.")]
+        k_star = str(idx[-1] + 1) if idx else None
+        plans = c.get("plans_at_0.5", {})
+        pu, ra, no = (plans.get(f"{m}layers=from:1") for m in ("pumer:prune=0.5,merge=0,",
+                                                                "prune:ratio=0.5,scorer=random,",
+                                                                "prune:ratio=0.5,scorer=norm,"))
+        line = (f"- {name} (unreduced {_pct(u['all'])}: {_kinds(u)}): text blind to the image from layer k: "
+                + "; ".join(f"k={k} {_pct(v['all'])}" for k, v in blind.items()) + ".")
+        if k_star is not None and k_star in blind and pu and ra and no:
+            b = blind[k_star]
+            need = ra["all"] + 0.03
+            line += (f" The plan scores at `{first}` and prunes after it, so layers >= {k_star} see fewer image "
+                     f"tokens; with none there the model keeps {_pct(b['all'])} ({_kinds(b)}): "
+                     f"{100 * (u['all'] - b['all']):.1f} points depend on the kept tokens at all. At prune 0.5: "
+                     f"PuMer {_pct(pu['all'])} ({_kinds(pu)}), random {_pct(ra['all'])} ({_kinds(ra)}), norm "
+                     f"{_pct(no['all'])} ({_kinds(no)}). Counting answers, mean signed error in objects: PuMer "
+                     f"{pu.get('count_bias', 0):+.2f}, random {ra.get('count_bias', 0):+.2f}, norm "
+                     f"{no.get('count_bias', 0):+.2f}, unreduced {u.get('count_bias', 0):+.2f}. "
+                     f"3 points above random would be {_pct(need)}, ")
+            if need > u["all"]:
+                line += (f"{100 * (need - u['all']):.1f} points **above the unreduced model**: random pruning from "
+                         f"layer 1 loses only {100 * (u['all'] - ra['all']):.1f} points, so no selection of kept "
+                         "tokens from layer 1 can win 3 points over it — this is the reason for the miss (the "
+                         "grounded early layers have read the asked-about object before layer "
+                         f"{k_star}; only what is still read there, mostly `count`, is at stake). The oracle rows "
+                         "can beat the unreduced model because they act from the first cross-modal layer on.")
+            else:
+                line += "below the unreduced model: selection has the headroom here."
+        out.append(line)
+    if cut:
+        out.append("")
+    early = (cut.get("vqa2-llava") or {}).get("plans_at_0.5", {})
+    pu0 = early.get("pumer:prune=0.5,merge=0,layers=from:0")
+    llava = [r for r in rows if r["model"] == "vqa2-llava" and r.get("predicted_speedup")]
+    from1 = [r for r in llava if r["method"] in ("pumer", "pumer+merge")]
+    base = next((r["accuracy"] for r in llava if r["method"] == "unreduced"), None)
+    if pu0 and from1 and base is not None:
+        top = max(from1, key=lambda r: r["predicted_speedup"])
+        out += [f"**PuMer at >= 1.8x within 3 points, training-free** — on the decoder the `from:1` plans top out at "
+                f"{top['predicted_speedup']:.2f}x predicted (`{top['plan']}`, {top['image_tokens_left']} image "
+                "token(s) left after layer 3): the vision tower and decoder layers 0-1 run at full size whatever is "
+                "pruned, so 1.8x from layer 1 means dropping nearly every image token, and the text blind to the "
+                f"image from layer 2 is {_pct(cut['vqa2-llava']['text_blind_to_image_from_layer']['2']['all'])}. "
+                f"From layer 0, `pumer:prune=0.5,merge=0,layers=from:0` scores {_pct(pu0['all'])} ({_kinds(pu0)}; "
+                f"count bias {pu0.get('count_bias', 0):+.2f}) against {_pct(cut['vqa2-llava']['unreduced']['all'])} "
+                f"unreduced ({_kinds(cut['vqa2-llava']['unreduced'])}) in this run: the points are lost on `count` "
+                "alone, which reads the image tokens in every decoder layer (text blind from layer 1, 2, 3: count "
+                + ", ".join(f"{100 * cut['vqa2-llava']['text_blind_to_image_from_layer'][k]['count']:.0f}%"
+                            for k in ("1", "2", "3"))
+                + "), and text-informed pruning makes the model over-count (the kept tokens are the ones the class "
+                "word attends to, so the asked-about object's share of what is left grows). The fine-tune with the "
+                "reducers in place recovers it (rows `... fine-tuned`).", ""]
+    prof = d.get("profile")
+    if prof:
+        fc = prof.get("fixed_cost", {})
+        out += ["**Measured / predicted on the decoder** — torch.profiler at "
+                f"{prof['threads']} thread(s), batch {prof['batch']}, per plan: the share of the reduced run's time "
+                "spent in graphred's own ops (`graphred::*`: attention scoring, selection, gathers, bipartite "
+                "matching, merges) against their share of the predicted FLOPs (`Estimate.added_flops`), and the "
+                "measured / predicted ratio had those ops taken only their FLOP share of the predicted time. The "
+                "unreduced model's time is linear in the batch with no fixed part to speak of "
+                f"({fc.get('seconds_batch10', 0):.3f} s at 10 questions, {fc.get('seconds_batch50', 0):.3f} s at 50: "
+                f"{fc.get('fixed_seconds', 0) * 1e3:+.0f} ms extrapolated to 0), so per-call overhead is not the "
+                "gap.", "",
+                "| plan | predicted | measured | measured / predicted | graphred ops: time share | FLOP share | "
+                "measured / predicted with the ops at their FLOP share | graphred ops, ms per call |",
+                "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in prof["rows"]:
+            ex = ", ".join(f"{k.replace('graphred::', '')} {v:.0f}" for k, v in r["graphred_ops"].items())
+            out.append(f"| `{r['plan']}` | {r['predicted']:.2f}x | {r['measured']:.2f}x | "
+                       f"{r['measured_over_predicted']:.2f} | {100 * r['graphred_ops_time_share']:.1f}% | "
+                       f"{100 * r['graphred_ops_flop_share']:.2f}% | {r['ratio_if_ops_at_flop_share']:.2f} | {ex} |")
+        out += ["", "The reason for the plans under 0.85: graphred's ops are index and memory work (gathers of the "
+                "hidden states, keys and values, top-k, the merge's scatter-add) that the FLOP count prices at about "
+                "1% of the reduced model but that take several times that share of its time on this CPU; the "
+                "merge plans add the most of them (bipartite matching and merging after each pruning), so they "
+                "fall furthest below. The cost model's predicted speedup is a FLOP ratio by definition "
+                "(docs/cost-model.md); its `bytes_moved` is the figure that sees these ops.", ""]
+    ft = d.get("finetune")
+    if ft:
+        out += [f"**The fine-tuned rows** (`{ft['plan']}`, predicted {ft['predicted']:.2f}x): the same plan's graph "
+                f"timed before and after a 2-step `graphred.train`, in one run: {ft['training_free_batch50']:.2f}x "
+                f"-> {ft['after_train_batch50']:.2f}x at batch 50 (the sweep's), {ft['training_free_batch40']:.2f}x "
+                f"-> {ft['after_train_batch40']:.2f}x at batch 40 (bench_vqa2_finetune.py's); trained / training-free "
+                f"seconds per call {ft['trained_over_training_free_seconds']:.2f}. "]
+        tuned = [r for r in rows if r["method"].endswith("fine-tuned") and r.get("predicted_speedup")]
+        free = {r["plan"]: r for r in rows if r["model"] == "vqa2-llava" and r["method"].endswith(EARLY)
+                and r.get("predicted_speedup")}
+        swept = {r["plan"]: r["measured_speedup"] / r["predicted_speedup"] for r in rows
+                 if r["model"] == "vqa2-llava" and r.get("predicted_speedup") and not r["method"].endswith("fine-tuned")}
+        spread = max((abs(r["measured_over_predicted"] - swept[r["plan"]]) for r in (prof or {}).get("rows", [])
+                      if r["plan"] in swept), default=0.0)
+        if tuned:
+            out[-1] += ("So training leaves the graph's speed as it was and the batch size moves the ratio by a few "
+                        "hundredths; the fine-tuned rows' ratios (" + ", ".join(
+                            f"`{r['plan']}` {r['measured_speedup'] / r['predicted_speedup']:.2f}"
+                            + (f" vs {free[r['plan']]['measured_speedup'] / free[r['plan']]['predicted_speedup']:.2f}"
+                               " training-free in the sweep" if r["plan"] in free else "") for r in tuned)
+                        + ") are their plans' own ratios (the graphred ops above) plus run-to-run spread on this "
+                        "loaded machine (the same plans measured in this diagnosis run differ from the sweep's by up "
+                        "to " + f"{spread:.2f}" + ").")
+        out.append("")
+    return out
+
+
 def to_markdown(rows: list[dict], threads: int) -> str:
     out = [f"<!-- {MARK}:start (written by bench/bench_vqa2.py; do not edit by hand) -->",
            "### Token choice that matters: cluttered 224 px scenes, 196 image tokens (CPU)", "",
@@ -389,6 +525,7 @@ def to_markdown(rows: list[dict], threads: int) -> str:
         out += [""] + verdicts(rows, name) + [""]
         if models.family(name) == "vilt":
             out += [TOME_VILT, ""]
+    out += diagnosis_lines(rows)
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
 
