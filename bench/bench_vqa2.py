@@ -392,7 +392,22 @@ def diagnosis_lines(rows: list[dict]) -> list[str]:
                             for k in ("1", "2", "3"))
                 + "), and text-informed pruning makes the model over-count (the kept tokens are the ones the class "
                 "word attends to, so the asked-about object's share of what is left grows). The fine-tune with the "
-                "reducers in place recovers it (rows `... fine-tuned`).", ""]
+                "reducers in place recovers it (rows `... fine-tuned`)."]
+        for name in ("vqa2-blip", "vqa2-vilt"):
+            mine = [r for r in rows if r["model"] == name and r["method"] in ("pumer", "pumer+merge")
+                    and r.get("predicted_speedup")]
+            towers = (d.get("towers", {}).get(name) or {}).get("by_tower", {})
+            tower = sum(t["share"] for t in towers.values() if t["modalities"] == ["image"])
+            if mine:
+                top = max(mine, key=lambda r: r["predicted_speedup"])
+                out[-1] += (f" {name}: the fastest PuMer plan is predicted at {top['predicted_speedup']:.2f}x "
+                            f"(`{top['plan']}`, {top['image_tokens_left']} image token(s) left)"
+                            + (f" — the image tower, which no text-informed plan can shrink (it runs before the "
+                               f"text is read), is {100 * tower:.0f}% of its predicted FLOPs, and most of the rest is "
+                               "the text's own work, so neither 1.8x training-free nor 2x fine-tuned is within reach of "
+                               "PuMer on this architecture (a fine-tune cannot change a FLOP ratio)."
+                               if top["predicted_speedup"] < 1.8 and tower else "."))
+        out.append("")
     prof = d.get("profile")
     if prof:
         fc = prof.get("fixed_cost", {})
@@ -463,7 +478,7 @@ def to_markdown(rows: list[dict], threads: int) -> str:
            "python bench/train_models2.py --plot draws it):", "", "![vqa2 training curves](img/train_vqa2.png)", "",
            "Recipe: from scratch, 196 image tokens, fresh scenes every step; auxiliary losses (discarded after "
            "training): a per-patch content probe, a description task (every class word followed by its count) "
-           "and a **grounding loss**. First recipe (vqa2-vilt; vqa2-llava and vqa2-blip before issue 15's "
+           "and a **grounding loss**. First recipe (all three before issue 15's "
            "retraining): layer 0's answer query (decoder: the answer position; encoders: the text [CLS]) trained "
            "toward the asked-about object's cells, 400 steps of 64 questions; those models stayed near the answer "
            "prior. Diagnosis (bench/train_models2.py, figures from the first vqa2-llava and short runs): (1) in the "
@@ -479,7 +494,11 @@ def to_markdown(rows: list[dict], threads: int) -> str:
            "and 1; BLIP keeps the [CLS] cross-attention of layer 0, which has read the question); for the decoder, "
            "probes on the image tokens inside it (their row and column at its input, their left neighbour's "
            "content after layer 0: a previous-token head in row-major order) and the answer read from the class "
-           "word's state after layer 1; 1500-2000 steps at one thread. A caveat for reading the tables: the "
+           "word's state after layer 1; ViLT, a single stream with no separate tower: stage 1 trains its image "
+           "embeddings and encoder layer 0 on the image alone (the same probes, plus each token's cell, on the image "
+           "tokens after layer 0, where they stay during the VQA stage), the class word grounded at layers 1 and 2 "
+           "(in the description task too), the text [CLS] trained to attend to the class word at layer 3, and the "
+           "answer read from the class word's state after layer 2; 1000-2000 steps at one thread. A caveat for reading the tables: the "
            "grounding makes the early text-to-image attention point at the object, which is close to what "
            "text-informed scoring reads; the decoder rows `... from layer 0` prune from layer 0 on, before the "
            "layer-1 read.", "",

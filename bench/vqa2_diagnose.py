@@ -11,6 +11,7 @@ Parts:
   image columns), for every ``k``. Where pruning starts after the layer at which the cut costs nothing,
   no choice of kept tokens can beat random by 3 points: the answer has left the image tokens by then.
   Also which layers a ``layers=from:1`` plan prunes after (from the transformed graph's steps).
+* ``towers``: each model's predicted FLOPs by tower (what no plan after the image tower can shrink).
 * ``profile`` (measured / predicted on the decoder): for each PuMer plan and a random baseline,
   torch.profiler at one thread over the reduced graph: the time share of graphred's own ops
   (``graphred::*``: scoring, selection, gathers, merges) against their share of the predicted FLOPs
@@ -171,6 +172,22 @@ def part_cut(names: list[str], n_scenes: int, batch: int) -> dict:
     return out
 
 
+def part_towers(names: list[str], batch: int) -> dict:
+    """Each model's predicted FLOPs by tower (graphred.estimate), at the sweep's batch."""
+    data = scenes2.generate("test", batch // 4 + 1)
+    out = {}
+    for name in names:
+        model, tok = models.load_trained(name)
+        prog = graphred.capture(model, **models.build_inputs(name, tok, data, data.questions[:batch]))
+        est = graphred.estimate(prog)
+        out[name] = {"flops": int(est.flops),
+                     "by_tower": {k or "<outside>": {"flops": int(v["flops"]), "share": round(v["flops"] / est.flops, 4),
+                                                     "modalities": sorted(v["modalities"])}
+                                  for k, v in est.towers().items()}}
+        print(f"[{name}] {out[name]}", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Where the reduced decoder's time goes
 # --------------------------------------------------------------------------------------------
@@ -288,8 +305,8 @@ def part_finetune(name: str, plan_text: str, n_scenes: int, rounds: int) -> dict
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["cut", "profile", "finetune"],
-                    choices=["cut", "profile", "finetune"])
+    ap.add_argument("--parts", nargs="+", default=["cut", "towers", "profile", "finetune"],
+                    choices=["cut", "towers", "profile", "finetune"])
     ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2))
     ap.add_argument("--scenes", type=int, default=100)
     ap.add_argument("--batch", type=int, default=50)
@@ -302,6 +319,8 @@ def main() -> int:
     t0 = time.perf_counter()
     if "cut" in args.parts:
         res.setdefault("cut", {}).update(part_cut(args.models, args.scenes, args.batch))
+    if "towers" in args.parts:
+        res.setdefault("towers", {}).update(part_towers(args.models, args.batch))
     if "profile" in args.parts:
         plans = ["pumer:prune=0.3,merge=0,layers=from:1", "pumer:prune=0.3,merge=0.2,layers=from:1",
                  "pumer:prune=0.5,merge=0.2,layers=from:1", "pumer:prune=0.7,merge=0.2,layers=from:1",
@@ -311,8 +330,8 @@ def main() -> int:
     if "finetune" in args.parts:
         res["finetune"] = part_finetune("vqa2-llava", "pumer:prune=0.5,merge=0.2,layers=from:0", args.scenes,
                                         args.rounds)
-    res["note"] = (f"bench/vqa2_diagnose.py, {args.threads} thread(s), CPU, on a shared, loaded 2-core machine; "
-                   f"{time.perf_counter() - t0:.0f}s")
+    res["note"] = f"bench/vqa2_diagnose.py, {args.threads} thread(s), CPU, on a shared, loaded 2-core machine"
+    print(f"{time.perf_counter() - t0:.0f}s")
     if not args.no_write:
         OUT.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {OUT}")
