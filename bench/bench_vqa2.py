@@ -390,8 +390,10 @@ def diagnosis_lines(rows: list[dict]) -> list[str]:
                 "alone, which reads the image tokens in every decoder layer (text blind from layer 1, 2, 3: count "
                 + ", ".join(f"{100 * cut['vqa2-llava']['text_blind_to_image_from_layer'][k]['count']:.0f}%"
                             for k in ("1", "2", "3"))
-                + "), and text-informed pruning makes the model over-count (the kept tokens are the ones the class "
-                "word attends to, so the asked-about object's share of what is left grows). The fine-tune with the "
+                + f"), and text-informed pruning shifts the counts up (mean signed error {pu0.get('count_bias', 0):+.2f} "
+                f"against random's {(early.get('prune:ratio=0.5,scorer=random,layers=from:0') or {}).get('count_bias', 0):+.2f}), "
+                "as expected if the count is read as the asked-about object's share of the attention: the kept tokens "
+                "are the ones the class word attends to, so that share grows. The fine-tune with the "
                 "reducers in place recovers it (rows `... fine-tuned`)."]
         for name in ("vqa2-blip", "vqa2-vilt"):
             mine = [r for r in rows if r["model"] == name and r["method"] in ("pumer", "pumer+merge")
@@ -406,7 +408,16 @@ def diagnosis_lines(rows: list[dict]) -> list[str]:
                                f"text is read), is {100 * tower:.0f}% of its predicted FLOPs, and most of the rest is "
                                "the text's own work, so neither 1.8x training-free nor 2x fine-tuned is within reach of "
                                "PuMer on this architecture (a fine-tune cannot change a FLOP ratio)."
-                               if top["predicted_speedup"] < 1.8 and tower else "."))
+                               if top["predicted_speedup"] < 1.8 and tower else ""))
+                blind = (cut.get(name) or {}).get("text_blind_to_image_from_layer", {})
+                base_m = next((r["accuracy"] for r in rows if r["model"] == name and r["method"] == "unreduced"), None)
+                if top["predicted_speedup"] >= 1.8 and "2" in blind and base_m is not None:
+                    out[-1] += (f" at {_pct(top['accuracy'])}, {100 * (base_m - top['accuracy']):.1f} points below "
+                                "unreduced: 1.8x from layer 1 means almost no image token left after layer 1, and "
+                                f"this model still reads them in layers 2-3 (text blind to the image from layer 2: "
+                                f"{_pct(blind['2']['all'])}; from layer 3: {_pct(blind['3']['all'])}).")
+                elif top["predicted_speedup"] >= 1.8:
+                    out[-1] += "."
         out.append("")
     prof = d.get("profile")
     if prof:
