@@ -3,6 +3,12 @@
     python bench/train_models2.py --models vqa2-llava            # one model, ~20 minutes, 1 thread
     python bench/train_models2.py --models vqa2-blip --steps 50 --out -   # a quick try
 
+The shipped vqa2-vilt (single stream; the options its JSON records under ``training.auxiliary``):
+
+    python bench/train_models2.py --models vqa2-vilt --vision-steps 600 --tower-layers 1 --ground-query word \
+        --ground-weight 1 --word-ground-layers 2 --hop-layer 3 --word-weight 0.5 --word-layer 2 \
+        --decoder-probes 0.5 --left-weight 0.5 --probe-balance 5 --curriculum 0.3 --eval-every 250
+
 Same architectures and recipe as bench/train_models.py (AdamW, warm-up, cosine decay, 2-D sine-cosine
 image position init, a per-token probe of each patch's content discarded after training), at 196
 image tokens. Training scenes are generated on the fly, a fresh block of scene indices every step
@@ -34,7 +40,7 @@ from graphred.data import models, scenes2  # noqa: E402
 #: name -> steps, peak lr, scenes per step (four questions each)
 SCHEDULE: dict[str, dict] = {
     "vqa2-llava": {"steps": 400, "lr": 2e-3, "scenes": 16},
-    "vqa2-vilt": {"steps": 400, "lr": 2e-3, "scenes": 8},
+    "vqa2-vilt": {"steps": 1000, "lr": 2e-3, "scenes": 16},
     "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
@@ -609,13 +615,24 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
                                         "cells of the asked-about object (-log of its share), standing in for the "
                                         "grounded pre-training real VLMs get; later layers are free")
                                        if ground_query == "answer" else
+                                       (f"layers {tower_layers}..{tower_layers + word_ground_layers - 1} (ViLT: the "
+                                        "first layers after the tower layers; [CLS] toward the class word at "
+                                        "hop_grounding_layer): the attention of the question's class word (the "
+                                        "word naming the asked-about class) over the image tokens is trained toward "
+                                        "the cells of that class (-log of its share of the image attention; none for "
+                                        "an absent class), and in the description task each class word toward its "
+                                        "cells; standing in for the grounded pre-training real VLMs get; later "
+                                        "layers are free") if tr.fam == "vilt" else
                                        ("layer 0: the attention of the question's class word (the word naming "
                                         "the asked-about class) over the image tokens is trained toward the cells "
                                         "of that class (-log of its share of the image attention; none for an "
                                         "absent class), and in the description block each class word toward its "
                                         "cells; standing in for the grounded pre-training real VLMs get; later "
                                         "layers and the answer position are free"),
-                          "stage_1": "the image tower alone trained on the per-patch probes (own content, and the "
+                          "stage_1": ("the image embeddings and the first tower_layers encoder layers trained on the "
+                                      "image alone (ViLT has no separate tower)" if tr.fam == "vilt" else
+                                      "the image tower alone")
+                                     + " trained on the per-patch probes (own content, and the "
                                      "left neighbour's at left_probe_weight) before the VQA stage (vision_stage)"
                                      if vision_steps > 0 else "none",
                           "describe": "every class word followed by its count (decoder: a fifth packed block, "
