@@ -300,8 +300,8 @@ def verdicts(rows: list[dict], name: str) -> list[str]:
             ok = d <= 1 and r["predicted_speedup"] >= 2
             out.append(f"- fine-tuned with the reducers in place ({r['finetune']['steps']} steps, "
                        f"{r['finetune']['seconds'] / 60:.0f} min): `{r['plan']}` at {r['predicted_speedup']:.2f}x predicted, "
-                       f"{100 * r['training_free_accuracy']:.1f}% -> {100 * r['accuracy']:.1f}%, {d:.1f} points below "
-                       f"unreduced (target >= 2x within 1 point: {'met' if ok else '**missed**'})")
+                       f"{100 * r['training_free_accuracy']:.1f}% -> {100 * r['accuracy']:.1f}%, "
+                       f"{abs(d):.1f} points {'below' if d >= 0 else 'above'} unreduced (target >= 2x within 1 point: {'met' if ok else '**missed**'})")
     ratios = [r["measured_speedup"] / r["predicted_speedup"] for r in mine
               if r["method"] not in ("unreduced", "oracle") and r["predicted_speedup"]]
     if ratios:
@@ -452,7 +452,8 @@ def diagnosis_lines(rows: list[dict]) -> list[str]:
                 f"-> {ft['after_train_batch50']:.2f}x at batch 50 (the sweep's), {ft['training_free_batch40']:.2f}x "
                 f"-> {ft['after_train_batch40']:.2f}x at batch 40 (bench_vqa2_finetune.py's); trained / training-free "
                 f"seconds per call {ft['trained_over_training_free_seconds']:.2f}. "]
-        tuned = [r for r in rows if r["method"].endswith("fine-tuned") and r.get("predicted_speedup")]
+        tuned = [r for r in rows if r["model"] == "vqa2-llava" and r["method"].endswith("fine-tuned")
+                 and r.get("predicted_speedup")]
         free = {r["plan"]: r for r in rows if r["model"] == "vqa2-llava" and r["method"].endswith(EARLY)
                 and r.get("predicted_speedup")}
         swept = {r["plan"]: r["measured_speedup"] / r["predicted_speedup"] for r in rows
