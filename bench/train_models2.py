@@ -3,6 +3,12 @@
     python bench/train_models2.py --models vqa2-llava            # one model, ~20 minutes, 1 thread
     python bench/train_models2.py --models vqa2-blip --steps 50 --out -   # a quick try
 
+The shipped vqa2-vilt (single stream; the options its JSON records under ``training.auxiliary``):
+
+    python bench/train_models2.py --models vqa2-vilt --vision-steps 600 --tower-layers 1 --ground-query word \
+        --ground-weight 1 --word-ground-layers 2 --hop-layer 3 --word-weight 0.5 --word-layer 2 \
+        --decoder-probes 0.5 --left-weight 0.5 --probe-balance 5 --curriculum 0.3 --eval-every 250
+
 Same architectures and recipe as bench/train_models.py (AdamW, warm-up, cosine decay, 2-D sine-cosine
 image position init, a per-token probe of each patch's content discarded after training), at 196
 image tokens. Training scenes are generated on the fly, a fresh block of scene indices every step
@@ -34,7 +40,7 @@ from graphred.data import models, scenes2  # noqa: E402
 #: name -> steps, peak lr, scenes per step (four questions each)
 SCHEDULE: dict[str, dict] = {
     "vqa2-llava": {"steps": 400, "lr": 2e-3, "scenes": 16},
-    "vqa2-vilt": {"steps": 400, "lr": 2e-3, "scenes": 8},
+    "vqa2-vilt": {"steps": 1000, "lr": 2e-3, "scenes": 16},
     "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
@@ -202,7 +208,9 @@ class Trainer:
     def __init__(self, name: str, seed: int, ground: float = 0.0, ground_query: str = "answer",
                  answer_layer: int | None = None, left_weight: float = 0.0,
                  hop_layer: int | None = None, probe_balance: float = 1.0, word_weight: float = 0.0,
-                 word_layer: int = 0, decoder_probes: float = 0.0, word_ground_layers: int = 1):
+                 word_layer: int = 0, decoder_probes: float = 0.0, word_ground_layers: int = 1,
+                 tower_layers: int = 0):
+        self.tower_layers = tower_layers  # single stream: the leading layers stage 1 trains as an image tower
         self.name, self.fam, self.ground = name, models.family(name), ground
         self.ground_query, self.answer_layer, self.left_weight = ground_query, answer_layer, left_weight
         self.hop_layer, self.probe_balance, self.word_weight, self.word_layer = (hop_layer, probe_balance,
@@ -218,11 +226,13 @@ class Trainer:
         width = self.config["hidden_size"] if self.fam == "vilt" else self.config["vision_config"]["hidden_size"]
         self.probe = torch.nn.Linear(width, PROBE_CLASSES)
         self.left_probe = torch.nn.Linear(width, PROBE_CLASSES)  # the left neighbour's content
-        if self.fam == "llava":  # the answer from the question's class word (decoder), discarded after training
-            hidden = self.config["text_config"]["hidden_size"]
+        if self.fam in ("llava", "vilt"):  # the answer from the question's class word, discarded after training
+            hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
             self.word_probe = torch.nn.Linear(hidden, len(scenes2.ANSWERS))
             self.pos_probe = torch.nn.Linear(hidden, 2 * scenes2.GRID)
             self.dec_left_probe = torch.nn.Linear(hidden, PROBE_CLASSES)
+        if self.fam == "vilt":  # single stream: each image token's cell (row, column) after the tower layers
+            self.pos_probe = torch.nn.Linear(width, 2 * scenes2.GRID)
         hidden = self.config["hidden_size"] if self.fam == "vilt" else self.config["text_config"]["hidden_size"]
         self.count_head = torch.nn.Linear(hidden, len(scenes2.NUMBERS))  # the encoders' description probe
         self.captured: dict = {}
@@ -246,7 +256,8 @@ class Trainer:
 
     def parameters(self):
         extra = ([p for m in (self.word_probe, self.pos_probe, self.dec_left_probe) for p in m.parameters()]
-                 if self.fam == "llava" else [])
+                 if self.fam == "llava" else [p for m in (self.word_probe, self.pos_probe) for p in m.parameters()]
+                 if self.fam == "vilt" else [])
         return (list(self.model.parameters()) + list(self.probe.parameters()) + list(self.left_probe.parameters())
                 + list(self.count_head.parameters()) + extra)
 
@@ -265,16 +276,38 @@ class Trainer:
             return [self.model.model.vision_tower, self.probe, self.left_probe]
         if self.fam == "blip":
             return [self.model.vision_model, self.probe, self.left_probe]
-        raise ValueError("a single-stream model has no separate image tower")
+        if self.tower_layers < 1:
+            raise ValueError("a single-stream model has no separate image tower: give --tower-layers")
+        # single stream: the image embeddings and the first `tower_layers` layers of the shared encoder
+        # stand in for a tower (they will read the text too in the VQA stage)
+        vilt = self.model.vilt
+        return [vilt.embeddings, *vilt.encoder.layer[: self.tower_layers], self.probe, self.left_probe]
+
+    def _image_only(self, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Single stream, stage 1: the image tokens alone through the tower layers (the image embedding
+        as ``ViltEmbeddings`` builds it: patches, positions, image [CLS], modality type 1) -> the patch
+        states ``(B, n, width)`` and each one's cell ``(B, n)`` (ViLT samples patches in a random order)."""
+        emb = self.model.vilt.embeddings
+        mask = torch.ones(pix.shape[0], pix.shape[2], pix.shape[3], dtype=torch.long)
+        x, x_mask, (patch_index, _) = emb.visual_embed(pix, mask, max_image_length=self.config["max_image_length"])
+        x = x + emb.token_type_embeddings(torch.ones_like(x_mask, dtype=torch.long))
+        for layer in self.model.vilt.encoder.layer[: self.tower_layers]:
+            x = layer(x)[0]
+        n = scenes2.NUM_CELLS
+        return x[:, -n:], patch_index[..., 0] * scenes2.GRID + patch_index[..., 1]
 
     def vision_loss(self, data: scenes2.SceneSet2) -> torch.Tensor:
         """Stage 1: the per-patch probes on the image tower's output (each cell's content and its left
         neighbour's), the tower alone: the pretrained image encoder real VLMs start from."""
         pix = scenes2.pixel_values(data.images)
+        labels = probe_labels(data)
+        left = left_labels(labels)
+        if self.fam == "vilt":
+            tokens, cell = self._image_only(pix)
+            return self.probe_loss(tokens, labels.gather(1, cell), left.gather(1, cell))
         tower = self.model.model.vision_tower if self.fam == "llava" else self.model.vision_model
         tokens = tower(pixel_values=pix).last_hidden_state[:, 1:]
-        labels = probe_labels(data)
-        return self.probe_loss(tokens, labels, left_labels(labels))
+        return self.probe_loss(tokens, labels, left)
 
     def probe_loss(self, tokens: torch.Tensor, labels: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
         """The per-patch probes (own content; left neighbour's at ``left_weight``), objects weighted up by
@@ -377,32 +410,57 @@ class Trainer:
             kw = models.build_inputs(name, tok, data, qs)
             out = self.model(**kw, output_hidden_states=True, output_attentions=self.ground > 0)
             ans = F.cross_entropy(out.logits, models.targets(name, tok, qs))
-            tokens = out.hidden_states[-1][:, -n:]
+            # the patch probes on the image tokens after the tower layers (the last layer without them)
+            tokens = out.hidden_states[self.tower_layers or -1][:, -n:]
             pi = self.captured["patch_index"]  # (B, n, 2): (row, col) of each image token
             cell = pi[..., 0] * scenes2.GRID + pi[..., 1]  # (B, 196): the cell of each image token
             labels = labels.repeat_interleave(4, 0).gather(1, cell)
             left = left.repeat_interleave(4, 0).gather(1, cell)
+            words = _class_word_ids(tok)
+            q_rows = torch.arange(len(qs))
+            word_at = torch.tensor([next(j for j, w in enumerate(r) if w in words) for r in kw["input_ids"].tolist()])
             if self.ground > 0 and self.ground_query == "answer":
                 # layer 0: the text [CLS] query over the patches (in ViLT's sampled order); ill-posed, as
                 # for the decoder: at layer 0 [CLS] has not read the question
                 att = out.attentions[0][:, :, 0, -n:]
                 rel = relevant_mask(data, qs).gather(1, cell)
                 ground = grounding_loss(att, rel)
-            elif self.ground > 0:  # layer 0: the question's class word over the cells of that class
-                words = _class_word_ids(tok)
-                ids = kw["input_ids"]
-                pos = torch.tensor([next(j for j, w in enumerate(r) if w in words) for r in ids.tolist()])
-                att = out.attentions[0][torch.arange(len(qs)), :, pos][..., -n:]  # (Q, heads, n)
-                ground = grounding_loss(att, object_mask(data, qs).gather(1, cell))
+            elif self.ground > 0:  # from the first layer after the tower: the class word over its class's cells
+                for layer in range(self.tower_layers, self.tower_layers + self.word_ground_layers):
+                    att = out.attentions[layer][q_rows, :, word_at][..., -n:]  # (Q, heads, n)
+                    ground = _mean(ground, grounding_loss(att, object_mask(data, qs).gather(1, cell)))
             if self.ground > 0 and self.answer_layer is not None:  # later: [CLS] over the answer's cells
                 att = out.attentions[self.answer_layer][:, :, 0, -n:]
                 ground = _mean(ground, grounding_loss(att, relevant_mask(data, qs).gather(1, cell)))
+            if self.ground > 0 and self.hop_layer is not None:  # [CLS] (the answer query) to the class word
+                att = out.attentions[self.hop_layer][:, :, 0, : kw["input_ids"].shape[1]]  # (Q, heads, text)
+                onehot = torch.zeros(len(qs), att.shape[-1], dtype=torch.bool)
+                onehot[q_rows, word_at] = True
+                ground = _mean(ground, grounding_loss(att, onehot))
+            if self.decoder_probes > 0:  # the image tokens' cell (row, column) where the probes read them
+                g = scenes2.GRID
+                rc = self.pos_probe(tokens)
+                extra_probe = self.decoder_probes * (F.cross_entropy(rc[..., :g].flatten(0, 1), (cell // g).flatten())
+                                                     + F.cross_entropy(rc[..., g:].flatten(0, 1), (cell % g).flatten()))
+            if self.word_weight > 0:  # the answer, read from the class word's state after layer `word_layer`
+                state = out.hidden_states[self.word_layer + 1][q_rows, word_at]
+                word_probe = F.cross_entropy(self.word_probe(state),
+                                             torch.tensor([tok.answer_index(q.answer) for q in qs]))
             if describe:
                 ids, counts, order = self._describe_ids(data, gen)
                 kw = models.build_inputs(name, tok, data, qs[::4])
                 kw["input_ids"], kw["attention_mask"] = ids, torch.ones_like(ids)
                 kw["token_type_ids"] = torch.zeros_like(ids)
-                st = self.model(**kw, output_hidden_states=True).hidden_states[-1][:, 1: ids.shape[1] - 1]
+                dout = self.model(**kw, output_hidden_states=True, output_attentions=self.ground > 0)
+                st = dout.hidden_states[-1][:, 1: ids.shape[1] - 1]
+                if self.ground > 0 and self.ground_query == "word":  # each class word over its cells
+                    dpi = self.captured["patch_index"]
+                    dcell = dpi[..., 0] * scenes2.GRID + dpi[..., 1]  # (B, n)
+                    cells = _class_cells(data, order).view(len(ids), -1, n)  # (B, 10, 196) in cell order
+                    cells = cells.gather(2, dcell[:, None, :].expand_as(cells))
+                    for layer in range(self.tower_layers, self.tower_layers + self.word_ground_layers):
+                        att = dout.attentions[layer][:, :, 1: ids.shape[1] - 1, -n:].transpose(1, 2)
+                        ground = _mean(ground, grounding_loss(att.flatten(0, 1), cells.flatten(0, 1)))
                 desc = F.cross_entropy(self.count_head(st).flatten(0, 1), counts.flatten())
         probe = self.probe_loss(tokens, labels, left)
         if word_probe is not None:
@@ -418,9 +476,9 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
           first_scene: int = 0, ground_query: str = "answer", answer_layer: int | None = None,
           left_weight: float = 0.0, vision_steps: int = 0, hop_layer: int | None = None,
           probe_balance: float = 1.0, word_weight: float = 0.0, word_layer: int = 0,
-          decoder_probes: float = 0.0, word_ground_layers: int = 1) -> dict:
+          decoder_probes: float = 0.0, word_ground_layers: int = 1, tower_layers: int = 0) -> dict:
     tr = Trainer(name, seed, ground_weight, ground_query, answer_layer, left_weight, hop_layer, probe_balance,
-                 word_weight, word_layer, decoder_probes, word_ground_layers)
+                 word_weight, word_layer, decoder_probes, word_ground_layers, tower_layers)
     previous = None
     if init is not None:  # a second stage: continue from saved weights (probe heads start afresh)
         from safetensors.torch import load_file
@@ -430,7 +488,8 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
         previous = models.metadata(name, init)["training"]
     stage1 = None
     cache = Path(__file__).resolve().parent / "out" / (f"stage1-{name}-seed{seed}-{vision_steps}x{n_scenes}-lr{lr}"
-                                                      f"-left{left_weight}-bal{probe_balance}.pt")
+                                                      f"-left{left_weight}-bal{probe_balance}"
+                                                      + (f"-tower{tower_layers}" if tr.fam == "vilt" else "") + ".pt")
     if vision_steps > 0 and cache.is_file():  # stage 1 is deterministic: reuse a finished one
         saved = torch.load(cache)
         for m, sd in zip(tr.vision_modules(), saved["modules"]):
@@ -547,6 +606,7 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
                           "probe_balance": probe_balance, "word_probe_weight": word_weight,
                           "word_probe_layer": word_layer, "decoder_probes_weight": decoder_probes,
                           "word_grounding_layers": word_ground_layers,
+                          **({"tower_layers": tower_layers} if tr.fam == "vilt" else {}),
                           "curriculum": (f"clutter and texture ramp from none to full over the first "
                                          f"{100 * curriculum:.0f}% of the steps (scenes2.generate(ease=...))")
                                         if curriculum > 0 else "none",
@@ -555,13 +615,24 @@ def train(name: str, steps: int, lr: float, n_scenes: int, seed: int, eval_every
                                         "cells of the asked-about object (-log of its share), standing in for the "
                                         "grounded pre-training real VLMs get; later layers are free")
                                        if ground_query == "answer" else
+                                       (f"layers {tower_layers}..{tower_layers + word_ground_layers - 1} (ViLT: the "
+                                        "first layers after the tower layers; [CLS] toward the class word at "
+                                        "hop_grounding_layer): the attention of the question's class word (the "
+                                        "word naming the asked-about class) over the image tokens is trained toward "
+                                        "the cells of that class (-log of its share of the image attention; none for "
+                                        "an absent class), and in the description task each class word toward its "
+                                        "cells; standing in for the grounded pre-training real VLMs get; later "
+                                        "layers are free") if tr.fam == "vilt" else
                                        ("layer 0: the attention of the question's class word (the word naming "
                                         "the asked-about class) over the image tokens is trained toward the cells "
                                         "of that class (-log of its share of the image attention; none for an "
                                         "absent class), and in the description block each class word toward its "
                                         "cells; standing in for the grounded pre-training real VLMs get; later "
                                         "layers and the answer position are free"),
-                          "stage_1": "the image tower alone trained on the per-patch probes (own content, and the "
+                          "stage_1": ("the image embeddings and the first tower_layers encoder layers trained on the "
+                                      "image alone (ViLT has no separate tower)" if tr.fam == "vilt" else
+                                      "the image tower alone")
+                                     + " trained on the per-patch probes (own content, and the "
                                      "left neighbour's at left_probe_weight) before the VQA stage (vision_stage)"
                                      if vision_steps > 0 else "none",
                           "describe": "every class word followed by its count (decoder: a fifth packed block, "
@@ -679,9 +750,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--word-layer", type=int, default=0)
     ap.add_argument("--decoder-probes", type=float, default=0.0,
                     help="decoder: weight of probes on the image tokens inside the decoder: their cell (row, column) "
-                         "at its input, their left neighbour's content after layer 0")
+                         "at its input, their left neighbour's content after layer 0; ViLT: their cell where the patch probes read them (after --tower-layers)")
     ap.add_argument("--word-ground-layers", type=int, default=1,
                     help="decoder: ground the question's class word in this many layers from layer 0")
+    ap.add_argument("--tower-layers", type=int, default=0,
+                    help="single stream (ViLT): stage 1 trains the image embeddings and this many leading encoder "
+                         "layers on the image alone; the patch probes then read the image tokens after them, and "
+                         "the class-word grounding starts at the next layer")
     ap.add_argument("--left-weight", type=float, default=0.0,
                     help="weight of a second per-patch probe: the left neighbour's content (for 'left')")
     ap.add_argument("--vision-steps", type=int, default=0,
@@ -701,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
               args.describe_until, args.ground_weight, args.curriculum, args.init, args.first_scene,
               args.ground_query, args.answer_layer, args.left_weight, args.vision_steps,
               args.hop_layer, args.probe_balance, args.word_weight, args.word_layer, args.decoder_probes,
-              args.word_ground_layers)
+              args.word_ground_layers, args.tower_layers)
     return 0
 
 

@@ -25,6 +25,11 @@ def test_pumer_default_layers_on_blip_save_and_do_not_warn(zoo_program):
     assert est.after.flops < est.flops and est.after.flops_matmul < est.flops_matmul
     blocks = {s["block"] for s in est.after.applied.steps}
     assert blocks == {"text_encoder.encoder.layer.0.crossattention.self"}, blocks  # not the last layer
+    # the plan's own ops (PuMer: text-to-image attention scoring, selection, gathers, merges) are priced
+    # apart: none before, some after, more than a text-agnostic pruning at the same place (no scoring)
+    rnd = graphred.estimate(prog, graphred.plans.prune(ratio=0.3, scorer="random", layers=0))
+    assert est.added_flops == 0 and rnd.added_flops == 0
+    assert 0 <= rnd.after.added_flops < est.after.added_flops < est.after.flops
 
 
 def test_cli_prints_the_warning_as_one_line(capsys):

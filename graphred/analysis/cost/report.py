@@ -115,6 +115,20 @@ class Estimate:
         return 1.0 - self.after.flops / self.flops
 
     @property
+    def added_flops(self) -> int:
+        """FLOPs of the nodes a plan added to the graph (scoring, selection, gathers, merges); 0 for an
+        estimate of an unreduced graph. Compare with ``flops`` for their share of the reduced model.
+
+        >>> import graphred
+        >>> model, inputs = graphred.zoo.load(graphred.zoo.TEST_NAMES[0])
+        >>> prog = graphred.capture(model, **inputs)
+        >>> est = graphred.estimate(prog, graphred.plans.pumer(prune=0.5, merge=0.0))
+        >>> est.added_flops, 0 < est.after.added_flops < est.after.flops
+        (0, True)
+        """
+        return sum(n.flops for n in self._nodes if not n.original)
+
+    @property
     def complete(self) -> bool:
         return not self.uncounted
 
