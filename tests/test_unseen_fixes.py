@@ -21,7 +21,11 @@
 * a model whose Python asks ``torch.compiler.is_exporting()`` (Phi-4-multimodal: Hugging Face's mask helper keeps
   an all-true mask under export and drops it eagerly, where the vision attention, declared causal, then masks
   causally): the graph of the exported path differs from the model; the CaptureError names that cause (before,
-  "does not reproduce the model", cause unknown).
+  "does not reproduce the model", cause unknown);
+* a composite op on symbolic sizes (Nemotron-H-Omni's vision tower: ``interpolate`` to a size computed in the
+  graph, ``upsample_bilinear2d.vec``): graphred's fake propagation (the meta check after every pass,
+  ``set_fake_val``) runs it through the Python dispatcher as torch.export does (before, "SymIntArrayRef expected
+  to contain only concrete integers", reported as CSEPass failing its checks).
 """
 from __future__ import annotations
 
@@ -297,3 +301,26 @@ def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
     assert prog.method == "draft_export"
     with torch.no_grad():
         torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+class _ResizeToSymbolicSize(nn.Module):
+    def forward(self, x):
+        s = x.shape[-1] * 2  # a size computed in the graph: symbolic when the input's size is
+        return F.interpolate(x, size=(s, s), mode="bilinear")
+
+
+def test_composite_op_on_symbolic_sizes_passes_the_meta_check():
+    from torch.export import Dim
+
+    from graphred.fx_utils import set_fake_val
+
+    side = Dim("side", min=2, max=64)
+    ep = torch.export.export(_ResizeToSymbolicSize(), (torch.randn(1, 2, 4, 4),),
+                             dynamic_shapes=({2: side, 3: side},))
+    gm = ep.graph_module
+    up = [n for n in gm.graph.nodes if n.target is torch.ops.aten.upsample_bilinear2d.vec]
+    assert len(up) == 1 and not isinstance(up[0].args[1][0], int)  # the op and its symbolic size are in the graph
+    check_meta_vals(gm)  # raised "SymIntArrayRef expected to contain only concrete integers" before
+    recorded = up[0].meta["val"].shape
+    new = set_fake_val(up[0])
+    assert new.shape[:2] == (1, 2) and str(new.shape[2]) == str(recorded[2]) and str(new.shape[2]) != "8"
