@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._functorch.config  # (torch._functorch.config.patch below; not imported by `import torch`)
 import torch.fx as fx
 import torch.nn as nn
 
@@ -465,6 +466,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if index is not None:  # a boolean mask of known value: integer indices of static length
                 self.reads += 1
                 return func(args[0], index, *args[2:], **kwargs)
+            index = self._bool_index_traced(args[1]) if func is torch.Tensor.__getitem__ else None
+            if index is not None:
+                return func(args[0], index, *args[2:], **kwargs)
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -506,6 +510,24 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                     changed = True
                     continue
             out.append(it)
+        return tuple(out) if changed else None
+
+    @staticmethod
+    def _bool_index_traced(index):
+        """``index`` with each traced boolean mask replaced by the traced integer index tensors of its true
+        positions (``nonzero().unbind(1)``, the same selection); None when it holds none. Under real-tensor
+        propagation a mask index ``x[mask]`` checks its fake result against the real one inside the op and
+        pins the count of true positions to its value before the op's output binds it (a
+        PendingUnbackedSymbolNotFound, e.g. Hugging Face's ``inputs_embeds[special_mask].numel()`` over a
+        mask expanded to the hidden size); ``nonzero`` binds the count on its own output."""
+        items = index if isinstance(index, tuple) else (index,)
+        out, changed = [], False
+        for it in items:
+            if isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it):
+                out.extend(torch.nonzero(it).unbind(1))
+                changed = True
+            else:
+                out.append(it)
         return tuple(out) if changed else None
 
     _SELECTS = frozenset({"topk", "sort", "argsort", "msort", "argmax", "argmin", "max", "min", "kthvalue", "mode",

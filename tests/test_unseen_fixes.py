@@ -25,7 +25,10 @@
 * a composite op on symbolic sizes (Nemotron-H-Omni's vision tower: ``interpolate`` to a size computed in the
   graph, ``upsample_bilinear2d.vec``): graphred's fake propagation (the meta check after every pass,
   ``set_fake_val``) runs it through the Python dispatcher as torch.export does (before, "SymIntArrayRef expected
-  to contain only concrete integers", reported as CSEPass failing its checks).
+  to contain only concrete integers", reported as CSEPass failing its checks);
+* a boolean mask index over a large traced mask in a capture with values read (Hugging Face's placeholder check
+  ``inputs_embeds[mask.unsqueeze(-1).expand_as(inputs_embeds)].numel()``, dots3_note, minimax_m3_vl): taken as
+  ``nonzero().unbind(1)`` indices, traced (before, "Pending unbacked symbols ... not in returned outputs").
 """
 from __future__ import annotations
 
@@ -324,3 +327,38 @@ def test_composite_op_on_symbolic_sizes_passes_the_meta_check():
     recorded = up[0].meta["val"].shape
     new = set_fake_val(up[0])
     assert new.shape[:2] == (1, 2) and str(new.shape[2]) == str(recorded[2]) and str(new.shape[2]) != "8"
+
+
+class _PlaceholderCheck(nn.Module):
+    """Image features scattered at the image-token positions after Hugging Face's placeholder check (the mask
+    expanded to the hidden size and indexed: 2 * 12 * 16 elements, larger than any folded mask), behind a
+    data-dependent branch, so the capture reads values."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+
+    def forward(self, input_ids, patches):
+        x, feats = self.embed(input_ids), self.proj(patches).reshape(-1, D)
+        mask = (input_ids == IMG_ID).unsqueeze(-1).expand_as(x)
+        torch._check(x[mask].numel() == feats.numel())
+        if (input_ids == IMG_ID).any():
+            x = x.masked_scatter(mask, feats)
+        return x
+
+
+def test_large_mask_index_captures_with_values_read():
+    torch.manual_seed(0)
+    model = _PlaceholderCheck().eval()
+    ids = torch.randint(0, V - 2, (2, 12))
+    ids[:, 3:7] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, 4, 4)}
+    with pytest.raises(Exception, match="Pending unbacked"):  # torch's own real-tensor propagation
+        program_mod._export_real_tensors(model, (), kwargs)
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
+    check_meta_vals(prog.graph_module)
+    # the mask stays computed from the ids (not folded to the example's positions)
+    assert any(n.target is torch.ops.aten.nonzero.default for n in prog.graph_module.graph.nodes)
