@@ -280,7 +280,9 @@ def _forward_fails(model: nn.Module, args: tuple, kwargs: dict) -> BaseException
 
 # errors of Python code that reads tensor values (a guard on one, a symbolic value used as a dict key)
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent",
-                   "non-nested SymInt", "PendingUnbackedSymbolNotFound")
+                   "non-nested SymInt", "PendingUnbackedSymbolNotFound",
+                   # (a tensor built in C++ from traced tensors' data: an index given as a sequence of them)
+                   "data is not allocated yet")
 _NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
 
@@ -469,6 +471,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             index = self._bool_index_traced(args[1]) if func is torch.Tensor.__getitem__ else None
             if index is not None:
                 return func(args[0], index, *args[2:], **kwargs)
+            index = self._sequence_index(args[1])
+            if index is not None:
+                return func(args[0], index, *args[2:], **kwargs)
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -529,6 +534,30 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             else:
                 out.append(it)
         return tuple(out) if changed else None
+
+    @classmethod
+    def _sequence_index(cls, index):
+        """``index`` with each Python sequence of traced 0-d tensors (``rows, cols = zip(*ind)``, then
+        ``x[rows, cols]``) replaced by their ``torch.stack``: a traced index tensor. Indexing turns such a
+        sequence into a tensor in C++ from the elements' data, which a traced tensor does not have ("data is
+        not allocated yet"). None when ``index`` holds no such sequence."""
+        def stacked(seq):
+            if not isinstance(seq, (list, tuple)) or not seq:
+                return None
+            parts = [stacked(e) if isinstance(e, (list, tuple)) else e for e in seq]
+            if not all(isinstance(e, torch.Tensor) and not e.is_floating_point() and e.dtype != torch.bool
+                       for e in parts) or len({e.shape for e in parts}) != 1 or not any(_is_traced(e) for e in parts):
+                return None
+            return torch.stack([e.to(parts[0].dtype) for e in parts])
+
+        if isinstance(index, list):
+            return stacked(index)
+        if not isinstance(index, tuple):
+            return None
+        out = [stacked(it) if isinstance(it, (list, tuple)) else None for it in index]
+        if all(o is None for o in out):
+            return None
+        return tuple(it if o is None else o for it, o in zip(index, out))
 
     _SELECTS = frozenset({"topk", "sort", "argsort", "msort", "argmax", "argmin", "max", "min", "kthvalue", "mode",
                           "multinomial"})

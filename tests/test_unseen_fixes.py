@@ -28,7 +28,10 @@
   to contain only concrete integers", reported as CSEPass failing its checks);
 * a boolean mask index over a large traced mask in a capture with values read (Hugging Face's placeholder check
   ``inputs_embeds[mask.unsqueeze(-1).expand_as(inputs_embeds)].numel()``, dots3_note, minimax_m3_vl): taken as
-  ``nonzero().unbind(1)`` indices, traced (before, "Pending unbacked symbols ... not in returned outputs").
+  ``nonzero().unbind(1)`` indices, traced (before, "Pending unbacked symbols ... not in returned outputs");
+* an index given as Python sequences of traced 0-d tensors (UDOP: ``rows, cols = zip(*ind)``,
+  ``patch_inds[rows, cols] = False``): stacked into a traced index tensor in a capture with values read (before,
+  "data is not allocated yet", not taken for data-dependent, no fallback).
 """
 from __future__ import annotations
 
@@ -362,3 +365,33 @@ def test_large_mask_index_captures_with_values_read():
     check_meta_vals(prog.graph_module)
     # the mask stays computed from the ids (not folded to the example's positions)
     assert any(n.target is torch.ops.aten.nonzero.default for n in prog.graph_module.graph.nodes)
+
+
+class _PatchesByPosition(nn.Module):
+    """Patches picked by the positions of the tokens' boxes (UDOP): the positions unpacked into Python tuples of
+    0-d tensors and used as an index."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, D)
+
+    def forward(self, patches, points):
+        x = self.proj(patches)  # [B, 6, D]
+        keep = torch.full_like(x[:, :, 0], True).bool()
+        ind = torch.cat([torch.arange(len(points))[:, None].repeat(1, points.size(-1))[:, :, None], points[:, :, None]],
+                        dim=-1).flatten(0, 1)
+        rows, cols = zip(*ind)
+        keep[rows, cols] = False
+        return x * keep[:, :, None]
+
+
+def test_index_by_a_sequence_of_traced_scalars_captures():
+    torch.manual_seed(0)
+    model = _PatchesByPosition().eval()
+    kwargs = {"patches": torch.randn(2, 6, 4), "points": torch.tensor([[0, 2], [1, 5]])}
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
+    # the positions are computed from the input in the graph, not folded to the example's values
+    assert any(n.target is torch.ops.aten.stack.default for n in prog.graph_module.graph.nodes)
