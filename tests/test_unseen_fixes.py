@@ -31,7 +31,10 @@
   ``nonzero().unbind(1)`` indices, traced (before, "Pending unbacked symbols ... not in returned outputs");
 * an index given as Python sequences of traced 0-d tensors (UDOP: ``rows, cols = zip(*ind)``,
   ``patch_inds[rows, cols] = False``): stacked into a traced index tensor in a capture with values read (before,
-  "data is not allocated yet", not taken for data-dependent, no fallback).
+  "data is not allocated yet", not taken for data-dependent, no fallback);
+* keys assembled in place (dots3_note: ``k = h.new_empty(...)``, ``k[..., :8].copy_(k_nope)``,
+  ``k[..., 8:].copy_(k_rot)``): the written values' token axes are carried back through the slices to the buffer
+  (before, the buffer was a constant with no tokens, the block had no key modality, no cross-modal block).
 """
 from __future__ import annotations
 
@@ -395,3 +398,30 @@ def test_index_by_a_sequence_of_traced_scalars_captures():
         assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
     # the positions are computed from the input in the graph, not folded to the example's values
     assert any(n.target is torch.ops.aten.stack.default for n in prog.graph_module.graph.nodes)
+
+
+class _BufferKeyLayer(_Layer):
+    """Attention whose keys are written into a fresh buffer in two slices (``new_empty`` then ``copy_``)."""
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        key = q.new_empty(B, 2, L, D // 2)
+        key[..., : D // 4].copy_(k[..., : D // 4])
+        key[..., D // 4:].copy_(k[..., D // 4:] * 2)
+        return x + self.out(F.scaled_dot_product_attention(q, key, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+def test_keys_written_into_a_buffer_keep_their_tokens():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_BufferKeyLayer(), _BufferKeyLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2, str(report)
+    assert all(b.key_stream is not None and "image" in b.key_modalities for b in decoder)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        want = model(**kwargs)
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), want)
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]

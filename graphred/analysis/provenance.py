@@ -295,11 +295,54 @@ class TokenProvenance:
         for node in self.gm.graph.nodes:
             try:
                 self.info[node] = self._visit(node)
+                self._write_through_views(node)
                 if node in self._attention_at:
                     self.info[node] = self._learned_queries(node, self._attention_at[node], self.info[node])
             except Exception as e:  # a rule that cannot apply is reported, never guessed
                 self._unknown(node, f"{op_name(node)} ({type(e).__name__}: {e})")
                 self.info[node] = TokenInfo()
+
+    _VIEWS = aten_packets("slice", "alias", "select")
+
+    def _write_through_views(self, node) -> None:
+        """An in-place write (``copy_``, ``fill_``, ``add_``...: the op's first argument is written) into a view
+        of a tensor (``buf[..., :8].copy_(k)``, a buffer filled in parts: ``new_empty`` then slice copies)
+        changes what the tensor holds for the nodes that read it later: the written value's token axes are
+        carried back through the views (``slice``, ``alias``, ``select``) to the base, where the view keeps
+        the axis' dims whole, and its taint joins the base's. (``index_put_`` is its own rule.)"""
+        tgt = node.target
+        if node.op != "call_function" or not isinstance(tgt, torch._ops.OpOverload) \
+                or tgt.overloadpacket is aten.index_put_ or not node.args or not isinstance(node.args[0], fx.Node):
+            return
+        args = tgt._schema.arguments
+        if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+            return
+        written = self.info.get(node)
+        if not isinstance(written, TokenInfo):
+            return
+        axes, cur = list(written.axes), node.args[0]
+        shape = node_shape(node) or node_shape(cur)
+        while True:
+            if shape is None:
+                return
+            if cur.op != "call_function" or op_packet(cur) not in self._VIEWS or not isinstance(cur.args[0], fx.Node):
+                break
+            base = cur.args[0]
+            bs = node_shape(base)
+            if bs is None:
+                return
+            if op_packet(cur) is aten.select:
+                d = cur.args[1] % len(bs)
+                dm = {i: i if i < d else i + 1 for i in range(len(shape))}
+            else:
+                dm = {i: i for i in range(len(shape))}
+            axes = relocate(axes, shape, bs, dm)  # (an axis over a dim the view cuts is dropped)
+            cur, shape = base, bs
+        old = self.info.get(cur)
+        if not isinstance(old, TokenInfo) or (not axes and written.taint <= old.taint):
+            return
+        merged = tuple(old.axes) + tuple(a for a in axes if a not in old.axes)
+        self.info[cur] = TokenInfo(merged, old.taint | written.taint, False, old.learned and written.learned)
 
     def _unknown(self, node, label=None):
         self.unknown.append(UnknownOp(node.name, label or op_name(node), module_path(node)))
@@ -362,6 +405,8 @@ class TokenProvenance:
             return self._scatter(node, "mask", node.args[1], node.args[2], taint)
         if pk in (aten.index_put, aten.index_put_):
             return self._index_put(node, taint)
+        if pk in (aten.copy, aten.copy_):  # dst's positions with src's values (src broadcast to dst)
+            return self._broadcast(node, [a for a in node.args[:2] if isinstance(a, fx.Node)], taint, learned)
         if pk is aten.where and len(node.args) == 3:
             return self._where(node, taint, learned)
         if pk in (aten.cat, aten.concat, aten.concatenate):
