@@ -34,7 +34,9 @@
   "data is not allocated yet", not taken for data-dependent, no fallback);
 * keys assembled in place (dots3_note: ``k = h.new_empty(...)``, ``k[..., :8].copy_(k_nope)``,
   ``k[..., 8:].copy_(k_rot)``): the written values' token axes are carried back through the slices to the buffer
-  (before, the buffer was a constant with no tokens, the block had no key modality, no cross-modal block).
+  (before, the buffer was a constant with no tokens, the block had no key modality, no cross-modal block);
+* unfused attention with a sink (hy_v4_vl: a learned column ``cat`` to the scores on the key dim before the
+  softmax, ``probs[..., :-1]`` after): found as attention (before, not recognised, no decoder block).
 """
 from __future__ import annotations
 
@@ -423,5 +425,35 @@ def test_keys_written_into_a_buffer_keep_their_tokens():
     with torch.no_grad():
         want = model(**kwargs)
         assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), want)
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
+
+
+class _SinkLayer(_Layer):
+    """Unfused causal attention with an attention sink (a learned logit per head joined to the scores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        mask = torch.full((L, L), float("-inf")).triu(1)
+        w = torch.matmul(q, k.transpose(2, 3)) * (D // 2) ** -0.5 + mask
+        w = torch.cat([w, self.sinks.reshape(1, -1, 1, 1).expand(B, -1, L, -1)], dim=-1)
+        probs = F.softmax(w - w.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+        return x + self.out(torch.matmul(probs, v).transpose(1, 2).reshape(B, L, D))
+
+
+def test_attention_with_a_sink_is_found_and_reduced():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_SinkLayer(), _SinkLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2 and all(not b.fused for b in decoder), str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), model(**kwargs))
         reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
         assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
