@@ -36,7 +36,10 @@
   ``k[..., 8:].copy_(k_rot)``): the written values' token axes are carried back through the slices to the buffer
   (before, the buffer was a constant with no tokens, the block had no key modality, no cross-modal block);
 * unfused attention with a sink (hy_v4_vl: a learned column ``cat`` to the scores on the key dim before the
-  softmax, ``probs[..., :-1]`` after): found as attention (before, not recognised, no decoder block).
+  softmax, ``probs[..., :-1]`` after): found as attention (before, not recognised, no decoder block);
+* flattened patches that carry each patch's row and column ids in their first columns (Pix2Struct: ``x[..., 2:]``
+  projected, ``x[..., 0].long()`` looked up): the projected columns are raw features, their rows image tokens
+  (before, the slice dropped "raw" and the other column reads made the input look used elsewhere: no image stream).
 """
 from __future__ import annotations
 
@@ -457,3 +460,38 @@ def test_attention_with_a_sink_is_found_and_reduced():
         assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), model(**kwargs))
         reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
         assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
+
+
+class _PatchIdsDecoder(nn.Module):
+    """Flattened patches [B, N, 2 + 4]: row and column ids in the first two columns, the pixels after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.row, self.col = nn.Linear(4, D), nn.Embedding(8, D), nn.Embedding(8, D)
+        self.embed = nn.Embedding(V, D)
+        self.encoder, self.layers = _Layer(), nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, input_ids, flattened_patches):
+        rows, cols = flattened_patches[:, :, 0].long(), flattened_patches[:, :, 1].long()
+        img = self.encoder(self.proj(flattened_patches[:, :, 2:]) + self.row(rows) + self.col(cols))
+        x = torch.cat([img, self.embed(input_ids)], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_flattened_patches_with_position_columns_are_image_tokens():
+    torch.manual_seed(0)
+    patches = torch.randn(2, 6, 6)
+    patches[:, :, 0], patches[:, :, 1] = (torch.arange(6) // 3).float(), (torch.arange(6) % 3).float()
+    kwargs = {"input_ids": torch.randint(0, V, (2, 5)), "flattened_patches": patches}
+    model = _PatchIdsDecoder().eval()
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2 and all(b.tokens == {"image": 6, "text": 5} for b in decoder), str(report)
+    encoder = [b for b in report.blocks if b.module_path == "encoder"]
+    # the image's own attention, before any text: its tokens are found from the projection alone
+    assert len(encoder) == 1 and encoder[0].tokens == {"image": 6} and encoder[0].query_stream is not None, str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < 11

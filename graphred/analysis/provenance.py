@@ -191,6 +191,15 @@ def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, in
     return out
 
 
+def _columns_of(u: fx.Node, x: fx.Node) -> bool:
+    """``u`` reads columns of ``x`` on its last dim (``x[..., a:b]``, ``x[..., i]``)."""
+    xs = node_shape(x)
+    if u.op != "call_function" or op_packet(u) not in (aten.slice, aten.select) or not xs or u.args[0] is not x:
+        return False
+    dim = u.args[1] if len(u.args) > 1 else 0
+    return isinstance(dim, int) and dim % len(xs) == len(xs) - 1
+
+
 # ----------------------------------------------------------------------------- the analysis
 class TokenProvenance:
     """Run the provenance analysis over ``gm`` (read-only).
@@ -575,10 +584,16 @@ class TokenProvenance:
             return axes
         # features feed their projection only: an input also read elsewhere (hidden states handed over from code
         # outside the graph, feeding a residual as well as q/k/v) is not a set of raw features
-        n = x
+        n, prev = x, None
         while isinstance(n, fx.Node):
-            if len([u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]) != 1:  # (not guards, asserts)
+            users = [u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]  # (not guards, asserts)
+            # (other feature columns read apart, e.g. each patch's row and column ids stored in its first columns,
+            # where this projection reads columns of its own)
+            if prev is not None and _columns_of(prev, n):
+                users = [u for u in users if u is prev or not _columns_of(u, n)]
+            if len(users) != 1:
                 return axes
+            prev = n
             if n.op == "placeholder":
                 break
             data = [a for a in n.all_input_nodes if not self.tokens(a).learned]
@@ -831,7 +846,9 @@ class TokenProvenance:
         axes = relocate(xi.axes, xs, shape, dm)
         if xs[dim] == shape[dim]:
             axes += relocate([a for a in xi.axes if axis_dim(a, xs) == dim], xs, shape, {dim: dim})
-            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
+            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned, raw=xi.raw)
+        if xi.raw and dim == len(xs) - 1:  # some feature columns of raw features: still raw features
+            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned, raw=True)
         for ax in xi.axes:
             st = self.stream(ax.stream)
             if axis_dim(ax, xs) == dim and st.rule == "padded" and _norm_index(start, xs[dim]) == 0 \
