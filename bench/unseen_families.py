@@ -960,7 +960,10 @@ NOTES = [
     "for all 39 families, measured at the end (four processes, 1 thread each; the seconds column is wall time, "
     "which for earlier rows depended on the load of a machine shared with four other engineers). The first "
     "measurements of this round (74638ad for the 29, 86bc4f5 for the fresh 10, before the tuned-on fixes) gave the "
-    "same stage for every family but the tuned-on ones; those first rows are the 'untouched' rates below.",
+    "same stage for every family but the tuned-on ones; those first rows are the 'untouched' rates below. "
+    "Round 3: all 39 measured again at graphred b59a03f (one process, 1 thread, on a machine shared with other "
+    "engineers): the same stage as at 582e1f8 for every family but the six tuned on in round 3; the after rows are "
+    "these.",
     "Fixes made on dev failures only: aria (tokens routed to experts: sort / x[perm // k] / inverse permutation / "
     "view(N, k, C); graphred/passes/token_axis.py), llama4 (tokens tiled per expert, view(E, -1, C); same file). "
     "phi4_multimodal: root cause found, not fixable in graphred: transformers' mask helper keeps an all-true "
@@ -988,8 +991,7 @@ NOTES = [
     "and lost the token axis), measured again there it still fails at reduce (the token axis of its decoder's "
     "cross-attention is unknown, with no unknown op left; not found in time). It is marked tuned on; its stage is the "
     "same either way.",
-    "Tuned on in round 3 (fresh held-out families, after their untouched measurement; rows measured again at "
-    "graphred b59a03f, the other rows as above): nemotron_h_omni (graphred's fake propagation, the meta check "
+    "Tuned on in round 3 (fresh held-out families, after their untouched measurement): nemotron_h_omni (graphred's fake propagation, the meta check "
     "after every pass, ran composite ops such as upsample_bilinear2d.vec on symbolic sizes outside the Python "
     "dispatcher: 'SymIntArrayRef expected to contain only concrete integers', reported as CSEPass failing; "
     "graphred/passes/infra.py, graphred/fx_utils.py), dots3_note and minimax_m3_vl (capture with values read: a "
