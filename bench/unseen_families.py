@@ -960,7 +960,10 @@ NOTES = [
     "for all 39 families, measured at the end (four processes, 1 thread each; the seconds column is wall time, "
     "which for earlier rows depended on the load of a machine shared with four other engineers). The first "
     "measurements of this round (74638ad for the 29, 86bc4f5 for the fresh 10, before the tuned-on fixes) gave the "
-    "same stage for every family but the tuned-on ones; those first rows are the 'untouched' rates below.",
+    "same stage for every family but the tuned-on ones; those first rows are the 'untouched' rates below. "
+    "Round 3: all 39 measured again at graphred b59a03f (one process, 1 thread, on a machine shared with other "
+    "engineers): the same stage as at 582e1f8 for every family but the six tuned on in round 3; the after rows are "
+    "these.",
     "Fixes made on dev failures only: aria (tokens routed to experts: sort / x[perm // k] / inverse permutation / "
     "view(N, k, C); graphred/passes/token_axis.py), llama4 (tokens tiled per expert, view(E, -1, C); same file). "
     "phi4_multimodal: root cause found, not fixable in graphred: transformers' mask helper keeps an all-true "
@@ -988,6 +991,20 @@ NOTES = [
     "and lost the token axis), measured again there it still fails at reduce (the token axis of its decoder's "
     "cross-attention is unknown, with no unknown op left; not found in time). It is marked tuned on; its stage is the "
     "same either way.",
+    "Tuned on in round 3 (fresh held-out families, after their untouched measurement): nemotron_h_omni (graphred's fake propagation, the meta check "
+    "after every pass, ran composite ops such as upsample_bilinear2d.vec on symbolic sizes outside the Python "
+    "dispatcher: 'SymIntArrayRef expected to contain only concrete integers', reported as CSEPass failing; "
+    "graphred/passes/infra.py, graphred/fx_utils.py), dots3_note and minimax_m3_vl (capture with values read: a "
+    "boolean mask index over a large traced mask, Hugging Face's placeholder check, left a pending unbacked size "
+    "under real-tensor propagation; now traced as nonzero().unbind(1) indices, graphred/program.py; dots3_note then "
+    "needed keys written in place into a new_empty buffer, slice by slice, to carry their tokens: "
+    "graphred/analysis/provenance.py), hy_v4_vl (the same in-place keys, and unfused attention with a sink column "
+    "cat to the scores and sliced off the probabilities: graphred/analysis/attention.py; a 2-D mask in "
+    "graphred/passes/reduce.py), pix2struct (its flattened patches carry row and column ids in their first "
+    "columns: the projected columns are now raw features, so its encoder has an image stream), udop (an index "
+    "given as Python tuples of traced scalars, 'data is not allocated yet': stacked into a traced index, "
+    "graphred/program.py; it now captures and stops at analysis: the text tokens gather patch embeddings at their "
+    "boxes, aten.gather has no provenance rule, and no text stream reaches attention).",
     "Earlier rounds' contamination, stated: chameleon's graph was looked at while the VQ-code fix was diagnosed "
     "(round 1); glm4v and instructblip were tried in an earlier session.",
     "Harness build failures are counted as not reduced; the rate without them is given beside.",

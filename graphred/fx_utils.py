@@ -363,6 +363,7 @@ def set_fake_val(node: fx.Node) -> Any:
     >>> set_fake_val(n).shape
     torch.Size([2, 2])
     """
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
     from torch.utils._pytree import tree_flatten
 
@@ -384,7 +385,8 @@ def set_fake_val(node: fx.Node) -> Any:
     real = getattr(mode, "propagate_real_tensors", False)
     mode.propagate_real_tensors = False
     try:
-        with mode:
+        # (the Python dispatcher, as torch.export traces: composite ops on symbolic sizes decompose in Python)
+        with mode, enable_python_dispatcher():
             if node.op == "call_method":
                 v = getattr(args[0], node.target)(*args[1:], **kwargs)
             else:

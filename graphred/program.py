@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._functorch.config  # (torch._functorch.config.patch below; not imported by `import torch`)
 import torch.fx as fx
 import torch.nn as nn
 
@@ -279,7 +280,9 @@ def _forward_fails(model: nn.Module, args: tuple, kwargs: dict) -> BaseException
 
 # errors of Python code that reads tensor values (a guard on one, a symbolic value used as a dict key)
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "DataDependentOutputException", "data-dependent",
-                   "non-nested SymInt", "PendingUnbackedSymbolNotFound")
+                   "non-nested SymInt", "PendingUnbackedSymbolNotFound",
+                   # (a tensor built in C++ from traced tensors' data: an index given as a sequence of them)
+                   "data is not allocated yet")
 _NOISY_LOGGERS = ("torch.export", "torch._export", "torch.fx.experimental.symbolic_shapes")
 
 
@@ -465,6 +468,12 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if index is not None:  # a boolean mask of known value: integer indices of static length
                 self.reads += 1
                 return func(args[0], index, *args[2:], **kwargs)
+            index = self._bool_index_traced(args[1]) if func is torch.Tensor.__getitem__ else None
+            if index is not None:
+                return func(args[0], index, *args[2:], **kwargs)
+            index = self._sequence_index(args[1])
+            if index is not None:
+                return func(args[0], index, *args[2:], **kwargs)
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -507,6 +516,48 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                     continue
             out.append(it)
         return tuple(out) if changed else None
+
+    @staticmethod
+    def _bool_index_traced(index):
+        """``index`` with each traced boolean mask replaced by the traced integer index tensors of its true
+        positions (``nonzero().unbind(1)``, the same selection); None when it holds none. Under real-tensor
+        propagation a mask index ``x[mask]`` checks its fake result against the real one inside the op and
+        pins the count of true positions to its value before the op's output binds it (a
+        PendingUnbackedSymbolNotFound, e.g. Hugging Face's ``inputs_embeds[special_mask].numel()`` over a
+        mask expanded to the hidden size); ``nonzero`` binds the count on its own output."""
+        items = index if isinstance(index, tuple) else (index,)
+        out, changed = [], False
+        for it in items:
+            if isinstance(it, torch.Tensor) and it.dtype == torch.bool and it.dim() >= 1 and _is_traced(it):
+                out.extend(torch.nonzero(it).unbind(1))
+                changed = True
+            else:
+                out.append(it)
+        return tuple(out) if changed else None
+
+    @classmethod
+    def _sequence_index(cls, index):
+        """``index`` with each Python sequence of traced 0-d tensors (``rows, cols = zip(*ind)``, then
+        ``x[rows, cols]``) replaced by their ``torch.stack``: a traced index tensor. Indexing turns such a
+        sequence into a tensor in C++ from the elements' data, which a traced tensor does not have ("data is
+        not allocated yet"). None when ``index`` holds no such sequence."""
+        def stacked(seq):
+            if not isinstance(seq, (list, tuple)) or not seq:
+                return None
+            parts = [stacked(e) if isinstance(e, (list, tuple)) else e for e in seq]
+            if not all(isinstance(e, torch.Tensor) and not e.is_floating_point() and e.dtype != torch.bool
+                       for e in parts) or len({e.shape for e in parts}) != 1 or not any(_is_traced(e) for e in parts):
+                return None
+            return torch.stack([e.to(parts[0].dtype) for e in parts])
+
+        if isinstance(index, list):
+            return stacked(index)
+        if not isinstance(index, tuple):
+            return None
+        out = [stacked(it) if isinstance(it, (list, tuple)) else None for it in index]
+        if all(o is None for o in out):
+            return None
+        return tuple(it if o is None else o for it, o in zip(index, out))
 
     _SELECTS = frozenset({"topk", "sort", "argsort", "msort", "argmax", "argmin", "max", "min", "kthvalue", "mode",
                           "multinomial"})

@@ -21,7 +21,25 @@
 * a model whose Python asks ``torch.compiler.is_exporting()`` (Phi-4-multimodal: Hugging Face's mask helper keeps
   an all-true mask under export and drops it eagerly, where the vision attention, declared causal, then masks
   causally): the graph of the exported path differs from the model; the CaptureError names that cause (before,
-  "does not reproduce the model", cause unknown).
+  "does not reproduce the model", cause unknown);
+* a composite op on symbolic sizes (Nemotron-H-Omni's vision tower: ``interpolate`` to a size computed in the
+  graph, ``upsample_bilinear2d.vec``): graphred's fake propagation (the meta check after every pass,
+  ``set_fake_val``) runs it through the Python dispatcher as torch.export does (before, "SymIntArrayRef expected
+  to contain only concrete integers", reported as CSEPass failing its checks);
+* a boolean mask index over a large traced mask in a capture with values read (Hugging Face's placeholder check
+  ``inputs_embeds[mask.unsqueeze(-1).expand_as(inputs_embeds)].numel()``, dots3_note, minimax_m3_vl): taken as
+  ``nonzero().unbind(1)`` indices, traced (before, "Pending unbacked symbols ... not in returned outputs");
+* an index given as Python sequences of traced 0-d tensors (UDOP: ``rows, cols = zip(*ind)``,
+  ``patch_inds[rows, cols] = False``): stacked into a traced index tensor in a capture with values read (before,
+  "data is not allocated yet", not taken for data-dependent, no fallback);
+* keys assembled in place (dots3_note: ``k = h.new_empty(...)``, ``k[..., :8].copy_(k_nope)``,
+  ``k[..., 8:].copy_(k_rot)``): the written values' token axes are carried back through the slices to the buffer
+  (before, the buffer was a constant with no tokens, the block had no key modality, no cross-modal block);
+* unfused attention with a sink (hy_v4_vl: a learned column ``cat`` to the scores on the key dim before the
+  softmax, ``probs[..., :-1]`` after): found as attention (before, not recognised, no decoder block);
+* flattened patches that carry each patch's row and column ids in their first columns (Pix2Struct: ``x[..., 2:]``
+  projected, ``x[..., 0].long()`` looked up): the projected columns are raw features, their rows image tokens
+  (before, the slice dropped "raw" and the other column reads made the input look used elsewhere: no image stream).
 """
 from __future__ import annotations
 
@@ -297,3 +315,183 @@ def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
     assert prog.method == "draft_export"
     with torch.no_grad():
         torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+class _ResizeToSymbolicSize(nn.Module):
+    def forward(self, x):
+        s = x.shape[-1] * 2  # a size computed in the graph: symbolic when the input's size is
+        return F.interpolate(x, size=(s, s), mode="bilinear")
+
+
+def test_composite_op_on_symbolic_sizes_passes_the_meta_check():
+    from torch.export import Dim
+
+    from graphred.fx_utils import set_fake_val
+
+    side = Dim("side", min=2, max=64)
+    ep = torch.export.export(_ResizeToSymbolicSize(), (torch.randn(1, 2, 4, 4),),
+                             dynamic_shapes=({2: side, 3: side},))
+    gm = ep.graph_module
+    up = [n for n in gm.graph.nodes if n.target is torch.ops.aten.upsample_bilinear2d.vec]
+    assert len(up) == 1 and not isinstance(up[0].args[1][0], int)  # the op and its symbolic size are in the graph
+    check_meta_vals(gm)  # raised "SymIntArrayRef expected to contain only concrete integers" before
+    recorded = up[0].meta["val"].shape
+    new = set_fake_val(up[0])
+    assert new.shape[:2] == (1, 2) and str(new.shape[2]) == str(recorded[2]) and str(new.shape[2]) != "8"
+
+
+class _PlaceholderCheck(nn.Module):
+    """Image features scattered at the image-token positions after Hugging Face's placeholder check (the mask
+    expanded to the hidden size and indexed: 2 * 12 * 16 elements, larger than any folded mask), behind a
+    data-dependent branch, so the capture reads values."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+
+    def forward(self, input_ids, patches):
+        x, feats = self.embed(input_ids), self.proj(patches).reshape(-1, D)
+        mask = (input_ids == IMG_ID).unsqueeze(-1).expand_as(x)
+        torch._check(x[mask].numel() == feats.numel())
+        if (input_ids == IMG_ID).any():
+            x = x.masked_scatter(mask, feats)
+        return x
+
+
+def test_large_mask_index_captures_with_values_read():
+    torch.manual_seed(0)
+    model = _PlaceholderCheck().eval()
+    ids = torch.randint(0, V - 2, (2, 12))
+    ids[:, 3:7] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, 4, 4)}
+    with pytest.raises(Exception, match="Pending unbacked"):  # torch's own real-tensor propagation
+        program_mod._export_real_tensors(model, (), kwargs)
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
+    check_meta_vals(prog.graph_module)
+    # the mask stays computed from the ids (not folded to the example's positions)
+    assert any(n.target is torch.ops.aten.nonzero.default for n in prog.graph_module.graph.nodes)
+
+
+class _PatchesByPosition(nn.Module):
+    """Patches picked by the positions of the tokens' boxes (UDOP): the positions unpacked into Python tuples of
+    0-d tensors and used as an index."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, D)
+
+    def forward(self, patches, points):
+        x = self.proj(patches)  # [B, 6, D]
+        keep = torch.full_like(x[:, :, 0], True).bool()
+        ind = torch.cat([torch.arange(len(points))[:, None].repeat(1, points.size(-1))[:, :, None], points[:, :, None]],
+                        dim=-1).flatten(0, 1)
+        rows, cols = zip(*ind)
+        keep[rows, cols] = False
+        return x * keep[:, :, None]
+
+
+def test_index_by_a_sequence_of_traced_scalars_captures():
+    torch.manual_seed(0)
+    model = _PatchesByPosition().eval()
+    kwargs = {"patches": torch.randn(2, 6, 4), "points": torch.tensor([[0, 2], [1, 5]])}
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export"
+    with torch.no_grad():
+        assert torch.equal(prog.graph_module(**kwargs), model(**kwargs))
+    # the positions are computed from the input in the graph, not folded to the example's values
+    assert any(n.target is torch.ops.aten.stack.default for n in prog.graph_module.graph.nodes)
+
+
+class _BufferKeyLayer(_Layer):
+    """Attention whose keys are written into a fresh buffer in two slices (``new_empty`` then ``copy_``)."""
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        key = q.new_empty(B, 2, L, D // 2)
+        key[..., : D // 4].copy_(k[..., : D // 4])
+        key[..., D // 4:].copy_(k[..., D // 4:] * 2)
+        return x + self.out(F.scaled_dot_product_attention(q, key, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+def test_keys_written_into_a_buffer_keep_their_tokens():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_BufferKeyLayer(), _BufferKeyLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2, str(report)
+    assert all(b.key_stream is not None and "image" in b.key_modalities for b in decoder)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        want = model(**kwargs)
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), want)
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
+
+
+class _SinkLayer(_Layer):
+    """Unfused causal attention with an attention sink (a learned logit per head joined to the scores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        mask = torch.full((L, L), float("-inf")).triu(1)
+        w = torch.matmul(q, k.transpose(2, 3)) * (D // 2) ** -0.5 + mask
+        w = torch.cat([w, self.sinks.reshape(1, -1, 1, 1).expand(B, -1, L, -1)], dim=-1)
+        probs = F.softmax(w - w.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+        return x + self.out(torch.matmul(probs, v).transpose(1, 2).reshape(B, L, D))
+
+
+def test_attention_with_a_sink_is_found_and_reduced():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_SinkLayer(), _SinkLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2 and all(not b.fused for b in decoder), str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), model(**kwargs))
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
+
+
+class _PatchIdsDecoder(nn.Module):
+    """Flattened patches [B, N, 2 + 4]: row and column ids in the first two columns, the pixels after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.row, self.col = nn.Linear(4, D), nn.Embedding(8, D), nn.Embedding(8, D)
+        self.embed = nn.Embedding(V, D)
+        self.encoder, self.layers = _Layer(), nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, input_ids, flattened_patches):
+        rows, cols = flattened_patches[:, :, 0].long(), flattened_patches[:, :, 1].long()
+        img = self.encoder(self.proj(flattened_patches[:, :, 2:]) + self.row(rows) + self.col(cols))
+        x = torch.cat([img, self.embed(input_ids)], dim=1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_flattened_patches_with_position_columns_are_image_tokens():
+    torch.manual_seed(0)
+    patches = torch.randn(2, 6, 6)
+    patches[:, :, 0], patches[:, :, 1] = (torch.arange(6) // 3).float(), (torch.arange(6) % 3).float()
+    kwargs = {"input_ids": torch.randint(0, V, (2, 5)), "flattened_patches": patches}
+    model = _PatchIdsDecoder().eval()
+    decoder, report = _decoder_blocks(model, kwargs)
+    assert len(decoder) == 2 and all(b.tokens == {"image": 6, "text": 5} for b in decoder), str(report)
+    encoder = [b for b in report.blocks if b.module_path == "encoder"]
+    # the image's own attention, before any text: its tokens are found from the projection alone
+    assert len(encoder) == 1 and encoder[0].tokens == {"image": 6} and encoder[0].query_stream is not None, str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < 11

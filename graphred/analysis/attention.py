@@ -18,6 +18,9 @@ PASS_THROUGH = {aten.mul, aten.div, aten.add, aten.sub, aten.masked_fill, aten.w
                  aten.clone, aten.view, aten.reshape, aten._unsafe_view, aten.dropout, aten.native_dropout,
                  aten.contiguous, aten.expand, aten.alias, aten.type_as}
 SOFTMAX = {aten.softmax, aten._softmax}
+# attention sinks: a learned column joined to the scores (``cat`` on the key dim) before the softmax and sliced
+# off its output (``probs[..., :-1]``) before the probs·V matmul
+SCORES_JOIN = {aten.cat, aten.concat}
 
 
 def scores_matmul(node: fx.Node) -> fx.Node | None:
@@ -27,7 +30,7 @@ def scores_matmul(node: fx.Node) -> fx.Node | None:
         pk = op_packet(node)
         if pk in MATMULS:
             return node
-        if pk not in PASS_THROUGH:
+        if pk not in PASS_THROUGH and not (pk in SCORES_JOIN and _on_last_dim(node)):
             return None
         # follow the operand that carries the scores (the largest tensor)
         cands = [a for a in node.all_input_nodes if node_shape(a) is not None]
@@ -50,10 +53,17 @@ def probs_matmul(node: fx.Node) -> fx.Node | None:
                     args = u.args[1:] if pk is aten.baddbmm else u.args
                     if args[0] is n:
                         return u
-                elif pk in PASS_THROUGH or u.target is operator.getitem:
+                elif pk in PASS_THROUGH or u.target is operator.getitem or pk is aten.slice and _on_last_dim(u):
                     nxt.append(u)
         frontier, seen = nxt, seen + 1
     return None
+
+
+def _on_last_dim(node: fx.Node) -> bool:
+    """A ``cat``/``slice`` along the last dim (the key dim of attention scores)."""
+    shape = node_shape(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return shape is not None and isinstance(dim, int) and dim % len(shape) == len(shape) - 1
 
 
 def _numel(shape) -> int:

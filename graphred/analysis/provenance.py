@@ -191,6 +191,15 @@ def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, in
     return out
 
 
+def _columns_of(u: fx.Node, x: fx.Node) -> bool:
+    """``u`` reads columns of ``x`` on its last dim (``x[..., a:b]``, ``x[..., i]``)."""
+    xs = node_shape(x)
+    if u.op != "call_function" or op_packet(u) not in (aten.slice, aten.select) or not xs or u.args[0] is not x:
+        return False
+    dim = u.args[1] if len(u.args) > 1 else 0
+    return isinstance(dim, int) and dim % len(xs) == len(xs) - 1
+
+
 # ----------------------------------------------------------------------------- the analysis
 class TokenProvenance:
     """Run the provenance analysis over ``gm`` (read-only).
@@ -295,11 +304,54 @@ class TokenProvenance:
         for node in self.gm.graph.nodes:
             try:
                 self.info[node] = self._visit(node)
+                self._write_through_views(node)
                 if node in self._attention_at:
                     self.info[node] = self._learned_queries(node, self._attention_at[node], self.info[node])
             except Exception as e:  # a rule that cannot apply is reported, never guessed
                 self._unknown(node, f"{op_name(node)} ({type(e).__name__}: {e})")
                 self.info[node] = TokenInfo()
+
+    _VIEWS = aten_packets("slice", "alias", "select")
+
+    def _write_through_views(self, node) -> None:
+        """An in-place write (``copy_``, ``fill_``, ``add_``...: the op's first argument is written) into a view
+        of a tensor (``buf[..., :8].copy_(k)``, a buffer filled in parts: ``new_empty`` then slice copies)
+        changes what the tensor holds for the nodes that read it later: the written value's token axes are
+        carried back through the views (``slice``, ``alias``, ``select``) to the base, where the view keeps
+        the axis' dims whole, and its taint joins the base's. (``index_put_`` is its own rule.)"""
+        tgt = node.target
+        if node.op != "call_function" or not isinstance(tgt, torch._ops.OpOverload) \
+                or tgt.overloadpacket is aten.index_put_ or not node.args or not isinstance(node.args[0], fx.Node):
+            return
+        args = tgt._schema.arguments
+        if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+            return
+        written = self.info.get(node)
+        if not isinstance(written, TokenInfo):
+            return
+        axes, cur = list(written.axes), node.args[0]
+        shape = node_shape(node) or node_shape(cur)
+        while True:
+            if shape is None:
+                return
+            if cur.op != "call_function" or op_packet(cur) not in self._VIEWS or not isinstance(cur.args[0], fx.Node):
+                break
+            base = cur.args[0]
+            bs = node_shape(base)
+            if bs is None:
+                return
+            if op_packet(cur) is aten.select:
+                d = cur.args[1] % len(bs)
+                dm = {i: i if i < d else i + 1 for i in range(len(shape))}
+            else:
+                dm = {i: i for i in range(len(shape))}
+            axes = relocate(axes, shape, bs, dm)  # (an axis over a dim the view cuts is dropped)
+            cur, shape = base, bs
+        old = self.info.get(cur)
+        if not isinstance(old, TokenInfo) or (not axes and written.taint <= old.taint):
+            return
+        merged = tuple(old.axes) + tuple(a for a in axes if a not in old.axes)
+        self.info[cur] = TokenInfo(merged, old.taint | written.taint, False, old.learned and written.learned)
 
     def _unknown(self, node, label=None):
         self.unknown.append(UnknownOp(node.name, label or op_name(node), module_path(node)))
@@ -362,6 +414,8 @@ class TokenProvenance:
             return self._scatter(node, "mask", node.args[1], node.args[2], taint)
         if pk in (aten.index_put, aten.index_put_):
             return self._index_put(node, taint)
+        if pk in (aten.copy, aten.copy_):  # dst's positions with src's values (src broadcast to dst)
+            return self._broadcast(node, [a for a in node.args[:2] if isinstance(a, fx.Node)], taint, learned)
         if pk is aten.where and len(node.args) == 3:
             return self._where(node, taint, learned)
         if pk in (aten.cat, aten.concat, aten.concatenate):
@@ -530,10 +584,16 @@ class TokenProvenance:
             return axes
         # features feed their projection only: an input also read elsewhere (hidden states handed over from code
         # outside the graph, feeding a residual as well as q/k/v) is not a set of raw features
-        n = x
+        n, prev = x, None
         while isinstance(n, fx.Node):
-            if len([u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]) != 1:  # (not guards, asserts)
+            users = [u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]  # (not guards, asserts)
+            # (other feature columns read apart, e.g. each patch's row and column ids stored in its first columns,
+            # where this projection reads columns of its own)
+            if prev is not None and _columns_of(prev, n):
+                users = [u for u in users if u is prev or not _columns_of(u, n)]
+            if len(users) != 1:
                 return axes
+            prev = n
             if n.op == "placeholder":
                 break
             data = [a for a in n.all_input_nodes if not self.tokens(a).learned]
@@ -786,7 +846,9 @@ class TokenProvenance:
         axes = relocate(xi.axes, xs, shape, dm)
         if xs[dim] == shape[dim]:
             axes += relocate([a for a in xi.axes if axis_dim(a, xs) == dim], xs, shape, {dim: dim})
-            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned)
+            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned, raw=xi.raw)
+        if xi.raw and dim == len(xs) - 1:  # some feature columns of raw features: still raw features
+            return TokenInfo(tuple(axes), taint, xi.direct_ids, learned, raw=True)
         for ax in xi.axes:
             st = self.stream(ax.stream)
             if axis_dim(ax, xs) == dim and st.rule == "padded" and _norm_index(start, xs[dim]) == 0 \

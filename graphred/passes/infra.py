@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.utils._pytree import tree_flatten
@@ -340,7 +341,10 @@ def check_meta_vals(gm: fx.GraphModule) -> None:
     real = getattr(mode, "propagate_real_tensors", False)
     mode.propagate_real_tensors = False
     try:
-        _RecomputeVals(gm, mode).propagate_dont_convert_inputs(*inputs)
+        # the Python dispatcher: an op with a composite kernel that needs concrete sizes (e.g. upsample_*.vec)
+        # decomposes in Python on symbolic sizes, as it did when torch.export traced it
+        with enable_python_dispatcher():
+            _RecomputeVals(gm, mode).propagate_dont_convert_inputs(*inputs)
         fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
     finally:
         mode.propagate_real_tensors = real

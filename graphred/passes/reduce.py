@@ -106,6 +106,8 @@ def emit_valid(graph: fx.Graph, mask: fx.Node | None, length: int, rows: int) ->
     else:
         allowed = call_with_val(graph, aten.gt.Scalar, (mask, torch.finfo(v.dtype).min / 2))
     shape = node_shape(mask)
+    if len(shape) == 2:  # [queries, keys], no batch dim (it broadcasts over [B, H, Lq, Lk])
+        allowed = call_with_val(graph, aten.any.dims, (allowed, [0], True))
     dims = list(range(1, len(shape) - 1))
     if dims:
         allowed = call_with_val(graph, aten.any.dims, (allowed, dims))
