@@ -856,6 +856,152 @@ def b_dots3_note():
     return _qwen_like("Dots3NoteForConditionalGeneration", cfg)
 
 
+# ---- the second fresh held-out set (builders written after the draw was committed; graphred untouched for them)
+
+def b_cosmos3_omni():
+    from transformers import Cosmos3OmniConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    text = _text(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                               "rope_theta": 10000.0, "mrope_interleaved": True})
+    cfg = Cosmos3OmniConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                            vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Cosmos3OmniForConditionalGeneration", cfg)
+
+
+def b_exaone4_5():
+    from transformers import Exaone4_5_Config
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_key_value_heads=2, in_channels=3,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
+                  fullatt_block_indexes=[1])
+    text = _text(model_type="exaone4", head_dim=16, sliding_window=8, sliding_window_pattern=2,
+                 layer_types=["sliding_attention", "full_attention"])
+    cfg = Exaone4_5_Config(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3)
+    return _qwen_like("Exaone4_5_ForConditionalGeneration", cfg)
+
+
+def b_lfm3_vl():
+    from transformers import Lfm3VlConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, in_channels=3, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                  layer_types=["conv", "full_attention", "conv"])
+    text = _text(model_type="lfm3", head_dim=16, sliding_window=8,
+                 layer_types=["conv", "full_attention", "sliding_attention"], num_hidden_layers=3)
+    cfg = Lfm3VlConfig(vision_config=vision, text_config=text, image_token_id=V - 4, video_token_id=V - 3,
+                       vision_start_token_id=V - 2, vision_end_token_id=V - 1, projector_hidden_size=64)
+    return _qwen_like("Lfm3VlForConditionalGeneration", cfg)
+
+
+def b_qwen2_5_omni_thinker():
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=64,
+                  fullatt_block_indexes=[1])
+    audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+                 output_dim=64, n_window=4)
+    text = _text(rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    cfg = Qwen2_5OmniThinkerConfig(text_config=text, vision_config=vision, audio_config=audio,
+                                   image_token_index=V - 4, video_token_index=V - 3, audio_token_index=V - 5,
+                                   audio_start_token_id=V - 6, audio_end_token_id=V - 7, user_token_id=V - 8)
+    cfg.image_token_id, cfg.video_token_id = V - 4, V - 3
+    return _qwen_like("Qwen2_5OmniThinkerForConditionalGeneration", cfg)
+
+
+def b_qwen4_exp():
+    from transformers import Qwen4ExpConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)
+    text = _text(head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=32, num_experts_per_tok=1, num_experts=2,
+                 layer_types=["linear_attention", "full_attention"], indexer_n_heads=2, indexer_kv_heads=1,
+                 indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+    cfg = Qwen4ExpConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                         vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Qwen4ExpForConditionalGeneration", cfg)
+
+
+def b_fast_vlm():
+    from transformers import FastVlmConfig
+
+    # its vision tower is timm's FastViT (the family's architecture), through TimmWrapper
+    cfg = FastVlmConfig(vision_config=dict(model_type="timm_wrapper", architecture="fastvit_mci3",
+                                           hidden_size=64, model_args=dict(embed_dims=(16, 16, 32, 32, 64))),
+                        text_config=dict(_text(), model_type="qwen2"), image_token_index=V - 1)
+    pix = torch.randn(2, 3, 64, 64, generator=_gen(0))
+    return _placeholder_family("FastVlmForConditionalGeneration", cfg, {"pixel_values": pix}, V - 1)
+
+
+def _pixtral_vision():
+    return dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=32, patch_size=4, head_dim=16)
+
+
+def b_lighton_ocr():
+    from transformers import LightOnOcrConfig
+
+    cfg = LightOnOcrConfig(vision_config=_pixtral_vision(), text_config=_text(model_type="qwen3", head_dim=16),
+                           image_token_id=V - 1, spatial_merge_size=2)
+    pix = torch.randn(2, 3, 32, 32, generator=_gen(0))
+    return _placeholder_family("LightOnOcrForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[32, 32]] * 2)}, V - 1, k=16)
+
+
+def b_mistral_large4():
+    from transformers import MistralLarge4Config
+
+    text = _text(moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=2, num_experts_per_tok=1,
+                 kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8,
+                 n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse"], num_key_value_heads=4)
+    cfg = MistralLarge4Config(vision_config=_pixtral_vision(), text_config=text, image_token_index=V - 1,
+                              spatial_merge_size=2, vision_feature_layer=-1)
+    pix = torch.randn(2, 3, 32, 32, generator=_gen(0))
+    return _placeholder_family("MistralLarge4ForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[32, 32]] * 2)}, V - 1, k=16)
+
+
+def b_minicpm_ocr():
+    from transformers import MiniCPMOcrConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, insert_layer_id=1, window_kernel_size=[2, 2])
+    text = _text(model_type="qwen3_5_text", head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                 linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 layer_types=["linear_attention", "full_attention"])
+    cfg = MiniCPMOcrConfig(text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2,
+                           insert_layer_id=1)
+    # its processor's layout: the patches of all images in one row, [1, C, p, patches * p]
+    pix = torch.randn(1, 3, 4, 128 * 4, generator=_gen(0))
+    return _placeholder_family("MiniCPMOcrForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "target_sizes": torch.tensor([[8, 8]] * 2, dtype=torch.int32)},
+                               V - 1)
+
+
+def b_apertus1p5():
+    from transformers import Apertus1p5Config
+
+    vq = dict(codebook_size=32, embed_dim=8, latent_channels=8, in_channels=3, base_channels=32,
+              channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], resolution=32, spatial_scale_factor=2)
+    audio = dict(model_type="wavtokenizer_encoder", num_filters=8, hidden_size=32, codebook_size=32, codebook_dim=32,
+                 num_lstm_layers=1, decoder_hidden_size=32, decoder_intermediate_size=64, decoder_num_layers=1,
+                 decoder_attention_num_groups=4)
+    cfg = Apertus1p5Config(text_config=dict(_text(), model_type="apertus1p5_text"), vision_config=vq,
+                           audio_config=audio,
+                           image_token_id=V - 1, audio_token_id=V - 2, image_token_offset=V - 100,
+                           audio_token_offset=V - 68)
+    pix = torch.randn(2, 3, 32, 32, generator=_gen(0))
+    return _placeholder_family("Apertus1p5ForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[32, 32]] * 2)}, V - 1, k=256)
+
+
 BUILDERS = {
     "aria": b_aria, "chameleon": b_chameleon, "cohere2_vision": b_cohere2_vision, "colpali": b_colpali,
     "colqwen2": b_colqwen2, "deepseek_vl": b_deepseek_vl, "deepseek_vl_hybrid": b_deepseek_vl_hybrid,
@@ -873,6 +1019,10 @@ BUILDERS = {
     "smolvlm": b_smolvlm,
     "hy_v4_vl": b_hy_v4_vl, "minimax_m3_vl": b_minimax_m3_vl, "ernie4_5_vl_moe": b_ernie4_5_vl_moe,
     "dots3_note": b_dots3_note, "molmo2": b_molmo2, "nemotron_h_omni": b_nemotron_h_omni, "glm46v": b_glm46v, "paddleocr_vl": b_paddleocr_vl, "pix2struct": b_pix2struct, "udop": b_udop,
+    "cosmos3_omni": b_cosmos3_omni, "exaone4_5": b_exaone4_5, "lfm3_vl": b_lfm3_vl,
+    "qwen2_5_omni_thinker": b_qwen2_5_omni_thinker, "qwen4_exp": b_qwen4_exp, "fast_vlm": b_fast_vlm,
+    "lighton_ocr": b_lighton_ocr, "mistral_large4": b_mistral_large4, "minicpm_ocr": b_minicpm_ocr,
+    "apertus1p5": b_apertus1p5,
 }
 
 
@@ -905,11 +1055,21 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(na, nb) and torch.equal(a.masked_fill(na, 0), b.masked_fill(nb, 0))
 
 
-def measure(name: str, build_only: bool = False) -> dict:
+def _over_limit(signum, frame):
+    raise TimeoutError("over the per-family time limit")
+
+
+def measure(name: str, build_only: bool = False, limit: int = 0) -> dict:
+    """One family through the stages; ``limit`` seconds (0: none) end it with a TimeoutError at its stage."""
+    import signal
+
     row = {"family": name, "set": set_of(name), "stage": None, "reduced": False,
            "error": None, "error_class": None, "seconds": None, "notes": {}}
     t0 = time.perf_counter()
     stage = "build"
+    if limit:
+        signal.signal(signal.SIGALRM, _over_limit)
+        signal.alarm(limit)
     try:
         builder = BUILDERS.get(name)
         if builder is None:
@@ -978,6 +1138,8 @@ def measure(name: str, build_only: bool = False) -> dict:
         row["error"] = (str(e).strip().splitlines() or [""])[0][:300]
         row["graphred_error"] = isinstance(e, graphred.GraphredError)
         row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
+    if limit:
+        signal.alarm(0)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
@@ -1117,6 +1279,7 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--tag", default="after", choices=["before", "after"])
     ap.add_argument("--build-only", action="store_true", help="check the builders only (eager forward)")
+    ap.add_argument("--limit", type=int, default=0, help="seconds per family (a timeout fails at its stage)")
     ap.add_argument("--out", default="", help="write this run's rows to a JSON file")
     ap.add_argument("--log-to-rows", nargs=2, metavar=("LOG", "JSON"),
                     help="rows from a run's printed lines (a run stopped before writing), commit from GRAPHRED_COMMIT")
@@ -1154,7 +1317,7 @@ def main() -> None:
     names = [n for n in args.only.split(",") if n] or ALL
     rows = []
     for n in names:
-        r = measure(n, args.build_only)
+        r = measure(n, args.build_only, args.limit)
         rows.append(r)
         if args.out:  # after every family: a run cut short keeps what it measured
             Path(args.out).write_text(json.dumps({args.tag: rows, args.tag + "_commit": subprocess_commit()}) + "\n")
