@@ -98,7 +98,8 @@ FRESH = ["dots3_note", "ernie4_5_vl_moe", "glm46v", "hy_v4_vl", "minimax_m3_vl",
 # the second fresh held-out set (rule in the docstring; recomputable with ``fresh2_draw()``)
 FRESH2 = ["apertus1p5", "cosmos3_omni", "exaone4_5", "fast_vlm", "lfm3_vl", "lighton_ocr", "minicpm_ocr",
           "mistral_large4", "qwen2_5_omni_thinker", "qwen4_exp"]
-ALL = FAMILIES + FRESH + FRESH2
+OLD = FAMILIES + FRESH  # the sets of the main table (fresh2 has its own)
+ALL = OLD + FRESH2
 ZOO_TYPES = {"llava", "paligemma", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "aya_vision", "internvl",
              "qwen3_vl", "fuyu", "blip-2", "idefics2", "lfm2_vl", "mllama", "kosmos-2", "vilt", "blip", "clip", "siglip",
              "smolvlm", "pixtral"}
@@ -1243,13 +1244,13 @@ def render(data: dict) -> str:
                   " before they were tuned on)**: " + _rates(rows) + ".", ""]
     before = {r["family"]: r for r in data.get("before", [])}
     after = {r["family"]: r for r in data.get("after", [])}
-    missing = [n for n in ALL if n not in after]
+    missing = [n for n in OLD if n not in after]
     if missing and after:
         lines += [f"Not measured after the fixes (the run was stopped at the deadline on a loaded machine): "
                   f"{', '.join(missing)}; the rates above count only the families measured.", ""]
     lines += ["| family | set | before | after | error (after, or before where not measured after) | s |",
               "|---|---|---|---|---|---|"]
-    for n in sorted(ALL, key=lambda n: ({"dev": 0, "held-out": 1, "fresh": 2}[set_of(n)], n)):
+    for n in sorted(OLD, key=lambda n: ({"dev": 0, "held-out": 1, "fresh": 2}[set_of(n)], n)):
         b, r = before.get(n), after.get(n)
         bst = "" if b is None else "reduced" if b["reduced"] else b["stage"]
         ast = "not measured" if r is None else "reduced" if r["reduced"] else r["stage"]
@@ -1261,8 +1262,42 @@ def render(data: dict) -> str:
     lines += ["", "Stage = the first check that failed (build, capture, analysis, identity, reduce, flops). "
               "Excluded by the rule: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()) + ".", ""]
     lines += [f"- {n}" for n in NOTES]
+    lines += _render_fresh2(data.get("fresh2") or {})
     lines += ["<!-- unseen:end -->"]
     return "\n".join(lines)
+
+
+def _render_fresh2(f2: dict) -> list[str]:
+    """The second fresh held-out set: untouched first measurements (graphred never changed for these families)."""
+    if not f2.get("after"):
+        return []
+    tags = [t for t in ("pre", "after") if f2.get(t)]
+    by = {t: {r["family"]: r for r in f2[t]} for t in tags}
+    head = {"pre": f"before this round's fixes ({f2.get('pre_commit')})",
+            "after": f"after this round's fixes ({f2.get('after_commit')})"}
+    lines = ["", "### Second fresh held-out set (fresh2): untouched first measurements", "",
+             f"Drawn with ``random.Random({f2.get('seed')})`` from the 45 types left after the first fresh draw "
+             "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
+             "them). One process per family, 1 thread, a 300 s limit per family (a timeout fails at its stage).", ""]
+    for t in tags:
+        rows = f2[t]
+        red = sum(r["reduced"] for r in rows)
+        built = [r for r in rows if r["stage"] != "build"]
+        lines.append(f"**graphred {head[t]}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); "
+                     f"of the {len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.")
+        lines.append("")
+    lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
+              "|---|---|" + "---|" * len(tags) + "---|---|"]
+    for n in FRESH2:
+        cells = []
+        for t in tags:
+            r = by[t].get(n)
+            cells.append("not measured" if r is None else "reduced" if r["reduced"] else r["stage"])
+        e = by[tags[-1]].get(n)
+        err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
+        cls = "" if e is None else e["notes"].get("class", "")
+        lines.append(f"| {n} | {cls} | " + " | ".join(cells) + f" | {err} | {'' if e is None else e['seconds']} |")
+    return lines
 
 
 def subprocess_commit() -> str:
@@ -1285,7 +1320,25 @@ def main() -> None:
                     help="rows from a run's printed lines (a run stopped before writing), commit from GRAPHRED_COMMIT")
     ap.add_argument("--render", action="store_true", help="rewrite the docs section from docs/results/unseen.json")
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
+    ap.add_argument("--fresh2-from", default="", help="a folder of per-family --out files of the fresh2 set")
+    ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after"])
     args = ap.parse_args()
+    if args.fresh2_from:
+        data = json.loads(RESULTS.read_text())
+        f2 = data.setdefault("fresh2", {})
+        f2.update(families=FRESH2, seed=FRESH2_SEED)
+        rows, commits = [], set()
+        for n in FRESH2:
+            p = Path(args.fresh2_from) / f"{n}.json"
+            if p.exists():
+                d = json.loads(p.read_text())
+                rows += d["after"]
+                commits.add(d["after_commit"])
+        f2[args.fresh2_tag] = rows
+        f2[args.fresh2_tag + "_commit"] = ",".join(sorted(commits))
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
     if args.log_to_rows:
         rows = []
         for line in Path(args.log_to_rows[0]).read_text().splitlines():
