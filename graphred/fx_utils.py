@@ -1,6 +1,7 @@
 """Small helpers over torch.fx graphs shared by analyses and passes."""
 from __future__ import annotations
 
+import operator
 import re
 import types
 from typing import Any
@@ -242,6 +243,68 @@ def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _written_root(node: Any) -> Any:
+    """The node whose storage ``node`` views: through view ops and ``getitem`` of their tuple outputs."""
+    for _ in range(1000):
+        if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+            return node
+        t = node.target
+        if t is operator.getitem:
+            node = node.args[0]
+            continue
+        schema = getattr(t, "_schema", None)
+        if schema is None or not schema.returns or not schema.arguments:
+            return node
+        ret, first = schema.returns[0].alias_info, schema.arguments[0].alias_info
+        if ret is None or ret.is_write or first is None or first.is_write:
+            return node
+        node = node.args[0]
+    return node
+
+
+def clone_mutated_constants(gm: fx.GraphModule) -> list[str]:
+    """Make each tensor constant of ``gm`` that the graph writes in place (``get_attr`` of a tensor that is
+    neither a parameter nor a buffer, written by an op such as ``add_``/``copy_``/``index_put_`` directly or
+    through a view) a fresh ``clone`` per call, and return the constants' targets. Eager code builds such a
+    tensor anew at each call (e.g. positions computed in Python and folded at capture, then ``pos[0] += k``);
+    the graph reads one stored tensor, so without the clone a second call would start from the first call's
+    writes. Buffers are left alone: writing them persists eagerly too.
+
+    >>> import torch, torch.fx as fx
+    >>> g = fx.Graph(); x = g.placeholder("x"); c = g.get_attr("c")
+    >>> _ = g.call_function(torch.ops.aten.add_.Tensor, (c, 1)); _ = g.output(g.call_function(torch.ops.aten.add.Tensor, (x, c)))
+    >>> root = torch.nn.Module(); root.c = torch.zeros(2)
+    >>> gm = fx.GraphModule(root, g); clone_mutated_constants(gm)
+    ['c']
+    >>> gm(torch.zeros(2)).tolist(), gm(torch.zeros(2)).tolist()
+    ([1.0, 1.0], [1.0, 1.0])
+    """
+    params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+    buffers = {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+    written: dict[fx.Node, None] = {}
+    for n in gm.graph.nodes:
+        schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+        if schema is None:
+            continue
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write:
+                continue
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            for leaf in (v if isinstance(v, (list, tuple)) else [v]):
+                root = _written_root(leaf)
+                if isinstance(root, fx.Node) and root.op == "get_attr" and root.target not in params \
+                        and root.target not in buffers and isinstance(fetch_attr(gm, root.target), torch.Tensor):
+                    written[root] = None
+    for c in written:
+        with gm.graph.inserting_after(c):
+            fresh = gm.graph.call_function(torch.ops.aten.clone.default, (c,))
+        fresh.meta.update({k: v for k, v in c.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+        c.replace_all_uses_with(fresh, delete_user_cb=lambda u: u is not fresh)
+    if written:
+        gm.recompile()
+    return [c.target for c in written]
 
 
 def flat_inputs(gm: fx.GraphModule, args: Any, kwargs: Any) -> list | None:

@@ -18,7 +18,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import CaptureError
-from .fx_utils import module_path
+from .fx_utils import clone_mutated_constants, module_path
+from .passes.infra import repair_meta_vals
 
 __all__ = ["Program", "capture"]
 
@@ -649,6 +650,13 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
     _inline_integer_grad_blocks(gm)
+    cloned = clone_mutated_constants(gm)
+    if cloned:
+        notes.append(f"the graph writes in place into {len(cloned)} tensor constant(s) built at capture "
+                     f"({', '.join(cloned[:4])}); each call now starts from a fresh copy, as the model's code "
+                     "builds them anew at each call.")
+    if method == "draft_export":
+        repair_meta_vals(gm)  # (real-tensor propagation can record vals the op does not produce)
     if method == "draft_export":
         _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
     prog = Program(

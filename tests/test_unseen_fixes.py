@@ -39,7 +39,14 @@
   softmax, ``probs[..., :-1]`` after): found as attention (before, not recognised, no decoder block);
 * flattened patches that carry each patch's row and column ids in their first columns (Pix2Struct: ``x[..., 2:]``
   projected, ``x[..., 0].long()`` looked up): the projected columns are raw features, their rows image tokens
-  (before, the slice dropped "raw" and the other column reads made the input look used elsewhere: no image stream).
+  (before, the slice dropped "raw" and the other column reads made the input look used elsewhere: no image stream);
+* window lengths read into Python for a ``split`` (EXAONE-4.5's vision attention: ``cu_seqlens`` from
+  ``unique_consecutive``, ``torch.split(q, lengths.tolist())``): the ``unbind`` behind ``tolist`` has 0-d pieces in
+  ``meta["val"]`` (before, torch's fake kernel kept the unbacked dim, and the meta check failed once a recompute
+  knew the size: "meta['val'] is stale", reported as CSEPass failing its checks);
+* integer bookkeeping folded to a constant in a capture with values read, then written in place (Qwen4-Exp's
+  position ids: ``pos[0] += k``): each call starts from a fresh copy (before, the graph wrote into its stored
+  constant and the second call's outputs differed from the first's).
 """
 from __future__ import annotations
 
@@ -495,3 +502,50 @@ def test_flattened_patches_with_position_columns_are_image_tokens():
     with torch.no_grad():
         reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
         assert reduced(**kwargs).shape[1] < 11
+
+
+class _SplitByLengths(nn.Module):
+    """Window lengths read into Python for a ``split`` (a vision tower's windowed attention)."""
+
+    def forward(self, x, cu):
+        cu = torch.unique_consecutive(cu)  # (an unbacked count of windows)
+        parts = torch.split(x, (cu[1:] - cu[:-1]).tolist(), dim=1)
+        return torch.cat([p * (i + 1) for i, p in enumerate(parts)], 1)
+
+
+def test_unbind_behind_tolist_has_0d_pieces_in_meta():
+    x, cu = torch.randn(2, 8), torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    model = _SplitByLengths()
+    prog = graphred.capture(model, x=x, cu=cu)
+    gm = prog.graph_module
+    unbinds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.unbind.int]
+    assert unbinds
+    for n in unbinds:
+        rank = n.args[0].meta["val"].dim() - 1
+        assert [p.dim() for p in n.meta["val"]] == [rank] * len(n.meta["val"]), n.meta["val"]
+        assert all(u.meta["val"].dim() == rank for u in n.users)
+    check_meta_vals(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(prog(x=x, cu=cu), model(x, cu))
+
+
+class _FoldedThenWritten(nn.Module):
+    """Integer bookkeeping folded at capture (values read as dict keys send capture down that path), then
+    written in place."""
+
+    def forward(self, x, grid):
+        x = x * {c: 1.0 for c in grid.tolist()}[1]
+        pos = grid.cumsum(0)
+        pos[0] += 4
+        return x * pos.float().sum()
+
+
+def test_constant_written_in_place_starts_fresh_at_each_call():
+    x, grid = torch.randn(2, 3), torch.tensor([1, 2, 3])
+    model = _FoldedThenWritten()
+    prog = graphred.capture(model, x=x, grid=grid)
+    with torch.no_grad():
+        want = model(x, grid)
+        for _ in range(3):
+            torch.testing.assert_close(prog(x=x, grid=grid), want)
+    assert any("tensor constant" in note for note in prog.notes), prog.notes

@@ -8,6 +8,7 @@ analyses (the rest are dropped after a modifying pass), and a ``meta["val"]`` ch
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 from weakref import WeakKeyDictionary
@@ -316,7 +317,13 @@ class _RecomputeVals(FakeTensorProp):
             return self._mode.from_tensor(real) if isinstance(real, torch.Tensor) else real
         if n.op == "call_module" and not n.users:
             return None  # e.g. torch.export's _guards_fn: checks, computes nothing
-        return super().run_node(n)
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target is torch.ops.aten.unbind.int:
+            inp = self.env.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+            fixed = _unbind_pieces(inp, n, out)
+            if fixed is not None:
+                n.meta["val"] = out = fixed
+        return out
 
 
 def _same_val(a: Any, b: Any) -> bool:
@@ -326,14 +333,13 @@ def _same_val(a: Any, b: Any) -> bool:
     return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor)
 
 
-def check_meta_vals(gm: fx.GraphModule) -> None:
-    """Re-propagate fake tensors from the placeholders' ``meta["val"]`` and raise
-    :class:`PostconditionError` if a call_function node's recorded val has another shape or dtype.
-    Does nothing when a placeholder has no ``meta["val"]``; leaves ``meta`` unchanged."""
+def _recompute_vals(gm: fx.GraphModule) -> dict[fx.Node, Any] | None:
+    """Fresh fake vals of every node, propagated from the placeholders' ``meta["val"]`` (``None`` when a
+    placeholder has none); ``meta`` is left unchanged."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [n.meta.get("val") for n in placeholders]
     if not placeholders or any(v is None for v in inputs):
-        return
+        return None
     mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     saved = {n: dict(n.meta) for n in gm.graph.nodes}
     # a graph captured with real-tensor propagation has a mode that also runs the real kernels; the check
@@ -345,12 +351,15 @@ def check_meta_vals(gm: fx.GraphModule) -> None:
         # decomposes in Python on symbolic sizes, as it did when torch.export traced it
         with enable_python_dispatcher():
             _RecomputeVals(gm, mode).propagate_dont_convert_inputs(*inputs)
-        fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
+        return {n: n.meta.get("val") for n in gm.graph.nodes}
     finally:
         mode.propagate_real_tensors = real
         for n, meta in saved.items():
             n.meta.clear()
             n.meta.update(meta)
+
+
+def _stale_nodes(gm: fx.GraphModule, fresh: dict[fx.Node, Any]) -> list[fx.Node]:
     bad = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.meta.get("val") is None:
@@ -358,10 +367,72 @@ def check_meta_vals(gm: fx.GraphModule) -> None:
         old, _ = tree_flatten(n.meta["val"])
         new, _ = tree_flatten(fresh[n])
         if len(old) != len(new) or not all(_same_val(a, b) for a, b in zip(old, new)):
-            bad.append(f"  {n.format_node()}\n    recorded {_describe(n.meta['val'])}, recomputed {_describe(fresh[n])}")
+            bad.append(n)
+    return bad
+
+
+def check_meta_vals(gm: fx.GraphModule) -> None:
+    """Re-propagate fake tensors from the placeholders' ``meta["val"]`` and raise
+    :class:`PostconditionError` if a call_function node's recorded val has another shape or dtype.
+    Does nothing when a placeholder has no ``meta["val"]``; leaves ``meta`` unchanged."""
+    fresh = _recompute_vals(gm)
+    if fresh is None:
+        return
+    bad = [f"  {n.format_node()}\n    recorded {_describe(n.meta['val'])}, recomputed {_describe(fresh[n])}"
+           for n in _stale_nodes(gm, fresh)]
     if bad:
         raise PostconditionError("meta['val'] is stale on these nodes (call set_fake_val/propagate_meta "
                                  "after a rewrite):\n" + "\n".join(bad))
+
+
+def repair_meta_vals(gm: fx.GraphModule) -> list[str]:
+    """Replace each call_function node's ``meta["val"]`` that disagrees (shape or dtype) with what its op
+    computes from its inputs' vals by the recomputed one, and return those nodes' names. A graph exported
+    with real-tensor propagation can record vals the op does not produce (e.g. ``unbind`` of a 1-D tensor,
+    read into Python by ``tolist()``, recorded with 1-D pieces), which the passes' :func:`check_meta_vals`
+    would later report as stale. Does nothing when a placeholder has no ``meta["val"]``.
+
+    >>> import torch, torch.fx as fx
+    >>> gm = torch.export.export(torch.nn.Linear(2, 2), (torch.ones(1, 2),)).module()
+    >>> repair_meta_vals(gm)
+    []
+    """
+    fresh = _recompute_vals(gm)
+    stale = _stale_nodes(gm, fresh) if fresh is not None else []
+    for n in stale:
+        n.meta["val"] = fresh[n]
+    return [n.name for n in stale] + _repair_unbind_vals(gm)
+
+
+def _unbind_pieces(inp: Any, n: fx.Node, pieces: Any) -> list | None:
+    """The right vals of ``unbind`` node ``n``'s pieces where ``pieces`` keep the unbound dim (else None)."""
+    if not isinstance(inp, FakeTensor) or not isinstance(pieces, (list, tuple)) \
+            or all(isinstance(p, torch.Tensor) and p.dim() == inp.dim() - 1 for p in pieces):
+        return None
+    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % inp.dim()
+    shape = [s for i, s in enumerate(inp.shape) if i != dim]
+    with inp.fake_mode:
+        return [torch.empty(shape, dtype=inp.dtype, device=inp.device) for _ in pieces]
+
+
+def _repair_unbind_vals(gm: fx.GraphModule) -> list[str]:
+    """``unbind`` pieces recorded with the unbound dim kept: the fake kernel (a split then a squeeze) keeps a
+    dim whose size is symbolic (an unbacked count) because it cannot prove it is 1, while the op removes it.
+    Each piece, and its ``getitem``, gets the input's val less that dim."""
+    fixed = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.aten.unbind.int:
+            continue
+        new = _unbind_pieces(n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None, n,
+                             n.meta.get("val"))
+        if new is None:
+            continue
+        n.meta["val"] = new
+        for u in n.users:
+            if u.target is operator.getitem and isinstance(u.args[1], int):
+                u.meta["val"] = new[u.args[1]]
+        fixed.append(n.name)
+    return fixed
 
 
 def _describe(v: Any) -> str:
