@@ -276,7 +276,8 @@ def clone_mutated_constants(gm: fx.GraphModule) -> list[str]:
     >>> g = fx.Graph(); x = g.placeholder("x"); c = g.get_attr("c")
     >>> _ = g.call_function(torch.ops.aten.add_.Tensor, (c, 1)); _ = g.output(g.call_function(torch.ops.aten.add.Tensor, (x, c)))
     >>> root = torch.nn.Module(); root.c = torch.zeros(2)
-    >>> gm = fx.GraphModule(root, g); clone_mutated_constants(gm)
+    >>> gm = fx.GraphModule(root, g); gm.c = gm._buffers.pop("c")  # a constant (torch.export's lifted tensors)
+    >>> clone_mutated_constants(gm)
     ['c']
     >>> gm(torch.zeros(2)).tolist(), gm(torch.zeros(2)).tolist()
     ([1.0, 1.0], [1.0, 1.0])
