@@ -656,7 +656,10 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
                      f"({', '.join(cloned[:4])}); each call now starts from a fresh copy, as the model's code "
                      "builds them anew at each call.")
     if method == "draft_export":
-        repair_meta_vals(gm)  # (real-tensor propagation can record vals the op does not produce)
+        try:
+            repair_meta_vals(gm)  # (real-tensor propagation can record vals the op does not produce)
+        except Exception:  # noqa: BLE001 - not re-propagable here: the recorded vals stay, as before
+            pass
     if method == "draft_export":
         _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
     prog = Program(
