@@ -1,6 +1,7 @@
 """Small helpers over torch.fx graphs shared by analyses and passes."""
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 import types
@@ -301,7 +302,11 @@ def clone_mutated_constants(gm: fx.GraphModule) -> list[str]:
     for c in written:
         with gm.graph.inserting_after(c):
             fresh = gm.graph.call_function(torch.ops.aten.clone.default, (c,))
-        fresh.meta.update({k: v for k, v in c.meta.items() if k in ("val", "tensor_meta", "stack_trace", "nn_module_stack")})
+        fresh.meta.update({k: v for k, v in c.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        v = c.meta.get("val")
+        if v is not None:  # a storage of its own (the constant's val would make the copy count as a weight)
+            with v.fake_mode if getattr(v, "fake_mode", None) is not None else contextlib.nullcontext():
+                fresh.meta["val"] = v.clone()
         c.replace_all_uses_with(fresh, delete_user_cb=lambda u: u is not fresh)
     if written:
         gm.recompile()
