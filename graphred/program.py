@@ -660,7 +660,6 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
             repair_meta_vals(gm)  # (real-tensor propagation can record vals the op does not produce)
         except Exception:  # noqa: BLE001 - not re-propagable here: the recorded vals stay, as before
             pass
-    if method == "draft_export":
         _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
     prog = Program(
         graph_module=gm,
@@ -689,22 +688,28 @@ def _exporting_reads(value: bool):
         tc.is_exporting = saved
 
 
-def _differs_when_exporting(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> bool:
+def _same_output(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal within float tolerance (floating point) or exactly (integers, booleans)."""
+    if a.is_floating_point():
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    return torch.equal(a, b)
+
+
+def _differs_when_exporting(model: nn.Module, got: dict, args: tuple, kwargs: dict) -> bool:
     """True where the model run eagerly, but told that it is being exported, computes what the graph computes:
     its code takes another path under ``torch.compiler.is_exporting()`` (Hugging Face's mask helpers keep an
     all-true padding mask when exporting and drop it eagerly, and SDPA then applies the attention module's own
     ``is_causal``), so the graph is right for that path and wrong for the eager one. Hiding the flag from the
-    capture does not help there: the helpers also test whether the mask is a fake tensor."""
+    capture does not help there: the helpers also test whether the mask is a fake tensor. ``got``: the graph's
+    outputs on ``args``/``kwargs`` (by pytree path)."""
     try:
         with torch.no_grad(), _preserve_attributes(model), _exporting_reads(True):
             traced_path = _tensor_leaves(model(*args, **kwargs))
-        with torch.no_grad():
-            got = _tensor_leaves(gm(*args, **kwargs))
     except Exception:  # noqa: BLE001 - the model does not run so: not this cause
         return False
-    same = [k for k in traced_path if k in got and traced_path[k].shape == got[k].shape]
-    return bool(same) and all(
-        torch.allclose(traced_path[k].float(), got[k].float(), rtol=1e-4, atol=1e-5, equal_nan=True) for k in same)
+    same = [k for k in traced_path if k in got and traced_path[k].shape == got[k].shape
+            and traced_path[k].dtype == got[k].dtype]
+    return bool(same) and all(_same_output(traced_path[k], got[k]) for k in same)
 
 
 def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, how: str) -> None:
@@ -737,10 +742,9 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
         a, b = want[k], got.get(k)
         if b is None or a.shape != b.shape or a.dtype != b.dtype:
             continue  # (outputs are compared where both sides name the same tensor)
-        if (a.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)) \
-                or (not a.is_floating_point() and not torch.equal(a, b)):
+        if not _same_output(a, b):
             diff = (a.float() - b.float()).abs().nan_to_num(0).max().item()
-            if _differs_when_exporting(model, gm, args, kwargs):
+            if _differs_when_exporting(model, got, args, kwargs):
                 raise CaptureError(
                     f"{type(model).__name__}: the captured graph does not reproduce the model on the example inputs "
                     f"(output {k}, shape {tuple(a.shape)}: max difference {diff:.3g}) because the model computes "
