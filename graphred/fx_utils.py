@@ -214,6 +214,19 @@ def ancestors(nodes: Any, stop: Any = None, stopped: set | None = None) -> set[f
     return seen
 
 
+def arg_nodes(args: Any) -> list[fx.Node]:
+    """The nodes inside ``args`` (nested lists, tuples and dicts of node arguments), in order.
+
+    >>> import torch.fx as fx
+    >>> g = fx.Graph(); a = g.placeholder("a"); b = g.placeholder("b")
+    >>> [n.name for n in arg_nodes((a, [1, b], {"k": a}))]
+    ['a', 'b', 'a']
+    """
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, out.append)
+    return out
+
+
 def is_state_call(node: fx.Node) -> bool:
     """A call kept for what it does to the interpreter, not for a value: a Python-level function (not an
     aten/graphred op, not a builtin such as ``torch.neg``, not ``operator``) whose result nothing reads, e.g. the vmap nesting calls torch.export

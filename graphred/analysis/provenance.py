@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..fx_utils import (
-    aten_packets, flat_inputs, is_pointwise, module_path, node_dtype, node_shape, op_name, original_shape, op_packet, size_hint,
+    arg_nodes, aten_packets, flat_inputs, is_pointwise, module_path, node_dtype, node_shape, op_name, original_shape, op_packet, size_hint,
 )
 from ..errors import AnalysisError
 from ..passes.infra import Analysis
@@ -361,13 +361,13 @@ class TokenProvenance:
 
     def _taint(self, *args) -> frozenset:
         t = frozenset()
-        for a in _flat_nodes(args):
+        for a in arg_nodes(args):
             t |= self.tokens(a).taint
         return t
 
     def _learned(self, args) -> bool:
         # sizes (SymInt nodes) say nothing about where values come from
-        return all(self.tokens(a).learned for a in _flat_nodes(args) if isinstance(a.meta.get("val"), torch.Tensor)
+        return all(self.tokens(a).learned for a in arg_nodes(args) if isinstance(a.meta.get("val"), torch.Tensor)
                    or a.op != "call_function")
 
     def _visit(self, node: fx.Node):
@@ -450,13 +450,13 @@ class TokenProvenance:
             if isinstance(node.meta.get("val"), (tuple, list)):
                 first = self._broadcast_info(node, [node.args[0]], _shape_of_val(node.meta["val"][0]), taint, learned)
                 return [first] + [TokenInfo(taint=taint, learned=learned)] * (len(node.meta["val"]) - 1)
-            ins = [a for a in _flat_nodes(node.args) if node_shape(a) is not None]
+            ins = [a for a in arg_nodes(node.args) if node_shape(a) is not None]
             return self._broadcast(node, ins, taint, learned)
         return self._opaque(node, taint, learned)
 
     def _opaque(self, node, taint=None, learned=False):
         taint = self._taint(node.args, node.kwargs) if taint is None else taint
-        if any(self.stream(ax.stream).kind == TOKENS for a in _flat_nodes((node.args, node.kwargs)) for ax in self.tokens(a).axes):
+        if any(self.stream(ax.stream).kind == TOKENS for a in arg_nodes((node.args, node.kwargs)) for ax in self.tokens(a).axes):
             self._unknown(node)
         v = node.meta.get("val")
         if isinstance(v, (tuple, list)):
@@ -1203,12 +1203,6 @@ class TokenProvenance:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _flat_nodes(x) -> list[fx.Node]:
-    out: list[fx.Node] = []
-    fx.node.map_arg(x, out.append)
-    return out
-
-
 def _shape_of_val(v):
     if isinstance(v, torch.Tensor):
         return tuple(size_hint(s) for s in v.shape)

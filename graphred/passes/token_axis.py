@@ -28,7 +28,7 @@ from ..analysis.op_tables import LOSSES, SDPA, loss_target_dims
 from ..analysis.provenance import TOKENS, TokAxis, TokenProvenance, locate
 from ..errors import PassError
 from ..fx_utils import (
-    ORIG_SHAPE, SIDE, call_with_val, is_pointwise, module_path, node_shape, op_packet, original_shape, record, recorded,
+    ORIG_SHAPE, SIDE, arg_nodes, call_with_val, is_pointwise, module_path, node_shape, op_packet, original_shape, record, recorded,
     set_fake_val,
 )
 
@@ -429,7 +429,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         row_wise = pk in (aten.scatter, aten.scatter_add) and n.args[0] in reduced_inputs and \
             isinstance(n.args[1], int) and n.args[1] % len(orig_shape) not in reduced.get(n.args[0], set())
         # (a scatter within each token's row, e.g. top-k expert scores into a row of experts, keeps the rows)
-        if not row_wise and any(a in reduced_inputs for a in _flat_nodes(n.args[1:])):
+        if not row_wise and any(a in reduced_inputs for a in arg_nodes(n.args[1:])):
             raise _fail("the reduced tokens are scattered into another sequence (their count is fixed there by the "
                         "input's placeholders); reduce them after they enter that sequence instead", n, pass_name)
     elif pk in (aten.cat, aten.concat):
@@ -555,16 +555,6 @@ def _split_axis(prov: TokenProvenance, node: fx.Node, streams) -> tuple[int, int
             if loc is not None and loc[0] != loc[1]:
                 return loc[0], loc[1], list(shape[loc[0]:loc[1] + 1])
     return None
-
-
-def _flat_nodes(args) -> list[fx.Node]:
-    out = []
-    for a in args:
-        if isinstance(a, fx.Node):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            out += _flat_nodes(a)
-    return out
 
 
 def _scales(size0: int, size1: int, old: int, new: int) -> bool:
