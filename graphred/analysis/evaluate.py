@@ -1,6 +1,8 @@
 """Partial evaluation: values of a few graph nodes (the input bookkeeping: image-placeholder
-masks, attention masks) computed from their ancestors only, never the model's layers. Works on
-graphs captured on the meta device given CPU copies of the inputs."""
+masks, attention masks) computed from their ancestors only, never the model's layers. It always runs
+on the CPU: graphs captured on the meta device (given CPU copies of the inputs) or on an accelerator
+(their inputs and the weights the bookkeeping reads are copied to the CPU) give the same values as a
+CPU capture."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
@@ -12,16 +14,30 @@ from ..fx_utils import ancestors, fetch_attr, is_state_call
 
 
 def to_cpu_device(x: Any) -> Any:
-    """A meta device (or "meta") in ``x`` -> cpu, through lists, tuples and dicts."""
-    if isinstance(x, torch.device) and x.type == "meta":
+    """Any device in ``x`` (``meta``, ``cuda:0``, a ``torch.device``) -> the CPU, and tensors -> CPU
+    copies, through lists, tuples and dicts.
+
+    >>> to_cpu_device([torch.device("cuda", 0), "meta", {"device": "cuda"}, 3])
+    [device(type='cpu'), 'cpu', {'device': 'cpu'}, 3]
+    """
+    if isinstance(x, torch.device):
         return torch.device("cpu")
-    if isinstance(x, str) and x == "meta":
+    if isinstance(x, str) and _is_device_string(x):
         return "cpu"
+    if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
+        return x.cpu()
     if isinstance(x, (list, tuple)):
         return type(x)(to_cpu_device(v) for v in x)
     if isinstance(x, dict):
         return {k: to_cpu_device(v) for k, v in x.items()}
     return x
+
+
+def _is_device_string(s: str) -> bool:
+    try:
+        return torch.device(s).type != "cpu"
+    except (RuntimeError, ValueError):
+        return False
 
 
 # graphred ops whose listed arguments are hidden-state data (scores, similarity metric, features):
@@ -89,10 +105,11 @@ def meta_layout_message(model_class: str, names: Sequence[str], step: str = "") 
 
 def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable[fx.Node],
                      max_weight_numel: int = 1 << 22) -> dict[fx.Node, Any]:
-    """Values of ``wanted`` nodes at ``flat_inputs`` (CPU tensors, in placeholder order), computing
+    """Values of ``wanted`` nodes at ``flat_inputs`` (tensors, in placeholder order), computing
     only their ancestors -- the input bookkeeping (masks from ``input_ids == image_token``, counts of
-    real images, ...), never the model's layers. Works on a graph captured on the meta device: device
-    arguments are mapped to the CPU, and a meta parameter/buffer the bookkeeping reads is taken as
+    real images, ...), never the model's layers. It runs on the CPU whatever the graph's device: device
+    arguments are mapped to the CPU, inputs and the weights the bookkeeping reads are copied there, and
+    on a graph captured on the meta device a meta parameter/buffer the bookkeeping reads is taken as
     zeros when it is small (``max_weight_numel``). The hidden-state arguments of graphred's selection
     ops are stood in for (:data:`DATA_ARGS`), so no layer runs. A node that cannot be computed is left out."""
     wanted = [w for w in wanted if isinstance(w, fx.Node)]
@@ -102,7 +119,7 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
         if i < len(flat_inputs):
-            env[n] = flat_inputs[i]
+            env[n] = to_cpu_device(flat_inputs[i])
     failed: set[fx.Node] = set()
     for n in stand_ins - need:  # a data argument that is itself wanted is computed, not stood in
         try:
@@ -136,6 +153,8 @@ def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_
                     if v.numel() > max_weight_numel:
                         raise ValueError("a large meta weight")
                     v = torch.zeros(v.shape, dtype=v.dtype)
+                else:
+                    v = to_cpu_device(v)
             elif node.op == "call_function":
                 args = to_cpu_device(fx.node.map_arg(node.args, lambda a: env[a]))
                 kwargs = to_cpu_device(fx.node.map_arg(node.kwargs, lambda a: env[a]))

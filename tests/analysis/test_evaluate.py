@@ -65,3 +65,40 @@ def test_data_args_name_real_arguments_of_graphred_ops():
         ns, name = op.split("::")
         schema = getattr(getattr(torch.ops, ns), name).default._schema
         assert set(names) <= {a.name for a in schema.arguments}, (op, names)
+
+
+def test_a_graph_captured_on_an_accelerator_is_evaluated_on_the_cpu(zoo_program, zoo_model):
+    """A capture on CUDA records ``device='cuda:0'`` in its arange/to/full calls and holds CUDA inputs and
+    weights; partial evaluation maps all of that to the CPU and gives the CPU capture's mask values. Here
+    the CPU capture's device arguments are rewritten to CUDA (this machine has none: any op left on CUDA
+    fails, so the masks would be missing)."""
+    from graphred.analysis.attention import find_attention
+
+    prog = zoo_program("llava")
+    _, kwargs = zoo_model("llava")
+    gm = prog.graph_module
+    swapped = fx.GraphModule(gm, gm.graph.__deepcopy__())  # shares the weights, not the graph
+    cuda = torch.device("cuda", 0)
+
+    def to_cuda(a):
+        if isinstance(a, torch.device):
+            return cuda
+        if isinstance(a, (list, tuple)):
+            return type(a)(to_cuda(x) for x in a)
+        return a
+
+    moved = 0
+    for n in swapped.graph.nodes:
+        args, kw = to_cuda(n.args), {k: to_cuda(v) for k, v in n.kwargs.items()}
+        moved += (args != n.args) + (kw != n.kwargs)
+        n.args, n.kwargs = args, kw
+    assert moved > 5
+    flat = [kwargs[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
+    masks = list(dict.fromkeys(a["mask"] for a in find_attention(gm) if a["mask"] is not None))
+    masks_swapped = list(dict.fromkeys(a["mask"] for a in find_attention(swapped) if a["mask"] is not None))
+    assert len(masks) == len(masks_swapped) >= 1
+    want = partial_evaluate(gm, flat, masks)
+    got = partial_evaluate(swapped, flat, masks_swapped)
+    assert len(got) == len(want) == len(masks)
+    for m, ms in zip(masks, masks_swapped):
+        assert got[ms].device.type == "cpu" and torch.equal(got[ms], want[m])
