@@ -46,7 +46,12 @@
   knew the size: "meta['val'] is stale", reported as CSEPass failing its checks);
 * integer bookkeeping folded to a constant in a capture with values read, then written in place (Qwen4-Exp's
   position ids: ``pos[0] += k``): each call starts from a fresh copy (before, the graph wrote into its stored
-  constant and the second call's outputs differed from the first's).
+  constant and the second call's outputs differed from the first's);
+* a model whose code computes differently when told it is exported (Hugging Face's reference gated delta rule in
+  MiniCPM-OCR and Qwen4-Exp: a triangular solve eagerly, forward substitution under ``is_exporting()``): captured
+  again with the model's code told it is not exported, the graph reproduces the model bit for bit (before, the
+  graph differed from the model by rounding, 2e-7, and zero reduction was not bit-exact); where the flag alone
+  decides a dropped mask (the Phi-4-like model without the traced-tensor check), the graph is the eager path.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 import graphred
 from graphred import program as program_mod
@@ -275,18 +281,21 @@ def test_tokens_indexed_by_an_inputs_positions_still_fail():
 
 class _MaskDroppedEagerly(nn.Module):
     """An all-true patch mask dropped unless exporting (as Hugging Face's mask helpers do), then attention that is
-    causal when it has no mask; a data-dependent branch on the ids sends capture down its values-read path."""
+    causal when it has no mask; a data-dependent branch on the ids sends capture down its values-read path.
+    ``fake_check``: the mask is also kept where it is a traced tensor (Hugging Face's ``is_tracing``)."""
 
-    def __init__(self):
+    def __init__(self, fake_check: bool = True):
         super().__init__()
         self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+        self.fake_check = fake_check
 
     def forward(self, input_ids, patches, patch_mask):
         x = self.proj(patches)
         B, P, _ = x.shape
         q = x.view(B, P, 2, D // 2).transpose(1, 2)
         mask = patch_mask
-        if not torch.compiler.is_exporting() and bool(mask.all()):
+        traced = self.fake_check and isinstance(mask, (torch._subclasses.FakeTensor, FunctionalTensor))
+        if not (torch.compiler.is_exporting() or traced) and bool(mask.all()):
             mask = None
         if mask is None:
             a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
@@ -300,8 +309,9 @@ class _MaskDroppedEagerly(nn.Module):
 
 
 def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
+    """(Where hiding the flag from the model's code is not enough: the mask is also kept because it is traced.)"""
     torch.manual_seed(0)
-    model = _MaskDroppedEagerly().eval()
+    model = _MaskDroppedEagerly(fake_check=True).eval()
     ids = torch.randint(0, V - 2, (2, 10))
     ids[:, 2:2 + N_IMG] = IMG_ID
     mask = torch.ones(2, N_IMG, dtype=torch.bool)
@@ -313,6 +323,66 @@ def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
     prog = graphred.capture(model, **kwargs)
     with torch.no_grad():
         torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+def test_a_model_that_branches_on_exporting_only_is_captured_down_its_eager_path():
+    """(The flag alone decides: the graph is captured with the model's code told it is not exported.)"""
+    torch.manual_seed(0)
+    model = _MaskDroppedEagerly(fake_check=False).eval()
+    ids = torch.randint(0, V - 2, (2, 10))
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, N_IMG, 4), "patch_mask": torch.ones(2, N_IMG, dtype=torch.bool)}
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(prog(**kwargs), model(**kwargs))
+    assert any("is_exporting" in note for note in prog.notes), prog.notes
+
+
+class _SolveOrSubstitute(nn.Module):
+    """A unit lower-triangular solve eagerly, forward substitution when exported (Hugging Face's reference gated
+    delta rule, Qwen3.5 / MiniCPM-OCR / Qwen4-Exp): the same maths, rounded differently. ``eager_exports``: False
+    where the eager path cannot be captured (it leaves torch), so the exported path's graph stands."""
+
+    def __init__(self, eager_exports: bool = True):
+        super().__init__()
+        self.a, self.eager_exports = nn.Linear(D, D), eager_exports
+
+    def forward(self, x):
+        m = torch.tril(self.a(x) @ x.transpose(-1, -2), -1) * 0.3  # [B, L, L], strictly lower
+        if not torch.compiler.is_exporting():
+            if not self.eager_exports:
+                x = x + torch.from_numpy(x.detach().numpy() * 0)  # (numpy: a fake tensor has no data)
+            eye = torch.eye(x.shape[1])
+            return torch.linalg.solve_triangular(m + eye, x, upper=False, unitriangular=True)
+        inv = -m
+        for i in range(1, x.shape[1]):
+            row = inv[..., i, :i].clone()
+            inv[..., i, :i] = row + (row.unsqueeze(-1) * inv[..., :i, :i].clone()).sum(-2)
+        return (inv + torch.eye(x.shape[1])) @ x
+
+
+def test_a_model_that_rounds_differently_when_exported_is_captured_bit_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, D)
+    model = _SolveOrSubstitute().eval()
+    with torch.no_grad():
+        want = model(x)
+        with program_mod._exporting_reads(True):
+            exported_path = model(x)
+    assert not torch.equal(want, exported_path)  # (the premise: the two paths round differently)
+    torch.testing.assert_close(want, exported_path)
+    prog = graphred.capture(model, x=x)
+    with torch.no_grad():
+        assert torch.equal(prog(x=x), want)
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(x=x), want)
+    assert any("is_exporting" in note for note in prog.notes), prog.notes
+    # where the eager path does not capture, the exported path's graph stands (within rounding of the model)
+    other = _SolveOrSubstitute(eager_exports=False).eval()
+    other.load_state_dict(model.state_dict())
+    prog = graphred.capture(other, x=x)
+    with torch.no_grad():
+        assert torch.equal(prog(x=x), exported_path)
+    assert not any("is_exporting" in note for note in prog.notes), prog.notes
 
 
 def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
