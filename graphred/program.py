@@ -568,7 +568,12 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
                              "data_ptr", "requires_grad", "clone", "contiguous", "alias",
                              "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
-                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided"})
+                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided",
+                             # (views compute nothing: folded, a view of an input (``input_ids.view(-1, L)``) would
+                             # make the graph ignore that input; what is computed from the view still folds)
+                             "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze",
+                             "unsqueeze", "permute", "transpose", "t", "expand", "expand_as", "narrow", "movedim",
+                             "swapaxes", "swapdims"})
 
 
 def _is_traced(t: torch.Tensor) -> bool:

@@ -51,7 +51,14 @@
   MiniCPM-OCR and Qwen4-Exp: a triangular solve eagerly, forward substitution under ``is_exporting()``): captured
   again with the model's code told it is not exported, the graph reproduces the model bit for bit (before, the
   graph differed from the model by rounding, 2e-7, and zero reduction was not bit-exact); where the flag alone
-  decides a dropped mask (the Phi-4-like model without the traced-tensor check), the graph is the eager path.
+  decides a dropped mask (the Phi-4-like model without the traced-tensor check), the graph is the eager path;
+* small token ids viewed in a capture with values read (UDOP's T5 stack: ``input_ids.view(-1, L)``): views are
+  not folded (before, the view became a constant, the graph ignored its ids and no text stream was found);
+* patches gathered at each word's box and added to the word, the other patches picked by an index (UDOP:
+  ``gather`` along the tokens, ``x[i][mask]``): the gathered rows carry the provenance of their source rows, and
+  rows added onto another sequence's tokens are features of those tokens (before, ``aten.gather`` had no rule);
+  PuMer reduces in the fused encoder of an encoder-decoder (before, a tie chose the decoder's cross-attention,
+  whose reduction saved less than its scoring cost: UDOP's FLOPs rose).
 """
 from __future__ import annotations
 
@@ -619,3 +626,78 @@ def test_constant_written_in_place_starts_fresh_at_each_call():
         for _ in range(3):
             torch.testing.assert_close(prog(x=x, grid=grid), want)
     assert any("tensor constant" in note for note in prog.notes), prog.notes
+
+
+class _FoldedIds(nn.Module):
+    """Small token ids viewed (``input_ids.view(-1, L)``, as T5-style stacks do) in a capture with values read."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+
+    def forward(self, input_ids, grid):
+        scale = {c: 1.0 for c in grid.tolist()}[1]  # (values read: capture takes its values-read path)
+        return self.embed(input_ids.view(-1, input_ids.shape[-1])) * scale
+
+
+def test_a_view_of_small_ids_is_not_folded_into_a_constant():
+    model = _FoldedIds().eval()
+    ids, grid = torch.randint(0, V, (2, 6)), torch.tensor([1, 2])
+    prog = graphred.capture(model, input_ids=ids, grid=grid)
+    other = (ids + 1) % V
+    with torch.no_grad():  # (before, the view was a constant: the graph ignored its input_ids)
+        assert torch.equal(prog.graph_module(input_ids=other, grid=grid), model(other, grid))
+    assert any(n.op == "placeholder" and n.target == "input_ids" and len(n.users) > 0
+               for n in prog.graph_module.graph.nodes)
+
+
+class _EncLayer(_Layer):
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+
+class _BoxEncoderDecoder(nn.Module):
+    """UDOP-like: each word gets the patch under its box added (``gather`` of the patches along the tokens), the
+    patches not under a box follow the words (``index_select``), a fused encoder, then a decoder whose
+    cross-attention reads the encoder's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.patch = nn.Embedding(V, D), nn.Conv2d(3, D, 2, 2)
+        self.enc = nn.ModuleList([_EncLayer(), _EncLayer()])
+        self.dec, self.q, self.kv, self.o = _Layer(), nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
+        self.register_buffer("free", torch.arange(0, 16, 2))  # the patches no word sits on
+
+    def forward(self, input_ids, boxes, pixel_values, decoder_input_ids):
+        p = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, 16, D]
+        t = self.embed(input_ids) + torch.gather(p, 1, boxes.unsqueeze(-1).expand(-1, -1, D))
+        x = torch.cat([t, p.index_select(1, self.free)], 1)
+        for layer in self.enc:
+            x = layer(x)
+        y = self.dec(self.embed(decoder_input_ids))
+        B, T, _ = y.shape
+        k, v = self.kv(x).view(B, -1, 2, 2, D // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(self.q(y).view(B, T, 2, D // 2).transpose(1, 2), k, v)
+        return y + self.o(a.transpose(1, 2).reshape(B, T, D))
+
+
+def test_patches_gathered_at_word_boxes_keep_words_text_and_patches_image():
+    torch.manual_seed(0)
+    model = _BoxEncoderDecoder().eval()
+    kwargs = {"input_ids": torch.randint(0, V, (2, 5)), "boxes": torch.randint(0, 8, (2, 5)) * 2 + 1,
+              "pixel_values": torch.randn(2, 3, 8, 8), "decoder_input_ids": torch.randint(0, V, (2, 3))}
+    prog = graphred.capture(model, **kwargs)
+    report = graphred.analyze(prog)
+    assert not report.unknown_ops, report.unknown_ops  # (before: aten.gather had no rule)
+    enc = [b for b in report.blocks if b.module_path.startswith("enc.")]
+    # the words stay text (the gathered patch rows are features added to them), the free patches are image
+    assert len(enc) == 2 and all(b.kind == CROSS_MODAL_SELF and b.tokens == {"text": 5, "image": 8} for b in enc), \
+        str(report)
+    with torch.no_grad():
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), model(**kwargs))
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        reduced(**kwargs)
+    # the fused encoder is where PuMer reduces (before, the decoder's cross-attention, the later stack of a tie)
+    assert [s["block"] for s in reduced.steps if s["op"] == "prune"] == ["enc.1"], reduced.steps
