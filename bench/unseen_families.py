@@ -1276,6 +1276,7 @@ def render(data: dict) -> str:
         e = r if r is not None else b
         err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
         tuned = " (tuned on; untouched: " + untouched[n]["stage"] + ")" if n in untouched else ""
+        tuned += f" (at {r['notes']['commit']})" if r is not None and r.get("notes", {}).get("commit") else ""
         lines.append(f"| {n} | {set_of(n)}{tuned} | {bst} | {ast} | {err} | "
                      f"{'' if e is None else e['seconds']} |")
     lines += ["", "Stage = the first check that failed (build, capture, analysis, identity, reduce, flops). "
@@ -1290,10 +1291,16 @@ def _render_fresh2(f2: dict) -> list[str]:
     """The second fresh held-out set: untouched first measurements (graphred never changed for these families)."""
     if not f2.get("after"):
         return []
-    tags = [t for t in ("pre", "after") if f2.get(t)]
+    tags = [t for t in ("pre", "after", "tuned") if f2.get(t)]
     by = {t: {r["family"]: r for r in f2[t]} for t in tags}
+    tuned = sorted(by.get("tuned", {}))
+    if tuned:  # (families not measured again keep their untouched row in the tuned column)
+        by["tuned"] = {**by["after"], **by["tuned"]}
+        f2 = {**f2, "tuned": [by["tuned"][n] for n in FRESH2 if n in by["tuned"]]}
     head = {"pre": f"before this round's fixes ({f2.get('pre_commit')})",
-            "after": f"after this round's fixes ({f2.get('after_commit')})"}
+            "after": f"after this round's fixes ({f2.get('after_commit')})",
+            "tuned": f"after fixes made by looking at {', '.join(tuned)} ({f2.get('tuned_commit')}; the other "
+                     "families' rows are the untouched ones; not an untouched rate)"}
     lines = ["", "### Second fresh held-out set (fresh2): untouched first measurements", "",
              f"Drawn with ``random.Random({f2.get('seed')})`` from the 45 types left after the first fresh draw "
              "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
@@ -1343,8 +1350,17 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rewrite the docs section from docs/results/unseen.json")
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
     ap.add_argument("--fresh2-from", default="", help="a folder of per-family --out files of the fresh2 set")
-    ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after"])
+    ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after", "tuned"])
+    ap.add_argument("--merge-rows", default="", help="an --out file: its rows replace those families' --tag rows, "
+                    "each marked with the commit it measured (the tag's commit is kept)")
     args = ap.parse_args()
+    if args.merge_rows:
+        data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
+        new = {r["family"]: dict(r, notes=dict(r["notes"], commit=other[args.tag + "_commit"])) for r in other[args.tag]}
+        data[args.tag] = [new.get(r["family"], r) for r in data[args.tag]]
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
     if args.fresh2_from:
         data = json.loads(RESULTS.read_text())
         f2 = data.setdefault("fresh2", {})
