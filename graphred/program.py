@@ -610,7 +610,10 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     Uses ``torch.export`` (non-strict). Where a model branches on tensor data (a
     data-dependent guard), capture falls back to draft-export semantics (real-tensor
     propagation, as ``torch.export.draft_export``), which specialises those branches to the
-    example inputs and records them in ``Program.notes``.
+    example inputs and records them in ``Program.notes``. Where the model's code asks
+    ``torch.compiler.is_exporting()`` and the graph of its export path does not reproduce the model bit for
+    bit, capture takes the model's eager path (its code told that it is not exported), so that the graph
+    computes what the model computes; also recorded in ``Program.notes``.
     The model is never modified: no hooks, no attribute changes, no swapped classes.
 
     >>> import graphred
