@@ -265,7 +265,7 @@ class TokenProvenance:
         if self._gathered(sa) != self._gathered(sb):
             # rows gathered from one sequence and met (added) with another at the same positions: the positions are
             # the other sequence's tokens, the gathered rows features added to them
-            keep, drop = (b, a) if sa.rule == "gather" else (a, b)
+            keep, drop = (b, a) if self._gathered(sa) else (a, b)
             self._parent[drop] = keep
             return keep
         # keep the more derived stream (a mixed layout beats a uniform one; later beats earlier)
@@ -957,10 +957,10 @@ class TokenProvenance:
         xi = self._in(x)
         others = {i: i for i in range(len(xs)) if i != dim and xs[i] == shape[i]}
         axes = relocate(xi.axes, xs, shape, others)
-        if op_packet(node) is aten.gather:
-            ii = self._in(index)
-            axes += [a for a in relocate(ii.axes, ixs, shape, {i: i for i in range(len(ixs)) if i != dim})
-                     if a not in axes]
+        if op_packet(node) is aten.gather:  # (the index's axes on the dims where x has none)
+            taken = {axis_dim(a, shape) for a in axes}
+            axes += [a for a in relocate(self._in(index).axes, ixs, shape, {i: i for i in range(len(ixs)) if i != dim})
+                     if axis_dim(a, shape) not in taken]
         return TokenInfo(tuple(axes + self._gathered_rows(node, x, dim, index)), taint, False, learned)
 
     def _gathered_rows(self, node, x, d, index) -> list[TokAxis]:
@@ -1131,7 +1131,7 @@ class TokenProvenance:
             idx = self.values.get(index)
             if idx is None:
                 return None, s[:0].new_zeros(st.length)
-            idx = idx.long()
+            idx = idx.long() % c.shape[1]  # (x[:, idx] takes negative positions from the end)
             if idx.dim() > 1:  # [B, ..., L at d, ...]: the row each position takes, per sample
                 idx = idx.movedim(d, -1).reshape(idx.shape[0], -1, idx.shape[d])[:, 0] if d > 0 else idx.reshape(
                     idx.shape[0], -1)[:, 0].unsqueeze(0)
