@@ -1197,6 +1197,19 @@ NOTES = [
     "Earlier rounds' contamination, stated: chameleon's graph was looked at while the VQ-code fix was diagnosed "
     "(round 1); glm4v and instructblip were tried in an earlier session.",
     "Harness build failures are counted as not reduced; the rate without them is given beside.",
+    "Round 4 (fix13b): udop, phi4_multimodal and perception_lm measured again (rows marked with their commit; one "
+    "process, 1 thread, nice 15 on a machine loaded by other engineers' runs, so the per-family limit was raised "
+    "to 900 s wall: udop took 395 s wall here, 10 s on a quieter machine). udop is reduced: its T5-style stack "
+    "views its small input_ids (input_ids.view(-1, L)), and the capture with values read folded that view into a "
+    "constant, so the graph ignored its ids and had no text stream (views are no longer folded: "
+    "graphred/program.py); the patches gathered at each word's box (aten.gather) and the free patches picked by "
+    "an index now carry their rows' provenance, and rows added onto the words are features of the words "
+    "(graphred/analysis/provenance.py); PuMer then reduced in the decoder's cross-attention (a tie between its "
+    "fused encoder and its decoder went to the later stack) and the FLOPs rose (estimate 42219367 -> 42523959); a "
+    "tie now goes to the stack whose own sequence holds both modalities (graphred/passes/prune_merge.py). "
+    "phi4_multimodal: same CaptureError; capture now tries the model's eager path (its code told it is not "
+    "exported), but Hugging Face's mask helper also keeps the all-true mask because the mask is a traced tensor "
+    "(is_tracing), which no flag changes: not fixable in graphred without patching transformers.",
 ]
 
 FRESH2_NOTES = [
@@ -1221,6 +1234,25 @@ FRESH2_NOTES = [
     "apertus1p5 (reduce at cf5c655: 'the reduced token axis reached dims "
     "[1]') and mistral_large4 (reduce at cf5c655: no attention where text queries meet image keys in layer 0) are "
     "reduced after.",
+    "Tuned on after the untouched measurement (the 'tuned' column; fixes made by looking at minicpm_ocr, qwen4_exp "
+    "and exaone4_5; the untouched rate is the 'after' column). minicpm_ocr and qwen4_exp: the identity failure's "
+    "cause is the model's code, not graphred's graph: Hugging Face's reference gated delta rule (their linear-"
+    "attention layers) solves a unit triangular system with torch.linalg.solve_triangular eagerly and by forward "
+    "substitution when torch.compiler.is_exporting() is true; the two round differently (the diagnosis lines "
+    "below, at 1ab0086: 2.09e-07 and 4.47e-08 on the logits). Capture now records whether the model's own code "
+    "asked that flag; where it did and the graph does not reproduce the model bit for bit, it captures again with "
+    "the model's code told it is not exported (torch's own calls still get the true flag) and keeps that graph "
+    "where it is bit-exact (graphred/program.py). Both graphs are then bit-exact, so the identity rule is "
+    "unchanged (no tolerance; graphred does not hand back the user's forward at zero reduction). qwen4_exp's "
+    "earlier call-to-call drift was gone before this fix (clone_mutated_constants). qwen4_exp then stops at "
+    "reduce: its sparse attention's indexer picks keys per query in a Python loop over samples and query "
+    "positions (nonzero, top-k over pooled key blocks), unrolled into the graph at the example's length, and the "
+    "token axis of that attention is unknown; not fixed. exaone4_5 was fixed before (the unbind behind tolist).",
+    "fast_vlm (and perception_lm in the main table) stay harness build failures: timm needs torchvision, and the "
+    "torchvision for torch 2.13 on PyPI (0.28.0) is a CUDA build that does not import with the project's CPU torch "
+    "(its C++ ops need libc10_cuda.so, then 'operator torchvision::nms does not exist'); a plain pip install timm "
+    "replaces torch with 2.14.1. timm, Pillow and that torchvision were installed into the shared venv, found "
+    "unusable, and removed; timm is not made a 'bench' extra, which could not install a working timm here.",
 ]
 
 
