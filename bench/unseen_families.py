@@ -1331,8 +1331,9 @@ def _render_fresh2(f2: dict) -> list[str]:
         f2 = {**f2, "tuned": [by["tuned"][n] for n in FRESH2 if n in by["tuned"]]}
     head = {"pre": f"before this round's fixes ({f2.get('pre_commit')})",
             "after": f"after this round's fixes ({f2.get('after_commit')})",
-            "tuned": f"after fixes made by looking at {', '.join(tuned)} ({f2.get('tuned_commit')}; the other "
-                     "families' rows are the untouched ones; not an untouched rate)"}
+            "tuned": f"with {', '.join(tuned)} measured again after fixes made by looking at some of them "
+                     f"({f2.get('tuned_commit')}; see the notes; the other families' rows are the untouched ones; not "
+                     "an untouched rate)"}
     lines = ["", "### Second fresh held-out set (fresh2): untouched first measurements", "",
              f"Drawn with ``random.Random({f2.get('seed')})`` from the 45 types left after the first fresh draw "
              "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
