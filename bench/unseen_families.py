@@ -1244,7 +1244,8 @@ FRESH2_NOTES = [
     "the model's code told it is not exported (torch's own calls still get the true flag) and keeps that graph "
     "where it is bit-exact (graphred/program.py). Both graphs are then bit-exact, so the identity rule is "
     "unchanged (no tolerance; graphred does not hand back the user's forward at zero reduction). qwen4_exp's "
-    "earlier call-to-call drift was gone before this fix (clone_mutated_constants). qwen4_exp then stops at "
+    "call-to-call drift at 1ab0086 (captured twice 0.022) is gone (0 at e8a06f3; also 0 in a run of the same "
+    "script at 96941f1, before this fix, not kept). qwen4_exp then stops at "
     "reduce: its sparse attention's indexer picks keys per query in a Python loop over samples and query "
     "positions (nonzero, top-k over pooled key blocks), unrolled into the graph at the example's length, and the "
     "token axis of that attention is unknown; not fixed. exaone4_5 was fixed before (the unbind behind tolist).",
