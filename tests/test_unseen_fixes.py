@@ -58,7 +58,11 @@
   ``gather`` along the tokens, ``x[i][mask]``): the gathered rows carry the provenance of their source rows, and
   rows added onto another sequence's tokens are features of those tokens (before, ``aten.gather`` had no rule);
   PuMer reduces in the fused encoder of an encoder-decoder (before, a tie chose the decoder's cross-attention,
-  whose reduction saved less than its scoring cost: UDOP's FLOPs rose).
+  whose reduction saved less than its scoring cost: UDOP's FLOPs rose);
+* tokens through a unit triangular solve along the tokens (the eager path of the gated delta rule, now captured:
+  Qwen4-Exp), a hidden state tiled on its features (``repeat(1, 1, k)``) and keys repeated over heads
+  (``repeat_interleave``): the token axis is kept (before, no rule for any of them; Qwen4-Exp's attention after
+  them had no token axis).
 """
 from __future__ import annotations
 
@@ -701,3 +705,31 @@ def test_patches_gathered_at_word_boxes_keep_words_text_and_patches_image():
         reduced(**kwargs)
     # the fused encoder is where PuMer reduces (before, the decoder's cross-attention, the later stack of a tie)
     assert [s["block"] for s in reduced.steps if s["op"] == "prune"] == ["enc.1"], reduced.steps
+
+
+class _SolveTiledLayer(_Layer):
+    """Tokens mixed by a unit triangular solve along the tokens (the eager gated delta rule), the hidden state
+    tiled on its features (``repeat(1, 1, 2)``), keys shared by two heads (``repeat_interleave`` on the heads)."""
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        m = torch.tril(x @ x.transpose(-1, -2) * 0.01, -1) + torch.eye(L)
+        h = torch.linalg.solve_triangular(m, x, upper=False, unitriangular=True)
+        h = h.repeat(1, 1, 2).view(B, L, 2, D).mean(2)
+        q, k, v = self.qkv(h).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        k, v = k[:, :1].repeat_interleave(2, dim=1), v[:, :1].repeat_interleave(2, dim=1)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+def test_tokens_through_a_triangular_solve_and_repeats_keep_their_axis():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_SolveTiledLayer(), _SolveTiledLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    mine = [u for u in report.unknown_ops if any(k in u.op for k in ("solve_triangular", "repeat"))]
+    assert not mine, mine  # (before: all three had no rule)
+    assert len(decoder) == 2 and all(b.query_stream is not None for b in decoder), str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]

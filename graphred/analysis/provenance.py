@@ -453,13 +453,15 @@ class TokenProvenance:
             return self._index(node, taint, learned)
         if pk in (aten.gather, aten.index_select) and len(node.args) >= 3 and isinstance(node.args[2], fx.Node):
             return self._gather(node, taint, learned)
+        if pk is aten.repeat or (tgt == aten.repeat_interleave.self_int and len(node.args) > 2):
+            return self._repeat(node, taint, learned)
         if pk in (aten.linear,):
             x = node.args[0]
             xs = node_shape(x)
             dm = {i: i for i in range(len(xs) - 1)}
             axes = relocate(self._in(x).axes, xs, shape, dm)
             return TokenInfo(tuple(self._projected_features(node, x, axes)), taint, False, learned)
-        if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
+        if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul, aten.linalg_solve_triangular):
             return self._matmul(node, taint, learned)
         if pk in REDUCTIONS and not is_pointwise(node):  # (min.other, max.other: elementwise, two tensors)
             return self._reduce(node, taint, learned)
@@ -963,6 +965,20 @@ class TokenProvenance:
                      if axis_dim(a, shape) not in taken]
         return TokenInfo(tuple(axes + self._gathered_rows(node, x, dim, index)), taint, False, learned)
 
+    def _repeat(self, node, taint, learned):
+        """``repeat(x, sizes)`` / ``repeat_interleave(x, r, dim)``: the dims that are not repeated keep their axes
+        (a hidden state tiled on its features, heads repeated for grouped keys)."""
+        x = node.args[0]
+        xs, shape = node_shape(x), node_shape(node)
+        if op_packet(node) is aten.repeat:
+            lead = len(node.args[1]) - len(xs)
+            dm = {i: i + lead for i in range(len(xs)) if node.args[1][i + lead] == 1}
+        else:
+            dim = node.args[2] % len(xs)
+            dm = {i: i for i in range(len(xs)) if i != dim}
+        xi = self._in(x)
+        return TokenInfo(tuple(relocate(xi.axes, xs, shape, dm)), taint, xi.direct_ids, learned)
+
     def _gathered_rows(self, node, x, d, index) -> list[TokAxis]:
         """The axis of ``node`` at dim ``d`` where ``index`` picks rows of a token axis of ``x`` there: a stream
         of the gathered rows (layout from the index's values)."""
@@ -994,6 +1010,9 @@ class TokenProvenance:
         pk = op_packet(node)
         args = node.args[1:] if pk in (aten.addmm, aten.baddbmm) else node.args
         a, b = args[0], args[1]
+        if pk is aten.linalg_solve_triangular:  # X = A^-1 B (left) or B A^-1: a product with the inverse
+            left = node.args[3] if len(node.args) > 3 else node.kwargs.get("left", True)
+            a, b = (a, b) if left else (b, a)
         as_, bs, shape = node_shape(a), node_shape(b), node_shape(node)
         R = len(shape)
         axes = []
