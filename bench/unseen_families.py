@@ -1197,6 +1197,20 @@ NOTES = [
     "Earlier rounds' contamination, stated: chameleon's graph was looked at while the VQ-code fix was diagnosed "
     "(round 1); glm4v and instructblip were tried in an earlier session.",
     "Harness build failures are counted as not reduced; the rate without them is given beside.",
+    "Round 4 (fix13b): udop, phi4_multimodal and perception_lm measured again (rows marked with their commit; one "
+    "process, 1 thread, nice 15 on a machine loaded by other engineers' runs, so the per-family limit was raised "
+    "to 900 s wall: a run of udop under that load took 395 s, the measured one 21 s). udop is reduced: its T5-style stack "
+    "views its small input_ids (input_ids.view(-1, L)), and the capture with values read folded that view into a "
+    "constant, so the graph ignored its ids and had no text stream (views are no longer folded: "
+    "graphred/program.py); the patches gathered at each word's box (aten.gather) and the free patches picked by "
+    "an index now carry their rows' provenance, and rows added onto the words are features of the words "
+    "(graphred/analysis/provenance.py); PuMer then reduced in the decoder's cross-attention (a tie between its "
+    "fused encoder and its decoder went to the later stack) and the FLOPs rose (estimate 42219367 -> 42523959 in a "
+    "run of this harness between the two fixes, not kept); a "
+    "tie now goes to the stack whose own sequence holds both modalities (graphred/passes/prune_merge.py). "
+    "phi4_multimodal: same CaptureError; capture now tries the model's eager path (its code told it is not "
+    "exported), but Hugging Face's mask helper also keeps the all-true mask because the mask is a traced tensor "
+    "(is_tracing), which no flag changes: not fixable in graphred without patching transformers.",
 ]
 
 FRESH2_NOTES = [
@@ -1221,6 +1235,28 @@ FRESH2_NOTES = [
     "apertus1p5 (reduce at cf5c655: 'the reduced token axis reached dims "
     "[1]') and mistral_large4 (reduce at cf5c655: no attention where text queries meet image keys in layer 0) are "
     "reduced after.",
+    "Tuned on after the untouched measurement (the 'tuned' column; fixes made by looking at minicpm_ocr, qwen4_exp "
+    "and exaone4_5; the untouched rate is the 'after' column). minicpm_ocr and qwen4_exp: the identity failure's "
+    "cause is the model's code, not graphred's graph: Hugging Face's reference gated delta rule (their linear-"
+    "attention layers) solves a unit triangular system with torch.linalg.solve_triangular eagerly and by forward "
+    "substitution when torch.compiler.is_exporting() is true; the two round differently (the diagnosis lines "
+    "below, at 1ab0086: 2.09e-07 and 4.47e-08 on the logits). Capture now records whether the model's own code "
+    "asked that flag; where it did and the graph does not reproduce the model bit for bit, it captures again with "
+    "the model's code told it is not exported (torch's own calls still get the true flag) and keeps that graph "
+    "where it is bit-exact (graphred/program.py). Both graphs are then bit-exact, so the identity rule is "
+    "unchanged (no tolerance; graphred does not hand back the user's forward at zero reduction). qwen4_exp's "
+    "call-to-call drift at 1ab0086 (captured twice 0.022) is gone (0 at e8a06f3; also 0 in a run of the same "
+    "script at 96941f1, before this fix, not kept). With its linear attention captured down the eager path, "
+    "qwen4_exp first stopped at reduce (measured at 4138056: 'the token axis of model.language_model.layers.1."
+    "self_attn is unknown'): the eager path's linalg_solve_triangular, the hidden state tiled on its features "
+    "(repeat(1, 1, 4)) and keys repeated over heads (repeat_interleave) had no analysis rule; they now keep the "
+    "token axis (graphred/analysis/provenance.py) and it is reduced. "
+    "exaone4_5 was fixed before (the unbind behind tolist).",
+    "fast_vlm (and perception_lm in the main table) stay harness build failures: timm needs torchvision, and the "
+    "torchvision for torch 2.13 on PyPI (0.28.0) is a CUDA build that does not import with the project's CPU torch "
+    "(its C++ ops need libc10_cuda.so, then 'operator torchvision::nms does not exist'); a plain pip install timm "
+    "replaces torch with 2.14.1. timm, Pillow and that torchvision were installed into the shared venv, found "
+    "unusable, and removed; timm is not made a 'bench' extra, which could not install a working timm here.",
 ]
 
 
@@ -1276,6 +1312,7 @@ def render(data: dict) -> str:
         e = r if r is not None else b
         err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
         tuned = " (tuned on; untouched: " + untouched[n]["stage"] + ")" if n in untouched else ""
+        tuned += f" (at {r['notes']['commit']})" if r is not None and r.get("notes", {}).get("commit") else ""
         lines.append(f"| {n} | {set_of(n)}{tuned} | {bst} | {ast} | {err} | "
                      f"{'' if e is None else e['seconds']} |")
     lines += ["", "Stage = the first check that failed (build, capture, analysis, identity, reduce, flops). "
@@ -1290,10 +1327,17 @@ def _render_fresh2(f2: dict) -> list[str]:
     """The second fresh held-out set: untouched first measurements (graphred never changed for these families)."""
     if not f2.get("after"):
         return []
-    tags = [t for t in ("pre", "after") if f2.get(t)]
+    tags = [t for t in ("pre", "after", "tuned") if f2.get(t)]
     by = {t: {r["family"]: r for r in f2[t]} for t in tags}
+    tuned = sorted(by.get("tuned", {}))
+    if tuned:  # (families not measured again keep their untouched row in the tuned column)
+        by["tuned"] = {**by["after"], **by["tuned"]}
+        f2 = {**f2, "tuned": [by["tuned"][n] for n in FRESH2 if n in by["tuned"]]}
     head = {"pre": f"before this round's fixes ({f2.get('pre_commit')})",
-            "after": f"after this round's fixes ({f2.get('after_commit')})"}
+            "after": f"after this round's fixes ({f2.get('after_commit')})",
+            "tuned": f"with {', '.join(tuned)} measured again after fixes made by looking at some of them "
+                     f"({f2.get('tuned_commit')}; see the notes; the other families' rows are the untouched ones; not "
+                     "an untouched rate)"}
     lines = ["", "### Second fresh held-out set (fresh2): untouched first measurements", "",
              f"Drawn with ``random.Random({f2.get('seed')})`` from the 45 types left after the first fresh draw "
              "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
@@ -1343,8 +1387,17 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rewrite the docs section from docs/results/unseen.json")
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
     ap.add_argument("--fresh2-from", default="", help="a folder of per-family --out files of the fresh2 set")
-    ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after"])
+    ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after", "tuned"])
+    ap.add_argument("--merge-rows", default="", help="an --out file: its rows replace those families' --tag rows, "
+                    "each marked with the commit it measured (the tag's commit is kept)")
     args = ap.parse_args()
+    if args.merge_rows:
+        data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
+        new = {r["family"]: dict(r, notes=dict(r["notes"], commit=other[args.tag + "_commit"])) for r in other[args.tag]}
+        data[args.tag] = [new.get(r["family"], r) for r in data[args.tag]]
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
     if args.fresh2_from:
         data = json.loads(RESULTS.read_text())
         f2 = data.setdefault("fresh2", {})

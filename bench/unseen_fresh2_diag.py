@@ -3,7 +3,8 @@ zero-reduction transform, and the captured program called twice.
 
   python bench/unseen_fresh2_diag.py [--write] minicpm_ocr qwen4_exp
 
-``--write`` keeps each printed line in docs/results/unseen.json (fresh2 -> diagnosis) and renders the section.
+``--write`` keeps each printed line in docs/results/unseen.json (fresh2 -> diagnosis, keyed by family and commit;
+the lines of other commits stay) and renders the section.
 """
 import json
 import sys
@@ -38,9 +39,10 @@ def main() -> None:
             p, p2 = logits(prog(**kw)), logits(prog(**kw))
             z = logits(graphred.transform(prog, pumer(prune=0, merge=0))(**kw))
         d = lambda x, y: f"{(x - y).abs().max().item():.3g}"  # noqa: E731
-        lines[name] = (f"{name}: logit scale {a.abs().max().item():.3g}; eager twice {d(a, a2)}; captured vs eager {d(p, a)}; "
-              f"captured twice {d(p, p2)}; zero reduction vs eager {d(z, a)}, vs captured {d(z, p)}")
-        print(lines[name], flush=True)
+        key = f"{name} at {u.subprocess_commit()}"
+        lines[key] = (f"{key}: logit scale {a.abs().max().item():.3g}; eager twice {d(a, a2)}; captured vs eager "
+                      f"{d(p, a)}; captured twice {d(p, p2)}; zero reduction vs eager {d(z, a)}, vs captured {d(z, p)}")
+        print(lines[key], flush=True)
     if write:
         data = json.loads(u.RESULTS.read_text())
         data["fresh2"].setdefault("diagnosis", {}).update(lines)

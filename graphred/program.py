@@ -568,7 +568,12 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                              "is_neg", "is_conj", "is_inference", "is_floating_point", "is_complex", "element_size",
                              "data_ptr", "requires_grad", "clone", "contiguous", "alias",
                              "empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros",
-                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided"})
+                             "new_ones", "new_full", "empty", "zeros", "ones", "full", "empty_strided",
+                             # (views compute nothing: folded, a view of an input (``input_ids.view(-1, L)``) would
+                             # make the graph ignore that input; what is computed from the view still folds)
+                             "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze",
+                             "unsqueeze", "permute", "transpose", "t", "expand", "expand_as", "narrow", "movedim",
+                             "swapaxes", "swapdims"})
 
 
 def _is_traced(t: torch.Tensor) -> bool:
@@ -605,7 +610,10 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     Uses ``torch.export`` (non-strict). Where a model branches on tensor data (a
     data-dependent guard), capture falls back to draft-export semantics (real-tensor
     propagation, as ``torch.export.draft_export``), which specialises those branches to the
-    example inputs and records them in ``Program.notes``.
+    example inputs and records them in ``Program.notes``. Where the model's code asks
+    ``torch.compiler.is_exporting()`` and the graph of its export path does not reproduce the model bit for
+    bit, capture takes the model's eager path (its code told that it is not exported), so that the graph
+    computes what the model computes; also recorded in ``Program.notes``.
     The model is never modified: no hooks, no attribute changes, no swapped classes.
 
     >>> import graphred
@@ -616,6 +624,46 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
     """
     _check_inputs(model, args, kwargs)
     _register_output_types()
+    asked: list[str] = []
+    try:
+        with _exporting_flag_for_model_code(None, asked):
+            gm, ep, method, notes = _export(model, args, kwargs)
+    except CaptureError as first:
+        if not asked:
+            raise
+        # (e.g. a graph specialised at the example inputs that differs from the model because its code asked
+        # whether it is exported): capture again down the eager path, else the first error stands
+        try:
+            with _exporting_flag_for_model_code(False, []):
+                gm, ep, method, notes = _export(model, args, kwargs)
+        except Exception:  # noqa: BLE001 - the first error names the obstacle
+            raise first from None
+        notes.append(_EAGER_PATH_NOTE.format(callers=", ".join(sorted(set(asked)))))
+        asked = []
+    if asked:
+        # the model's own code asked torch.compiler.is_exporting(): it may compute differently while exported
+        # (e.g. a triangular solve replaced by forward substitution for export targets that lack it), so the
+        # graph would differ from the model the user runs. Where it does, capture again with the model's code
+        # told that it is not exported; that graph is kept where it reproduces the model bit for bit.
+        again = _eager_path_capture(model, gm, args, kwargs, sorted(set(asked)))
+        if again is not None:
+            gm, ep, method, notes = again
+    prog = Program(
+        graph_module=gm,
+        exported=ep,
+        example_args=tuple(args),
+        example_kwargs=dict(kwargs),
+        model_class=type(model).__name__,
+        method=method,
+        notes=notes,
+        model=model,
+    )
+    return prog
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, Any, str, list[str]]:
+    """torch.export with graphred's fallbacks (see :func:`capture`): the graph module, the exported program,
+    the method and the notes."""
     cls = type(model).__name__
     notes: list[str] = []
     method = "export"
@@ -661,17 +709,97 @@ def capture(model: nn.Module, *args, **kwargs) -> Program:
         except Exception:  # noqa: BLE001 - not re-propagable here: the recorded vals stay, as before
             pass
         _check_specialised(model, gm, args, kwargs, notes[-1] if notes else "")
-    prog = Program(
-        graph_module=gm,
-        exported=ep,
-        example_args=tuple(args),
-        example_kwargs=dict(kwargs),
-        model_class=cls,
-        method=method,
-        notes=notes,
-        model=model,
-    )
-    return prog
+    return gm, ep, method, notes
+
+
+_EAGER_PATH_NOTE = ("the model's code asks torch.compiler.is_exporting() ({callers}) and computes differently when "
+                    "told it is exported; captured with that code told it is not (torch's own code is told the "
+                    "truth), so the graph computes what the model computes when run.")
+
+
+@contextlib.contextmanager
+def _exporting_flag_for_model_code(answer: bool | None, asked: list[str]):
+    """While inside, ``torch.compiler.is_exporting()`` called from code outside torch (the model's, its library's)
+    answers ``answer`` (None: the true flag) and the calling module's name is appended to ``asked``; torch's own
+    calls (export's machinery) always get the true flag. A name bound before (``from torch.compiler import
+    is_exporting``) is not seen."""
+    import sys
+
+    import torch.compiler as tc
+
+    saved = tc.is_exporting
+
+    def is_exporting() -> bool:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller == "torch" or caller.startswith("torch."):
+            return saved()
+        asked.append(caller)
+        return saved() if answer is None else answer
+
+    tc.is_exporting = is_exporting
+    try:
+        yield
+    finally:
+        tc.is_exporting = saved
+
+
+def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1):
+    """The model's outputs (``model_runs`` runs) and the graph's on the example inputs, by pytree path, with the
+    graph's buffers and constants put back after it ran (export lifts in-place updates into them); None where
+    either cannot run here (training mode, meta tensors, an error)."""
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
+    if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+        return None
+    saved = [(t, t.clone()) for m in gm.modules()
+             for t in list(m._buffers.values()) + [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
+    try:
+        with torch.no_grad(), _preserve_attributes(model):
+            wants = [_tensor_leaves(model(*args, **kwargs)) for _ in range(model_runs)]
+            got = _tensor_leaves(gm(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
+        return None
+    finally:
+        with torch.no_grad():
+            for t, copy_ in saved:
+                t.copy_(copy_)
+    return wants, got
+
+
+def _bit_equal_outputs(a: dict, b: dict) -> bool:
+    """The same tensors by path, bit for bit (NaN where the other has NaN)."""
+    def same(x, y):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not (x.is_floating_point() or x.is_complex()):
+            return torch.equal(x, y)
+        nx, ny = x.isnan(), y.isnan()
+        return torch.equal(nx, ny) and torch.equal(x.masked_fill(nx, 0), y.masked_fill(ny, 0))
+
+    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+
+
+def _eager_path_capture(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, callers: list[str]):
+    """Where ``gm`` does not reproduce the model bit for bit and the model runs deterministically: capture again
+    with the model's code told that it is not exported (:func:`_exporting_flag_for_model_code`) and return that
+    capture (``(gm, ep, method, notes)``) if it does reproduce the model; None otherwise (the first capture
+    stands)."""
+    first = _run_model_and_graph(model, gm, args, kwargs)
+    if first is None or _bit_equal_outputs(first[0][0], first[1]):
+        return None
+    again = _run_model_and_graph(model, gm, args, kwargs)
+    if again is None or not _bit_equal_outputs(first[0][0], again[0][0]):
+        return None  # (a model that draws random numbers in eval mode cannot be compared)
+    try:
+        with _exporting_flag_for_model_code(False, []):
+            gm2, ep2, method2, notes2 = _export(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - the eager path does not capture: the export path's graph stands
+        return None
+    second = _run_model_and_graph(model, gm2, args, kwargs)
+    if second is None or not _bit_equal_outputs(first[0][0], second[1]):
+        return None
+    notes2.append(_EAGER_PATH_NOTE.format(callers=", ".join(callers)))
+    return gm2, ep2, method2, notes2
 
 
 @contextlib.contextmanager
@@ -717,24 +845,10 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
     (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
     beyond float tolerance. A specialisation that went wrong (a value read after an in-place write, a branch
     taken on a stale value) is caught here instead of as wrong outputs later."""
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
-    if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
+    ran = _run_model_and_graph(model, gm, args, kwargs, model_runs=2)
+    if ran is None:
         return
-    # the graph may write into its buffers and constants (export lifts in-place updates): they are put back
-    saved = [(t, t.clone()) for m in gm.modules()
-             for t in list(m._buffers.values()) + [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
-             if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
-    try:
-        with torch.no_grad(), _preserve_attributes(model):
-            want = _tensor_leaves(model(*args, **kwargs))
-            again = _tensor_leaves(model(*args, **kwargs))
-            got = _tensor_leaves(gm(*args, **kwargs))
-    except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
-        return
-    finally:
-        with torch.no_grad():
-            for t, copy_ in saved:
-                t.copy_(copy_)
+    (want, again), got = ran
     if want.keys() != again.keys() or not all(
             want[k].shape == again[k].shape and torch.equal(want[k].nan_to_num(0), again[k].nan_to_num(0)) for k in want):
         return  # (a forward that draws random numbers in eval mode cannot be compared)

@@ -46,7 +46,23 @@
   knew the size: "meta['val'] is stale", reported as CSEPass failing its checks);
 * integer bookkeeping folded to a constant in a capture with values read, then written in place (Qwen4-Exp's
   position ids: ``pos[0] += k``): each call starts from a fresh copy (before, the graph wrote into its stored
-  constant and the second call's outputs differed from the first's).
+  constant and the second call's outputs differed from the first's);
+* a model whose code computes differently when told it is exported (Hugging Face's reference gated delta rule in
+  MiniCPM-OCR and Qwen4-Exp: a triangular solve eagerly, forward substitution under ``is_exporting()``): captured
+  again with the model's code told it is not exported, the graph reproduces the model bit for bit (before, the
+  graph differed from the model by rounding, 2e-7, and zero reduction was not bit-exact); where the flag alone
+  decides a dropped mask (the Phi-4-like model without the traced-tensor check), the graph is the eager path;
+* small token ids viewed in a capture with values read (UDOP's T5 stack: ``input_ids.view(-1, L)``): views are
+  not folded (before, the view became a constant, the graph ignored its ids and no text stream was found);
+* patches gathered at each word's box and added to the word, the other patches picked by an index (UDOP:
+  ``gather`` along the tokens, ``x[i][mask]``): the gathered rows carry the provenance of their source rows, and
+  rows added onto another sequence's tokens are features of those tokens (before, ``aten.gather`` had no rule);
+  PuMer reduces in the fused encoder of an encoder-decoder (before, a tie chose the decoder's cross-attention,
+  whose reduction saved less than its scoring cost: UDOP's FLOPs rose);
+* tokens through a unit triangular solve along the tokens (the eager path of the gated delta rule, now captured:
+  Qwen4-Exp), a hidden state tiled on its features (``repeat(1, 1, k)``) and keys repeated over heads
+  (``repeat_interleave``): the token axis is kept (before, no rule for any of them; Qwen4-Exp's attention after
+  them had no token axis).
 """
 from __future__ import annotations
 
@@ -54,6 +70,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 import graphred
 from graphred import program as program_mod
@@ -275,18 +292,21 @@ def test_tokens_indexed_by_an_inputs_positions_still_fail():
 
 class _MaskDroppedEagerly(nn.Module):
     """An all-true patch mask dropped unless exporting (as Hugging Face's mask helpers do), then attention that is
-    causal when it has no mask; a data-dependent branch on the ids sends capture down its values-read path."""
+    causal when it has no mask; a data-dependent branch on the ids sends capture down its values-read path.
+    ``fake_check``: the mask is also kept where it is a traced tensor (Hugging Face's ``is_tracing``)."""
 
-    def __init__(self):
+    def __init__(self, fake_check: bool = True):
         super().__init__()
         self.embed, self.proj = nn.Embedding(V, D), nn.Linear(4, D)
+        self.fake_check = fake_check
 
     def forward(self, input_ids, patches, patch_mask):
         x = self.proj(patches)
         B, P, _ = x.shape
         q = x.view(B, P, 2, D // 2).transpose(1, 2)
         mask = patch_mask
-        if not torch.compiler.is_exporting() and bool(mask.all()):
+        traced = self.fake_check and isinstance(mask, (torch._subclasses.FakeTensor, FunctionalTensor))
+        if not (torch.compiler.is_exporting() or traced) and bool(mask.all()):
             mask = None
         if mask is None:
             a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
@@ -300,8 +320,9 @@ class _MaskDroppedEagerly(nn.Module):
 
 
 def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
+    """(Where hiding the flag from the model's code is not enough: the mask is also kept because it is traced.)"""
     torch.manual_seed(0)
-    model = _MaskDroppedEagerly().eval()
+    model = _MaskDroppedEagerly(fake_check=True).eval()
     ids = torch.randint(0, V - 2, (2, 10))
     ids[:, 2:2 + N_IMG] = IMG_ID
     mask = torch.ones(2, N_IMG, dtype=torch.bool)
@@ -313,6 +334,66 @@ def test_a_model_that_branches_on_exporting_is_named_as_the_cause():
     prog = graphred.capture(model, **kwargs)
     with torch.no_grad():
         torch.testing.assert_close(prog.graph_module(**kwargs), model(**kwargs))
+
+
+def test_a_model_that_branches_on_exporting_only_is_captured_down_its_eager_path():
+    """(The flag alone decides: the graph is captured with the model's code told it is not exported.)"""
+    torch.manual_seed(0)
+    model = _MaskDroppedEagerly(fake_check=False).eval()
+    ids = torch.randint(0, V - 2, (2, 10))
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    kwargs = {"input_ids": ids, "patches": torch.randn(2, N_IMG, 4), "patch_mask": torch.ones(2, N_IMG, dtype=torch.bool)}
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(prog(**kwargs), model(**kwargs))
+    assert any("is_exporting" in note for note in prog.notes), prog.notes
+
+
+class _SolveOrSubstitute(nn.Module):
+    """A unit lower-triangular solve eagerly, forward substitution when exported (Hugging Face's reference gated
+    delta rule, Qwen3.5 / MiniCPM-OCR / Qwen4-Exp): the same maths, rounded differently. ``eager_exports``: False
+    where the eager path cannot be captured (it leaves torch), so the exported path's graph stands."""
+
+    def __init__(self, eager_exports: bool = True):
+        super().__init__()
+        self.a, self.eager_exports = nn.Linear(D, D), eager_exports
+
+    def forward(self, x):
+        m = torch.tril(self.a(x) @ x.transpose(-1, -2), -1) * 0.3  # [B, L, L], strictly lower
+        if not torch.compiler.is_exporting():
+            if not self.eager_exports:
+                x = x + torch.from_numpy(x.detach().numpy() * 0)  # (numpy: a fake tensor has no data)
+            eye = torch.eye(x.shape[1])
+            return torch.linalg.solve_triangular(m + eye, x, upper=False, unitriangular=True)
+        inv = -m
+        for i in range(1, x.shape[1]):
+            row = inv[..., i, :i].clone()
+            inv[..., i, :i] = row + (row.unsqueeze(-1) * inv[..., :i, :i].clone()).sum(-2)
+        return (inv + torch.eye(x.shape[1])) @ x
+
+
+def test_a_model_that_rounds_differently_when_exported_is_captured_bit_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, D)
+    model = _SolveOrSubstitute().eval()
+    with torch.no_grad():
+        want = model(x)
+        with program_mod._exporting_reads(True):
+            exported_path = model(x)
+    assert not torch.equal(want, exported_path)  # (the premise: the two paths round differently)
+    torch.testing.assert_close(want, exported_path)
+    prog = graphred.capture(model, x=x)
+    with torch.no_grad():
+        assert torch.equal(prog(x=x), want)
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(x=x), want)
+    assert any("is_exporting" in note for note in prog.notes), prog.notes
+    # where the eager path does not capture, the exported path's graph stands (within rounding of the model)
+    other = _SolveOrSubstitute(eager_exports=False).eval()
+    other.load_state_dict(model.state_dict())
+    prog = graphred.capture(other, x=x)
+    with torch.no_grad():
+        assert torch.equal(prog(x=x), exported_path)
+    assert not any("is_exporting" in note for note in prog.notes), prog.notes
 
 
 def test_routing_captured_with_values_read_keeps_its_inverse_permutation():
@@ -549,3 +630,106 @@ def test_constant_written_in_place_starts_fresh_at_each_call():
         for _ in range(3):
             torch.testing.assert_close(prog(x=x, grid=grid), want)
     assert any("tensor constant" in note for note in prog.notes), prog.notes
+
+
+class _FoldedIds(nn.Module):
+    """Small token ids viewed (``input_ids.view(-1, L)``, as T5-style stacks do) in a capture with values read."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+
+    def forward(self, input_ids, grid):
+        scale = {c: 1.0 for c in grid.tolist()}[1]  # (values read: capture takes its values-read path)
+        return self.embed(input_ids.view(-1, input_ids.shape[-1])) * scale
+
+
+def test_a_view_of_small_ids_is_not_folded_into_a_constant():
+    model = _FoldedIds().eval()
+    ids, grid = torch.randint(0, V, (2, 6)), torch.tensor([1, 2])
+    prog = graphred.capture(model, input_ids=ids, grid=grid)
+    other = (ids + 1) % V
+    with torch.no_grad():  # (before, the view was a constant: the graph ignored its input_ids)
+        assert torch.equal(prog.graph_module(input_ids=other, grid=grid), model(other, grid))
+    assert any(n.op == "placeholder" and n.target == "input_ids" and len(n.users) > 0
+               for n in prog.graph_module.graph.nodes)
+
+
+class _EncLayer(_Layer):
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
+
+
+class _BoxEncoderDecoder(nn.Module):
+    """UDOP-like: each word gets the patch under its box added (``gather`` of the patches along the tokens), the
+    patches not under a box follow the words (``index_select``), a fused encoder, then a decoder whose
+    cross-attention reads the encoder's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.patch = nn.Embedding(V, D), nn.Conv2d(3, D, 2, 2)
+        self.enc = nn.ModuleList([_EncLayer(), _EncLayer()])
+        self.dec, self.q, self.kv, self.o = _Layer(), nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
+        self.register_buffer("free", torch.arange(0, 16, 2))  # the patches no word sits on
+
+    def forward(self, input_ids, boxes, pixel_values, decoder_input_ids):
+        p = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, 16, D]
+        t = self.embed(input_ids) + torch.gather(p, 1, boxes.unsqueeze(-1).expand(-1, -1, D))
+        x = torch.cat([t, p.index_select(1, self.free)], 1)
+        for layer in self.enc:
+            x = layer(x)
+        y = self.dec(self.embed(decoder_input_ids))
+        B, T, _ = y.shape
+        k, v = self.kv(x).view(B, -1, 2, 2, D // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(self.q(y).view(B, T, 2, D // 2).transpose(1, 2), k, v)
+        return y + self.o(a.transpose(1, 2).reshape(B, T, D))
+
+
+def test_patches_gathered_at_word_boxes_keep_words_text_and_patches_image():
+    torch.manual_seed(0)
+    model = _BoxEncoderDecoder().eval()
+    kwargs = {"input_ids": torch.randint(0, V, (2, 5)), "boxes": torch.randint(0, 8, (2, 5)) * 2 + 1,
+              "pixel_values": torch.randn(2, 3, 8, 8), "decoder_input_ids": torch.randint(0, V, (2, 3))}
+    prog = graphred.capture(model, **kwargs)
+    report = graphred.analyze(prog)
+    assert not report.unknown_ops, report.unknown_ops  # (before: aten.gather had no rule)
+    enc = [b for b in report.blocks if b.module_path.startswith("enc.")]
+    # the words stay text (the gathered patch rows are features added to them), the free patches are image
+    assert len(enc) == 2 and all(b.kind == CROSS_MODAL_SELF and b.tokens == {"text": 5, "image": 8} for b in enc), \
+        str(report)
+    with torch.no_grad():
+        assert torch.equal(graphred.transform(prog, pumer(prune=0, merge=0))(**kwargs), model(**kwargs))
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        reduced(**kwargs)
+    # the fused encoder is where PuMer reduces (before, the decoder's cross-attention, the later stack of a tie)
+    assert [s["block"] for s in reduced.steps if s["op"] == "prune"] == ["enc.1"], reduced.steps
+
+
+class _SolveTiledLayer(_Layer):
+    """Tokens mixed by a unit triangular solve along the tokens (the eager gated delta rule), the hidden state
+    tiled on its features (``repeat(1, 1, 2)``), keys shared by two heads (``repeat_interleave`` on the heads)."""
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        m = torch.tril(x @ x.transpose(-1, -2) * 0.01, -1) + torch.eye(L)
+        h = torch.linalg.solve_triangular(m, x, upper=False, unitriangular=True)
+        h = h.repeat(1, 1, 2).view(B, L, 2, D).mean(2)
+        q, k, v = self.qkv(h).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        k, v = k[:, :1].repeat_interleave(2, dim=1), v[:, :1].repeat_interleave(2, dim=1)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+def test_tokens_through_a_triangular_solve_and_repeats_keep_their_axis():
+    torch.manual_seed(0)
+    model, kwargs = _VQDecoder().eval(), _inputs()
+    model.layers = nn.ModuleList([_SolveTiledLayer(), _SolveTiledLayer()])
+    decoder, report = _decoder_blocks(model, kwargs)
+    mine = [u for u in report.unknown_ops if any(k in u.op for k in ("solve_triangular", "repeat"))]
+    assert not mine, mine  # (before: all three had no rule)
+    assert len(decoder) == 2 and all(b.query_stream is not None for b in decoder), str(report)
+    prog = graphred.capture(model, **kwargs)
+    with torch.no_grad():
+        reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+        assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]

@@ -71,7 +71,8 @@ class Stream:
     ``recipe`` says how its modality layout is computed from graph values:
     ``("uniform", code)``, ``("mask", base_stream, mask_node, token_dim, code)``,
     ``("index_put", base_stream, self_node, index_nodes, code)``, ``("cat", [(stream|code, length)...])``,
-    ``("slice", parent, start, end, step)``.
+    ``("slice", parent, start, end, step)``, ``("gather", parent, index_node, dim)`` (rows of the parent picked by
+    an index: ``gather``, ``index_select``, ``x[:, idx]``).
     """
 
     id: int
@@ -261,10 +262,26 @@ class TokenProvenance:
         if a == b:
             return a
         sa, sb = self.streams[a], self.streams[b]
+        if self._gathered(sa) != self._gathered(sb):
+            # rows gathered from one sequence and met (added) with another at the same positions: the positions are
+            # the other sequence's tokens, the gathered rows features added to them
+            keep, drop = (b, a) if self._gathered(sa) else (a, b)
+            self._parent[drop] = keep
+            return keep
         # keep the more derived stream (a mixed layout beats a uniform one; later beats earlier)
         keep, drop = (a, b) if (sa.rule != "embedding" and sb.rule == "embedding") or (a > b and not (sb.rule != "embedding" and sa.rule == "embedding")) else (b, a)
         self._parent[drop] = keep
         return keep
+
+    def _gathered(self, st: Stream) -> bool:
+        """Rows gathered by an index (then perhaps written into: ``index_put``, ``masked_scatter``)."""
+        for _ in range(len(self.streams)):
+            if st.rule == "gather":
+                return True
+            if st.recipe[0] not in ("index_put", "mask"):
+                return False
+            st = self.streams[st.recipe[1]]
+        return False
 
     # ---- accessors
     def tokens(self, node) -> TokenInfo:
@@ -434,13 +451,17 @@ class TokenProvenance:
             return self._sdpa(node, taint, learned)
         if pk is aten.index and len(node.args) == 2:
             return self._index(node, taint, learned)
+        if pk in (aten.gather, aten.index_select) and len(node.args) >= 3 and isinstance(node.args[2], fx.Node):
+            return self._gather(node, taint, learned)
+        if pk is aten.repeat or (tgt == aten.repeat_interleave.self_int and len(node.args) > 2):
+            return self._repeat(node, taint, learned)
         if pk in (aten.linear,):
             x = node.args[0]
             xs = node_shape(x)
             dm = {i: i for i in range(len(xs) - 1)}
             axes = relocate(self._in(x).axes, xs, shape, dm)
             return TokenInfo(tuple(self._projected_features(node, x, axes)), taint, False, learned)
-        if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul):
+        if pk in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.matmul, aten.linalg_solve_triangular):
             return self._matmul(node, taint, learned)
         if pk in REDUCTIONS and not is_pointwise(node):  # (min.other, max.other: elementwise, two tensors)
             return self._reduce(node, taint, learned)
@@ -910,6 +931,12 @@ class TokenProvenance:
         idx = [i for i, t in enumerate(indices) if t is not None]
         if not idx or idx != list(range(idx[0], idx[-1] + 1)):
             return self._opaque(node, taint, learned)
+        if len(idx) == 1 and isinstance(indices[idx[0]], fx.Node) and len(node_shape(indices[idx[0]]) or ()) == 1 \
+                and node_dtype(indices[idx[0]]) not in (torch.bool, torch.uint8):
+            # one integer index vector on one dim (``x[:, idx]``): index_select there, the rows it picks
+            d = idx[0]
+            axes = relocate(self._in(x).axes, xs, shape, {i: i for i in range(len(xs)) if i != d})
+            return TokenInfo(tuple(axes + self._gathered_rows(node, x, d, indices[d])), taint, False, learned)
         n_out_idx = len(shape) - (len(xs) - len(idx))
         dm = {}
         for d in range(len(xs)):
@@ -918,6 +945,52 @@ class TokenProvenance:
             elif d > idx[-1]:
                 dm[d] = d - len(idx) + n_out_idx
         return TokenInfo(tuple(relocate(self._in(x).axes, xs, shape, dm)), taint, False, learned)
+
+    def _gather(self, node, taint, learned):
+        """``gather(x, dim, index)`` / ``index_select(x, dim, index)``: along ``dim``, the rows of ``x`` that the
+        index picks; a token axis of ``x`` there becomes a stream of the gathered rows, whose layout is the
+        parent's at the index's values (e.g. image patches gathered at each word's box). The other dims keep
+        ``x``'s axes where their sizes are kept, and ``gather`` adds the index's own axes there."""
+        x, dim, index = node.args[:3]
+        xs, shape, ixs = node_shape(x), node_shape(node), node_shape(index)
+        if xs is None or shape is None or ixs is None:
+            return self._opaque(node, taint, learned)
+        dim %= len(xs)
+        xi = self._in(x)
+        others = {i: i for i in range(len(xs)) if i != dim and xs[i] == shape[i]}
+        axes = relocate(xi.axes, xs, shape, others)
+        if op_packet(node) is aten.gather:  # (the index's axes on the dims where x has none)
+            taken = {axis_dim(a, shape) for a in axes}
+            axes += [a for a in relocate(self._in(index).axes, ixs, shape, {i: i for i in range(len(ixs)) if i != dim})
+                     if axis_dim(a, shape) not in taken]
+        return TokenInfo(tuple(axes + self._gathered_rows(node, x, dim, index)), taint, False, learned)
+
+    def _repeat(self, node, taint, learned):
+        """``repeat(x, sizes)`` / ``repeat_interleave(x, r, dim)``: the dims that are not repeated keep their axes
+        (a hidden state tiled on its features, heads repeated for grouped keys)."""
+        x = node.args[0]
+        xs, shape = node_shape(x), node_shape(node)
+        if op_packet(node) is aten.repeat:
+            lead = len(node.args[1]) - len(xs)
+            dm = {i: i + lead for i in range(len(xs)) if node.args[1][i + lead] == 1}
+        else:
+            dim = node.args[2] % len(xs)
+            dm = {i: i for i in range(len(xs)) if i != dim}
+        xi = self._in(x)
+        return TokenInfo(tuple(relocate(xi.axes, xs, shape, dm)), taint, xi.direct_ids, learned)
+
+    def _gathered_rows(self, node, x, d, index) -> list[TokAxis]:
+        """The axis of ``node`` at dim ``d`` where ``index`` picks rows of a token axis of ``x`` there: a stream
+        of the gathered rows (layout from the index's values)."""
+        xs, shape = node_shape(x), node_shape(node)
+        out = []
+        for ax in self._in(x).axes:
+            st = self.stream(ax.stream)
+            if axis_dim(ax, xs) == d and st.kind == TOKENS and shape[d] > 0:
+                self._value_nodes.add(index)
+                sid = self._new_stream(TOKENS, shape[d], node, "gather", ("gather", st.id, index, d), parents=(st.id,))
+                out.append(TokAxis(sid, _suffix(shape, d), shape[d]))
+        return out
 
     def _sdpa(self, node, taint, learned):
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
@@ -937,6 +1010,9 @@ class TokenProvenance:
         pk = op_packet(node)
         args = node.args[1:] if pk in (aten.addmm, aten.baddbmm) else node.args
         a, b = args[0], args[1]
+        if pk is aten.linalg_solve_triangular:  # X = A^-1 B (left) or B A^-1: a product with the inverse
+            left = node.args[3] if len(node.args) > 3 else node.kwargs.get("left", True)
+            a, b = (a, b) if left else (b, a)
         as_, bs, shape = node_shape(a), node_shape(b), node_shape(node)
         R = len(shape)
         axes = []
@@ -1068,6 +1144,21 @@ class TokenProvenance:
             _, parent, s0, e0, step = r
             c, s = self._parent_codes(parent)
             return c[:, s0:e0:step], s[s0:e0:step]
+        if r[0] == "gather":
+            _, parent, index, d = r
+            c, s = self._parent_codes(parent)
+            idx = self.values.get(index)
+            if idx is None:
+                return None, s[:0].new_zeros(st.length)
+            idx = idx.long() % c.shape[1]  # (x[:, idx] takes negative positions from the end)
+            if idx.dim() > 1:  # [B, ..., L at d, ...]: the row each position takes, per sample
+                idx = idx.movedim(d, -1).reshape(idx.shape[0], -1, idx.shape[d])[:, 0] if d > 0 else idx.reshape(
+                    idx.shape[0], -1)[:, 0].unsqueeze(0)
+            else:
+                idx = idx.unsqueeze(0)
+            rows = max(c.shape[0], idx.shape[0])
+            codes = c.expand(rows, -1).gather(1, idx.expand(rows, -1))
+            return codes, s[idx[0]]
         if r[0] == "tiles":
             _, parent, n = r
             c, s = self._parent_codes(parent)

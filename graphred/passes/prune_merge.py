@@ -348,6 +348,10 @@ def cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[Attentio
 
     # the stack where text meets image most often (a resampler's cross-attention reads the image with learned
     # queries: text-informed reductions belong where the text is)
-    # (ties: the later stack, the decoder after a resampler)
-    stack = max(by_stack, key=lambda s: (sum(meets(b) for b in by_stack[s]), len(by_stack[s]), by_stack[s][-1].index))
+    # (ties: the stack whose own sequence holds both, an encoder-decoder's fused encoder: reduced there, every later
+    # layer and every cross-attention that reads its output as keys is smaller; then the later stack, the decoder
+    # after a resampler)
+    stack = max(by_stack, key=lambda s: (sum(meets(b) for b in by_stack[s]),
+                                         sum(b.kind == CROSS_MODAL_SELF for b in by_stack[s]), len(by_stack[s]),
+                                         by_stack[s][-1].index))
     return stack, by_stack[stack]
