@@ -42,6 +42,7 @@ SCHEDULE: dict[str, dict] = {
     "vqa2-llava": {"steps": 400, "lr": 2e-3, "scenes": 16},
     "vqa2-vilt": {"steps": 1000, "lr": 2e-3, "scenes": 16},
     "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
+    "vqa2-llava-deep": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
 VISION_FIRST_SCENE = 800_000  # stage 1 (the image tower alone) reads scenes from here on
@@ -717,7 +718,8 @@ def plot_curves(path: Path, directory: str | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2), choices=models.MODEL_NAMES_V2)
+    ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2),
+                    choices=models.MODEL_NAMES_V2 + models.MODEL_NAMES_V2_DEEP)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--scenes", type=int, default=None, help="scenes per step (four questions each)")
