@@ -12,6 +12,7 @@ per model) and rewrites the Victor section of docs/benchmarks.md from all rows.
 
     python bench/bench_victor.py                          # vqa-llava + llava-bench, CPU, 1 thread
     python bench/bench_victor.py --model vqa2-llava --bench-model '' --steps 600 --hidden-mse 1  # vqa2-llava's recipe
+    python bench/bench_victor.py --model vqa2-llava-deep --layer 2 --bench-model '' --steps 600 --hidden-mse 1  # 8-layer decoder
     python bench/bench_victor.py --markdown-only          # the docs section from the JSON files
 
 Needs the model's training scenes for the fine-tune. About 30 minutes per model on a loaded
