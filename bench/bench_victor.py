@@ -12,6 +12,7 @@ per model) and rewrites the Victor section of docs/benchmarks.md from all rows.
 
     python bench/bench_victor.py                          # vqa-llava + llava-bench, CPU, 1 thread
     python bench/bench_victor.py --model vqa2-llava --bench-model '' --steps 600 --hidden-mse 1  # vqa2-llava's recipe
+    python bench/bench_victor.py --model vqa2-llava-deep --layer 2 --bench-model '' --steps 600 --hidden-mse 1  # 8-layer decoder
     python bench/bench_victor.py --markdown-only          # the docs section from the JSON files
 
 Needs the model's training scenes for the fine-tune. About 30 minutes per model on a loaded
@@ -291,9 +292,69 @@ def to_markdown(rows: list[dict], study: list[dict]) -> str:
             if ref:
                 line += f", {rel(best['after']['all'] - ref[0]['after']['all'])} it after the same fine-tune"
             out += ["", line + f", at {best['predicted_decoder_speedup']:.2f}x predicted for the decoder."]
+    out += depth_markdown(rows)
     out += probes_markdown(study)
     out.append(f"<!-- {MARK}:end -->")
     return "\n".join(out)
+
+
+#: the paper's setting: LLaVA-1.5-7B's decoder depth (docs/cost-model.md, from its config.json) and image tokens
+#: (/work/shared/DESIGN.md); Victor's registers (ALGORITHMS.md: 8, about 1% of the visual tokens)
+PAPER_LAYERS, PAPER_IMAGE_TOKENS, PAPER_REGISTERS = 32, 576, 8
+
+
+def decoder_layers(name: str) -> int:
+    """The decoder depth of the trained model ``name`` (its shipped config)."""
+    return int(models.metadata(name)["config"]["text_config"]["num_hidden_layers"])
+
+
+def depth_markdown(rows: list[dict]) -> list[str]:
+    """Why a deeper decoder is the fair test of Victor's 3x claim: the share of decoder layers left over a
+    short sequence at a drop layer that predicts >= 3x, per trained model with a Victor row."""
+    deep = [r for r in rows if r["model"] in models.MODEL_NAMES_V2_DEEP and r.get("acc_unreduced") is not None]
+    shallow = [r for r in rows if r["model"] in models.MODEL_NAMES_V2 and r.get("acc_unreduced") is not None]
+    if not deep or not shallow:
+        return []
+    s, d = shallow[0], deep[0]
+    ls, ld = decoder_layers(s["model"]), decoder_layers(d["model"])
+    k_paper = 2  # the drop layer the project's llava-bench target uses; the paper's k is "the first few layers"
+    share = lambda layer, n: f"{n - layer} of {n} layers ({100 * (n - layer) / n:.0f}%)"  # noqa: E731
+    ok = lambda c: "met" if c else "**missed**"  # noqa: E731
+
+    def gap(r):
+        ref = r.get("acc_unreduced_finetuned")
+        return 100 * (r["acc_unreduced"] - r["acc_victor"]), (None if ref is None else 100 * (ref - r["acc_victor"]))
+
+    gs, gd = gap(s), gap(d)
+    below = lambda g: f"{abs(g):.1f} points {'below' if g >= 0 else 'above'}"  # noqa: E731
+    fast = [c["layer"] for c in s.get("ceiling") or [] if c["registers"] == s["registers"]
+            and c["predicted_decoder_speedup"] >= 3]
+    kept = [c["predicted_decoder_speedup"] for c in s.get("ceiling") or [] if c["registers"] == s["registers"]
+            and c["layer"] >= 2]
+    para = (f"Why {d['model']} is the fair test. In the paper's setting (LLaVA-1.5-7B: {PAPER_LAYERS} decoder layers "
+            f"(docs/cost-model.md), {PAPER_IMAGE_TOKENS} image tokens, {PAPER_REGISTERS} registers, "
+            f"{100 * PAPER_REGISTERS / PAPER_IMAGE_TOKENS:.1f}% of them) the registers summarise the image in the first "
+            f"few decoder layers and the rest run over registers and text only: a drop at layer {k_paper} leaves "
+            f"{share(k_paper, PAPER_LAYERS)} short. {s['model']} has {ls} decoder layers: its Victor-{s['registers']} "
+            f"plans that predict >= 3x for the decoder drop the image at layer "
+            f"{', '.join(str(k) for k in fast) or 'none'} ({s['predicted_decoder_speedup']:.2f}x at layer "
+            f"{s['layer']}), so layer 0 alone reads the image and {share(s['layer'], ls)} run short, while the probes "
+            f"below show the left relation read into the class word by layer 1"
+            + (f"; kept through layer 1, Victor-{s['registers']} predicts at most {max(kept):.2f}x there" if kept else "")
+            + f". {d['model']} has the same data, vision tower and training recipe (for fewer steps: below) with {ld} decoder layers, so "
+            f"`victor:registers={d['registers']},layer={d['layer']}` keeps {d['layer']} layers over the image and still "
+            f"predicts {d['predicted_decoder_speedup']:.2f}x for the decoder ({share(d['layer'], ld)} short). "
+            f"On it Victor-{d['registers']} fine-tuned is {below(gd[0])} the unreduced model"
+            + ("" if gd[1] is None else f" ({below(gd[1])} it after the same fine-tune)")
+            + f": within 4 points {ok(gd[0] <= 4 and (gd[1] is None or gd[1] <= 4))}. This does not undo the "
+            f"{s['model']} result: there the target stays {ok(gs[0] <= 4)} ({below(gs[0])} the unreduced model at "
+            f"{s['predicted_decoder_speedup']:.2f}x).")
+    acc_gap = 100 * (s["acc_unreduced"] - d["acc_unreduced"])
+    steps = [models.metadata(r["model"])["training"]["steps"] for r in (s, d)]
+    para += (f" Training: {steps[1]} steps for {d['model']}, {steps[0]} for {s['model']}; unreduced "
+             f"{_pct(d['acc_unreduced'])} against {_pct(s['acc_unreduced'])}"
+             + (f", {acc_gap:.1f} points lower, so its fine-tunes start from a weaker model." if acc_gap > 2 else "."))
+    return ["", para]
 
 
 def probes_markdown(study: list[dict]) -> list[str]:

@@ -9,6 +9,13 @@ The shipped vqa2-vilt (single stream; the options its JSON records under ``train
         --ground-weight 1 --word-ground-layers 2 --hop-layer 3 --word-weight 0.5 --word-layer 2 \
         --decoder-probes 0.5 --left-weight 0.5 --probe-balance 5 --curriculum 0.3 --eval-every 250
 
+The shipped vqa2-llava-deep (vqa2-llava's options with an 8-layer decoder, 1200 steps instead of 2000 to fit a
+session: 1199 s on one loaded thread):
+
+    python bench/train_models2.py --models vqa2-llava-deep --steps 1200 --vision-steps 600 --ground-query word \
+        --ground-weight 1 --word-ground-layers 2 --word-weight 0.5 --word-layer 1 --decoder-probes 0.5 \
+        --left-weight 0.5 --probe-balance 5 --curriculum 0.3 --eval-every 400
+
 Same architectures and recipe as bench/train_models.py (AdamW, warm-up, cosine decay, 2-D sine-cosine
 image position init, a per-token probe of each patch's content discarded after training), at 196
 image tokens. Training scenes are generated on the fly, a fresh block of scene indices every step
@@ -42,6 +49,7 @@ SCHEDULE: dict[str, dict] = {
     "vqa2-llava": {"steps": 400, "lr": 2e-3, "scenes": 16},
     "vqa2-vilt": {"steps": 1000, "lr": 2e-3, "scenes": 16},
     "vqa2-blip": {"steps": 400, "lr": 2e-3, "scenes": 16},
+    "vqa2-llava-deep": {"steps": 400, "lr": 2e-3, "scenes": 16},
 }
 TEST_SCENES = 300
 VISION_FIRST_SCENE = 800_000  # stage 1 (the image tower alone) reads scenes from here on
@@ -717,7 +725,8 @@ def plot_curves(path: Path, directory: str | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2), choices=models.MODEL_NAMES_V2)
+    ap.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES_V2),
+                    choices=models.MODEL_NAMES_V2 + models.MODEL_NAMES_V2_DEEP)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--scenes", type=int, default=None, help="scenes per step (four questions each)")

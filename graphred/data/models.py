@@ -24,7 +24,9 @@ facts are in ``metadata(name)``.
 ``vqa2-llava``, ``vqa2-vilt`` and ``vqa2-blip`` are the same three architectures at 224 px / patch
 16 (196 image tokens), trained by ``bench/train_models2.py`` on the cluttered scenes of
 :mod:`graphred.data.scenes2`; every function here takes their names too (``shipped_scenes(name)``
-gives the matching test scenes, ``default_tokenizer(name)`` the vocabulary).
+gives the matching test scenes, ``default_tokenizer(name)`` the vocabulary). ``vqa2-llava-deep`` is
+``vqa2-llava`` with an 8-layer decoder (same scenes, vision tower and recipe; Victor's test model, see
+docs/benchmarks.md).
 
 >>> from graphred.data import models, scenes
 >>> model, tok = models.load_trained("vqa-llava")
@@ -53,6 +55,7 @@ from .scenes import IMAGE_SIZE, KINDS, Question, SceneSet, SceneTokenizer
 
 __all__ = [
     "MODEL_NAMES",
+    "MODEL_NAMES_V2_DEEP",
     "BlipVQA",
     "WeightsError",
     "accuracy_by_kind",
@@ -72,7 +75,12 @@ MODEL_NAMES: tuple[str, ...] = ("vqa-llava", "vqa-vilt", "vqa-blip")
 #: The same three architectures trained on the cluttered 224 px scenes (:mod:`graphred.data.scenes2`,
 #: 196 image tokens); bench/train_models2.py trains them.
 MODEL_NAMES_V2: tuple[str, ...] = ("vqa2-llava", "vqa2-vilt", "vqa2-blip")
-ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + MODEL_NAMES_V2
+#: Deeper variants on the same scenes, tower and recipe: ``vqa2-llava-deep`` has an 8-layer decoder (Victor's
+#: test: registers summarise the image in the first layers, and a drop at layer 2 leaves most of the decoder short).
+MODEL_NAMES_V2_DEEP: tuple[str, ...] = ("vqa2-llava-deep",)
+ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + MODEL_NAMES_V2 + MODEL_NAMES_V2_DEEP
+#: decoder layers of the deep variants
+DEEP_DECODER_LAYERS = 8
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 FORMAT_VERSION = 1
 
@@ -132,13 +140,13 @@ def _check_name(name: str) -> str:
 
 def family(name: str) -> str:
     """``"llava"``, ``"vilt"`` or ``"blip"``: the architecture of a trained model name."""
-    return _check_name(name).rsplit("-", 1)[1]
+    return _check_name(name).split("-")[1]
 
 
 def geometry(name: str) -> tuple[int, int]:
     """``(image size in px, patch size in px)`` of ``name``'s inputs (84/12 or, for ``vqa2-*``, 224/16)."""
     _check_name(name)
-    if name in MODEL_NAMES_V2:
+    if name in MODEL_NAMES_V2 + MODEL_NAMES_V2_DEEP:
         from . import scenes2
 
         return scenes2.IMAGE_SIZE, PATCH_V2
@@ -153,7 +161,7 @@ def image_tokens(name: str) -> int:
 
 def default_tokenizer(name: str) -> SceneTokenizer:
     """The tokenizer ``name`` is trained with (the vocabulary of its scene set)."""
-    if _check_name(name) in MODEL_NAMES_V2:
+    if _check_name(name) in MODEL_NAMES_V2 + MODEL_NAMES_V2_DEEP:
         from . import scenes2
 
         return scenes2.tokenizer()
@@ -162,7 +170,7 @@ def default_tokenizer(name: str) -> SceneTokenizer:
 
 def shipped_scenes(name: str):
     """The packaged test scenes of ``name``'s scene set (``scenes.load_shipped`` or ``scenes2.load_shipped``)."""
-    if _check_name(name) in MODEL_NAMES_V2:
+    if _check_name(name) in MODEL_NAMES_V2 + MODEL_NAMES_V2_DEEP:
         from . import scenes2
 
         return scenes2.load_shipped()
@@ -177,8 +185,9 @@ def default_config(name: str, tokenizer: SceneTokenizer | None = None) -> dict:
     vocab, n_ans = tok.vocab_size, len(tok.answers)
     IMAGE_SIZE, PATCH = geometry(name)  # noqa: N806 - the v1 constants, per model
     fam = family(name)
-    if name in MODEL_NAMES_V2:
-        return _config_v2(fam, tok, IMAGE_SIZE, PATCH)
+    if name in MODEL_NAMES_V2 + MODEL_NAMES_V2_DEEP:
+        return _config_v2(fam, tok, IMAGE_SIZE, PATCH,
+                          decoder_layers=DEEP_DECODER_LAYERS if name in MODEL_NAMES_V2_DEEP else 4)
     if fam == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -212,16 +221,17 @@ def default_config(name: str, tokenizer: SceneTokenizer | None = None) -> dict:
     return {"vision_config": vision.to_dict(), "text_config": text.to_dict(), "num_answers": n_ans}
 
 
-def _config_v2(fam: str, tok: SceneTokenizer, size: int, patch: int) -> dict:
+def _config_v2(fam: str, tok: SceneTokenizer, size: int, patch: int, decoder_layers: int = 4) -> dict:
     """The ``vqa2-*`` configurations: 224 px, patch 16 (196 image tokens); widths as the v1 models,
-    sized so that each trains in about 20 minutes on one CPU thread."""
+    sized so that each trains in about 20 minutes on one CPU thread (``decoder_layers``: the Llama
+    decoder's depth, 4 but for ``vqa2-llava-deep``)."""
     vocab, n_ans, n_img = tok.vocab_size, len(tok.answers), (size // patch) ** 2
     if fam == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
         vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=size, patch_size=patch, num_channels=3, projection_dim=64)
-        text = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        text = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=decoder_layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=320,
                            pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                            tie_word_embeddings=False)

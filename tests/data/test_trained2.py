@@ -9,7 +9,7 @@ import pytest
 from graphred.data import models, scenes2
 
 TOLERANCE = 0.015  # BLAS differences may flip a few near-tied answers of the 200
-SHIPPED = [n for n in models.MODEL_NAMES_V2 if models.weights_paths(n)[1].is_file()]
+SHIPPED = [n for n in models.MODEL_NAMES_V2 + models.MODEL_NAMES_V2_DEEP if models.weights_paths(n)[1].is_file()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -19,6 +19,15 @@ def _shipped() -> scenes2.SceneSet2:
 
 def test_the_decoder_and_cross_attention_models_ship():
     assert {"vqa2-llava", "vqa2-blip"} <= set(SHIPPED)
+
+
+def test_the_deep_decoder_ships_with_the_same_tower_and_a_deeper_decoder():
+    assert "vqa2-llava-deep" in SHIPPED
+    deep, base = (models.metadata(n)["config"] for n in ("vqa2-llava-deep", "vqa2-llava"))
+    assert deep["text_config"]["num_hidden_layers"] == models.DEEP_DECODER_LAYERS
+    assert base["text_config"]["num_hidden_layers"] < models.DEEP_DECODER_LAYERS
+    assert deep["vision_config"] == base["vision_config"]
+    assert models.family("vqa2-llava-deep") == "llava" and models.image_tokens("vqa2-llava-deep") == 196
 
 
 @pytest.mark.parametrize("name", SHIPPED)
