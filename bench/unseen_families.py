@@ -1049,6 +1049,188 @@ BUILDERS = {
 }
 
 
+# ---- the third fresh held-out set (builders written after the draw was committed; graphred untouched for them)
+
+def _qwen3_5_text(**kw):
+    return _text(head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True, "partial_rotary_factor": 0.5}, **kw)
+
+
+_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)
+
+
+def b_qwen3_5():
+    from transformers import Qwen3_5Config
+
+    cfg = Qwen3_5Config(text_config=_qwen3_5_text(), vision_config=_QWEN3_5_VISION, image_token_id=V - 4,
+                        video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Qwen3_5ForConditionalGeneration", cfg)
+
+
+def b_qwen3_5_moe():
+    from transformers import Qwen3_5MoeConfig
+
+    text = _qwen3_5_text(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts_per_tok=1,
+                         num_experts=2)
+    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=_QWEN3_5_VISION, image_token_id=V - 4,
+                           video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Qwen3_5MoeForConditionalGeneration", cfg)
+
+
+def b_glm5_next():
+    from transformers import Glm5NextConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  image_size=32, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  projection_intermediate_size=64)
+    text = _text(num_key_value_heads=4, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=2,
+                 num_experts_per_tok=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=0, v_head_dim=16,
+                 qk_nope_head_dim=16, index_topk=64, index_head_dim=16, index_n_heads=2, index_kpool=16,
+                 linear_head_dim=16, linear_num_heads=4, hc_mult=2, hc_sinkhorn_iters=3,
+                 mlp_layer_types=["dense", "sparse"], layer_types=["linear_attention", "indexed_attention"])
+    cfg = Glm5NextConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                         image_start_token_id=V - 2, image_end_token_id=V - 1, video_start_token_id=V - 6,
+                         video_end_token_id=V - 5)
+    cfg.vision_start_token_id, cfg.vision_end_token_id = V - 2, V - 1
+    return _qwen_like("Glm5NextForConditionalGeneration", cfg)
+
+
+def _gemma4_images(n: int, side: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of side x side patches (4 px, flattened to 48 values) and their (x, y) patch positions."""
+    yx = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2)
+    return torch.rand(n, side * side, 48, generator=_gen(0)), yx.flip(-1).expand(n, -1, 2).clone()
+
+
+_GEMMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                      position_embedding_size=64)
+_GEMMA_LAYERS = dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                     bos_token_id=2, eos_token_id=1)
+
+
+def b_gemma4():
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = _text(global_head_dim=16, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, **_GEMMA_LAYERS)
+    cfg = Gemma4Config(text_config=text, vision_config=_GEMMA4_VISION, audio_config=None, boi_token_id=V - 2,
+                       eoi_token_id=V - 3, image_token_id=V - 1, video_token_id=V - 4, boa_token_id=V - 5,
+                       eoa_token_index=V - 6, audio_token_id=V - 7)
+    # one 16x16 image in sample 0, two in sample 1: 4x4 patches each, pooled 2x2 into 4 tokens
+    pix, pos = _gemma4_images(3)
+    t = image_prompts(_gen(1), V - 1, [4] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    return Gemma4ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_position_ids": pos, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+def b_diffusion_gemma():
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text = _text(global_head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=32, **_GEMMA_LAYERS)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(_GEMMA4_VISION, model_type="gemma4_vision"),
+                               boi_token_id=V - 2, eoi_token_id=V - 3, image_token_id=V - 1, canvas_length=8)
+    pix, pos = _gemma4_images(3)
+    t = image_prompts(_gen(1), V - 1, [4] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    # the canvas (8 tokens) attends to the prompt's cache and to itself; the prompt's padding stays masked
+    canvas = torch.randint(4, V - 8, (BATCH, 8), generator=_gen(2))
+    return DiffusionGemmaForBlockDiffusion(cfg), {
+        **t, "pixel_values": pix, "image_position_ids": pos, "mm_token_type_ids": (t["input_ids"] == V - 1).long(),
+        "decoder_input_ids": canvas,
+        "decoder_attention_mask": torch.cat([t["attention_mask"], torch.ones_like(canvas)], 1)}
+
+
+def b_gemma3n():
+    from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration
+
+    # its vision tower is timm's MobileNetV5 (the family's architecture), through TimmWrapper
+    text = _text(**_GEMMA_LAYERS, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, laurel_rank=8,
+                 altup_num_inputs=2, num_kv_shared_layers=0, intermediate_size=[128, 128])
+    cfg = Gemma3nConfig(text_config=text, vision_config=dict(hidden_size=64, vocab_offset=V, vocab_size=4),
+                        audio_config=dict(hidden_size=32, vocab_offset=V + 4, vocab_size=4),
+                        vision_soft_tokens_per_image=16, boi_token_id=V - 2, eoi_token_id=V - 3,
+                        image_token_id=V - 1, boa_token_id=V - 5, eoa_token_id=V - 6, audio_token_id=V - 7)
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    return Gemma3nForConditionalGeneration(cfg), {**t, "pixel_values": torch.rand(3, 3, 64, 64, generator=_gen(0)),
+                                                  "use_cache": False}
+
+
+def b_t5gemma2():
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    layers = dict(_GEMMA_LAYERS, query_pre_attn_scalar=16)
+    enc = dict(text_config=_text(**layers), vision_config=_siglip(), mm_tokens_per_image=16, boi_token_index=V - 2,
+               eoi_token_index=V - 3, image_token_index=V - 1)
+    cfg = T5Gemma2Config(encoder=enc, decoder=_text(**layers), image_token_index=V - 1)
+    # an encoder: right padding; one 32x32 image in sample 0, two in sample 1, 16 tokens each (8x8 patches pooled)
+    gen = _gen(1)
+    per_sample = []
+    for c in (1, 2):
+        segs = [("tok", 2), ("text", 3)]
+        for _ in range(c):
+            segs += [("tok", V - 2), ("ids", torch.full((16,), V - 1)), ("tok", V - 3), ("text", 2)]
+        per_sample.append(segs + [("text", TEXT - 5)])
+    t = prompts(gen, per_sample, left=False)
+    d = prompts(gen, [[("tok", 2), ("text", 5)]] * 2, left=False)
+    return T5Gemma2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "decoder_input_ids": d["input_ids"],
+        "decoder_attention_mask": d["attention_mask"], "use_cache": False}
+
+
+def b_git():
+    from transformers import GitConfig, GitForCausalLM
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)
+    cfg = GitConfig(vision_config=vision, vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+    # the image's 65 tokens are prepended to the text by the model (no placeholders); one image per sample
+    t = prompts(_gen(1), [[("tok", 1), ("text", TEXT)]] * 2)
+    return GitForCausalLM(cfg), {**t, "pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(0)),
+                                 "use_cache": False}
+
+
+def b_minicpmv4_6():
+    from transformers import MiniCPMV4_6Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, window_kernel_size=[2, 2])
+    cfg = MiniCPMV4_6Config(text_config=_qwen3_5_text(model_type="qwen3_5_text"), vision_config=vision,
+                            image_token_id=V - 1, video_token_id=V - 2, insert_layer_id=1, image_size=32)
+    # its processor's layout: the patches of all images in one row, [1, C, p, patches * p]; three 32x32 images
+    # (8x8 patches each), one in sample 0 and two in sample 1
+    pix = torch.randn(1, 3, 4, 192 * 4, generator=_gen(0))
+    return _placeholder_family("MiniCPMV4_6ForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "target_sizes": torch.tensor([[8, 8]] * 3, dtype=torch.int32)},
+                               V - 1, counts=(1, 2))
+
+
+def b_step3p7():
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4,
+                  mlp_ratio=2.0, max_position_embeddings=64)
+    text = _text(head_dim=16, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1,
+                 share_expert_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                 mlp_layer_types=["dense", "sparse"])
+    cfg = Step3p7Config(vision_config=vision, text_config=text, image_token_id=V - 1)
+    # one 32x32 image in sample 0, two in sample 1; the first also tiled into 2 local crops (any-res): 8x8 patches
+    # through two stride-2 convolutions, 4 tokens per view
+    t = image_prompts(_gen(1), V - 1, [12, 4, 4], [1, 2])
+    return Step3p7ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "use_cache": False,
+        "pixel_values_local": torch.randn(2, 3, 32, 32, generator=_gen(2)), "num_local_patches": torch.tensor([2, 0, 0])}
+
+
+FRESH3_BUILDERS = {"diffusion_gemma": b_diffusion_gemma, "gemma3n": b_gemma3n, "gemma4": b_gemma4, "git": b_git,
+                   "glm5_next": b_glm5_next, "minicpmv4_6": b_minicpmv4_6, "qwen3_5": b_qwen3_5,
+                   "qwen3_5_moe": b_qwen3_5_moe, "step3p7": b_step3p7, "t5gemma2": b_t5gemma2}
+BUILDERS.update(FRESH3_BUILDERS)
+
+
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
