@@ -37,7 +37,7 @@ so its untouched rate was stale): the same 55 types, less the 10 of ``FRESH``: 4
 conventions; builders only make the model build and run eagerly; graphred is not changed for them. Each family is
 measured once, in its own process, with a 300 s limit (a timeout is a failure at the stage it was in).
 
-Third fresh held-out set, "fresh3" (rule, seed and list written 2026-11-28 ~04:20 UTC and committed before any of
+Third fresh held-out set, "fresh3" (rule, seed and list written 2026-11-28 ~04:07 UTC and committed before any of
 these families was built or measured; every family of FRESH and FRESH2 had been tuned on by then): the 55 types of
 the same rule (``fresh_rule_types()``), less the 10 of ``FRESH`` and the 10 of ``FRESH2``: 35 types, less kosmos-2.5,
 which is BRIEF's kosmos2_5 (the same class, already measured; the rule's code misses it because it compares
@@ -1492,6 +1492,7 @@ def render(data: dict) -> str:
               "Excluded by the rule: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()) + ".", ""]
     lines += [f"- {n}" for n in NOTES]
     lines += _render_fresh2(data.get("fresh2") or {})
+    lines += _render_fresh3(data.get("fresh3") or {})
     lines += ["<!-- unseen:end -->"]
     return "\n".join(lines)
 
@@ -1532,6 +1533,58 @@ def _render_fresh2(f2: dict) -> list[str]:
     return lines
 
 
+FRESH3_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, the last sample padded by 3: left for decoders, "
+    "right for t5gemma2's encoder). gemma4, diffusion_gemma, t5gemma2, minicpmv4_6 and step3p7 get one image in "
+    "sample 0 and two in sample 1 (step3p7's first image also tiled into two local crops); the Qwen-style families "
+    "(qwen3_5, qwen3_5_moe, glm5_next) take the zoo's qwen2_vl prompt builder, one image per sample, as fresh2 "
+    "did; git prepends its image tokens itself (one image per sample). diffusion_gemma is run as a block-diffusion "
+    "step: the prompt with its images, and an 8-token canvas whose mask covers the prompt's padding.",
+    "gemma3n stays a harness build failure: its vision tower is timm's MobileNetV5 through TimmWrapper, which needs "
+    "timm and PIL. Not installed: timm needs torchvision, and pip would replace the venv's torch 2.13.0+cpu with "
+    "2.14.1 (CUDA) to get one; the torchvision built for torch 2.13 (0.28.0 on PyPI, a CUDA build) does not load "
+    "its operators against the CPU torch (tried in a throwaway --target folder). Counted as not reduced.",
+]
+
+
+def _render_fresh3(f3: dict) -> list[str]:
+    """The third fresh held-out set: untouched first measurements, then (where tuned on) after the fixes."""
+    if not f3.get("untouched"):
+        return []
+    tags = [t for t in ("untouched", "after") if f3.get(t)]
+    by = {t: {r["family"]: r for r in f3[t]} for t in tags}
+    tuned = set(f3.get("tuned", []))
+    lines = ["", "### Third fresh held-out set (fresh3): untouched first measurements", "",
+             f"Drawn with ``random.Random({f3.get('seed')})`` from the 34 types left after the first two fresh draws "
+             "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
+             "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
+             ""]
+    for t in tags:
+        rows = f3[t]
+        red = sum(r["reduced"] for r in rows)
+        built = [r for r in rows if r["stage"] != "build"]
+        head = (f"untouched (graphred {f3.get('untouched_commit')})" if t == "untouched" else
+                f"after fixes made on them (graphred {f3.get('after_commit')}; tuned on: "
+                f"{', '.join(sorted(tuned)) or 'none'})")
+        lines += [f"**fresh3, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
+                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.", ""]
+    lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
+              "|---|---|" + "---|" * len(tags) + "---|---|"]
+    for n in FRESH3:
+        cells = []
+        for t in tags:
+            r = by[t].get(n)
+            cells.append("not measured" if r is None else "reduced" if r["reduced"] else r["stage"])
+        e = by[tags[-1]].get(n)
+        err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
+        cls = "" if e is None else e["notes"].get("class", "")
+        mark = " (tuned on)" if n in tuned else ""
+        lines.append(f"| {n}{mark} | {cls} | " + " | ".join(cells) + f" | {err} | "
+                     f"{'' if e is None else e['seconds']} |")
+    lines += [""] + [f"- {n}" for n in FRESH3_NOTES + list(f3.get("notes", []))]
+    return lines
+
+
 def subprocess_commit() -> str:
     import os
     import subprocess
@@ -1554,7 +1607,28 @@ def main() -> None:
     ap.add_argument("--rows-from", default="", help="take the --tag rows from this unseen.json (a run elsewhere)")
     ap.add_argument("--fresh2-from", default="", help="a folder of per-family --out files of the fresh2 set")
     ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after"])
+    ap.add_argument("--fresh3-from", default="", help="a folder of per-family --out files of the fresh3 set")
+    ap.add_argument("--fresh3-tag", default="untouched", choices=["untouched", "after"])
+    ap.add_argument("--fresh3-tuned", default="", help="fresh3 families tuned on (comma-separated; with --fresh3-from)")
     args = ap.parse_args()
+    if args.fresh3_from:
+        data = json.loads(RESULTS.read_text())
+        f3 = data.setdefault("fresh3", {})
+        f3.update(families=FRESH3, seed=FRESH3_SEED)
+        rows, commits = [], set()
+        for n in FRESH3:
+            p = Path(args.fresh3_from) / f"{n}.json"
+            if p.exists():
+                d = json.loads(p.read_text())
+                rows += d["after"]
+                commits.add(d["after_commit"])
+        f3[args.fresh3_tag] = rows
+        f3[args.fresh3_tag + "_commit"] = ",".join(sorted(commits))
+        if args.fresh3_tuned:
+            f3["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
     if args.fresh2_from:
         data = json.loads(RESULTS.read_text())
         f2 = data.setdefault("fresh2", {})
