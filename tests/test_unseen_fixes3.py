@@ -3,16 +3,25 @@ synthetic model, after the set was measured untouched:
 
 * an input that a forward's ``**kwargs`` passes down to a submodule, whose name is close to one of the forward's
   own parameters (DiffusionGemma: ``image_position_ids`` beside ``position_ids``): an input, not a misspelling
-  (before, capture rejected it with "did you mean 'position_ids'?"); a real misspelling is still rejected.
+  (before, capture rejected it with "did you mean 'position_ids'?"); a real misspelling is still rejected;
+* input ids whose image placeholders are replaced by a constant with ``torch.where`` before the lookup (Gemma 4:
+  ``where(is_placeholder, pad_id, input_ids)``): still the prompt's ids, so the lookup starts the text stream and the
+  scattered image features make it cross-modal (before, no token stream reached the decoder: "the token axis of
+  ...layers.1.self_attn is unknown").
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graphred
+from graphred.analysis.blocks import CROSS_MODAL_SELF
 from graphred.errors import CaptureError
+from graphred.plans import pumer
+
+V, D, IMG_ID, N_IMG = 40, 16, 39, 4
 
 
 class _Tower(nn.Module):
@@ -64,3 +73,51 @@ def test_misspelt_input_beside_kwargs_still_rejected():
     kwargs["positon_ids"] = kwargs.pop("image_position_ids")
     with pytest.raises(CaptureError, match="did you mean 'position_ids'"):
         graphred.capture(model, **kwargs)
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+class _PadBeforeLookup(nn.Module):
+    """Placeholder ids replaced by the pad id (``torch.where``) before the text lookup; image features scattered."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 4, 4)
+        self.embed = nn.Embedding(V, D)
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, input_ids, pixel_values):
+        is_image = input_ids == IMG_ID
+        x = self.embed(torch.where(is_image, 0, input_ids))
+        img = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, 4, D]
+        x = x.masked_scatter(is_image.unsqueeze(-1).expand_as(x), img)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_placeholder_ids_replaced_by_where_are_still_the_prompt():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V - 8, (2, 10), generator=g)
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    model, kwargs = _PadBeforeLookup().eval(), {"input_ids": ids, "pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
+    prog = graphred.capture(model, **kwargs)
+    report = graphred.analyze(prog)
+    decoder = [b for b in report.blocks if b.kind == CROSS_MODAL_SELF]
+    assert len(decoder) == 2, str(report)
+    assert all(b.tokens_per_sample == [{"text": 10 - N_IMG, "image": N_IMG}] * 2 for b in decoder), str(report)
+    reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+    prunes = [s for s in reduced.steps if s.get("op") == "prune"]
+    assert prunes and all(s["image_after"] < s["image_before"] for s in prunes), reduced.steps
+    with torch.no_grad():
+        assert reduced(**kwargs).shape[1] < model(**kwargs).shape[1]
