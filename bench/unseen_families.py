@@ -1544,6 +1544,35 @@ FRESH3_NOTES = [
     "timm and PIL. Not installed: timm needs torchvision, and pip would replace the venv's torch 2.13.0+cpu with "
     "2.14.1 (CUDA) to get one; the torchvision built for torch 2.13 (0.28.0 on PyPI, a CUDA build) does not load "
     "its operators against the CPU torch (tried in a throwaway --target folder). Counted as not reduced.",
+    "After the untouched measurement, graphred was changed on what these families showed (each fix general, with "
+    "a test in tests/test_unseen_fixes3.py): capture no longer takes an input that a forward's **kwargs passes "
+    "down to a submodule for a misspelling of a close parameter name (diffusion_gemma's image_position_ids beside "
+    "position_ids: graphred/program.py); input ids whose placeholders are replaced by the pad id with torch.where "
+    "before the lookup stay the prompt's ids (gemma4: no token stream reached the decoder; "
+    "graphred/analysis/provenance.py); a merge where the tokens are not on dim 1 moves them there and back, and a "
+    "cut that no later op reads is a PlanError instead of a silent no-op (graphred/passes/prune_merge.py, "
+    "token_axis.py). 'Tuned on' marks every family whose graph was looked at after the untouched run.",
+    "t5gemma2: with the merge fix alone its row read 'reduced', but vacuously: PuMer chose the decoder, whose keys "
+    "are a cat of the layer's own keys and the encoder's built inside each layer, so the cut was read by nothing and "
+    "the reduced graph computed what the model does plus the scoring (FlopCounterMode: 34.88 M at zero reduction, "
+    "35.03 M reduced); the 'FLOPs drop' came from the eager model (35.72 M) costing more than its captured graph. "
+    "The new dead-cut error makes it fail at reduce. Choosing the encoder instead (a cross-modal stack whose cut "
+    "every decoder layer would read) stops at 'concatenation along the reduced token axis' in that same cat: not "
+    "supported yet.",
+    "qwen3_5, qwen3_5_moe (flops): transformers' gated delta rule runs torch.linalg.solve_triangular eagerly (no "
+    "FLOPs counted by FlopCounterMode) but builds the inverse with matmuls when torch is exporting, so the captured "
+    "graph costs more than the eager model: qwen3_5 eager 24.57 M, captured at zero reduction 26.41 M, reduced "
+    "25.08 M (-5.0% against the captured graph, +2.1% against eager). Not a graphred obstacle; no fix.",
+    "diffusion_gemma (flops, after the capture fix): the estimate does not drop (17.07 M -> 17.12 M): PuMer cuts "
+    "at the encoder's last layer (3 of 12 image tokens), which saves only that layer's MLP, while its scoring "
+    "recomputes the text rows' attention (0.28 M); at this tiny size (hidden 64, 4 tokens per image) the "
+    "scoring costs more than the cut saves. No fix.",
+    "step3p7 (capture): a mixture of experts' loop indexes a permuted one-hot mask (mask[e]); torch's real-tensor "
+    "propagation refuses to infer a fake kernel for a real output that is not dense. Inferring it from a dense "
+    "copy (tried, not kept) then fails with PendingUnbackedSymbolNotFound. Not fixed.",
+    "minicpmv4_6 (capture): the graph captured with values read differs from the model by 0.733 in the logits. "
+    "Its vision tower's code (window-attention merger, get_window_index) is the same as minicpm_ocr's, whose "
+    "failure fix13b owns; not fixed here, to avoid fixing it twice.",
 ]
 
 
@@ -1554,7 +1583,7 @@ def _render_fresh3(f3: dict) -> list[str]:
     tags = [t for t in ("untouched", "after") if f3.get(t)]
     by = {t: {r["family"]: r for r in f3[t]} for t in tags}
     tuned = set(f3.get("tuned", []))
-    lines = ["", "### Third fresh held-out set (fresh3): untouched first measurements", "",
+    lines = ["", "### Third fresh held-out set (fresh3): untouched first, then after fixes made on them", "",
              f"Drawn with ``random.Random({f3.get('seed')})`` from the 34 types left after the first two fresh draws "
              "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
              "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
