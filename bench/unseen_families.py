@@ -51,7 +51,8 @@ PuMer at its defaults is the plan for every family (decoders and encoder-decoder
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
 
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
-section of docs/benchmarks.md.
+section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
+then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``.
 """
 from __future__ import annotations
 
