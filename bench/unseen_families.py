@@ -37,12 +37,22 @@ so its untouched rate was stale): the same 55 types, less the 10 of ``FRESH``: 4
 conventions; builders only make the model build and run eagerly; graphred is not changed for them. Each family is
 measured once, in its own process, with a 300 s limit (a timeout is a failure at the stage it was in).
 
+Third fresh held-out set, "fresh3" (rule, seed and list written 2026-11-28 ~04:07 UTC and committed before any of
+these families was built or measured; every family of FRESH and FRESH2 had been tuned on by then): the 55 types of
+the same rule (``fresh_rule_types()``), less the 10 of ``FRESH`` and the 10 of ``FRESH2``: 35 types, less kosmos-2.5,
+which is BRIEF's kosmos2_5 (the same class, already measured; the rule's code misses it because it compares
+``kosmos_2.5`` with ``kosmos2_5``): 34 types. Time allows 10: ``random.Random(2026112804).sample(sorted(remaining),
+10)`` (``fresh3_draw()``), listed in ``FRESH3``. Same build conventions; builders only make the model build and run
+eagerly; graphred is not changed for them before they are measured. Each family is measured once, untouched, in its
+own process, 1 thread, with a 300 s limit; families tuned on afterwards are marked as such.
+
 PuMer at its defaults is the plan for every family (decoders and encoder-decoders alike): one plan, no tuning.
 
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
 
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
-section of docs/benchmarks.md.
+section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
+then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``.
 """
 from __future__ import annotations
 
@@ -98,6 +108,9 @@ FRESH = ["dots3_note", "ernie4_5_vl_moe", "glm46v", "hy_v4_vl", "minimax_m3_vl",
 # the second fresh held-out set (rule in the docstring; recomputable with ``fresh2_draw()``)
 FRESH2 = ["apertus1p5", "cosmos3_omni", "exaone4_5", "fast_vlm", "lfm3_vl", "lighton_ocr", "minicpm_ocr",
           "mistral_large4", "qwen2_5_omni_thinker", "qwen4_exp"]
+# the third fresh held-out set (rule in the docstring; recomputable with ``fresh3_draw()``)
+FRESH3 = ["diffusion_gemma", "gemma3n", "gemma4", "git", "glm5_next", "minicpmv4_6", "qwen3_5", "qwen3_5_moe",
+          "step3p7", "t5gemma2"]
 OLD = FAMILIES + FRESH  # the sets of the main table (fresh2 has its own)
 ALL = OLD + FRESH2
 ZOO_TYPES = {"llava", "paligemma", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "aya_vision", "internvl",
@@ -138,8 +151,24 @@ def fresh2_draw() -> list[str]:
     return sorted(random.Random(FRESH2_SEED).sample(remaining, 10))
 
 
+FRESH3_SEED = 2026112804
+# already measured under another spelling: the rule's code compares ``kosmos_2.5`` with BRIEF's ``kosmos2_5``
+FRESH3_ALREADY_MEASURED = {"kosmos-2.5": "kosmos2_5"}
+
+
+def fresh3_draw() -> list[str]:
+    """The third fresh held-out draw: the types of ``fresh_draw``'s rule drawn in neither ``FRESH`` nor ``FRESH2``,
+    less a type already measured under another name (``FRESH3_ALREADY_MEASURED``): 34 types."""
+    types = fresh_rule_types()
+    assert len(types) == 55 and set(FRESH) <= set(types) and set(FRESH2) <= set(types)
+    remaining = sorted(t for t in types if t not in FRESH and t not in FRESH2 and t not in FRESH3_ALREADY_MEASURED)
+    assert len(remaining) == 34
+    return sorted(random.Random(FRESH3_SEED).sample(remaining, 10))
+
+
 def set_of(name: str) -> str:
-    return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 else "held-out"
+    return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
+        else "fresh3" if name in FRESH3 else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
@@ -1021,6 +1050,188 @@ BUILDERS = {
 }
 
 
+# ---- the third fresh held-out set (builders written after the draw was committed; graphred untouched for them)
+
+def _qwen3_5_text(**kw):
+    return _text(head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"],
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True, "partial_rotary_factor": 0.5}, **kw)
+
+
+_QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64)
+
+
+def b_qwen3_5():
+    from transformers import Qwen3_5Config
+
+    cfg = Qwen3_5Config(text_config=_qwen3_5_text(), vision_config=_QWEN3_5_VISION, image_token_id=V - 4,
+                        video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Qwen3_5ForConditionalGeneration", cfg)
+
+
+def b_qwen3_5_moe():
+    from transformers import Qwen3_5MoeConfig
+
+    text = _qwen3_5_text(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts_per_tok=1,
+                         num_experts=2)
+    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=_QWEN3_5_VISION, image_token_id=V - 4,
+                           video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Qwen3_5MoeForConditionalGeneration", cfg)
+
+
+def b_glm5_next():
+    from transformers import Glm5NextConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  image_size=32, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  projection_intermediate_size=64)
+    text = _text(num_key_value_heads=4, moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=2,
+                 num_experts_per_tok=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=0, v_head_dim=16,
+                 qk_nope_head_dim=16, index_topk=64, index_head_dim=16, index_n_heads=2, index_kpool=16,
+                 linear_head_dim=16, linear_num_heads=4, hc_mult=2, hc_sinkhorn_iters=3,
+                 mlp_layer_types=["dense", "sparse"], layer_types=["linear_attention", "indexed_attention"])
+    cfg = Glm5NextConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                         image_start_token_id=V - 2, image_end_token_id=V - 1, video_start_token_id=V - 6,
+                         video_end_token_id=V - 5)
+    cfg.vision_start_token_id, cfg.vision_end_token_id = V - 2, V - 1
+    return _qwen_like("Glm5NextForConditionalGeneration", cfg)
+
+
+def _gemma4_images(n: int, side: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of side x side patches (4 px, flattened to 48 values) and their (x, y) patch positions."""
+    yx = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).view(-1, 2)
+    return torch.rand(n, side * side, 48, generator=_gen(0)), yx.flip(-1).expand(n, -1, 2).clone()
+
+
+_GEMMA4_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                      position_embedding_size=64)
+_GEMMA_LAYERS = dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                     bos_token_id=2, eos_token_id=1)
+
+
+def b_gemma4():
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = _text(global_head_dim=16, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, **_GEMMA_LAYERS)
+    cfg = Gemma4Config(text_config=text, vision_config=_GEMMA4_VISION, audio_config=None, boi_token_id=V - 2,
+                       eoi_token_id=V - 3, image_token_id=V - 1, video_token_id=V - 4, boa_token_id=V - 5,
+                       eoa_token_index=V - 6, audio_token_id=V - 7)
+    # one 16x16 image in sample 0, two in sample 1: 4x4 patches each, pooled 2x2 into 4 tokens
+    pix, pos = _gemma4_images(3)
+    t = image_prompts(_gen(1), V - 1, [4] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    return Gemma4ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_position_ids": pos, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+def b_diffusion_gemma():
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    text = _text(global_head_dim=16, num_experts=2, top_k_experts=1, moe_intermediate_size=32, **_GEMMA_LAYERS)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(_GEMMA4_VISION, model_type="gemma4_vision"),
+                               boi_token_id=V - 2, eoi_token_id=V - 3, image_token_id=V - 1, canvas_length=8)
+    pix, pos = _gemma4_images(3)
+    t = image_prompts(_gen(1), V - 1, [4] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    # the canvas (8 tokens) attends to the prompt's cache and to itself; the prompt's padding stays masked
+    canvas = torch.randint(4, V - 8, (BATCH, 8), generator=_gen(2))
+    return DiffusionGemmaForBlockDiffusion(cfg), {
+        **t, "pixel_values": pix, "image_position_ids": pos, "mm_token_type_ids": (t["input_ids"] == V - 1).long(),
+        "decoder_input_ids": canvas,
+        "decoder_attention_mask": torch.cat([t["attention_mask"], torch.ones_like(canvas)], 1)}
+
+
+def b_gemma3n():
+    from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration
+
+    # its vision tower is timm's MobileNetV5 (the family's architecture), through TimmWrapper
+    text = _text(**_GEMMA_LAYERS, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, laurel_rank=8,
+                 altup_num_inputs=2, num_kv_shared_layers=0, intermediate_size=[128, 128])
+    cfg = Gemma3nConfig(text_config=text, vision_config=dict(hidden_size=64, vocab_offset=V, vocab_size=4),
+                        audio_config=dict(hidden_size=32, vocab_offset=V + 4, vocab_size=4),
+                        vision_soft_tokens_per_image=16, boi_token_id=V - 2, eoi_token_id=V - 3,
+                        image_token_id=V - 1, boa_token_id=V - 5, eoa_token_id=V - 6, audio_token_id=V - 7)
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    return Gemma3nForConditionalGeneration(cfg), {**t, "pixel_values": torch.rand(3, 3, 64, 64, generator=_gen(0)),
+                                                  "use_cache": False}
+
+
+def b_t5gemma2():
+    from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+    layers = dict(_GEMMA_LAYERS, query_pre_attn_scalar=16)
+    enc = dict(text_config=_text(**layers), vision_config=_siglip(), mm_tokens_per_image=16, boi_token_index=V - 2,
+               eoi_token_index=V - 3, image_token_index=V - 1)
+    cfg = T5Gemma2Config(encoder=enc, decoder=_text(**layers), image_token_index=V - 1)
+    # an encoder: right padding; one 32x32 image in sample 0, two in sample 1, 16 tokens each (8x8 patches pooled)
+    gen = _gen(1)
+    per_sample = []
+    for c in (1, 2):
+        segs = [("tok", 2), ("text", 3)]
+        for _ in range(c):
+            segs += [("tok", V - 2), ("ids", torch.full((16,), V - 1)), ("tok", V - 3), ("text", 2)]
+        per_sample.append(segs + [("text", TEXT - 5)])
+    t = prompts(gen, per_sample, left=False)
+    d = prompts(gen, [[("tok", 2), ("text", 5)]] * 2, left=False)
+    return T5Gemma2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "decoder_input_ids": d["input_ids"],
+        "decoder_attention_mask": d["attention_mask"], "use_cache": False}
+
+
+def b_git():
+    from transformers import GitConfig, GitForCausalLM
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4)
+    cfg = GitConfig(vision_config=vision, vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+    # the image's 65 tokens are prepended to the text by the model (no placeholders); one image per sample
+    t = prompts(_gen(1), [[("tok", 1), ("text", TEXT)]] * 2)
+    return GitForCausalLM(cfg), {**t, "pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(0)),
+                                 "use_cache": False}
+
+
+def b_minicpmv4_6():
+    from transformers import MiniCPMV4_6Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, window_kernel_size=[2, 2])
+    cfg = MiniCPMV4_6Config(text_config=_qwen3_5_text(model_type="qwen3_5_text"), vision_config=vision,
+                            image_token_id=V - 1, video_token_id=V - 2, insert_layer_id=1, image_size=32)
+    # its processor's layout: the patches of all images in one row, [1, C, p, patches * p]; three 32x32 images
+    # (8x8 patches each), one in sample 0 and two in sample 1
+    pix = torch.randn(1, 3, 4, 192 * 4, generator=_gen(0))
+    return _placeholder_family("MiniCPMV4_6ForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "target_sizes": torch.tensor([[8, 8]] * 3, dtype=torch.int32)},
+                               V - 1, counts=(1, 2))
+
+
+def b_step3p7():
+    from transformers import Step3p7Config, Step3p7ForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=4,
+                  mlp_ratio=2.0, max_position_embeddings=64)
+    text = _text(head_dim=16, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1,
+                 share_expert_dim=32, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                 mlp_layer_types=["dense", "sparse"])
+    cfg = Step3p7Config(vision_config=vision, text_config=text, image_token_id=V - 1)
+    # one 32x32 image in sample 0, two in sample 1; the first also tiled into 2 local crops (any-res): 8x8 patches
+    # through two stride-2 convolutions, 4 tokens per view
+    t = image_prompts(_gen(1), V - 1, [12, 4, 4], [1, 2])
+    return Step3p7ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "use_cache": False,
+        "pixel_values_local": torch.randn(2, 3, 32, 32, generator=_gen(2)), "num_local_patches": torch.tensor([2, 0, 0])}
+
+
+FRESH3_BUILDERS = {"diffusion_gemma": b_diffusion_gemma, "gemma3n": b_gemma3n, "gemma4": b_gemma4, "git": b_git,
+                   "glm5_next": b_glm5_next, "minicpmv4_6": b_minicpmv4_6, "qwen3_5": b_qwen3_5,
+                   "qwen3_5_moe": b_qwen3_5_moe, "step3p7": b_step3p7, "t5gemma2": b_t5gemma2}
+BUILDERS.update(FRESH3_BUILDERS)
+
+
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
@@ -1319,6 +1530,7 @@ def render(data: dict) -> str:
               "Excluded by the rule: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()) + ".", ""]
     lines += [f"- {n}" for n in NOTES]
     lines += _render_fresh2(data.get("fresh2") or {})
+    lines += _render_fresh3(data.get("fresh3") or {})
     lines += ["<!-- unseen:end -->"]
     return "\n".join(lines)
 
@@ -1366,6 +1578,87 @@ def _render_fresh2(f2: dict) -> list[str]:
     return lines
 
 
+FRESH3_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, the last sample padded by 3: left for decoders, "
+    "right for t5gemma2's encoder). gemma4, diffusion_gemma, t5gemma2, minicpmv4_6 and step3p7 get one image in "
+    "sample 0 and two in sample 1 (step3p7's first image also tiled into two local crops); the Qwen-style families "
+    "(qwen3_5, qwen3_5_moe, glm5_next) take the zoo's qwen2_vl prompt builder, one image per sample, as fresh2 "
+    "did; git prepends its image tokens itself (one image per sample). diffusion_gemma is run as a block-diffusion "
+    "step: the prompt with its images, and an 8-token canvas whose mask covers the prompt's padding.",
+    "gemma3n stays a harness build failure: its vision tower is timm's MobileNetV5 through TimmWrapper, which needs "
+    "timm and PIL. Not installed: timm needs torchvision, and pip would replace the venv's torch 2.13.0+cpu with "
+    "2.14.1 (CUDA) to get one; the torchvision built for torch 2.13 (0.28.0 on PyPI, a CUDA build) does not load "
+    "its operators against the CPU torch (tried in a throwaway --target folder). Counted as not reduced.",
+    "After the untouched measurement, graphred was changed on what these families showed (each fix general, with "
+    "a test in tests/test_unseen_fixes3.py): capture no longer takes an input that a forward's **kwargs passes "
+    "down to a submodule for a misspelling of a close parameter name (diffusion_gemma's image_position_ids beside "
+    "position_ids: graphred/program.py); input ids whose placeholders are replaced by the pad id with torch.where "
+    "before the lookup stay the prompt's ids (gemma4: no token stream reached the decoder; "
+    "graphred/analysis/provenance.py); a merge where the tokens are not on dim 1 moves them there and back, and a "
+    "cut that no later op reads is a PlanError instead of a silent no-op (graphred/passes/prune_merge.py, "
+    "token_axis.py). 'Tuned on' marks every family whose graph was looked at after the untouched run.",
+    "t5gemma2: with the merge fix alone its row read 'reduced', but vacuously: PuMer chose the decoder, whose keys "
+    "are a cat of the layer's own keys and the encoder's built inside each layer, so the cut was read by nothing and "
+    "the reduced graph computed what the model does plus the scoring (FlopCounterMode: 34.88 M at zero reduction, "
+    "35.03 M reduced); the 'FLOPs drop' came from the eager model (35.72 M) costing more than its captured graph. "
+    "The new dead-cut error makes it fail at reduce. Choosing the encoder instead (a cross-modal stack whose cut "
+    "every decoder layer would read) stops at 'concatenation along the reduced token axis' in that same cat: not "
+    "supported yet.",
+    "qwen3_5, qwen3_5_moe (flops): transformers' gated delta rule runs torch.linalg.solve_triangular eagerly (no "
+    "FLOPs counted by FlopCounterMode) but builds the inverse with matmuls when torch is exporting, so the captured "
+    "graph costs more than the eager model: qwen3_5 eager 24.57 M, captured at zero reduction 26.41 M, reduced "
+    "25.08 M (-5.0% against the captured graph, +2.1% against eager). Not a graphred obstacle; no fix.",
+    "diffusion_gemma (flops, after the capture fix): the estimate does not drop (17.07 M -> 17.12 M): PuMer cuts "
+    "at the encoder's last layer (3 of 12 image tokens), which saves only that layer's MLP, while its scoring "
+    "recomputes the text rows' attention (0.28 M); at this tiny size (hidden 64, 4 tokens per image) the "
+    "scoring costs more than the cut saves. No fix.",
+    "step3p7 (capture): a mixture of experts' loop indexes a permuted one-hot mask (mask[e]); torch's real-tensor "
+    "propagation refuses to infer a fake kernel for a real output that is not dense. Inferring it from a dense "
+    "copy (tried, not kept) then fails with PendingUnbackedSymbolNotFound. Not fixed.",
+    "minicpmv4_6 (capture): the graph captured with values read differs from the model by 0.733 in the logits. "
+    "Its vision tower's code (window-attention merger, get_window_index) is the same as minicpm_ocr's, whose "
+    "failure fix13b owns; not fixed here, to avoid fixing it twice.",
+]
+
+
+def _render_fresh3(f3: dict) -> list[str]:
+    """The third fresh held-out set: untouched first measurements, then (where tuned on) after the fixes."""
+    if not f3.get("untouched"):
+        return []
+    tags = [t for t in ("untouched", "after") if f3.get(t)]
+    by = {t: {r["family"]: r for r in f3[t]} for t in tags}
+    tuned = set(f3.get("tuned", []))
+    lines = ["", "### Third fresh held-out set (fresh3): untouched first, then after fixes made on them", "",
+             f"Drawn with ``random.Random({f3.get('seed')})`` from the 34 types left after the first two fresh draws "
+             "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
+             "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
+             ""]
+    for t in tags:
+        rows = f3[t]
+        red = sum(r["reduced"] for r in rows)
+        built = [r for r in rows if r["stage"] != "build"]
+        head = (f"untouched (graphred {f3.get('untouched_commit')})" if t == "untouched" else
+                f"after fixes made on them (graphred {f3.get('after_commit')}; tuned on: "
+                f"{', '.join(sorted(tuned)) or 'none'})")
+        lines += [f"**fresh3, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
+                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.", ""]
+    lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
+              "|---|---|" + "---|" * len(tags) + "---|---|"]
+    for n in FRESH3:
+        cells = []
+        for t in tags:
+            r = by[t].get(n)
+            cells.append("not measured" if r is None else "reduced" if r["reduced"] else r["stage"])
+        e = by[tags[-1]].get(n)
+        err = "" if e is None or e["reduced"] else f"{e['error_class']}: {e['error']}".replace("|", "\\|")[:170]
+        cls = "" if e is None else e["notes"].get("class", "")
+        mark = " (tuned on)" if n in tuned else ""
+        lines.append(f"| {n}{mark} | {cls} | " + " | ".join(cells) + f" | {err} | "
+                     f"{'' if e is None else e['seconds']} |")
+    lines += [""] + [f"- {n}" for n in FRESH3_NOTES + list(f3.get("notes", []))]
+    return lines
+
+
 def subprocess_commit() -> str:
     import os
     import subprocess
@@ -1390,11 +1683,32 @@ def main() -> None:
     ap.add_argument("--fresh2-tag", default="after", choices=["pre", "after", "tuned"])
     ap.add_argument("--merge-rows", default="", help="an --out file: its rows replace those families' --tag rows, "
                     "each marked with the commit it measured (the tag's commit is kept)")
+    ap.add_argument("--fresh3-from", default="", help="a folder of per-family --out files of the fresh3 set")
+    ap.add_argument("--fresh3-tag", default="untouched", choices=["untouched", "after"])
+    ap.add_argument("--fresh3-tuned", default="", help="fresh3 families tuned on (comma-separated; with --fresh3-from)")
     args = ap.parse_args()
     if args.merge_rows:
         data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
         new = {r["family"]: dict(r, notes=dict(r["notes"], commit=other[args.tag + "_commit"])) for r in other[args.tag]}
         data[args.tag] = [new.get(r["family"], r) for r in data[args.tag]]
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
+    if args.fresh3_from:
+        data = json.loads(RESULTS.read_text())
+        f3 = data.setdefault("fresh3", {})
+        f3.update(families=FRESH3, seed=FRESH3_SEED)
+        rows, commits = [], set()
+        for n in FRESH3:
+            p = Path(args.fresh3_from) / f"{n}.json"
+            if p.exists():
+                d = json.loads(p.read_text())
+                rows += d["after"]
+                commits.add(d["after_commit"])
+        f3[args.fresh3_tag] = rows
+        f3[args.fresh3_tag + "_commit"] = ",".join(sorted(commits))
+        if args.fresh3_tuned:
+            f3["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return

@@ -184,9 +184,10 @@ def _check_keyword_names(model: nn.Module, kwargs: dict) -> None:
 
     A forward with ``**kwargs`` binds any name, so a misspelt optional input (``atention_mask``)
     would be dropped without a word and the graph captured without it. Rejected: a name close to
-    a named parameter (a misspelling); and, where ``**kwargs`` is typed
-    ``Unpack[SomeTypedDict]`` (a declared set of pass-through options), a name that neither the
-    TypedDict nor any submodule's forward takes.
+    a named parameter (a misspelling) that no submodule's forward takes either (a name passed down
+    through ``**kwargs``, e.g. ``image_position_ids`` beside ``position_ids``, is an input); and,
+    where ``**kwargs`` is typed ``Unpack[SomeTypedDict]`` (a declared set of pass-through
+    options), a name that neither the TypedDict nor any submodule's forward takes.
     """
     import difflib
 
@@ -197,19 +198,21 @@ def _check_keyword_names(model: nn.Module, kwargs: dict) -> None:
     unknown = [n for n in kwargs if n not in named and n not in _CONVENTIONAL_KWARGS]
     if not unknown:
         return
+    # the names the submodules' forwards take: a name that ``**kwargs`` passes down to one of them is an input
+    sub_names: set[str] = set()
+    seen: set[type] = set()
+    for sub in model.modules():
+        if sub is model or type(sub) in seen:
+            continue
+        seen.add(type(sub))
+        sub_named, sub_typed, _ = _forward_names(sub.forward)
+        sub_names |= set(sub_named) | (sub_typed or set())
     known: set[str] | None = None
     if typed is not None:
-        known = set(named) | typed | _CONVENTIONAL_KWARGS
-        seen: set[type] = set()
-        for sub in model.modules():
-            if type(sub) in seen:
-                continue
-            seen.add(type(sub))
-            sub_named, sub_typed, _ = _forward_names(sub.forward)
-            known |= set(sub_named) | (sub_typed or set())
+        known = set(named) | typed | _CONVENTIONAL_KWARGS | sub_names
     for name in unknown:
         close = difflib.get_close_matches(name, named, n=1, cutoff=0.8)
-        if close:
+        if close and name not in sub_names:
             raise CaptureError(
                 f"{cls}.forward has no input {name!r}; did you mean {close[0]!r}? (It takes {', '.join(named)}.)"
             )

@@ -186,14 +186,16 @@ def test_mllama_reduction_reaches_the_later_cross_attention_layer(zoo_model, zoo
 def test_mllama_without_the_unfolding_the_warning_names_the_obstacle(zoo_program, monkeypatch):
     """Where no unfolding view applies (here: the unfolding switched off), the cut stays in the scoring layer;
     the warning names the node where the tokens first hold a dim of their own, and the op reading the folded
-    layout, with their module paths."""
+    layout, with their module paths. That cut comes after the layer's only readers of its keys, so it would change
+    nothing: a PlanError says so (no reduced module that computes what the model does)."""
+    from graphred.errors import PlanError
+
     monkeypatch.setattr(unfold_pass, "folded_key_chains", lambda *a: [])
     layer = r"model\.language_model\.layers\.1\.cross_attn"
     with pytest.warns(GraphredWarning, match=rf"keys of {layer}: .* at \w+ \(module {layer}\), inside the layer; "
                       rf"\w+ \(module {layer}\.k_proj\) computes them from a layout where they are folded"):
-        reduced = graphred.transform(zoo_program("mllama"), pumer(prune=0.7, merge=0.0))
-    gm = reduced.graph_module
-    assert not [n for n in gm.graph.nodes if recorded(n, MADE_BY) == "UnfoldKeySourcesPass"]
+        with pytest.raises(PlanError, match=rf"no op after the cut reads the reduced tokens .*module {layer}"):
+            graphred.transform(zoo_program("mllama"), pumer(prune=0.7, merge=0.0))
 
 
 

@@ -778,6 +778,12 @@ class TokenProvenance:
     def _where(self, node, taint, learned):
         cond, a, b = node.args
         info = self._broadcast(node, [x for x in (cond, a, b) if isinstance(x, fx.Node)], taint, learned)
+        ids = [x for x in (a, b) if isinstance(x, fx.Node) and self._in(x).direct_ids]
+        other = b if ids and ids[0] is a else a
+        if len(ids) == 1 and (not isinstance(other, fx.Node) or self.tokens(other).learned):
+            # a constant selected into input ids (placeholder ids replaced by the pad id before the lookup, as
+            # ``index_put`` does it in place): still the input's ids
+            return TokenInfo(info.axes, taint, True, info.learned)
         ta = self.tokens(a).taint if isinstance(a, fx.Node) else frozenset()
         tb = self.tokens(b).taint if isinstance(b, fx.Node) else frozenset()
         # image features selected into a text stream by a mask: a modality source

@@ -26,7 +26,7 @@ from ..fx_utils import SIDE, call_with_val, fake_like, graph_device, last_of, no
 from .fillers import mask_fillers
 from .reduce import emit_valid
 from .rewrite_state import RewriteState
-from .token_axis import reduce_stream
+from .token_axis import reduce_stream, stream_dims
 
 aten = torch.ops.aten
 gr = torch.ops.graphred
@@ -295,14 +295,18 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         record(n, SIDE, True)
 
     merged = {}
+    dim = point.args[2] if point.target is gr.gather_tokens.default else None
+    tdim = dim if dim is not None else next((d for d, _ in stream_dims(rs.prov, point, st.stream)), 1)
 
     def transform(x: fx.Node) -> fx.Node:
+        # merge_tokens takes the tokens on dim 1 ([B, L, ...]); keys laid out [B, H, L, D] are moved there and back
+        if tdim != 1:
+            x = call_with_val(graph, aten.movedim.int, (x, tdim, 1))
         out = call_with_val(graph, gr.merge_tokens.default, (x, sizes, src, dst))
         x2 = call_with_val(graph, operator.getitem, (out, 0))
         merged["sizes"] = call_with_val(graph, operator.getitem, (out, 1))
-        return x2
+        return x2 if tdim == 1 else call_with_val(graph, aten.movedim.int, (x2, 1, tdim))
 
-    dim = point.args[2] if point.target is gr.gather_tokens.default else None
     g = reduce_stream(gm, rs.prov, st, point, keep, st.length - r, transform=transform,
                       pass_name=f"{step_name} at {block.module_path}", dim=dim, inputs_ready=last_of(gm, [src, dst, sizes]))
     if carry_sizes or st.sizes is None and proportional:

@@ -175,6 +175,13 @@ def reduce_stream(
     if transform is not None:
         reduced[g] = {dim}
     _propagate(gm, prov, state, g, index, old, new_length, reduced, pass_name)
+    if not g.users:
+        # every reader of the tokens at this point runs before the cut (e.g. keys computed inside the layer whose
+        # scores choose the cut): nothing would read fewer tokens, and the reduction would change nothing
+        raise _fail(f"no op after the cut reads the reduced tokens of {point.name} (its readers all run before "
+                    "the scores that choose the cut), so the reduction would change nothing; "
+                    "reduce at an earlier layer, or where the tokens enter the layers that read them", point,
+                    pass_name)
     return g
 
 
