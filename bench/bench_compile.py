@@ -19,10 +19,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -35,7 +33,7 @@ warnings.filterwarnings("ignore")
 import graphred  # noqa: E402
 from graphred.backend import graphred_backend  # noqa: E402
 from graphred.plans import fastv, pumer, victor  # noqa: E402
-from _common import publish  # noqa: E402
+from _common import median_ms, peak_mb, publish, timed_call  # noqa: E402
 
 MODEL = "llava-bench"
 PLANS = {
@@ -47,38 +45,6 @@ CUDA_PLANS = {**PLANS, "victor(registers=8, layer=2)": victor(registers=8, layer
 TARGET_RATIO = 0.9  # measured / predicted under Inductor
 MARK = "bench_compile"
 RESULTS = ROOT / "docs" / "results" / "compile.json"
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed_call(fn, inputs: dict, device: str) -> tuple[float, object]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn(**inputs)
-    _sync(device)
-    return time.perf_counter() - t0, out
-
-
-def _median_ms(fns: dict, inputs: dict, rounds: int, device: str) -> dict:
-    """Median ms per call of each function, alternating them so that drift hits all alike."""
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(_timed_call(fn, inputs, device)[0] * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _peak_mb(fn, inputs: dict, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn(**inputs)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _logits(out):
@@ -115,13 +81,13 @@ def run(device: str, threads: int, rounds: int, model_name: str = MODEL) -> dict
     with torch.no_grad():
         torch._dynamo.reset()
         base = torch.compile(model, backend="inductor")
-        t_compile_base, base_out = _timed_call(base, dev_inputs, device)
+        t_compile_base, base_out = timed_call(base, dev_inputs, device)
         base_tokens = _logits(base_out).shape[1]
         compiled = {}
         for label, plan in plans.items():
             fast = torch.compile(model, backend=graphred_backend, options={"plan": plan, "backend": "inductor"})
             try:
-                t_compile, out = _timed_call(fast, dev_inputs, device)
+                t_compile, out = timed_call(fast, dev_inputs, device)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 errors[label] = (errors.get(label, "") + f" compiled: {type(e).__name__}: {str(e)[:300]}").strip()
                 print(f"{label}: {errors[label]}", flush=True)
@@ -129,18 +95,18 @@ def run(device: str, threads: int, rounds: int, model_name: str = MODEL) -> dict
             compiled[label] = (fast, t_compile, _logits(out))
             print(f"compiled {label} in {t_compile:.1f} s", flush=True)
         for fn in [base] + [c[0] for c in compiled.values()]:  # warm-up after every compile
-            _timed_call(fn, dev_inputs, device)
-        ms = _median_ms({"base": base, **{k: v[0] for k, v in compiled.items()}}, dev_inputs, rounds, device)
-        peak_base = _peak_mb(base, dev_inputs, device)
+            timed_call(fn, dev_inputs, device)
+        ms = median_ms({"base": base, **{k: v[0] for k, v in compiled.items()}}, dev_inputs, rounds, device)
+        peak_base = peak_mb(base, dev_inputs, device)
         eager_ms = None
         if device == "cpu":  # the eager figures of the same plans, same run, for comparison
-            eager_ms = _median_ms({"base": prog, **eager_ref}, inputs, max(3, rounds // 2), device)
+            eager_ms = median_ms({"base": prog, **eager_ref}, inputs, max(3, rounds // 2), device)
         elif dev_eager:  # eager on the device: the unreduced model against graphred.transform of the device capture
             for fn in [model, *dev_eager.values()]:
-                _timed_call(fn, dev_inputs, device)
-            eager_ms = _median_ms({"base": model, **dev_eager}, dev_inputs, rounds, device)
-            eager_peak = {"base": _peak_mb(model, dev_inputs, device),
-                          **{k: _peak_mb(f, dev_inputs, device) for k, f in dev_eager.items()}}
+                timed_call(fn, dev_inputs, device)
+            eager_ms = median_ms({"base": model, **dev_eager}, dev_inputs, rounds, device)
+            eager_peak = {"base": peak_mb(model, dev_inputs, device),
+                          **{k: peak_mb(f, dev_inputs, device) for k, f in dev_eager.items()}}
         def eager_fields(label: str) -> dict:
             if eager_ms is None or label not in eager_ms:
                 return {}
@@ -177,7 +143,7 @@ def run(device: str, threads: int, rounds: int, model_name: str = MODEL) -> dict
             if device == "cuda":
                 scale = 2 / 4  # bf16 activations against the float32 estimate
                 row.update({
-                    "peak_base_mb": peak_base, "peak_reduced_mb": _peak_mb(fast, dev_inputs, device),
+                    "peak_base_mb": peak_base, "peak_reduced_mb": peak_mb(fast, dev_inputs, device),
                     "predicted_peak_act_base_mb": est.peak_activation_bytes * scale / 2**20,
                     "predicted_peak_act_reduced_mb": est.after.peak_activation_bytes * scale / 2**20,
                     "weights_mb": est.weight_bytes * scale / 2**20,

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 import graphred  # noqa: E402
+from _common import median_ms, peak_mb, timed_call  # noqa: E402
 from graphred.plans import fastv, pumer, victor  # noqa: E402
 
 PLANS = {
@@ -80,29 +79,6 @@ def build(device: str, dtype: torch.dtype, batch: int, text_len: int, tiny: bool
     return model, inputs
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _ms(fn, inputs: dict, device: str) -> float:
-    _sync(device)
-    t = time.perf_counter()
-    fn(**inputs)
-    _sync(device)
-    return (time.perf_counter() - t) * 1e3
-
-
-def _peak_mb(fn, inputs: dict, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn(**inputs)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
 def run(device: str, dtype: torch.dtype, batch: int, text_len: int, rounds: int, tiny: bool, out: Path) -> dict:
     t0 = time.perf_counter()
     model, inputs = build(device, dtype, batch, text_len, tiny)
@@ -117,8 +93,9 @@ def run(device: str, dtype: torch.dtype, batch: int, text_len: int, rounds: int,
         prog = graphred.capture(model, **inputs)
         info["capture_s"] = time.perf_counter() - t0
         print(f"captured in {info['capture_s']:.0f} s", flush=True)
-        base_ms = [_ms(model, inputs, device) for _ in range(2)]  # warm-up
-        info["base_peak_mb"] = _peak_mb(model, inputs, device)
+        for _ in range(2):  # warm-up
+            timed_call(model, inputs, device)
+        info["base_peak_mb"] = peak_mb(model, inputs, device)
         for label, plan in PLANS.items():
             row: dict = {"plan": label}
             try:
@@ -133,14 +110,11 @@ def run(device: str, dtype: torch.dtype, batch: int, text_len: int, rounds: int,
                 row["transform_s"] = time.perf_counter() - t0
                 y = fast(**inputs)
                 row["tokens_out"] = int(y.logits.shape[1])
-                _ms(fast, inputs, device)
-                base_ms, red_ms = [], []
-                for _ in range(rounds):  # alternating calls
-                    base_ms.append(_ms(model, inputs, device))
-                    red_ms.append(_ms(fast, inputs, device))
-                b, r = statistics.median(base_ms), statistics.median(red_ms)
+                timed_call(fast, inputs, device)
+                ms = median_ms({"base": model, "reduced": fast}, inputs, rounds, device)
+                b, r = ms["base"], ms["reduced"]
                 row.update({"base_ms": b, "reduced_ms": r, "measured": b / r, "ratio": b / r / row["predicted"],
-                            "peak_base_mb": info["base_peak_mb"], "peak_reduced_mb": _peak_mb(fast, inputs, device)})
+                            "peak_base_mb": info["base_peak_mb"], "peak_reduced_mb": peak_mb(fast, inputs, device)})
                 del fast
             except Exception as e:  # noqa: BLE001 - the row says what failed
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
@@ -213,8 +187,8 @@ def _profile_paragraph() -> list[str]:
             f"{vic['self_cpu_ms']:.1f} ms on the CPU issuing {vic['launches']} kernel launches "
             f"(the unreduced one {hf['launches']}). After the reduction the GPU waits for the host: at this batch the "
             "reduced model is launch-bound, which FLOPs do not predict. Capturing the reduced graph in CUDA graphs or "
-            "compiling it removes that host time; neither was measured on a GPU yet (see the torch.compile rows above "
-            "for why the backend left the graph unchanged there)."]
+            "compiling it removes that host time; neither was measured on a GPU at this size yet (the torch.compile "
+            "rows below are a small model, launch-bound whether compiled or not)."]
 
 
 def main() -> int:

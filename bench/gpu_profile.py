@@ -8,7 +8,6 @@ CUDA time, kernel launches), which ``python bench/bench_gpu.py --publish`` summa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphred  # noqa: E402
 from graphred.plans import pumer, victor  # noqa: E402
 
-from bench_gpu import _ms, build  # noqa: E402
+from _common import median_ms  # noqa: E402
+from bench_gpu import build  # noqa: E402
 
 
 def main() -> int:
@@ -41,11 +41,7 @@ def main() -> int:
                "victor": graphred.transform(prog, victor(registers=8, layer=2))}
         for f in fns.values():
             f(**inputs)
-        times = {k: [] for k in fns}
-        for _ in range(6):
-            for k, f in fns.items():
-                times[k].append(_ms(f, inputs, "cuda"))
-        print("median ms:", {k: round(statistics.median(v), 1) for k, v in times.items()}, flush=True)
+        print("median ms:", {k: round(v, 1) for k, v in median_ms(fns, inputs, 6, "cuda").items()}, flush=True)
         for name in ("victor", "hf"):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                 fns[name](**inputs)

@@ -1694,37 +1694,24 @@ def main() -> None:
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
-    if args.fresh3_from:
+    for folder, key, families, seed, tag in ((args.fresh3_from, "fresh3", FRESH3, FRESH3_SEED, args.fresh3_tag),
+                                             (args.fresh2_from, "fresh2", FRESH2, FRESH2_SEED, args.fresh2_tag)):
+        if not folder:
+            continue
         data = json.loads(RESULTS.read_text())
-        f3 = data.setdefault("fresh3", {})
-        f3.update(families=FRESH3, seed=FRESH3_SEED)
+        fresh = data.setdefault(key, {})
+        fresh.update(families=families, seed=seed)
         rows, commits = [], set()
-        for n in FRESH3:
-            p = Path(args.fresh3_from) / f"{n}.json"
+        for n in families:  # one --out file per family
+            p = Path(folder) / f"{n}.json"
             if p.exists():
                 d = json.loads(p.read_text())
                 rows += d["after"]
                 commits.add(d["after_commit"])
-        f3[args.fresh3_tag] = rows
-        f3[args.fresh3_tag + "_commit"] = ",".join(sorted(commits))
-        if args.fresh3_tuned:
-            f3["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
-        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-        write_section(render(data), MARK)
-        return
-    if args.fresh2_from:
-        data = json.loads(RESULTS.read_text())
-        f2 = data.setdefault("fresh2", {})
-        f2.update(families=FRESH2, seed=FRESH2_SEED)
-        rows, commits = [], set()
-        for n in FRESH2:
-            p = Path(args.fresh2_from) / f"{n}.json"
-            if p.exists():
-                d = json.loads(p.read_text())
-                rows += d["after"]
-                commits.add(d["after_commit"])
-        f2[args.fresh2_tag] = rows
-        f2[args.fresh2_tag + "_commit"] = ",".join(sorted(commits))
+        fresh[tag] = rows
+        fresh[tag + "_commit"] = ",".join(sorted(commits))
+        if key == "fresh3" and args.fresh3_tuned:
+            fresh["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
