@@ -221,10 +221,12 @@ def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock,
         return any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(x))
 
     n = good = k
+    chain: list[fx.Node] = []  # the tensors on the stream from the keys upward
     seen = 0
     while seen < 20:
         if carries(n):
             good = n
+            chain.append(n)
         p = module_path(n)
         if not (p == parent or p.startswith(parent + ".")) or n.op != "call_function":
             break
@@ -237,9 +239,19 @@ def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock,
         n = nxt[0]
         seen += 1
     # the furthest tensor up the chain that still holds the stream on a whole dim (keys computed per layer from
-    # another layout, e.g. tiles in the batch, are reduced in that layer only)
+    # another layout, e.g. tiles in the batch, are reduced in that layer only) and that something after the
+    # attention still reads: a layer input read only before the scores (co-attention layers that update the
+    # image stream before their cross-attention) would make a cut that changes nothing, so the cut goes to the
+    # stream's value that later ops read (the one the keys come from)
     if carries(n):
+        chain.append(n)
+    order = node_order(gm)
+    after = order[node_named(gm, block.output)]
+    read_later = [c for c in chain if any(order[u] > after for u in c.users)]
+    if carries(n) and (not read_later or read_later[-1] is n):
         return n
+    if read_later and carries(n):
+        return read_later[-1]
     if module_path(good) == parent or module_path(good).startswith(parent + "."):
         import warnings
 

@@ -1,9 +1,11 @@
 """Architectures outside the zoo, written in plain PyTorch: the analysis must read them from the graph."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import graphred
+from graphred.errors import PlanError
 from graphred.analysis.blocks import CROSS_ATTENTION, CROSS_MODAL_SELF, UNIMODAL_SELF
 
 
@@ -109,14 +111,25 @@ def test_decoder_with_interleaved_cross_attention():
 
 
 def test_pumer_applies_to_unseen_architectures():
+    """The cut is read by what follows: fewer FLOPs run and the outputs change. In a co-attention layer the image
+    stream is updated before the cross-attention that scores it, so the cut goes to that updated stream (the
+    layer's input is read only before the scores); a gated cross-attention decoder's last cross layer has no
+    later reader of the image features, and a plan there is refused instead of changing nothing."""
+    from graphred.analysis.cost import count_flops_executed
+
     ids, px = _inputs()
-    for model, layers in ((DualStream().eval(), [1]), (GatedCrossDecoder().eval(), [1])):
+    for model, layers in ((DualStream().eval(), [0]), (DualStream().eval(), [1]), (GatedCrossDecoder().eval(), [0])):
         prog = graphred.capture(model, ids, px)
         fast = graphred.transform(prog, graphred.plans.pumer(prune=0.5, merge=0.0, layers=layers))
         with torch.no_grad():
             out, ref = fast(ids, px), prog(ids, px)
         assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert not torch.equal(out, ref), (type(model).__name__, layers)
         assert fast.steps[0]["image_before"] == 16 and fast.steps[0]["image_after"] == 8
+        assert count_flops_executed(fast, ids, px) < count_flops_executed(prog, ids, px), (type(model).__name__, layers)
+    prog = graphred.capture(GatedCrossDecoder().eval(), ids, px)
+    with pytest.raises(PlanError, match="no op after the cut reads"):
+        graphred.transform(prog, graphred.plans.pumer(prune=0.5, merge=0.0, layers=[1]))
 
 
 # ------------------------------------------------------------------- issue 13, classes 2, 3, 4, 6
