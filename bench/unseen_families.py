@@ -46,13 +46,23 @@ which is BRIEF's kosmos2_5 (the same class, already measured; the rule's code mi
 eagerly; graphred is not changed for them before they are measured. Each family is measured once, untouched, in its
 own process, 1 thread, with a 300 s limit; families tuned on afterwards are marked as such.
 
+Fourth fresh held-out set, "fresh4" (rule, seed and list written 2026-11-28 ~05:35 UTC and committed before any of
+these families was built or measured; every family of FRESH, FRESH2 and FRESH3 had been tuned on by then, so the
+current code had no untouched estimate): the 55 types of the same rule (``fresh_rule_types()``), less the 10 of
+``FRESH``, the 10 of ``FRESH2`` and the 10 of ``FRESH3``, less kosmos-2.5 (already measured as BRIEF's kosmos2_5, as
+for fresh3): 24 types. Time allows 10: ``random.Random(2026112805).sample(sorted(remaining), 10)``
+(``fresh4_draw()``), listed in ``FRESH4``. Same build conventions; builders only make the model build and run
+eagerly; graphred is not changed for them. Each family is measured once, untouched, in its own process, 1 thread,
+with a 300 s limit.
+
 PuMer at its defaults is the plan for every family (decoders and encoder-decoders alike): one plan, no tuning.
 
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
 
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
 section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
-then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``.
+then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 rows the same way, with
+``--fresh4-from DIR`` (untouched only).
 """
 from __future__ import annotations
 
@@ -111,6 +121,9 @@ FRESH2 = ["apertus1p5", "cosmos3_omni", "exaone4_5", "fast_vlm", "lfm3_vl", "lig
 # the third fresh held-out set (rule in the docstring; recomputable with ``fresh3_draw()``)
 FRESH3 = ["diffusion_gemma", "gemma3n", "gemma4", "git", "glm5_next", "minicpmv4_6", "qwen3_5", "qwen3_5_moe",
           "step3p7", "t5gemma2"]
+# the fourth fresh held-out set (rule in the docstring; recomputable with ``fresh4_draw()``)
+FRESH4 = ["cohere_compass", "cosmos3_edge", "deepseek_ocr2", "gemma4_unified", "glm_ocr", "muse_glimmer", "pi0",
+          "qwen3_omni_moe_thinker", "unlimited_ocr", "video_llama_3"]
 OLD = FAMILIES + FRESH  # the sets of the main table (fresh2 has its own)
 ALL = OLD + FRESH2
 ZOO_TYPES = {"llava", "paligemma", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "aya_vision", "internvl",
@@ -166,9 +179,23 @@ def fresh3_draw() -> list[str]:
     return sorted(random.Random(FRESH3_SEED).sample(remaining, 10))
 
 
+FRESH4_SEED = 2026112805
+
+
+def fresh4_draw() -> list[str]:
+    """The fourth fresh held-out draw: the types of ``fresh_draw``'s rule drawn in none of ``FRESH``, ``FRESH2``,
+    ``FRESH3``, less a type already measured under another name (``FRESH3_ALREADY_MEASURED``): 24 types."""
+    types = fresh_rule_types()
+    drawn = set(FRESH) | set(FRESH2) | set(FRESH3)
+    assert len(types) == 55 and drawn <= set(types)
+    remaining = sorted(t for t in types if t not in drawn and t not in FRESH3_ALREADY_MEASURED)
+    assert len(remaining) == 24
+    return sorted(random.Random(FRESH4_SEED).sample(remaining, 10))
+
+
 def set_of(name: str) -> str:
     return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
-        else "fresh3" if name in FRESH3 else "held-out"
+        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
