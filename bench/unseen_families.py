@@ -1259,6 +1259,128 @@ FRESH3_BUILDERS = {"diffusion_gemma": b_diffusion_gemma, "gemma3n": b_gemma3n, "
 BUILDERS.update(FRESH3_BUILDERS)
 
 
+# ---- the fourth fresh held-out set (builders written after the draw was committed; graphred untouched for them)
+
+def b_glm_ocr():
+    return b_glm4v(cls="GlmOcrForConditionalGeneration", cfg_cls="GlmOcrConfig")
+
+
+def b_video_llama_3():
+    from transformers import VideoLlama3Config
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4)
+    cfg = VideoLlama3Config(text_config=dict(_text(), model_type="qwen2"), vision_config=vision,
+                            image_token_id=V - 1, video_token_id=V - 2)
+    # flattened 4x4 patches; one 32x32 image in sample 0, two in sample 1 (8x8 patches merged 2x2: 16 tokens each)
+    pix = torch.randn(3 * 64, 3 * 4 * 4, generator=_gen(0))
+    return _placeholder_family("VideoLlama3ForConditionalGeneration", cfg, {
+        "pixel_values": pix, "image_grid_thw": torch.tensor([[1, 8, 8]] * 3),
+        "image_merge_sizes": torch.tensor([2] * 3)}, V - 1, counts=(1, 2), k=16)
+
+
+def b_cohere_compass():
+    from transformers import CohereCompassConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]}
+    text = _text(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                 rope_parameters={"sliding_attention": rope, "full_attention": dict(rope)})
+    cfg = CohereCompassConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                              vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("CohereCompassForConditionalGeneration", cfg)
+
+
+def b_cosmos3_edge():
+    from transformers import Cosmos3EdgeConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  num_patches=64, spatial_merge_size=2)
+    text = _text(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                               "mrope_section": [4, 2, 2]})
+    cfg = Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64, image_token_id=V - 4,
+                            video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    return _qwen_like("Cosmos3EdgeForConditionalGeneration", cfg)
+
+
+def b_qwen3_omni_moe_thinker():
+    from transformers import Qwen3OmniMoeThinkerConfig
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    audio = dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+                 output_dim=64, n_window=4, downsample_hidden_size=16)
+    text = _text(head_dim=16, moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
+                 rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True})
+    cfg = Qwen3OmniMoeThinkerConfig(text_config=text, vision_config=vision, audio_config=audio,
+                                    image_token_id=V - 4, video_token_id=V - 3, audio_token_id=V - 5,
+                                    audio_start_token_id=V - 6, user_token_id=V - 8)
+    cfg.vision_start_token_id, cfg.vision_end_token_id = V - 2, V - 1
+    return _qwen_like("Qwen3OmniMoeThinkerForConditionalGeneration", cfg)
+
+
+def b_gemma4_unified():
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    # encoder-free vision: merged 4x4-pixel patches (48 values) projected straight into the decoder
+    vision = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
+    cfg = Gemma4UnifiedConfig(text_config=_text(**_GEMMA_LAYERS), vision_config=vision, audio_config=None,
+                              boi_token_id=V - 2, eoi_token_id=V - 3, image_token_id=V - 1, video_token_id=V - 4,
+                              boa_token_id=V - 5, eoa_token_index=V - 6, audio_token_id=V - 7)
+    # one 16x16 image in sample 0, two in sample 1: 4x4 patches each, one token per patch
+    pix, pos = _gemma4_images(3)
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], bos=2, around=([V - 2], [V - 3]))
+    return Gemma4UnifiedForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_position_ids": pos, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+def b_deepseek_ocr2():
+    from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+    sam = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+               patch_size=4, window_size=4, global_attn_indexes=[1], downsample_channels=[32, 64])
+    enc = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    text = _text(n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1, moe_intermediate_size=32,
+                 mlp_layer_types=["dense", "sparse"])
+    cfg = DeepseekOcr2Config(vision_config=dict(sam_config=sam, encoder_config=enc), text_config=text,
+                             image_token_id=V - 1)
+    # one 32x32 image in sample 0, two in sample 1; the first also tiled into 2 local crops (any-res). Each view:
+    # SAM's 8x8 patches downsampled to 2x2, then 144 learned queries read them (a resampler); + a view separator
+    t = image_prompts(_gen(1), V - 1, [3 * 144 + 1, 145, 145], [1, 2])
+    return DeepseekOcr2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "use_cache": False,
+        "pixel_values_local": torch.randn(2, 3, 32, 32, generator=_gen(2)), "num_local_patches": torch.tensor([2, 0, 0])}
+
+
+def b_unlimited_ocr():
+    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+    sam = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+               patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[32, 64])
+    enc = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+               patch_size=4)
+    text = _text(n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1, moe_intermediate_size=32,
+                 mlp_layer_types=["dense", "sparse"], sliding_window=8, bos_token_id=1, eos_token_id=2)
+    cfg = UnlimitedOcrConfig(vision_config=dict(sam_config=sam, encoder_config=enc), text_config=text,
+                             image_token_id=V - 1)
+    # one 64x64 image in sample 0, two in sample 1; the first also tiled into 2 local crops (2 columns, 1 row).
+    # Each view: SAM's 16x16 patches downsampled to 4x4, a newline token after each row; + a view separator
+    t = image_prompts(_gen(1), V - 1, [36 + 20 + 1, 21, 21], [1, 2])
+    return UnlimitedOcrForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 64, 64, generator=_gen(0)), "use_cache": False,
+        "pixel_values_local": torch.randn(2, 3, 64, 64, generator=_gen(2)), "num_local_patches": [2, 0, 0],
+        "patches_grid": [[2, 1], [1, 1], [1, 1]]}
+
+
+FRESH4_BUILDERS = {"unlimited_ocr": b_unlimited_ocr, "deepseek_ocr2": b_deepseek_ocr2, "gemma4_unified": b_gemma4_unified, "qwen3_omni_moe_thinker": b_qwen3_omni_moe_thinker, "cosmos3_edge": b_cosmos3_edge, "cohere_compass": b_cohere_compass, "glm_ocr": b_glm_ocr, "video_llama_3": b_video_llama_3}
+BUILDERS.update(FRESH4_BUILDERS)
+
+
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
