@@ -1377,7 +1377,50 @@ def b_unlimited_ocr():
         "patches_grid": [[2, 1], [1, 1], [1, 1]]}
 
 
-FRESH4_BUILDERS = {"unlimited_ocr": b_unlimited_ocr, "deepseek_ocr2": b_deepseek_ocr2, "gemma4_unified": b_gemma4_unified, "qwen3_omni_moe_thinker": b_qwen3_omni_moe_thinker, "cosmos3_edge": b_cosmos3_edge, "cohere_compass": b_cohere_compass, "glm_ocr": b_glm_ocr, "video_llama_3": b_video_llama_3}
+def b_muse_glimmer():
+    from transformers import MuseGlimmerConfig
+
+    vision = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, num_attention_heads=2, num_hidden_layers=2,
+                  hidden_size=32, intermediate_size=64, patch_temporal=2, merge_size=2, max_position_embeddings=64)
+    text = _text(head_dim=16, sliding_window=8)
+    text.pop("hidden_act", None)
+    cfg = MuseGlimmerConfig(text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2,
+                            out_hidden_size=128, projector_hidden_size=64)
+    # patches of 2 frames x 3 x 4 x 4 (96 values); one 32x32 image in sample 0, two in sample 1 (8x8 patches
+    # merged 2x2: 16 tokens each)
+    pix = torch.randn(3 * 64, 2 * 3 * 4 * 4, generator=_gen(0))
+    return _placeholder_family("MuseGlimmerForConditionalGeneration", cfg, {
+        "pixel_values": pix, "image_grid_thw": torch.tensor([[1, 8, 8]] * 3)}, V - 1, counts=(1, 2), k=16)
+
+
+def b_pi0():
+    from transformers import PI0Config, PI0ForConditionalGeneration
+
+    gemma = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                 eos_token_id=1)
+    vlm = dict(model_type="paligemma", text_config=dict(gemma, model_type="gemma"),
+               vision_config=dict(_siglip(image=16), model_type="siglip_vision_model", vision_use_head=False),
+               projection_dim=64, image_token_id=V - 1)
+    # the action expert reads the prompt's keys and values layer by layer: same layers, heads and head size
+    dit = dict(gemma, hidden_size=32, intermediate_size=64)
+    cfg = PI0Config(vlm_config=vlm, dit_config=dit, chunk_size=8, max_state_dim=8, max_action_dim=8)
+    # cameras: one in sample 0, two in sample 1 (a padded camera slot in sample 0); 16x16 px, 16 tokens each.
+    # One flow-matching step: the noise and timestep are given (the model samples them otherwise)
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], bos=2)
+    gen = _gen(0)
+    return PI0ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(2, 2, 3, 16, 16, generator=gen),
+        "pixel_attention_mask": torch.tensor([[True, False], [True, True]]),
+        "state": torch.randn(2, 8, generator=gen), "noise": torch.randn(2, 8, 8, generator=gen),
+        "timestep": torch.tensor([0.3, 0.7])}
+
+
+FRESH4_BUILDERS = {"cohere_compass": b_cohere_compass, "cosmos3_edge": b_cosmos3_edge, "deepseek_ocr2": b_deepseek_ocr2,
+                   "gemma4_unified": b_gemma4_unified, "glm_ocr": b_glm_ocr, "muse_glimmer": b_muse_glimmer,
+                   "pi0": b_pi0, "qwen3_omni_moe_thinker": b_qwen3_omni_moe_thinker, "unlimited_ocr": b_unlimited_ocr,
+                   "video_llama_3": b_video_llama_3}
+assert sorted(FRESH4_BUILDERS) == FRESH4
 BUILDERS.update(FRESH4_BUILDERS)
 
 
