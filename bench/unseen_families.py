@@ -1722,7 +1722,8 @@ def render(data: dict) -> str:
               "Excluded by the rule: " + ", ".join(f"{k} ({v})" for k, v in EXCLUDED.items()) + ".", ""]
     lines += [f"- {n}" for n in NOTES]
     lines += _render_fresh2(data.get("fresh2") or {})
-    lines += _render_fresh3(data.get("fresh3") or {})
+    for key, *_ in FRESH_LATER:
+        lines += _render_fresh3(data.get(key) or {}, key)
     lines += ["<!-- unseen:end -->"]
     return "\n".join(lines)
 
@@ -1813,15 +1814,38 @@ FRESH3_NOTES = [
 ]
 
 
-def _render_fresh3(f3: dict) -> list[str]:
-    """The third fresh held-out set: untouched first measurements, then (where tuned on) after the fixes."""
+FRESH4_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, the last sample left padded by 3). "
+    "video_llama_3, muse_glimmer, gemma4_unified, deepseek_ocr2 and unlimited_ocr get one image in sample 0 and "
+    "two in sample 1 (deepseek_ocr2's and unlimited_ocr's first image also tiled into two local crops, any-res); pi0 "
+    "gets one camera in sample 0 and two in sample 1 (a masked camera slot in sample 0) and is run as one "
+    "flow-matching step with its noise and timestep given; the Qwen-style families (cohere_compass, cosmos3_edge, "
+    "glm_ocr, qwen3_omni_moe_thinker) take the zoo's qwen2_vl prompt builder, one image per sample, as fresh2 and "
+    "fresh3 did. graphred/ at the measured commit is main's (1f79eaf, unchanged at 1fc4f3c); the commit named is this "
+    "branch's, which adds only the builders.",
+]
+
+
+# (key, title, pool, families, notes) of the fresh sets rendered by ``_render_fresh3`` (fresh2 has its own)
+FRESH_LATER = [
+    ("fresh3", "Third fresh held-out set (fresh3): untouched first, then after fixes made on them",
+     "the 34 types left after the first two fresh draws", FRESH3, FRESH3_NOTES),
+    ("fresh4", "Fourth fresh held-out set (fresh4): untouched", "the 24 types left after the first three fresh draws",
+     FRESH4, FRESH4_NOTES),
+]
+
+
+def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
+    """A later fresh held-out set (fresh3, fresh4): untouched first measurements, then (where tuned on) after the
+    fixes."""
     if not f3.get("untouched"):
         return []
+    _, title, pool, families, notes = next(x for x in FRESH_LATER if x[0] == key)
     tags = [t for t in ("untouched", "after") if f3.get(t)]
     by = {t: {r["family"]: r for r in f3[t]} for t in tags}
     tuned = set(f3.get("tuned", []))
-    lines = ["", "### Third fresh held-out set (fresh3): untouched first, then after fixes made on them", "",
-             f"Drawn with ``random.Random({f3.get('seed')})`` from the 34 types left after the first two fresh draws "
+    lines = ["", f"### {title}", "",
+             f"Drawn with ``random.Random({f3.get('seed')})`` from {pool} "
              "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
              "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
              ""]
@@ -1832,11 +1856,11 @@ def _render_fresh3(f3: dict) -> list[str]:
         head = (f"untouched (graphred {f3.get('untouched_commit')})" if t == "untouched" else
                 f"after fixes made on them (graphred {f3.get('after_commit')}; tuned on: "
                 f"{', '.join(sorted(tuned)) or 'none'})")
-        lines += [f"**fresh3, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
+        lines += [f"**{key}, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
                   f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.", ""]
     lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
               "|---|---|" + "---|" * len(tags) + "---|---|"]
-    for n in FRESH3:
+    for n in families:
         cells = []
         for t in tags:
             r = by[t].get(n)
@@ -1847,7 +1871,7 @@ def _render_fresh3(f3: dict) -> list[str]:
         mark = " (tuned on)" if n in tuned else ""
         lines.append(f"| {n}{mark} | {cls} | " + " | ".join(cells) + f" | {err} | "
                      f"{'' if e is None else e['seconds']} |")
-    lines += [""] + [f"- {n}" for n in FRESH3_NOTES + list(f3.get("notes", []))]
+    lines += [""] + [f"- {n}" for n in notes + list(f3.get("notes", []))]
     return lines
 
 
@@ -1878,6 +1902,7 @@ def main() -> None:
     ap.add_argument("--fresh3-from", default="", help="a folder of per-family --out files of the fresh3 set")
     ap.add_argument("--fresh3-tag", default="untouched", choices=["untouched", "after"])
     ap.add_argument("--fresh3-tuned", default="", help="fresh3 families tuned on (comma-separated; with --fresh3-from)")
+    ap.add_argument("--fresh4-from", default="", help="a folder of per-family --out files of the fresh4 set (untouched)")
     args = ap.parse_args()
     if args.merge_rows:
         data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
@@ -1886,7 +1911,8 @@ def main() -> None:
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
-    for folder, key, families, seed, tag in ((args.fresh3_from, "fresh3", FRESH3, FRESH3_SEED, args.fresh3_tag),
+    for folder, key, families, seed, tag in ((args.fresh4_from, "fresh4", FRESH4, FRESH4_SEED, "untouched"),
+                                             (args.fresh3_from, "fresh3", FRESH3, FRESH3_SEED, args.fresh3_tag),
                                              (args.fresh2_from, "fresh2", FRESH2, FRESH2_SEED, args.fresh2_tag)):
         if not folder:
             continue
