@@ -1823,6 +1823,20 @@ FRESH4_NOTES = [
     "glm_ocr, qwen3_omni_moe_thinker) take the zoo's qwen2_vl prompt builder, one image per sample, as fresh2 and "
     "fresh3 did. graphred/ at the measured commit is main's (1f79eaf, unchanged at 1fc4f3c); the commit named is this "
     "branch's, which adds only the builders.",
+    "All ten build and run eagerly (no harness build failure). The failures below are as measured, untouched; "
+    "none was looked at beyond its recorded row.",
+    "cohere_compass is reduced in 297.0 s wall, 3 s under the limit, on a machine shared with other engineers' runs "
+    "(load average about 3.5 on 2 cores); the other Qwen-style families of this draw took 12 to 14 s.",
+    "deepseek_ocr2 (flops): the cut is made in the decoder (prune 433 / 290 image tokens to 303 / 203, merge to "
+    "245 / 145) but the estimate rises (580.83 M -> 590.17 M) and so does FlopCounterMode (543.10 M -> 547.61 M).",
+    "gemma4_unified (flops): encoder-free, its patches are projected straight into the decoder, whose 2 layers are "
+    "the only attention blocks; prune 16 / 32 to 11 / 22, merge to 8 / 19; the estimate rises (156.32 M -> "
+    "172.48 M), FlopCounterMode too (152.24 M -> 167.87 M).",
+    "pi0 (analysis): 6 attention blocks, every one reported as attending within the image modality. Its prefix "
+    "is built with torch.where(image-placeholder mask, gathered camera features, embeddings of the ids with the "
+    "placeholders set to 0), and its action expert attends to the prefix's cache.",
+    "qwen3_omni_moe_thinker (capture): torch.export fails with PendingUnbackedSymbolNotFound (an unbacked size "
+    "not in the returned outputs).",
 ]
 
 
