@@ -1,0 +1,118 @@
+"""General fixes for fresh3 failures that were left open (bench/unseen_families.py, branch fix13c), each on a tiny
+synthetic model:
+
+* a cat along the reduced token axis (an encoder-decoder whose decoder layers build their keys as the cat of their
+  own keys and the encoder's output, T5Gemma 2's merged self/cross attention): the rewrite carries the reduction
+  through it, the kept positions of the concatenated tokens being the union of each part's, shifted by the part's
+  offset; masks at the concatenated length are gathered with that union (before: "concatenation along the reduced
+  token axis").
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import graphred
+from graphred.plans import pumer
+
+V, D, IMG_ID, N_IMG, T_ENC, T_DEC = 40, 16, 39, 16, 6, 5
+
+
+class _EncDecCatKeys(nn.Module):
+    """An encoder over image patches and text (padding mask), and a decoder whose layers attend to
+    ``cat([own keys, encoder keys])`` with ``cat([causal mask, encoder padding mask])``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.patch = nn.Conv2d(3, D, 2, 2)
+        self.enc = nn.ModuleList([nn.Linear(D, 3 * D) for _ in range(2)])
+        self.enc_out = nn.ModuleList([nn.Linear(D, D) for _ in range(2)])
+        self.q = nn.ModuleList([nn.Linear(D, D) for _ in range(2)])
+        self.own = nn.ModuleList([nn.Linear(D, 2 * D) for _ in range(2)])
+        self.cross = nn.ModuleList([nn.Linear(D, 2 * D) for _ in range(2)])
+        self.out = nn.ModuleList([nn.Linear(D, D) for _ in range(2)])
+
+    def forward(self, input_ids, pixel_values, attention_mask, decoder_input_ids):
+        img = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [B, 16, D]
+        x = torch.cat([img, self.embed(input_ids)], 1)
+        B, L, _ = x.shape
+        keep = torch.cat([torch.ones(B, N_IMG, dtype=torch.bool), attention_mask.bool()], 1)
+        enc_mask = keep[:, None, None, :]
+        for qkv, out in zip(self.enc, self.enc_out):
+            q, k, v = qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+            x = x + out(F.scaled_dot_product_attention(q, k, v, attn_mask=enc_mask).transpose(1, 2).reshape(B, L, D))
+        y = self.embed(decoder_input_ids)
+        T = y.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+        mask = torch.cat([causal, enc_mask.expand(B, 1, T, L)], -1)
+        for q_proj, own, cross, out in zip(self.q, self.own, self.cross, self.out):
+            q = q_proj(y).view(B, T, 2, D // 2).transpose(1, 2)
+            ko, vo = own(y).view(B, T, 2, 2, D // 2).permute(2, 0, 3, 1, 4)
+            kc, vc = cross(x).view(B, L, 2, 2, D // 2).permute(2, 0, 3, 1, 4)
+            k, v = torch.cat([ko, kc], 2), torch.cat([vo, vc], 2)
+            y = y + out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D))
+        return y
+
+
+def _enc_dec_inputs():
+    g = torch.Generator().manual_seed(0)
+    am = torch.ones(2, T_ENC, dtype=torch.long)
+    am[1, -2:] = 0  # right padding in the encoder
+    return {"input_ids": torch.randint(1, V - 1, (2, T_ENC), generator=g),
+            "pixel_values": torch.randn(2, 3, 8, 8, generator=g), "attention_mask": am,
+            "decoder_input_ids": torch.randint(1, V - 1, (2, T_DEC), generator=g)}
+
+
+def test_cat_along_the_reduced_token_axis():
+    torch.manual_seed(0)
+    model, kwargs = _EncDecCatKeys().eval(), _enc_dec_inputs()
+    prog = graphred.capture(model, **kwargs)
+    reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0, layers=[0]))
+    prunes = [s for s in reduced.steps if s.get("op") == "prune"]
+    assert prunes and prunes[0]["image_after"] < prunes[0]["image_before"], reduced.steps
+    with torch.no_grad():
+        got, want = reduced(**kwargs), model(**kwargs)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert not torch.allclose(got, want)  # the decoder reads fewer encoder tokens
+    # the decoder's keys are its own 5 and the kept encoder tokens; its mask lines up with them: the causal part
+    # unchanged, and the padding of sample 1 (its last 2 text tokens, never pruned by an image prune) still masked
+    gm = reduced.graph_module
+    cats = [n for n in gm.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default
+            and n.args[1].meta["val"].shape[-2] > n.args[0].meta["val"].shape[-2]]
+    assert len(cats) == 2
+    n_enc = N_IMG + T_ENC - (prunes[0]["image_before"] - prunes[0]["image_after"])
+    for n in cats:
+        assert n.args[1].meta["val"].shape[-2] == T_DEC + n_enc
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs["attn_mask"]
+        assert mask.meta["val"].shape[-1] == T_DEC + n_enc
+    seen = []
+
+    class _Record(fx.Interpreter):
+        def call_function(self, target, args, kw):
+            if target is torch.ops.aten.scaled_dot_product_attention.default and args[1].shape[-2] > args[0].shape[-2]:
+                seen.append(args[3] if len(args) > 3 else kw["attn_mask"])
+            return super().call_function(target, args, kw)
+
+    names = [p.target for p in gm.graph.nodes if p.op == "placeholder"]
+    gm.forward = lambda *a, **k: _Record(gm).run(*a, *[k[x] for x in names[len(a):]])
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(**kwargs), got)
+    assert len(seen) == 2
+    causal = torch.ones(T_DEC, T_DEC, dtype=torch.bool).tril()
+    for m in seen:
+        m = m.expand(2, 1, T_DEC, T_DEC + n_enc)
+        assert torch.equal(m[:, 0, :, :T_DEC], causal.expand(2, T_DEC, T_DEC))  # the decoder's own keys: offset 0
+        assert m[0, 0, :, T_DEC:].all()  # sample 0 has no padding
+        assert not m[1, 0, :, -2:].any() and m[1, 0, :, T_DEC:-2].all()  # sample 1's 2 pad tokens, still last
+
+
+def test_cat_reduced_matches_the_model_at_zero_reduction():
+    torch.manual_seed(0)
+    model, kwargs = _EncDecCatKeys().eval(), _enc_dec_inputs()
+    prog = graphred.capture(model, **kwargs)
+    reduced = graphred.transform(prog, pumer(prune=0.0, merge=0.0))
+    with torch.no_grad():
+        torch.testing.assert_close(reduced(**kwargs), model(**kwargs))
