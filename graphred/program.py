@@ -414,6 +414,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         # (and can differ from the model's own run)
         # (by id, the tensors kept alive for the capture: a WeakSet would compare tensors with ==)
         self._from_floats: dict[int, torch.Tensor] = {}
+        # plain constants (made during the capture) written in place with traced operands (``start += n`` where
+        # ``start`` was folded): the graph records the write, but the Python tensor keeps its old value, so a
+        # later read would be stale. id -> (the constant, its value after the writes), for the reads
+        self._written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _real(t: Any) -> Any:
@@ -443,7 +447,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         reals = []
         for a in flat:
             if isinstance(a, torch.Tensor):
-                r = self._real(a) if _is_traced(a) else a
+                r = self._real(a) if _is_traced(a) else self._current(a)
                 if r is None or (_is_traced(a) and r.numel() > SMALL_VALUE_TENSOR):
                     return None
                 reals.append(r)
@@ -462,7 +466,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self._READS and args and isinstance(args[0], torch.Tensor):
-            real = self._real(args[0]) if _is_traced(args[0]) else args[0]
+            real = self._real(args[0]) if _is_traced(args[0]) else self._current(args[0])
             if real is not None:
                 self.reads += 1
                 with torch.utils._python_dispatch._disable_current_modes():
@@ -493,7 +497,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if out is not None:
                 self.reads += 1
                 return out
+        written = self._write_value(func, name, args, kwargs)
         out = func(*args, **kwargs)
+        if written is not None:
+            self._written[id(args[0])] = (args[0], written)
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if any(id(a) in self._from_floats for a in ins) or name in self._SELECTS and any(
                 a.is_floating_point() or a.is_complex() for a in ins):
@@ -501,6 +508,37 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                 if isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex()):
                     self._from_floats[id(o)] = o
         return out
+
+    def _current(self, t: torch.Tensor) -> torch.Tensor:
+        """A plain constant's value now: after the in-place writes with traced operands that the trace recorded
+        but did not apply to it (see :meth:`_write_value`)."""
+        w = self._written.get(id(t))
+        return w[1] if w is not None and w[0] is t else t
+
+    def _write_value(self, func, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The value a plain constant will hold after ``func`` (a method writing in place: ``add_``, as
+        ``start += n`` calls it) where another operand is traced; None for anything else."""
+        if not (name.endswith("_") and not name.startswith("_") and args and isinstance(args[0], torch.Tensor)
+                and not _is_traced(args[0]) and not isinstance(func, torch._ops.OpOverload)):
+            return None
+        rest = [a for a in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if isinstance(a, torch.Tensor)]
+        if not any(_is_traced(a) for a in rest):
+            return None  # (run on the constant itself: its value is right)
+        def real(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            r = self._real(a) if _is_traced(a) else self._current(a)
+            if r is None:
+                raise LookupError
+            return r
+        try:
+            a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
+            with torch.utils._python_dispatch._disable_current_modes():
+                base = self._current(args[0]).clone()
+                func(base, *a2, **k2)
+            return base
+        except Exception:  # noqa: BLE001 - no real value to follow: reads of it stay as torch gives them
+            return None
 
     def _bool_index(self, index):
         """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the

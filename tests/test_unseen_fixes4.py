@@ -5,7 +5,11 @@ synthetic model:
   own keys and the encoder's output, T5Gemma 2's merged self/cross attention): the rewrite carries the reduction
   through it, the kept positions of the concatenated tokens being the union of each part's, shifted by the part's
   offset; masks at the concatenated length are gathered with that union (before: "concatenation along the reduced
-  token axis").
+  token axis");
+* a running offset kept in a tensor that capture folded to a constant and that the model's code then writes in place
+  with traced operands (``start += height * width`` in MiniCPM-V 4.6's merger): the graph records the write, and a
+  later read of the offset into Python now gives the written value (before: the stale one, so the third image was
+  cut at the second one's offset and capture failed "does not reproduce the model").
 """
 from __future__ import annotations
 
@@ -116,3 +120,37 @@ def test_cat_reduced_matches_the_model_at_zero_reduction():
     reduced = graphred.transform(prog, pumer(prune=0.0, merge=0.0))
     with torch.no_grad():
         torch.testing.assert_close(reduced(**kwargs), model(**kwargs))
+
+
+class _RunningOffset(nn.Module):
+    """Per-image features cut from one row of patches at a running offset kept in a tensor (MiniCPM-V 4.6's merger:
+    ``start = 0; ...; start += height * width``, with ``height, width = target_sizes[i]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+
+    def forward(self, patches, target_sizes):
+        x = self.proj(patches)  # [1, P, 8]
+        grids = {tuple(hw) for hw in target_sizes.tolist()}  # (values read as dict keys: a capture with values read)
+        x = x * len(grids)
+        start, feats = 0, []
+        for i in range(len(target_sizes)):
+            h, w = target_sizes[i]
+            n = h * w
+            feats.append(x[0, start:start + n].mean(0))
+            start += n
+        return torch.stack(feats)
+
+
+def test_running_offset_written_in_place_is_read_fresh():
+    # the offset is folded to a constant after the first image and then written in place with traced operands:
+    # the graph records the write, and the next image's slice must read the written value (before: the third
+    # image was cut at the second one's offset, and capture failed "does not reproduce the model")
+    torch.manual_seed(0)
+    model = _RunningOffset().eval()
+    kwargs = {"patches": torch.randn(1, 4 + 4 + 8, 4), "target_sizes": torch.tensor([[2, 2], [2, 2], [2, 4]])}
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export", prog.notes  # (the offset is read into Python: values read)
+    with torch.no_grad():
+        torch.testing.assert_close(prog(**kwargs), model(**kwargs))
