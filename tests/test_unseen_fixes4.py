@@ -154,3 +154,4 @@ def test_running_offset_written_in_place_is_read_fresh():
     assert prog.method == "draft_export", prog.notes  # (the offset is read into Python: values read)
     with torch.no_grad():
         torch.testing.assert_close(prog(**kwargs), model(**kwargs))
+

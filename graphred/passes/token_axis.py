@@ -258,7 +258,8 @@ def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
         if len(ctxs) > 1 and op_packet(n) not in SDPA:
             raise _fail("the reduced tokens meet a concatenation of them with other tokens in one elementwise op "
                         "(their token axes no longer line up)", n, pass_name)
-        ctx = state._ctx.get(n.args[1], (index, old, new)) if len(ctxs) > 1 else ctxs.pop()
+        # (an attention whose keys are the concatenation: its output follows the queries; its mask, both)
+        ctx = state._ctx.get(n.args[0], (index, old, new)) if len(ctxs) > 1 else ctxs.pop()
         if ctx[0] is not index:
             state._ctx[n] = ctx
         _fix_node(gm, prov, state, n, *ctx, reduced, pass_name)
