@@ -9,7 +9,11 @@ synthetic model:
 * a running offset kept in a tensor that capture folded to a constant and that the model's code then writes in place
   with traced operands (``start += height * width`` in MiniCPM-V 4.6's merger): the graph records the write, and a
   later read of the offset into Python now gives the written value (before: the stale one, so the third image was
-  cut at the second one's offset and capture failed "does not reproduce the model").
+  cut at the second one's offset and capture failed "does not reproduce the model");
+* a mixture of experts looping over the experts a batch hits (Step3p7): the values read during a capture with
+  real-tensor propagation follow the model's weights (torch gave an ``nn.Parameter``'s real tensor uninitialised
+  memory, so routing read into Python was garbage), and a loop over the rows of a ``nonzero`` gets one row per
+  element (before: "cannot infer a Fake kernel for aten::index.Tensor because a return was not dense in memory").
 """
 from __future__ import annotations
 
@@ -155,3 +159,43 @@ def test_running_offset_written_in_place_is_read_fresh():
     with torch.no_grad():
         torch.testing.assert_close(prog(**kwargs), model(**kwargs))
 
+
+
+class _ExpertLoop(nn.Module):
+    """A mixture of experts looping over the experts a batch hits (Step3p7's, as Hugging Face writes them):
+    ``for e in nonzero(hit): tok = where(mask[e])``, with a one-row-per-token routing (top-1) from a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.randn(3, 4, 4))
+
+    def forward(self, x):
+        top = self.router(x).topk(1, -1).indices  # [T, 1]
+        final = torch.zeros_like(x)
+        with torch.no_grad():
+            mask = F.one_hot(top, num_classes=4).permute(2, 1, 0)  # [experts + 1, 1, T]
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = e[0]
+            if e == 3:
+                continue
+            _, tok = torch.where(mask[e])
+            final.index_add_(0, tok, x[tok] @ self.w[e])
+        return final
+
+
+def test_expert_loop_captures_with_the_routing_of_the_weights():
+    # values read during the capture follow the model's weights (before, torch gave the parameters' real tensors
+    # uninitialised memory: the loop ran over garbage experts, differently at each capture), and a loop over the
+    # rows of a nonzero gets rows, not the whole tensor (before: "cannot infer a Fake kernel for aten::index.Tensor
+    # because a return was not dense in memory")
+    torch.manual_seed(0)
+    model = _ExpertLoop().eval()
+    with torch.no_grad():
+        model.router.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))  # every token routed to expert 1
+    kwargs = {"x": torch.randn(7, 4)}
+    prog = graphred.capture(model, **kwargs)
+    assert prog.method == "draft_export", prog.notes
+    with torch.no_grad():
+        torch.testing.assert_close(prog(**kwargs), model(**kwargs))
