@@ -392,8 +392,36 @@ def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.e
     data-dependent symbols (ViLT: 1.6 s instead of 7 s)."""
     with torch._functorch.config.patch(
         fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True
-    ):
+    ), _real_parameter_values():
         return torch.export.export(model, args, kwargs, strict=False)
+
+
+@contextlib.contextmanager
+def _real_parameter_values():
+    """While inside, torch's real-tensor propagation gives the model's parameters their values. torch (2.13) copies
+    a tensor's data into the real tensor it attaches to its fake only where the tensor's type is exactly
+    ``torch.Tensor`` (``meta_utils._safe_copy``), so an ``nn.Parameter``'s real tensor is uninitialised memory and
+    every real value computed from the weights (router logits, the experts a batch hits) is garbage, different
+    at each capture. Only torch's helper is swapped, for the capture's duration; the model is not touched."""
+    from torch._subclasses import meta_utils
+
+    saved_copy, saved_clone = meta_utils._safe_copy, meta_utils._safe_clone
+
+    def plain(src) -> bool:
+        return type(src) in (torch.Tensor, nn.Parameter)
+
+    def safe_copy(dst, src):
+        if plain(src):
+            dst.copy_(src.detach() if type(src) is nn.Parameter else src)
+
+    def safe_clone(src):
+        return (src.detach() if type(src) is nn.Parameter else src).clone() if plain(src) else None
+
+    meta_utils._safe_copy, meta_utils._safe_clone = safe_copy, safe_clone
+    try:
+        yield
+    finally:
+        meta_utils._safe_copy, meta_utils._safe_clone = saved_copy, saved_clone
 
 
 class _ConcreteScalars(torch.overrides.TorchFunctionMode):
@@ -414,6 +442,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         # (and can differ from the model's own run)
         # (by id, the tensors kept alive for the capture: a WeakSet would compare tensors with ==)
         self._from_floats: dict[int, torch.Tensor] = {}
+        # plain constants (made during the capture) written in place with traced operands (``start += n`` where
+        # ``start`` was folded): the graph records the write, but the Python tensor keeps its old value, so a
+        # later read would be stale. id -> (the constant, its value after the writes), for the reads
+        self._written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _real(t: Any) -> Any:
@@ -443,7 +475,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         reals = []
         for a in flat:
             if isinstance(a, torch.Tensor):
-                r = self._real(a) if _is_traced(a) else a
+                r = self._real(a) if _is_traced(a) else self._current(a)
                 if r is None or (_is_traced(a) and r.numel() > SMALL_VALUE_TENSOR):
                     return None
                 reals.append(r)
@@ -462,7 +494,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self._READS and args and isinstance(args[0], torch.Tensor):
-            real = self._real(args[0]) if _is_traced(args[0]) else args[0]
+            real = self._real(args[0]) if _is_traced(args[0]) else self._current(args[0])
             if real is not None:
                 self.reads += 1
                 with torch.utils._python_dispatch._disable_current_modes():
@@ -493,7 +525,15 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             if out is not None:
                 self.reads += 1
                 return out
+        if name == "unbind" and args and isinstance(args[0], torch.Tensor) and _is_traced(args[0]):
+            rows = self._unbind_rows(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0))
+            if rows is not None:
+                self.reads += 1
+                return rows
+        written = self._write_value(func, name, args, kwargs)
         out = func(*args, **kwargs)
+        if written is not None:
+            self._written[id(args[0])] = (args[0], written)
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if any(id(a) in self._from_floats for a in ins) or name in self._SELECTS and any(
                 a.is_floating_point() or a.is_complex() for a in ins):
@@ -501,6 +541,49 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                 if isinstance(o, torch.Tensor) and not (o.is_floating_point() or o.is_complex()):
                     self._from_floats[id(o)] = o
         return out
+
+    def _unbind_rows(self, t: torch.Tensor, dim: int):
+        """``unbind`` (a Python loop over a tensor) along a dim whose size is unbacked (the rows of a ``nonzero``:
+        the experts a batch hits): one ``select`` per row at the example inputs (the loop runs that many times in
+        the graph anyway). torch's unbind there gives each element the fake shape of the whole tensor (its real
+        value is one row), and a later op on it fails ("a return was not dense in memory"). None where the size
+        is static or its value unknown."""
+        dim = dim % t.dim()
+        real = self._real(t)
+        if isinstance(t.shape[dim], int) or real is None:
+            return None
+        return tuple(torch.select(t, dim, i) for i in range(real.shape[dim]))
+
+    def _current(self, t: torch.Tensor) -> torch.Tensor:
+        """A plain constant's value now: after the in-place writes with traced operands that the trace recorded
+        but did not apply to it (see :meth:`_write_value`)."""
+        w = self._written.get(id(t))
+        return w[1] if w is not None and w[0] is t else t
+
+    def _write_value(self, func, name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The value a plain constant will hold after ``func`` (a method writing in place: ``add_``, as
+        ``start += n`` calls it) where another operand is traced; None for anything else."""
+        if not (name.endswith("_") and not name.startswith("_") and args and isinstance(args[0], torch.Tensor)
+                and not _is_traced(args[0]) and not isinstance(func, torch._ops.OpOverload)):
+            return None
+        rest = [a for a in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if isinstance(a, torch.Tensor)]
+        if not any(_is_traced(a) for a in rest):
+            return None  # (run on the constant itself: its value is right)
+        def real(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            r = self._real(a) if _is_traced(a) else self._current(a)
+            if r is None:
+                raise LookupError
+            return r
+        try:
+            a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
+            with torch.utils._python_dispatch._disable_current_modes():
+                base = self._current(args[0]).clone()
+                func(base, *a2, **k2)
+            return base
+        except Exception:  # noqa: BLE001 - no real value to follow: reads of it stay as torch gives them
+            return None
 
     def _bool_index(self, index):
         """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the
@@ -591,7 +674,7 @@ def _export_concrete_reads(model: nn.Module, args: tuple, kwargs: dict) -> torch
     """:func:`_export_real_tensors` with every tensor read into Python made concrete (:class:`_ConcreteScalars`)."""
     with torch._functorch.config.patch(
         fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True
-    ), _ConcreteScalars():
+    ), _real_parameter_values(), _ConcreteScalars():
         return torch.export.export(model, args, kwargs, strict=False)
 
 
@@ -687,7 +770,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
                             how = ("real-tensor propagation with tensor values read into Python (loops, keys, "
                                    "branches) taken at the example inputs")
                         except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
-                            ep = torch.export.draft_export(model, args, kwargs, strict=False)
+                            with _real_parameter_values():
+                                ep = torch.export.draft_export(model, args, kwargs, strict=False)
                     method = "draft_export"
                     _silence_real_tensor_propagation_logs()
                     notes.append(

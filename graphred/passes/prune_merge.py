@@ -26,7 +26,7 @@ from ..fx_utils import SIDE, call_with_val, fake_like, graph_device, last_of, no
 from .fillers import mask_fillers
 from .reduce import emit_valid
 from .rewrite_state import RewriteState
-from .token_axis import reduce_stream, stream_dims
+from .token_axis import derived_values, reduce_stream, stream_dims
 
 aten = torch.ops.aten
 gr = torch.ops.graphred
@@ -156,6 +156,7 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     rs.last_point[st.stream] = g
     if st.sizes is not None:
         rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
+        _mark_concatenations(gm, rs, st, st.sizes, None)
     if ragged is None:
         rs.counts[st.stream][IMAGE] = n_keep
         rs.log.append({"step": step_name, "op": "prune", "block": block.module_path, "image_before": n_img,
@@ -164,6 +165,7 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
         new_fill = [d - n_drop for d in drops]
         st.filler = filler if any(new_fill) else None
         rs.filler_marks.setdefault(st.stream, []).append((g, st.filler))
+        _mark_concatenations(gm, rs, st, None, st.filler)
         rs.fillers[st.stream] = new_fill
         ragged[IMAGE] = keeps
         rs.counts[st.stream][IMAGE] -= n_drop  # image slots (real and filler) in the first sample's count
@@ -325,6 +327,7 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     rs.size_marks.setdefault(st.stream, []).append((g, st.sizes))
     if proportional:
         rs.proportional.add(st.stream)
+    _mark_concatenations(gm, rs, st, st.sizes, st.filler if per is not None else None)
     if per is None:
         rs.counts[st.stream][modality] = n_mod - r
         rs.log.append({"step": step_name, "op": f"merge_{modality}", "block": block.module_path,
@@ -359,3 +362,14 @@ def cross_modal_layers(blocks: list[AttentionBlock]) -> tuple[str, list[Attentio
                                          sum(b.kind == CROSS_MODAL_SELF for b in by_stack[s]), len(by_stack[s]),
                                          by_stack[s][-1].index))
     return stack, by_stack[stack]
+
+
+def _mark_concatenations(gm: fx.GraphModule, rs, st, sizes, filler) -> None:
+    """The reduced tokens' sizes (proportional attention) and filler flags, laid out like every concatenation of
+    them with other tokens along the token axis that the last reduction met, for the attentions reading it."""
+    for sid, cat, v in derived_values(gm.graph, st, sizes, 1):
+        rs.size_marks.setdefault(sid, []).append((cat, v))
+        if st.stream in rs.proportional:
+            rs.proportional.add(sid)
+    for sid, cat, v in derived_values(gm.graph, st, filler, False):
+        rs.filler_marks.setdefault(sid, []).append((cat, v))

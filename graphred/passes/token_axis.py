@@ -69,6 +69,11 @@ class StreamState:
     # called when the reduced tokens reach a masked_scatter as its source: (gm, node, source rows before, after,
     # pass name) -> True where it shrank the destination's placeholders to match (else the scatter is refused)
     on_scatter: Callable | None = field(default=None, repr=False)
+    # concatenations along the reduced tokens met by the last reduction (set by ``reduce_stream``):
+    # ``(stream id of the concatenated tokens, cat node, parts)``, parts ``[None | int]``: None where the part is
+    # the reduced tokens, else the length of a part kept whole (see :func:`derived_values`)
+    derived: list = field(default_factory=list)
+    _ctx: dict = field(default_factory=dict, repr=False)
 
 
 def stream_dims(prov: TokenProvenance, node: fx.Node, stream, shape=None) -> list[tuple[int, int]]:
@@ -171,6 +176,7 @@ def reduce_stream(
         with graph.inserting_before(g):
             state.sizes = call_with_val(graph, graphred_ops.gather_tokens.default, (state.sizes, index, 1))
             record(state.sizes, SIDE, True)
+    state.derived = []
     reduced: dict[fx.Node, set[int]] = {g: {dim}}
     if transform is not None:
         reduced[g] = {dim}
@@ -246,7 +252,17 @@ def _propagate(gm, prov, state, g, index, old, new, reduced, pass_name):
         ins = [a for a in n.all_input_nodes if a in reduced and reduced[a]]
         if not ins:
             continue
-        _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name)
+        # (index, old, new) of the tokens this node reads: the reduction's own, or those of a concatenation of
+        # the reduced tokens with other tokens along the token axis (their kept positions: the union)
+        ctxs = {state._ctx.get(a, (index, old, new)) for a in ins}
+        if len(ctxs) > 1 and op_packet(n) not in SDPA:
+            raise _fail("the reduced tokens meet a concatenation of them with other tokens in one elementwise op "
+                        "(their token axes no longer line up)", n, pass_name)
+        # (an attention whose keys are the concatenation: its output follows the queries; its mask, both)
+        ctx = state._ctx.get(n.args[0], (index, old, new)) if len(ctxs) > 1 else ctxs.pop()
+        if ctx[0] is not index:
+            state._ctx[n] = ctx
+        _fix_node(gm, prov, state, n, *ctx, reduced, pass_name)
 
 
 def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced_inputs) -> list[int]:
@@ -315,19 +331,22 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         ashape = node_shape(a)
         if ashape is None:
             continue
-        dims = [d for d in _aligned_dims(n, a, out_dims, orig_shape, reduced_inputs) if d < len(ashape) and ashape[d] == old]
-        composed = _compose_gather_chain(graph, state, a, dims, index, old)
+        dim_ctx = _sdpa_mask_ctx(state, n, a, ashape, (index, old, new))
+        dims = [d for d in _aligned_dims(n, a, out_dims, orig_shape, reduced_inputs)
+                if d < len(ashape) and ashape[d] == dim_ctx.get(d, (index, old))[1]]
+        composed = None if dim_ctx else _compose_gather_chain(graph, state, a, dims, index, old)
         if composed is not None:  # a is a previous reduction's gather: one gather with the composed index
             n.replace_input_with(a, composed)
             continue
         # leading dims first: a row gather (fast) shrinks what the last-dim gather reads
         for d in sorted(dims):
-            if d < len(ashape) and ashape[d] == old:
+            d_index, d_old = dim_ctx.get(d, (index, old))[:2]
+            if d < len(ashape) and ashape[d] == d_old:
                 akey = a if state._view_keys is None else _structural_key(a, state._view_keys)
-                key = (akey, d)
+                key = (akey, d, d_index)
                 ga = state._gathered.get(key)
                 if ga is None:
-                    which = index
+                    which = d_index
                     if state.renumber and is_pointwise(n):
                         # renumbered: an operand combined elementwise with the tokens (a rotary cos/sin table,
                         # position ids) takes the first K slots; masks at the attention still follow the tokens
@@ -452,7 +471,9 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             out_dims = {d for d, _ in sd}
         elif on_axis and not (len(on_axis) == 1 and others_empty):
             # (appending to an empty key/value cache is fine: the result is the reduced tokens)
-            raise _fail("concatenation along the reduced token axis", n, pass_name)
+            _union_ctx(gm, prov, state, n, parts, on_axis, cdim, (index, old, new), pass_name)
+            sd = stream_dims(prov, n, {state.stream} | state.aliases)
+            out_dims = {d for d, _ in sd}
         if on_axis:
             out_dims = set(out_dims) | {cdim}
     try:
@@ -482,6 +503,91 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     if not reduced[n] and out_dims and new != old:
         # an op we could not re-specialise left the stream at full length
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
+
+
+def _sdpa_mask_ctx(state, n, a, ashape, primary) -> dict:
+    """dim -> (index, old, new) for an attention mask whose query and key tokens were reduced differently (the
+    keys a concatenation of the reduced tokens with other tokens); {} for every other operand."""
+    if op_packet(n) not in SDPA or not state._ctx:
+        return {}
+    mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+    if a is not mask:
+        return {}
+    q, k = n.args[0], n.args[1]
+    out = {}
+    if q in state._ctx:
+        out[len(ashape) - 2] = state._ctx[q]
+    if k in state._ctx:
+        out[len(ashape) - 1] = state._ctx[k]
+    if out:
+        out.setdefault(len(ashape) - 2, primary)
+        out.setdefault(len(ashape) - 1, primary)
+    return out
+
+
+def _union_ctx(gm, prov, state, n, parts, on_axis, cdim, primary, pass_name) -> None:
+    """A cat along the token axis of reduced tokens with other tokens: the kept positions of the concatenated
+    tokens are the union of each part's (the reduced parts' kept positions, the other parts' every position),
+    each shifted by the part's offset. Records that index and the old and new lengths for the cat's users."""
+    graph = gm.graph
+    cat_sids = [prov.find(st.id) for d, st in prov.axes(n) if d == cdim and st.kind == TOKENS]
+    B = node_shape(primary[0])[0]
+    if not cat_sids or cdim == 0 or any(node_shape(t)[0] != B for t in parts):
+        raise _fail("concatenation along the reduced token axis where the analysis traced no token stream for the "
+                    "result (or the parts' batch dims differ)", n, pass_name)
+    specs, lengths_old, lengths_new, idxs = [], [], [], []
+    for t in parts:
+        if t in on_axis:
+            ix, o, nw = state._ctx.get(t, primary)
+            specs.append(ix)
+            idxs.append(ix)
+        else:
+            o = nw = node_shape(t)[cdim]
+            specs.append(o)
+        lengths_old.append(o)
+        lengths_new.append(nw)
+    key = ("union", tuple(specs))
+    union = state._gathered.get(key)
+    if union is None:
+        dev = primary[0].meta["val"].device
+        with graph.inserting_before(_last(graph, idxs).next):
+            pieces, off = [], 0
+            for spec, o in zip(specs, lengths_old):
+                if isinstance(spec, fx.Node):
+                    p = call_with_val(graph, aten.add.Tensor, (spec, off)) if off else spec
+                else:
+                    ar = call_with_val(graph, aten.arange.start, (off, off + o), {"dtype": torch.long, "device": dev})
+                    p = call_with_val(graph, aten.expand.default, (call_with_val(graph, aten.unsqueeze.default, (ar, 0)), [B, o]))
+                pieces.append(p)
+                off += o
+            union = call_with_val(graph, aten.cat.default, (pieces, 1))
+        for x in [union, *pieces, *(q for p in pieces for q in p.all_input_nodes if q not in idxs)]:
+            record(x, SIDE, True)
+        state._gathered[key] = union
+    state._ctx[n] = (union, sum(lengths_old), sum(lengths_new))
+    state.aliases.update(cat_sids)
+    state.derived.append((cat_sids[0], n, [None if isinstance(s, fx.Node) else s for s in specs]))
+
+
+def derived_values(graph: fx.Graph, state: StreamState, value: fx.Node | None, fill) -> list:
+    """``[(stream id, cat node, value of the concatenated tokens)]``: a per-token ``[B, L]`` value of the reduced
+    stream (token sizes, filler flags) laid out like each concatenation the last reduction met (``fill`` for the
+    tokens of the other parts), inserted right before that concatenation."""
+    out = []
+    if value is None:
+        return out
+    for sid, cat, parts in state.derived:
+        with graph.inserting_before(cat):
+            B = node_shape(value)[0]
+            pieces = [value if p is None else call_with_val(
+                graph, aten.full.default, ([B, p], fill), {"dtype": value.meta["val"].dtype,
+                                                           "device": value.meta["val"].device}) for p in parts]
+            v = call_with_val(graph, aten.cat.default, (pieces, 1))
+        record(v, SIDE, True)
+        for p in v.all_input_nodes:
+            record(p, SIDE, True)
+        out.append((sid, cat, v))
+    return out
 
 
 def _gather_loss_target(graph, n, index, old, new, reduced):
