@@ -889,20 +889,6 @@ def _eager_path_capture(model: nn.Module, gm: torch.fx.GraphModule, args: tuple,
     return gm2, ep2, method2, notes2
 
 
-@contextlib.contextmanager
-def _exporting_reads(value: bool):
-    """``torch.compiler.is_exporting()`` answers ``value`` while inside (the module attribute the model's code
-    calls is swapped; used to run the model eagerly down its export path, to name why a graph differs)."""
-    import torch.compiler as tc
-
-    saved = tc.is_exporting
-    tc.is_exporting = lambda: value
-    try:
-        yield
-    finally:
-        tc.is_exporting = saved
-
-
 def _same_output(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal within float tolerance (floating point) or exactly (integers, booleans)."""
     if a.is_floating_point():
@@ -918,7 +904,7 @@ def _differs_when_exporting(model: nn.Module, got: dict, args: tuple, kwargs: di
     capture does not help there: the helpers also test whether the mask is a fake tensor. ``got``: the graph's
     outputs on ``args``/``kwargs`` (by pytree path)."""
     try:
-        with torch.no_grad(), _preserve_attributes(model), _exporting_reads(True):
+        with torch.no_grad(), _preserve_attributes(model), _exporting_flag_for_model_code(True, []):
             traced_path = _tensor_leaves(model(*args, **kwargs))
     except Exception:  # noqa: BLE001 - the model does not run so: not this cause
         return False
@@ -936,8 +922,7 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
     if ran is None:
         return
     (want, again), got = ran
-    if want.keys() != again.keys() or not all(
-            want[k].shape == again[k].shape and torch.equal(want[k].nan_to_num(0), again[k].nan_to_num(0)) for k in want):
+    if not _bit_equal_outputs(want, again):
         return  # (a forward that draws random numbers in eval mode cannot be compared)
     for k in want:
         a, b = want[k], got.get(k)

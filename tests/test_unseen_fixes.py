@@ -378,7 +378,7 @@ def test_a_model_that_rounds_differently_when_exported_is_captured_bit_exact():
     model = _SolveOrSubstitute().eval()
     with torch.no_grad():
         want = model(x)
-        with program_mod._exporting_reads(True):
+        with program_mod._exporting_flag_for_model_code(True, []):
             exported_path = model(x)
     assert not torch.equal(want, exported_path)  # (the premise: the two paths round differently)
     torch.testing.assert_close(want, exported_path)

@@ -244,14 +244,12 @@ def key_source(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock,
     # image stream before their cross-attention) would make a cut that changes nothing, so the cut goes to the
     # stream's value that later ops read (the one the keys come from)
     if carries(n):
-        chain.append(n)
-    order = node_order(gm)
-    after = order[node_named(gm, block.output)]
-    read_later = [c for c in chain if any(order[u] > after for u in c.users)]
-    if carries(n) and (not read_later or read_later[-1] is n):
-        return n
-    if read_later and carries(n):
-        return read_later[-1]
+        if not chain or chain[-1] is not n:  # (the walk stopped after a step, before looking at n)
+            chain.append(n)
+        order = node_order(gm)
+        after = order[node_named(gm, block.output)]
+        read_later = [c for c in chain if any(order[u] > after for u in c.users)]
+        return read_later[-1] if read_later else n
     if module_path(good) == parent or module_path(good).startswith(parent + "."):
         import warnings
 
