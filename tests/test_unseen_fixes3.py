@@ -164,18 +164,15 @@ def _shared_keys_inputs():
     return {"input_ids": torch.randint(1, V, (2, 6), generator=g), "pixel_values": torch.randn(2, 3, 8, 8, generator=g)}
 
 
-def test_merge_of_keys_laid_out_heads_first():
+def test_keys_cut_without_their_values_is_an_error():
+    """Keys and values computed once (laid out ``[B, H, L, D]``) and split apart before the layers that read them:
+    a cut after layer 0 reaches the keys only. The fused kernel does not check that keys and values hold as many
+    tokens and read past the values (NaN in about one run of five), so the rewrite refuses it."""
     torch.manual_seed(0)
     model, kwargs = _SharedImageKeys().eval(), _shared_keys_inputs()
     prog = graphred.capture(model, **kwargs)
-    reduced = graphred.transform(prog, pumer(prune=0.25, merge=0.25, layers=[0]))  # (one cut: the keys are shared)
-    ops = [s["op"] for s in reduced.steps]
-    assert "prune" in ops and "merge_image" in ops, reduced.steps
-    assert reduced.steps[-1]["image_after"] < reduced.steps[0]["image_before"]
-    with torch.no_grad():
-        got, want = reduced(**kwargs), model(**kwargs)
-    assert got.shape == want.shape and torch.isfinite(got).all()
-    assert not torch.equal(got, want)  # the later layers read fewer (merged) image keys
+    with pytest.raises(PlanError, match="keys but 16 values"):
+        graphred.transform(prog, pumer(prune=0.25, merge=0.25, layers=[0]))
 
 
 def test_a_cut_that_nothing_reads_is_an_error():

@@ -291,6 +291,7 @@ class StepPass(GraphredPass):
             raise PlanError(f"{self.step.spec()}: the rewrite of {rs.model} failed: {type(e).__name__}: {first}. "
                             f"{self.hint}", node=getattr(e, "node", None),
                             module_path=getattr(e, "module_path", None)) from e
+        _check_keys_match_values(gm, self.step.spec())
         spec = self.step.spec()
         for n in gm.graph.nodes:
             if n not in before and recorded(n, MADE_BY) is None:
@@ -299,3 +300,23 @@ class StepPass(GraphredPass):
 
     def apply(self, gm: fx.GraphModule, rs: RewriteState) -> None:
         raise NotImplementedError
+
+
+def _check_keys_match_values(gm: fx.GraphModule, spec: str) -> None:
+    """Every attention's keys and values hold as many tokens after a rewrite. A cut placed on a path that feeds
+    the keys only (keys and values computed once and split apart before the layers that read them) would
+    shorten the keys and leave the values: the fused kernel does not check, and reads past the values it was
+    meant to get. Raised as the plan's error instead."""
+    from ..analysis.attention import find_attention
+
+    for att in find_attention(gm):
+        ks, vs = node_shape(att["k"]), node_shape(att["v"])
+        if ks is None or vs is None or len(ks) < 2 or len(vs) < 2:
+            continue
+        n_keys = ks[-2] if att["fused"] else ks[-1]  # (unfused: the scores' matmul takes the keys transposed)
+        if n_keys != vs[-2]:
+            raise PlanError(
+                f"{spec}: after the rewrite the attention at node {att['node'].name} reads {n_keys} keys but "
+                f"{vs[-2]} values: the cut reached its keys without its values (they come apart before the layers "
+                "that read them). Reduce at another layer, or where one tensor feeds both.",
+                node=att["node"].name, module_path=module_path(att["node"]))
