@@ -1447,6 +1447,22 @@ assert sorted(FRESH4_BUILDERS) == FRESH4
 BUILDERS.update(FRESH4_BUILDERS)
 
 
+# ---- fresh5, part a: builders (granite4_vision .. inkling_mm_model) ----
+# (builder functions of part a go here, above FRESH5A_BUILDERS)
+
+FRESH5A_BUILDERS: dict = {}
+BUILDERS.update(FRESH5A_BUILDERS)
+# ---- end of fresh5 part a ----
+# .
+# .
+# ---- fresh5, part b: builders (kimi_k25 .. qwen3_vl_moe) ----
+# (builder functions of part b go here, above FRESH5B_BUILDERS)
+
+FRESH5B_BUILDERS: dict = {}
+BUILDERS.update(FRESH5B_BUILDERS)
+# ---- end of fresh5 part b ----
+
+
 # ------------------------------------------------------------------------------------------------
 # the measurement
 # ------------------------------------------------------------------------------------------------
