@@ -1458,7 +1458,80 @@ BUILDERS.update(FRESH5A_BUILDERS)
 # ---- fresh5, part b: builders (kimi_k25 .. qwen3_vl_moe) ----
 # (builder functions of part b go here, above FRESH5B_BUILDERS)
 
-FRESH5B_BUILDERS: dict = {}
+def b_qwen3_vl_moe():
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    text = _text(head_dim=16, moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True})
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                           vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    # flattened patches of 2 frames x 3 x 4 x 4; one 32x32 image in sample 0, two in sample 1 (8x8 patches merged
+    # 2x2: 16 tokens each), each between vision start / end tokens
+    t = image_prompts(_gen(1), V - 4, [16] * 3, [1, 2], around=([V - 2], [V - 1]))
+    return Qwen3VLMoeForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3 * 64, 2 * 3 * 4 * 4, generator=_gen(0)),
+        "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "mm_token_type_ids": (t["input_ids"] == V - 4).to(torch.int32),
+        "use_cache": False}
+
+
+def b_kimi_k25():
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    vision = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, pos_emb_time=2, num_attention_heads=2,
+                  num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    # a DeepSeek-V3 decoder (MLA attention, a dense layer then a MoE layer)
+    text = _text(model_type="deepseek_v3", num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1,
+                 n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                 v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1)
+    cfg = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32, image_token_id=V - 4,
+                         video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    # its processor's layout: 3 x 4 x 4 patches, [patches, 3, 4, 4]; one 32x32 image in sample 0, two in sample 1
+    # (8x8 patches pooled 2x2: 16 tokens each), each between vision start / end tokens
+    t = image_prompts(_gen(1), V - 4, [16] * 3, [1, 2], around=([V - 2], [V - 1]))
+    return Kimi_K25ForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3 * 64, 3, 4, 4, generator=_gen(0)),
+        "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "use_cache": False}
+
+
+def b_minicpmv4_7():
+    from transformers import MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, window_kernel_size=[2, 2])
+    # MiniCPM-V 4.6 with canvas M-RoPE: positions laid out from <image> / </image> (and slice) markers
+    cfg = MiniCPMV4_7Config(text_config=_qwen3_5_text(model_type="qwen3_5_text"), vision_config=vision,
+                            image_token_id=V - 1, video_token_id=V - 2, insert_layer_id=1, image_size=32,
+                            image_start_id=V - 3, image_end_id=V - 4, slice_start_id=V - 5, slice_end_id=V - 6,
+                            newline_id=V - 7)
+    # its processor's layout: the patches of all images in one row, [1, C, p, patches * p]; three 32x32 images
+    # (8x8 patches merged 4x4: 4 tokens each) between <image> / </image>, one in sample 0 and two in sample 1
+    pix = torch.randn(1, 3, 4, 192 * 4, generator=_gen(0))
+    t = image_prompts(_gen(1), V - 1, [4] * 3, [1, 2], around=([V - 3], [V - 4]))
+    return MiniCPMV4_7ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "target_sizes": torch.tensor([[8, 8]] * 3, dtype=torch.int32),
+        "mm_token_type_ids": (t["input_ids"] == V - 1).to(torch.int32), "use_cache": False}
+
+
+def b_mistral4():
+    import inspect
+
+    from transformers import Mistral4Config, Mistral4ForCausalLM
+
+    # the image-text mapping names Mistral4ForCausalLM: built tiny (MLA attention, MoE) to show what it takes
+    text = _text(moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1, q_lora_rank=32, kv_lora_rank=16,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1)
+    model = Mistral4ForCausalLM(Mistral4Config(**text))
+    params = sorted(inspect.signature(model.forward).parameters)
+    if not any("pixel" in p or "image" in p for p in params):
+        raise NotImplementedError(f"Mistral4ForCausalLM (the class the image-text mapping names for mistral4) takes "
+                                  f"no image input: its forward takes {', '.join(p for p in params if p != 'kwargs')}")
+    raise AssertionError("Mistral4ForCausalLM now takes an image input: write its image inputs here")
+
+FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "qwen3_vl_moe": b_qwen3_vl_moe}
 BUILDERS.update(FRESH5B_BUILDERS)
 # ---- end of fresh5 part b ----
 
