@@ -1516,6 +1516,26 @@ def b_minicpmv4_7():
         "mm_token_type_ids": (t["input_ids"] == V - 1).to(torch.int32), "use_cache": False}
 
 
+def b_muse_spark():
+    from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration
+
+    # window attention over 4x4-patch windows (pos_emb 4 x patch 4 px), the last vision layer full
+    vision = dict(patch_size=4, pos_emb_height=4, pos_emb_width=4, num_attention_heads=2, num_hidden_layers=2,
+                  hidden_size=32, intermediate_size=64, patch_temporal=2, merge_size=2, max_position_embeddings=16)
+    # a sliding-window layer then a NoPE full-attention layer; a dense MLP then a MoE
+    text = _text(head_dim=16, sliding_window=8, num_local_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                 moe_hidden_size=32, mlp_layer_types=["dense", "sparse"])
+    audio = dict(patch_sizes=[2, 2], hidden_sizes=[16, 32], depths=[1, 1], num_hidden_layers=2, out_hidden_size=64)
+    cfg = MuseSparkConfig(text_config=text, vision_config=vision, audio_config=audio, image_token_id=V - 4,
+                          video_token_id=V - 3, audio_token_id=V - 5, out_hidden_size=128, projector_hidden_size=64)
+    # patches of 2 frames x 3 x 4 x 4 (96 values); one 32x32 image in sample 0, two in sample 1 (8x8 patches
+    # merged 2x2: 16 tokens each), each between image start / end tokens (prompt tokens only here)
+    t = image_prompts(_gen(1), V - 4, [16] * 3, [1, 2], around=([V - 2], [V - 1]))
+    return MuseSparkForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3 * 64, 2 * 3 * 4 * 4, generator=_gen(0)),
+        "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "use_cache": False}
+
+
 def b_mistral4():
     import inspect
 
@@ -1531,7 +1551,7 @@ def b_mistral4():
                                   f"no image input: its forward takes {', '.join(p for p in params if p != 'kwargs')}")
     raise AssertionError("Mistral4ForCausalLM now takes an image input: write its image inputs here")
 
-FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "qwen3_vl_moe": b_qwen3_vl_moe}
+FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "muse_spark": b_muse_spark, "qwen3_vl_moe": b_qwen3_vl_moe}
 BUILDERS.update(FRESH5B_BUILDERS)
 # ---- end of fresh5 part b ----
 
