@@ -1458,6 +1458,26 @@ BUILDERS.update(FRESH5A_BUILDERS)
 # ---- fresh5, part b: builders (kimi_k25 .. qwen3_vl_moe) ----
 # (builder functions of part b go here, above FRESH5B_BUILDERS)
 
+def b_pp_formulanet():
+    from transformers import PPFormulaNetConfig, PPFormulaNetForConditionalGeneration
+
+    # SAM-style windowed ViT (16x16 patches, one global layer) -> conv neck -> two stride-2 convolutions (4x4 = 16
+    # image tokens) read by an MBart-style decoder's cross-attention; one image per sample (a formula crop)
+    vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, post_conv_in_channels=32,
+                  post_conv_mid_channels=32, post_conv_out_channels=64, decoder_hidden_size=64)
+    text = dict(vocab_size=V, max_position_embeddings=128, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                decoder_ffn_dim=128, encoder_attention_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                decoder_start_token_id=2, forced_eos_token_id=2, dropout=0.0)
+    cfg = PPFormulaNetConfig(vision_config=vision, text_config=text)
+    gen = _gen(0)
+    pix = torch.randn(2, 3, 64, 64, generator=gen)
+    d = prompts(gen, [[("tok", 2), ("text", TEXT)]] * 2, pad_id=1, left=False)
+    return PPFormulaNetForConditionalGeneration(cfg), {
+        "pixel_values": pix, "decoder_input_ids": d["input_ids"], "decoder_attention_mask": d["attention_mask"],
+        "use_cache": False}
+
+
 def b_qwen3_vl_moe():
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
@@ -1551,7 +1571,7 @@ def b_mistral4():
                                   f"no image input: its forward takes {', '.join(p for p in params if p != 'kwargs')}")
     raise AssertionError("Mistral4ForCausalLM now takes an image input: write its image inputs here")
 
-FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "muse_spark": b_muse_spark, "qwen3_vl_moe": b_qwen3_vl_moe}
+FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "muse_spark": b_muse_spark, "pp_formulanet": b_pp_formulanet, "qwen3_vl_moe": b_qwen3_vl_moe}
 BUILDERS.update(FRESH5B_BUILDERS)
 # ---- end of fresh5 part b ----
 
