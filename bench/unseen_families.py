@@ -1458,45 +1458,6 @@ BUILDERS.update(FRESH5A_BUILDERS)
 # ---- fresh5, part b: builders (kimi_k25 .. qwen3_vl_moe) ----
 # (builder functions of part b go here, above FRESH5B_BUILDERS)
 
-def b_pp_formulanet():
-    from transformers import PPFormulaNetConfig, PPFormulaNetForConditionalGeneration
-
-    # SAM-style windowed ViT (16x16 patches, one global layer) -> conv neck -> two stride-2 convolutions (4x4 = 16
-    # image tokens) read by an MBart-style decoder's cross-attention; one image per sample (a formula crop)
-    vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                  patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, post_conv_in_channels=32,
-                  post_conv_mid_channels=32, post_conv_out_channels=64, decoder_hidden_size=64)
-    text = dict(vocab_size=V, max_position_embeddings=128, d_model=64, decoder_layers=2, decoder_attention_heads=4,
-                decoder_ffn_dim=128, encoder_attention_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                decoder_start_token_id=2, forced_eos_token_id=2, dropout=0.0)
-    cfg = PPFormulaNetConfig(vision_config=vision, text_config=text)
-    gen = _gen(0)
-    pix = torch.randn(2, 3, 64, 64, generator=gen)
-    d = prompts(gen, [[("tok", 2), ("text", TEXT)]] * 2, pad_id=1, left=False)
-    return PPFormulaNetForConditionalGeneration(cfg), {
-        "pixel_values": pix, "decoder_input_ids": d["input_ids"], "decoder_attention_mask": d["attention_mask"],
-        "use_cache": False}
-
-
-def b_qwen3_vl_moe():
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0])
-    text = _text(head_dim=16, moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
-                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
-                                  "mrope_interleaved": True})
-    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
-                           vision_start_token_id=V - 2, vision_end_token_id=V - 1)
-    # flattened patches of 2 frames x 3 x 4 x 4; one 32x32 image in sample 0, two in sample 1 (8x8 patches merged
-    # 2x2: 16 tokens each), each between vision start / end tokens
-    t = image_prompts(_gen(1), V - 4, [16] * 3, [1, 2], around=([V - 2], [V - 1]))
-    return Qwen3VLMoeForConditionalGeneration(cfg), {
-        **t, "pixel_values": torch.randn(3 * 64, 2 * 3 * 4 * 4, generator=_gen(0)),
-        "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "mm_token_type_ids": (t["input_ids"] == V - 4).to(torch.int32),
-        "use_cache": False}
-
 
 def b_kimi_k25():
     from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
@@ -1504,9 +1465,9 @@ def b_kimi_k25():
     vision = dict(patch_size=4, pos_emb_height=8, pos_emb_width=8, pos_emb_time=2, num_attention_heads=2,
                   num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     # a DeepSeek-V3 decoder (MLA attention, a dense layer then a MoE layer)
-    text = _text(model_type="deepseek_v3", num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1,
-                 n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                 v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1)
+    text = _text(model_type="deepseek_v3", num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=2,
+                 num_experts_per_tok=1, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, n_group=1, topk_group=1)
     cfg = Kimi_K25Config(text_config=text, vision_config=vision, projection_hidden_size=32, image_token_id=V - 4,
                          video_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1)
     # its processor's layout: 3 x 4 x 4 patches, [patches, 3, 4, 4]; one 32x32 image in sample 0, two in sample 1
@@ -1536,6 +1497,26 @@ def b_minicpmv4_7():
         "mm_token_type_ids": (t["input_ids"] == V - 1).to(torch.int32), "use_cache": False}
 
 
+def b_mistral4():
+    import inspect
+
+    from transformers import Mistral4Config, Mistral4ForCausalLM
+
+    # the image-text mapping names Mistral4ForCausalLM: built tiny (MLA attention, MoE) and run on a text prompt,
+    # to show it builds and what it takes
+    text = _text(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1,
+                 q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16,
+                 first_k_dense_replace=1)
+    model = Mistral4ForCausalLM(Mistral4Config(**text)).eval()
+    with torch.no_grad():
+        model(**prompts(_gen(1), [[("tok", 1), ("text", TEXT)]] * 2), use_cache=False)
+    params = sorted(inspect.signature(model.forward).parameters)
+    if not any("pixel" in p or "image" in p for p in params):
+        raise NotImplementedError(f"Mistral4ForCausalLM (the class the image-text mapping names for mistral4) takes "
+                                  f"no image input: its forward takes {', '.join(p for p in params if p != 'kwargs')}")
+    raise AssertionError("Mistral4ForCausalLM now takes an image input: write its image inputs here")
+
+
 def b_muse_spark():
     from transformers import MuseSparkConfig, MuseSparkForConditionalGeneration
 
@@ -1556,22 +1537,64 @@ def b_muse_spark():
         "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "use_cache": False}
 
 
-def b_mistral4():
-    import inspect
+def b_pp_formulanet():
+    from transformers import PPFormulaNetConfig, PPFormulaNetForConditionalGeneration
 
-    from transformers import Mistral4Config, Mistral4ForCausalLM
+    # SAM-style windowed ViT (16x16 patches, one global layer) -> conv neck -> two stride-2 convolutions (4x4 = 16
+    # image tokens) read by an MBart-style decoder's cross-attention; one image per sample (a formula crop)
+    vision = dict(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                  patch_size=4, window_size=4, global_attn_indexes=[1], mlp_dim=64, post_conv_in_channels=32,
+                  post_conv_mid_channels=32, post_conv_out_channels=64, decoder_hidden_size=64)
+    text = dict(vocab_size=V, max_position_embeddings=128, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                decoder_ffn_dim=128, encoder_attention_heads=4, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                decoder_start_token_id=2, forced_eos_token_id=2, dropout=0.0)
+    cfg = PPFormulaNetConfig(vision_config=vision, text_config=text)
+    gen = _gen(0)
+    pix = torch.randn(2, 3, 64, 64, generator=gen)
+    d = prompts(gen, [[("tok", 2), ("text", TEXT)]] * 2, pad_id=1, left=False)
+    return PPFormulaNetForConditionalGeneration(cfg), {
+        "pixel_values": pix, "decoder_input_ids": d["input_ids"], "decoder_attention_mask": d["attention_mask"],
+        "use_cache": False}
 
-    # the image-text mapping names Mistral4ForCausalLM: built tiny (MLA attention, MoE) to show what it takes
-    text = _text(moe_intermediate_size=32, n_routed_experts=2, num_experts_per_tok=1, q_lora_rank=32, kv_lora_rank=16,
-                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1)
-    model = Mistral4ForCausalLM(Mistral4Config(**text))
-    params = sorted(inspect.signature(model.forward).parameters)
-    if not any("pixel" in p or "image" in p for p in params):
-        raise NotImplementedError(f"Mistral4ForCausalLM (the class the image-text mapping names for mistral4) takes "
-                                  f"no image input: its forward takes {', '.join(p for p in params if p != 'kwargs')}")
-    raise AssertionError("Mistral4ForCausalLM now takes an image input: write its image inputs here")
 
-FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4, "muse_spark": b_muse_spark, "pp_formulanet": b_pp_formulanet, "qwen3_vl_moe": b_qwen3_vl_moe}
+def b_qianfan_ocr():
+    from transformers import QianfanOCRConfig, QianfanOCRForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=4, drop_path_rate=0.0)
+    cfg = QianfanOCRConfig(vision_config=vision, text_config=dict(_text(head_dim=16), model_type="qwen3"),
+                           image_token_id=V - 1, image_seq_length=16)
+    # InternVL-style: each 32x32 image (tile) is a row of pixel_values; 8x8 patches less the CLS, pixel-shuffled
+    # 2x2: 16 tokens each, between <img> / </img> (prompt tokens only here); one image in sample 0, two in sample 1
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], around=([V - 3], [V - 2]))
+    return QianfanOCRForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3, 3, 32, 32, generator=_gen(0)), "use_cache": False}
+
+
+def b_qwen3_vl_moe():
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    text = _text(head_dim=16, moe_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
+                 rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0,
+                                  "mrope_interleaved": True})
+    cfg = Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=V - 4, video_token_id=V - 3,
+                           vision_start_token_id=V - 2, vision_end_token_id=V - 1)
+    # flattened patches of 2 frames x 3 x 4 x 4; one 32x32 image in sample 0, two in sample 1 (8x8 patches merged
+    # 2x2: 16 tokens each), each between vision start / end tokens
+    t = image_prompts(_gen(1), V - 4, [16] * 3, [1, 2], around=([V - 2], [V - 1]))
+    return Qwen3VLMoeForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(3 * 64, 2 * 3 * 4 * 4, generator=_gen(0)),
+        "image_grid_thw": torch.tensor([[1, 8, 8]] * 3), "mm_token_type_ids": (t["input_ids"] == V - 4).to(torch.int32),
+        "use_cache": False}
+
+
+FRESH5B_BUILDERS: dict = {"kimi_k25": b_kimi_k25, "minicpmv4_7": b_minicpmv4_7, "mistral4": b_mistral4,
+                          "muse_spark": b_muse_spark, "pp_formulanet": b_pp_formulanet, "qianfan_ocr": b_qianfan_ocr,
+                          "qwen3_vl_moe": b_qwen3_vl_moe}
+assert sorted(FRESH5B_BUILDERS) == FRESH5[7:]
 BUILDERS.update(FRESH5B_BUILDERS)
 # ---- end of fresh5 part b ----
 
