@@ -1450,7 +1450,42 @@ BUILDERS.update(FRESH4_BUILDERS)
 # ---- fresh5, part a: builders (granite4_vision .. inkling_mm_model) ----
 # (builder functions of part a go here, above FRESH5A_BUILDERS)
 
-FRESH5A_BUILDERS: dict = {}
+def b_granite4_vision():
+    from transformers import Granite4VisionConfig
+
+    # CLIP 16 px / patch 4: 4x4 patches per tile; window Q-Former projectors ("1/2": one query per 2x2 window);
+    # one deepstack projector (vision layer 1 -> LLM layer 0) and the 4 spatial-offset groups (LLM layers 1..4)
+    text = _text(num_hidden_layers=5, attention_multiplier=0.0625)
+    cfg = Granite4VisionConfig(vision_config=dict(_clip(image=16, hidden=64, heads=1), model_type="clip_vision_model"),
+                               text_config=text, image_token_index=V - 1, image_grid_pinpoints=[[16, 16], [16, 32]],
+                               downsample_rate="1/2", deepstack_layer_map=[[1, 0]], spatial_vision_layer=-1,
+                               spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0,
+                               qformer_config=dict(intermediate_size=128))
+    # anyres: each 16x32 image is 2 tiles + the base image; one image in sample 0, two in sample 1
+    pix = torch.randn(3, 3, 3, 16, 16, generator=_gen(0))
+    return _placeholder_family("Granite4VisionForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[16, 32]] * 3)}, V - 1, counts=(1, 2))
+
+
+def b_granite_docling():
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    # 32x32 tiles, patch 4 (8x8 patches), pixel shuffle 2: 16 image tokens per tile; one DeepStack tap (vision
+    # layer 0, added after decoder layer 0); coarse path only (as the 2B checkpoint)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, out_hidden_size=64, scale_factor=2, deepstack_visual_indexes=[0],
+                  use_fine_route=False)
+    cfg = GraniteDoclingConfig(text_config=_text(attention_multiplier=0.0625), vision_config=vision,
+                               image_token_id=V - 1, pad_token_id=0)
+    # one image (one tile) in sample 0, two in sample 1 (a padded tile slot in sample 0); each image is
+    # <fake_token_around_image><global-img> 16 x <image> <fake_token_around_image>
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], around=([V - 2, V - 3], [V - 2]))
+    return GraniteDoclingForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=_gen(0)),
+        "pixel_attention_mask": torch.tensor([[True, False], [True, True]]), "use_cache": False}
+
+
+FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling}
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
