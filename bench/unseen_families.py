@@ -1485,7 +1485,28 @@ def b_granite_docling():
         "pixel_attention_mask": torch.tensor([[True, False], [True, True]]), "use_cache": False}
 
 
-FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling}
+def b_hunyuan_vl():
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, out_hidden_size=64, max_image_size=64, min_image_size=16)
+    # 4 rotary axes (sequence, then width, height, image index), NTK-alpha scaled as the checkpoints
+    rope = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0,
+            "mrope_section": [2, 2, 2, 2]}
+    cfg = HunYuanVLConfig(text_config=_text(head_dim=16, rope_parameters=rope), vision_config=vision,
+                          image_token_id=V - 1, im_start_id=V - 2, im_end_id=V - 3, im_newline_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1. Patches of 4x4 merged 2x2, a
+    # newline token after each merged row, begin and end tokens: 4 * 5 + 2 = 22 and 2 * 5 + 2 = 12 placeholders
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [22, 22, 12], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 4 * 4, generator=_gen(0))
+    return HunYuanVLForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
+                              "hunyuan_vl": b_hunyuan_vl}
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
