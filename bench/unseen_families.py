@@ -1505,8 +1505,29 @@ def b_hunyuan_vl():
         "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
 
 
+def b_hyperclovax_vision_v2():
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
+
+    # Qwen2.5-VL vision tower (window attention, 2x2 merge) and a linear projector into a HyperCLOVAX decoder
+    # (1D positions, scaled embeddings, residuals and logits, post-norms)
+    vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  window_size=16, fullatt_block_indexes=[1])
+    text = dict(_text(), model_type="hyperclovax", embedding_multiplier=2.0, residual_multiplier=0.5,
+                logits_scaling=0.5, attention_multiplier=0.0625)
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=V - 1,
+                                    video_token_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1: patches of 2 frames x 3 x 4 x 4,
+    # merged 2x2: 16 and 8 placeholders, each image between <|vision_start|> and <|vision_end|>
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 2 * 3 * 4 * 4, generator=_gen(0))
+    return HyperCLOVAXVisionV2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
 FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
-                              "hunyuan_vl": b_hunyuan_vl}
+                              "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2}
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
