@@ -1526,8 +1526,35 @@ def b_hyperclovax_vision_v2():
         **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
 
 
+def _inkling2_parts(**text_extra):
+    # decoder: a sliding layer then a full layer (short convolutions on q/k/v, relative position bias, L2 clipping,
+    # softcapped sigmoid-routed experts), attention residuals over blocks of one layer
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, layer_types=["hybrid_sliding", "hybrid"],
+                 n_layers_per_attn_res_block=1, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                 route_scale=1.0, unpadded_vocab_size=V, eos_token_id=2, **text_extra)
+    text.pop("intermediate_size")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, posemb_grid_size=8, projection_hidden_dim=64, text_hidden_size=64)
+    # one 32x32 image in sample 0; a 32x32 and a 32x16 (h x w) image in sample 1. One LM token per 2x2 patches of
+    # 4 px (8x8 px): 16 and 8 placeholders; pixel_values holds one 8x8x3 block per LM token
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 4, 2]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2])
+    pix = torch.rand(int(grids.prod(-1).sum()), 8, 8, 3, generator=_gen(0)) * 2 - 1
+    return text, vision, {**t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
+def b_inkling2():
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    text, vision, kwargs = _inkling2_parts()
+    cfg = Inkling2Config(text_config=text, vision_config=vision, image_token_id=V - 1)
+    return Inkling2ForConditionalGeneration(cfg), kwargs
+
+
 FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
-                              "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2}
+                              "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
+                              "inkling2": b_inkling2}
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
