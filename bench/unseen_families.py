@@ -1552,9 +1552,22 @@ def b_inkling2():
     return Inkling2ForConditionalGeneration(cfg), kwargs
 
 
+def b_inkling2_loop():
+    from transformers import Inkling2LoopConfig, Inkling2LoopForConditionalGeneration
+
+    # as inkling2, with 3 layers (sliding, full, sliding) of which the middle one is looped: 2 passes, the second
+    # gated by messages read from the first pass's block states
+    text, vision, kwargs = _inkling2_parts(num_hidden_layers=3)
+    text.update(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], loop_layer_index_start=1,
+                loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8)
+    cfg = Inkling2LoopConfig(text_config=text, vision_config=dict(vision, model_type="inkling2_vision"),
+                             image_token_id=V - 1)
+    return Inkling2LoopForConditionalGeneration(cfg), kwargs
+
+
 FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
                               "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
-                              "inkling2": b_inkling2}
+                              "inkling2": b_inkling2, "inkling2_loop": b_inkling2_loop}
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
