@@ -218,7 +218,8 @@ def fresh5_draw() -> list[str]:
 
 def set_of(name: str) -> str:
     return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
-        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "held-out"
+        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "fresh5" if name in FRESH5 \
+        else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
@@ -1565,9 +1566,32 @@ def b_inkling2_loop():
     return Inkling2LoopForConditionalGeneration(cfg), kwargs
 
 
+def b_inkling_mm_model():
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    # decoder: a sliding layer (dense MLP) then a full layer (experts with a shared expert), short convolutions and
+    # relative logits; encoder-free vision: a 4-layer hierarchical MLP folds each 2-frame 4x4-pixel patch into one
+    # token (no attention before the decoder); a small audio embedder (unused here)
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, local_layer_ids=[0],
+                 mlp_layer_types=["dense", "sparse"], moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1, route_scale=1.0, logits_mup_width_multiplier=2.0)
+    vision = dict(patch_size=4, temporal_patch_size=2, num_hidden_layers=4, hidden_size=32)
+    cfg = InklingConfig(text_config=text, vision_config=vision, audio_config=dict(n_mel_bins=8, mel_vocab_size=16),
+                        image_token_id=V - 1, audio_token_id=V - 3, image_bos_token_id=V - 2,
+                        audio_bos_token_id=V - 4)
+    # one 16x16 image in sample 0; a 16x16 and a 16x8 (h x w) image in sample 1: 16 and 8 patches of 4x4 px, one
+    # token each, each image after <|content_image|>; pixel_values holds one (2, 4, 4, 3) patch per token
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], []))
+    pix = torch.randn(40, 2, 4, 4, 3, generator=_gen(0))
+    return InklingForConditionalGeneration(cfg), {**t, "pixel_values": pix, "use_cache": False}
+
+
 FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
-                              "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
-                              "inkling2": b_inkling2, "inkling2_loop": b_inkling2_loop}
+                          "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
+                          "inkling2": b_inkling2, "inkling2_loop": b_inkling2_loop,
+                          "inkling_mm_model": b_inkling_mm_model}
+assert sorted(FRESH5A_BUILDERS) == FRESH5[:7]
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
