@@ -69,8 +69,9 @@ PuMer at its defaults is the plan for every family (decoders and encoder-decoder
 
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
 section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
-then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 rows the same way, with
-``--fresh4-from DIR`` (untouched only).
+then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 and fresh5 rows the same
+way, with ``--fresh4-from DIR`` and ``--fresh5-from DIR`` (untouched only; a family without its file is shown as not
+measured).
 """
 from __future__ import annotations
 
@@ -214,6 +215,10 @@ def fresh5_draw() -> list[str]:
     remaining = sorted(t for t in types if t not in drawn and t not in FRESH3_ALREADY_MEASURED)
     assert len(remaining) == 14
     return remaining
+
+
+FRESH5_RULE = ("the 55 types of fresh_rule_types(), less the 40 of FRESH to FRESH4, less kosmos-2.5 (already measured "
+               "as BRIEF's kosmos2_5): 14 types, all of them (no sampling, no seed); fresh5_draw()")
 
 
 def set_of(name: str) -> str:
@@ -2020,17 +2025,36 @@ FRESH4_NOTES = [
 ]
 
 
+FRESH5_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, the last sample left padded by 3). Part a "
+    "(granite4_vision to inkling_mm_model): one image in sample 0 and two in sample 1 for all seven, the second "
+    "image of sample 1 smaller where the family takes any size (hunyuan_vl, hyperclovax_vision_v2, inkling2, "
+    "inkling2_loop, inkling_mm_model: 32x32 or 16x16 and a half-width or half-height image), so the samples hold "
+    "different numbers of image tokens; granite4_vision's images are any-res (2 tiles + the base image each), "
+    "granite_docling's are one 32x32 tile each with a masked tile slot in sample 0. hunyuan_vl gets its "
+    "mm_token_type_ids (multimodal RoPE positions); inkling2_loop loops its middle layer twice.",
+    "Part b (kimi_k25 to qwen3_vl_moe), from its builders' comments: kimi_k25, minicpmv4_7, muse_spark, qianfan_ocr "
+    "and qwen3_vl_moe get one image in sample 0 and two in sample 1; pp_formulanet (an encoder read by a decoder's "
+    "cross-attention) one formula crop per sample. The image-text mapping names Mistral4ForCausalLM for mistral4, "
+    "whose forward takes no image input: it is built tiny and run on a text prompt, and recorded at stage build.",
+    "Part a and part b were built and measured on two branches, each adding only its builders to graphred/ at main "
+    "a49eec5 (graphred/ unchanged on both); the commits named are those branches' heads at measurement.",
+]
+
+
 # (key, title, pool, families, notes) of the fresh sets rendered by ``_render_fresh3`` (fresh2 has its own)
 FRESH_LATER = [
     ("fresh3", "Third fresh held-out set (fresh3): untouched first, then after fixes made on them",
      "the 34 types left after the first two fresh draws", FRESH3, FRESH3_NOTES),
     ("fresh4", "Fourth fresh held-out set (fresh4): untouched", "the 24 types left after the first three fresh draws",
      FRESH4, FRESH4_NOTES),
+    ("fresh5", "Fifth fresh held-out set (fresh5): untouched", "the 14 types left after the first four fresh draws",
+     FRESH5, FRESH5_NOTES),
 ]
 
 
 def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
-    """A later fresh held-out set (fresh3, fresh4): untouched first measurements, then (where tuned on) after the
+    """A later fresh held-out set (fresh3 to fresh5): untouched first measurements, then (where tuned on) after the
     fixes."""
     if not f3.get("untouched"):
         return []
@@ -2038,11 +2062,12 @@ def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
     tags = [t for t in ("untouched", "after") if f3.get(t)]
     by = {t: {r["family"]: r for r in f3[t]} for t in tags}
     tuned = set(f3.get("tuned", []))
+    seeded = f3.get("seed") is not None
+    drawn = (f"Drawn with ``random.Random({f3.get('seed')})`` from {pool} (rule, seed and list" if seeded
+             else f"All of {pool}, no draw (rule and list")
     lines = ["", f"### {title}", "",
-             f"Drawn with ``random.Random({f3.get('seed')})`` from {pool} "
-             "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
-             "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
-             ""]
+             f"{drawn} committed before any was built or measured; graphred was not changed for any of them "
+             "before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.", ""]
     for t in tags:
         rows = f3[t]
         red = sum(r["reduced"] for r in rows)
@@ -2050,8 +2075,11 @@ def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
         head = (f"untouched (graphred {f3.get('untouched_commit')})" if t == "untouched" else
                 f"after fixes made on them (graphred {f3.get('after_commit')}; tuned on: "
                 f"{', '.join(sorted(tuned)) or 'none'})")
+        missing = [n for n in families if n not in by[t]]
+        absent = (f" Not measured: {', '.join(missing)} (no row; the rate counts the {len(rows)} measured)."
+                  if missing else "")
         lines += [f"**{key}, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
-                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.", ""]
+                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.{absent}", ""]
     lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
               "|---|---|" + "---|" * len(tags) + "---|---|"]
     for n in families:
@@ -2097,6 +2125,8 @@ def main() -> None:
     ap.add_argument("--fresh3-tag", default="untouched", choices=["untouched", "after"])
     ap.add_argument("--fresh3-tuned", default="", help="fresh3 families tuned on (comma-separated; with --fresh3-from)")
     ap.add_argument("--fresh4-from", default="", help="a folder of per-family --out files of the fresh4 set (untouched)")
+    ap.add_argument("--fresh5-from", default="", help="a folder of per-family --out files of the fresh5 set "
+                    "(untouched; a family without its file is shown as not measured)")
     args = ap.parse_args()
     if args.merge_rows:
         data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
@@ -2105,23 +2135,30 @@ def main() -> None:
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
-    for folder, key, families, seed, tag in ((args.fresh4_from, "fresh4", FRESH4, FRESH4_SEED, "untouched"),
-                                             (args.fresh3_from, "fresh3", FRESH3, FRESH3_SEED, args.fresh3_tag),
-                                             (args.fresh2_from, "fresh2", FRESH2, FRESH2_SEED, args.fresh2_tag)):
+    for folder, key, families, how, tag in (
+            (args.fresh5_from, "fresh5", FRESH5, {"rule": FRESH5_RULE}, "untouched"),
+            (args.fresh4_from, "fresh4", FRESH4, {"seed": FRESH4_SEED}, "untouched"),
+            (args.fresh3_from, "fresh3", FRESH3, {"seed": FRESH3_SEED}, args.fresh3_tag),
+            (args.fresh2_from, "fresh2", FRESH2, {"seed": FRESH2_SEED}, args.fresh2_tag)):
         if not folder:
             continue
         data = json.loads(RESULTS.read_text())
         fresh = data.setdefault(key, {})
-        fresh.update(families=families, seed=seed)
+        fresh.update(families=families, **how)
         rows, commits = [], set()
         for n in families:  # one --out file per family
             p = Path(folder) / f"{n}.json"
             if p.exists():
                 d = json.loads(p.read_text())
-                rows += d["after"]
+                # (the set is named from the lists here: a branch that measured before set_of knew its set wrote
+                # "held-out")
+                rows += [dict(r, set=set_of(r["family"])) for r in d["after"]]
                 commits.add(d["after_commit"])
         fresh[tag] = rows
         fresh[tag + "_commit"] = ",".join(sorted(commits))
+        missing = [n for n in families if n not in {r["family"] for r in rows}]
+        if missing:
+            print(f"{key}: no --out file in {folder} for {', '.join(missing)} (shown as not measured)")
         if key == "fresh3" and args.fresh3_tuned:
             fresh["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
