@@ -69,8 +69,9 @@ PuMer at its defaults is the plan for every family (decoders and encoder-decoder
 
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
 section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
-then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 rows the same way, with
-``--fresh4-from DIR`` (untouched only).
+then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 and fresh5 rows the same
+way, with ``--fresh4-from DIR`` and ``--fresh5-from DIR`` (untouched only; a family without its file is shown as not
+measured).
 """
 from __future__ import annotations
 
@@ -216,9 +217,14 @@ def fresh5_draw() -> list[str]:
     return remaining
 
 
+FRESH5_RULE = ("the 55 types of fresh_rule_types(), less the 40 of FRESH to FRESH4, less kosmos-2.5 (already measured "
+               "as BRIEF's kosmos2_5): 14 types, all of them (no sampling, no seed); fresh5_draw()")
+
+
 def set_of(name: str) -> str:
     return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
-        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "held-out"
+        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "fresh5" if name in FRESH5 \
+        else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
@@ -1450,7 +1456,147 @@ BUILDERS.update(FRESH4_BUILDERS)
 # ---- fresh5, part a: builders (granite4_vision .. inkling_mm_model) ----
 # (builder functions of part a go here, above FRESH5A_BUILDERS)
 
-FRESH5A_BUILDERS: dict = {}
+def b_granite4_vision():
+    from transformers import Granite4VisionConfig
+
+    # CLIP 16 px / patch 4: 4x4 patches per tile; window Q-Former projectors ("1/2": one query per 2x2 window);
+    # one deepstack projector (vision layer 1 -> LLM layer 0) and the 4 spatial-offset groups (LLM layers 1..4)
+    text = _text(num_hidden_layers=5, attention_multiplier=0.0625)
+    cfg = Granite4VisionConfig(vision_config=dict(_clip(image=16, hidden=64, heads=1), model_type="clip_vision_model"),
+                               text_config=text, image_token_index=V - 1, image_grid_pinpoints=[[16, 16], [16, 32]],
+                               downsample_rate="1/2", deepstack_layer_map=[[1, 0]], spatial_vision_layer=-1,
+                               spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0,
+                               qformer_config=dict(intermediate_size=128))
+    # anyres: each 16x32 image is 2 tiles + the base image; one image in sample 0, two in sample 1
+    pix = torch.randn(3, 3, 3, 16, 16, generator=_gen(0))
+    return _placeholder_family("Granite4VisionForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[16, 32]] * 3)}, V - 1, counts=(1, 2))
+
+
+def b_granite_docling():
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    # 32x32 tiles, patch 4 (8x8 patches), pixel shuffle 2: 16 image tokens per tile; one DeepStack tap (vision
+    # layer 0, added after decoder layer 0); coarse path only (as the 2B checkpoint)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, out_hidden_size=64, scale_factor=2, deepstack_visual_indexes=[0],
+                  use_fine_route=False)
+    cfg = GraniteDoclingConfig(text_config=_text(attention_multiplier=0.0625), vision_config=vision,
+                               image_token_id=V - 1, pad_token_id=0)
+    # one image (one tile) in sample 0, two in sample 1 (a padded tile slot in sample 0); each image is
+    # <fake_token_around_image><global-img> 16 x <image> <fake_token_around_image>
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], around=([V - 2, V - 3], [V - 2]))
+    return GraniteDoclingForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=_gen(0)),
+        "pixel_attention_mask": torch.tensor([[True, False], [True, True]]), "use_cache": False}
+
+
+def b_hunyuan_vl():
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, out_hidden_size=64, max_image_size=64, min_image_size=16)
+    # 4 rotary axes (sequence, then width, height, image index), NTK-alpha scaled as the checkpoints
+    rope = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0,
+            "mrope_section": [2, 2, 2, 2]}
+    cfg = HunYuanVLConfig(text_config=_text(head_dim=16, rope_parameters=rope), vision_config=vision,
+                          image_token_id=V - 1, im_start_id=V - 2, im_end_id=V - 3, im_newline_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1. Patches of 4x4 merged 2x2, a
+    # newline token after each merged row, begin and end tokens: 4 * 5 + 2 = 22 and 2 * 5 + 2 = 12 placeholders
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [22, 22, 12], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 4 * 4, generator=_gen(0))
+    return HunYuanVLForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+def b_hyperclovax_vision_v2():
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
+
+    # Qwen2.5-VL vision tower (window attention, 2x2 merge) and a linear projector into a HyperCLOVAX decoder
+    # (1D positions, scaled embeddings, residuals and logits, post-norms)
+    vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  window_size=16, fullatt_block_indexes=[1])
+    text = dict(_text(), model_type="hyperclovax", embedding_multiplier=2.0, residual_multiplier=0.5,
+                logits_scaling=0.5, attention_multiplier=0.0625)
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=V - 1,
+                                    video_token_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1: patches of 2 frames x 3 x 4 x 4,
+    # merged 2x2: 16 and 8 placeholders, each image between <|vision_start|> and <|vision_end|>
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 2 * 3 * 4 * 4, generator=_gen(0))
+    return HyperCLOVAXVisionV2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
+def _inkling2_parts(**text_extra):
+    # decoder: a sliding layer then a full layer (short convolutions on q/k/v, relative position bias, L2 clipping,
+    # softcapped sigmoid-routed experts), attention residuals over blocks of one layer
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, layer_types=["hybrid_sliding", "hybrid"],
+                 n_layers_per_attn_res_block=1, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                 route_scale=1.0, unpadded_vocab_size=V, eos_token_id=2, **text_extra)
+    text.pop("intermediate_size")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, posemb_grid_size=8, projection_hidden_dim=64, text_hidden_size=64)
+    # one 32x32 image in sample 0; a 32x32 and a 32x16 (h x w) image in sample 1. One LM token per 2x2 patches of
+    # 4 px (8x8 px): 16 and 8 placeholders; pixel_values holds one 8x8x3 block per LM token
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 4, 2]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2])
+    pix = torch.rand(int(grids.prod(-1).sum()), 8, 8, 3, generator=_gen(0)) * 2 - 1
+    return text, vision, {**t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
+def b_inkling2():
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    text, vision, kwargs = _inkling2_parts()
+    cfg = Inkling2Config(text_config=text, vision_config=vision, image_token_id=V - 1)
+    return Inkling2ForConditionalGeneration(cfg), kwargs
+
+
+def b_inkling2_loop():
+    from transformers import Inkling2LoopConfig, Inkling2LoopForConditionalGeneration
+
+    # as inkling2, with 3 layers (sliding, full, sliding) of which the middle one is looped: 2 passes, the second
+    # gated by messages read from the first pass's block states
+    text, vision, kwargs = _inkling2_parts(num_hidden_layers=3)
+    text.update(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], loop_layer_index_start=1,
+                loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8)
+    cfg = Inkling2LoopConfig(text_config=text, vision_config=dict(vision, model_type="inkling2_vision"),
+                             image_token_id=V - 1)
+    return Inkling2LoopForConditionalGeneration(cfg), kwargs
+
+
+def b_inkling_mm_model():
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    # decoder: a sliding layer (dense MLP) then a full layer (experts with a shared expert), short convolutions and
+    # relative logits; encoder-free vision: a 4-layer hierarchical MLP folds each 2-frame 4x4-pixel patch into one
+    # token (no attention before the decoder); a small audio embedder (unused here)
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, local_layer_ids=[0],
+                 mlp_layer_types=["dense", "sparse"], moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1, route_scale=1.0, logits_mup_width_multiplier=2.0)
+    vision = dict(patch_size=4, temporal_patch_size=2, num_hidden_layers=4, hidden_size=32)
+    cfg = InklingConfig(text_config=text, vision_config=vision, audio_config=dict(n_mel_bins=8, mel_vocab_size=16),
+                        image_token_id=V - 1, audio_token_id=V - 3, image_bos_token_id=V - 2,
+                        audio_bos_token_id=V - 4)
+    # one 16x16 image in sample 0; a 16x16 and a 16x8 (h x w) image in sample 1: 16 and 8 patches of 4x4 px, one
+    # token each, each image after <|content_image|>; pixel_values holds one (2, 4, 4, 3) patch per token
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], []))
+    pix = torch.randn(40, 2, 4, 4, 3, generator=_gen(0))
+    return InklingForConditionalGeneration(cfg), {**t, "pixel_values": pix, "use_cache": False}
+
+
+FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
+                          "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
+                          "inkling2": b_inkling2, "inkling2_loop": b_inkling2_loop,
+                          "inkling_mm_model": b_inkling_mm_model}
+assert sorted(FRESH5A_BUILDERS) == FRESH5[:7]
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
@@ -2015,17 +2161,36 @@ FRESH4_NOTES = [
 ]
 
 
+FRESH5_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, the last sample left padded by 3). Part a "
+    "(granite4_vision to inkling_mm_model): one image in sample 0 and two in sample 1 for all seven, the second "
+    "image of sample 1 smaller where the family takes any size (hunyuan_vl, hyperclovax_vision_v2, inkling2, "
+    "inkling2_loop, inkling_mm_model: 32x32 or 16x16 and a half-width or half-height image), so the samples hold "
+    "different numbers of image tokens; granite4_vision's images are any-res (2 tiles + the base image each), "
+    "granite_docling's are one 32x32 tile each with a masked tile slot in sample 0. hunyuan_vl gets its "
+    "mm_token_type_ids (multimodal RoPE positions); inkling2_loop loops its middle layer twice.",
+    "Part b (kimi_k25 to qwen3_vl_moe), from its builders' comments: kimi_k25, minicpmv4_7, muse_spark, qianfan_ocr "
+    "and qwen3_vl_moe get one image in sample 0 and two in sample 1; pp_formulanet (an encoder read by a decoder's "
+    "cross-attention) one formula crop per sample. The image-text mapping names Mistral4ForCausalLM for mistral4, "
+    "whose forward takes no image input: it is built tiny and run on a text prompt, and recorded at stage build.",
+    "Part a and part b were built and measured on two branches, each adding only its builders to graphred/ at main "
+    "a49eec5 (graphred/ unchanged on both); the commits named are those branches' heads at measurement.",
+]
+
+
 # (key, title, pool, families, notes) of the fresh sets rendered by ``_render_fresh3`` (fresh2 has its own)
 FRESH_LATER = [
     ("fresh3", "Third fresh held-out set (fresh3): untouched first, then after fixes made on them",
      "the 34 types left after the first two fresh draws", FRESH3, FRESH3_NOTES),
     ("fresh4", "Fourth fresh held-out set (fresh4): untouched", "the 24 types left after the first three fresh draws",
      FRESH4, FRESH4_NOTES),
+    ("fresh5", "Fifth fresh held-out set (fresh5): untouched", "the 14 types left after the first four fresh draws",
+     FRESH5, FRESH5_NOTES),
 ]
 
 
 def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
-    """A later fresh held-out set (fresh3, fresh4): untouched first measurements, then (where tuned on) after the
+    """A later fresh held-out set (fresh3 to fresh5): untouched first measurements, then (where tuned on) after the
     fixes."""
     if not f3.get("untouched"):
         return []
@@ -2033,11 +2198,12 @@ def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
     tags = [t for t in ("untouched", "after") if f3.get(t)]
     by = {t: {r["family"]: r for r in f3[t]} for t in tags}
     tuned = set(f3.get("tuned", []))
+    seeded = f3.get("seed") is not None
+    drawn = (f"Drawn with ``random.Random({f3.get('seed')})`` from {pool} (rule, seed and list" if seeded
+             else f"All of {pool}, no draw (rule and list")
     lines = ["", f"### {title}", "",
-             f"Drawn with ``random.Random({f3.get('seed')})`` from {pool} "
-             "(rule, seed and list committed before any was built or measured; graphred was not changed for any of "
-             "them before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.",
-             ""]
+             f"{drawn} committed before any was built or measured; graphred was not changed for any of them "
+             "before the untouched measurement). One process per family, 1 thread, a 300 s limit per family.", ""]
     for t in tags:
         rows = f3[t]
         red = sum(r["reduced"] for r in rows)
@@ -2045,8 +2211,11 @@ def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
         head = (f"untouched (graphred {f3.get('untouched_commit')})" if t == "untouched" else
                 f"after fixes made on them (graphred {f3.get('after_commit')}; tuned on: "
                 f"{', '.join(sorted(tuned)) or 'none'})")
+        missing = [n for n in families if n not in by[t]]
+        absent = (f" Not measured: {', '.join(missing)} (no row; the rate counts the {len(rows)} measured)."
+                  if missing else "")
         lines += [f"**{key}, {head}**: {red}/{len(rows)} reduced ({100 * red / max(1, len(rows)):.0f}%); of the "
-                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.", ""]
+                  f"{len(built)} that build: {sum(r['reduced'] for r in built)}/{len(built)}.{absent}", ""]
     lines += ["| family | class | " + " | ".join(tags) + " | error (" + tags[-1] + ") | s |",
               "|---|---|" + "---|" * len(tags) + "---|---|"]
     for n in families:
@@ -2092,6 +2261,8 @@ def main() -> None:
     ap.add_argument("--fresh3-tag", default="untouched", choices=["untouched", "after"])
     ap.add_argument("--fresh3-tuned", default="", help="fresh3 families tuned on (comma-separated; with --fresh3-from)")
     ap.add_argument("--fresh4-from", default="", help="a folder of per-family --out files of the fresh4 set (untouched)")
+    ap.add_argument("--fresh5-from", default="", help="a folder of per-family --out files of the fresh5 set "
+                    "(untouched; a family without its file is shown as not measured)")
     args = ap.parse_args()
     if args.merge_rows:
         data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
@@ -2100,23 +2271,30 @@ def main() -> None:
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         write_section(render(data), MARK)
         return
-    for folder, key, families, seed, tag in ((args.fresh4_from, "fresh4", FRESH4, FRESH4_SEED, "untouched"),
-                                             (args.fresh3_from, "fresh3", FRESH3, FRESH3_SEED, args.fresh3_tag),
-                                             (args.fresh2_from, "fresh2", FRESH2, FRESH2_SEED, args.fresh2_tag)):
+    for folder, key, families, how, tag in (
+            (args.fresh5_from, "fresh5", FRESH5, {"rule": FRESH5_RULE}, "untouched"),
+            (args.fresh4_from, "fresh4", FRESH4, {"seed": FRESH4_SEED}, "untouched"),
+            (args.fresh3_from, "fresh3", FRESH3, {"seed": FRESH3_SEED}, args.fresh3_tag),
+            (args.fresh2_from, "fresh2", FRESH2, {"seed": FRESH2_SEED}, args.fresh2_tag)):
         if not folder:
             continue
         data = json.loads(RESULTS.read_text())
         fresh = data.setdefault(key, {})
-        fresh.update(families=families, seed=seed)
+        fresh.update(families=families, **how)
         rows, commits = [], set()
         for n in families:  # one --out file per family
             p = Path(folder) / f"{n}.json"
             if p.exists():
                 d = json.loads(p.read_text())
-                rows += d["after"]
+                # (the set is named from the lists here: a branch that measured before set_of knew its set wrote
+                # "held-out")
+                rows += [dict(r, set=set_of(r["family"])) for r in d["after"]]
                 commits.add(d["after_commit"])
         fresh[tag] = rows
         fresh[tag + "_commit"] = ",".join(sorted(commits))
+        missing = [n for n in families if n not in {r["family"] for r in rows}]
+        if missing:
+            print(f"{key}: no --out file in {folder} for {', '.join(missing)} (shown as not measured)")
         if key == "fresh3" and args.fresh3_tuned:
             fresh["tuned"] = sorted(n for n in args.fresh3_tuned.split(",") if n)
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
