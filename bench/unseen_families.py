@@ -63,6 +63,18 @@ had no untouched estimate): the 55 types of the same rule (``fresh_rule_types()`
 graphred is not changed for them before they are measured. Each family is measured once, untouched, in its own
 process, 1 thread, with a 300 s limit.
 
+Bench-only packages (never graphred's, its tests' or CI's): three families (gemma3n, fast_vlm, perception_lm) build
+their vision towers with timm through transformers' TimmWrapper, which needs timm, Pillow and torchvision. They are
+installed apart from the venv's site-packages, in ``<venv>/bench-site`` (or ``$GRAPHRED_BENCH_SITE``), which only this
+script puts on sys.path:
+  pip install --no-deps --target <venv>/bench-site pillow==11.3.0 timm==1.0.31 torchvision==0.28.0
+(--no-deps: timm's torch requirement would replace the local torch 2.13.0+cpu; pyyaml, huggingface_hub, safetensors
+are in the venv already). Not in site-packages because a visible torchvision that cannot import breaks transformers
+(image_utils imports it when present) and so graphred's own zoo tests. The only torchvision for torch 2.13 (0.28.0) is
+a CUDA build whose C++ ops do not load here; ``bench/_torchvision_shim.py`` (imported before transformers) defines the
+two op schemas torchvision's import registers fakes for, so its pure-Python parts and timm import. The timm towers are
+built from config, cut down (``pretrained=False``; no hub).
+
 PuMer at its defaults is the plan for every family (decoders and encoder-decoders alike): one plan, no tuning.
 
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
@@ -78,6 +90,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import re
 import sys
@@ -91,6 +104,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# bench-only packages (timm, torchvision, Pillow: the timm-backed families), kept out of the venv's site-packages
+BENCH_SITE = Path(os.environ.get("GRAPHRED_BENCH_SITE", Path(sys.prefix) / "bench-site"))
+if BENCH_SITE.is_dir():
+    sys.path.append(str(BENCH_SITE))
+import _torchvision_shim  # noqa: E402,F401  (before transformers loads timm; see its docstring)
 import graphred  # noqa: E402
 from graphred import zoo  # noqa: E402
 from graphred.analysis.cost import count_flops_executed  # noqa: E402
@@ -1013,10 +1031,12 @@ def b_fast_vlm():
     from transformers import FastVlmConfig
 
     # its vision tower is timm's FastViT (the family's architecture), through TimmWrapper
-    cfg = FastVlmConfig(vision_config=dict(model_type="timm_wrapper", architecture="fastvit_mci3",
-                                           hidden_size=64, model_args=dict(embed_dims=(16, 16, 32, 32, 64))),
+    # one block per stage (mci3 has 2-24), 16-64 channels; its final conv doubles the last width (hidden size 128);
+    # total stride 64: a 256x256 image gives 4x4 = 16 tokens
+    cfg = FastVlmConfig(vision_config=dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=128,
+                                           model_args=dict(layers=(1, 1, 1, 1, 1), embed_dims=(16, 16, 32, 32, 64))),
                         text_config=dict(_text(), model_type="qwen2"), image_token_index=V - 1)
-    pix = torch.randn(2, 3, 64, 64, generator=_gen(0))
+    pix = torch.randn(2, 3, 256, 256, generator=_gen(0))
     return _placeholder_family("FastVlmForConditionalGeneration", cfg, {"pixel_values": pix}, V - 1)
 
 
@@ -1199,13 +1219,26 @@ def b_diffusion_gemma():
         "decoder_attention_mask": torch.cat([t["attention_mask"], torch.ones_like(canvas)], 1)}
 
 
+def _tiny_mobilenetv5_args():
+    """timm's mobilenetv5_300m_enc cut to 4 one-to-three-block stages (its block kinds: edge residual, universal
+    inverted residual, mobile MQA in the last two), 16-64 channels. Its fusion adapter's 2048 output channels are
+    fixed in timm (so the vision hidden size stays 2048); pooled to 4x4: 16 soft tokens per 64x64 image."""
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    stages = [["er_r1_k3_s2_e4_c16"], ["uir_r1_a3_k5_s2_e6_c32"],
+              ["uir_r1_a5_k5_s2_e6_c32", "mqa_r1_k3_h2_s2_d16_c32", "uir_r1_a0_k0_s1_e2_c32"],
+              ["uir_r1_a5_k5_s2_e6_c64", "mqa_r1_k3_h2_s1_d16_c64", "uir_r1_a0_k0_s1_e2_c64"]]
+    return dict(block_args=decode_arch_def(stages), stem_size=16, msfa_output_resolution=4)
+
+
 def b_gemma3n():
     from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration
 
     # its vision tower is timm's MobileNetV5 (the family's architecture), through TimmWrapper
     text = _text(**_GEMMA_LAYERS, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16, laurel_rank=8,
                  altup_num_inputs=2, num_kv_shared_layers=0, intermediate_size=[128, 128])
-    cfg = Gemma3nConfig(text_config=text, vision_config=dict(hidden_size=64, vocab_offset=V, vocab_size=4),
+    cfg = Gemma3nConfig(text_config=text, vision_config=dict(hidden_size=2048, vocab_offset=V, vocab_size=4,
+                                                             model_args=_tiny_mobilenetv5_args()),
                         audio_config=dict(hidden_size=32, vocab_offset=V + 4, vocab_size=4),
                         vision_soft_tokens_per_image=16, boi_token_id=V - 2, eoi_token_id=V - 3,
                         image_token_id=V - 1, boa_token_id=V - 5, eoa_token_id=V - 6, audio_token_id=V - 7)

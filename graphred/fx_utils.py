@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import re
 import types
@@ -157,9 +158,61 @@ def op_packet(node: fx.Node) -> Any:
 
 
 def is_pointwise(node: fx.Node) -> bool:
-    """True for a call of an op tagged pointwise."""
+    """True for a call of an op tagged pointwise, or of an aten alias of one (``multiply``, ``divide``,
+    ``subtract``, ``greater``, ...: untagged ops whose composite kernel is one pointwise op).
+
+    >>> g = fx.Graph(); x = g.placeholder("x")
+    >>> is_pointwise(g.call_function(torch.ops.aten.multiply.Tensor, (x, x)))
+    True
+    >>> is_pointwise(g.call_function(torch.ops.aten.sum.default, (x,)))
+    False
+    """
     t = node.target
-    return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    return torch.Tag.pointwise in t.tags or _alias_of_pointwise(t)
+
+
+class _OpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _example_arg(arg):
+    """A value for a schema argument (meta tensor, number, its default, None); TypeError for other kinds."""
+    t = arg.type
+    if isinstance(t, torch.TensorType):
+        return torch.empty(2, 3, device="meta")
+    if isinstance(t, torch.NumberType):
+        return 2
+    if arg.has_default_value():
+        return arg.default_value
+    if isinstance(t, torch.OptionalType):
+        return None
+    raise TypeError(str(t))
+
+
+@functools.cache
+def _alias_of_pointwise(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` (untagged) runs exactly one pointwise op: its composite kernel, run once on meta tensors."""
+    s = op._schema
+    if op.namespace != "aten" or s.is_mutable or len(s.returns) != 1 or \
+            any(a.alias_info is not None for a in s.arguments):
+        return False
+    try:
+        args = [_example_arg(a) for a in s.arguments if not a.kwarg_only]
+        kwargs = {a.name: _example_arg(a) for a in s.arguments if a.kwarg_only}
+        called = _OpsCalled()
+        with called:
+            out = op.decompose(*args, **kwargs)
+    except Exception:  # an argument kind this probe does not make, or a kernel that refuses the probe's values
+        return False
+    return out is not NotImplemented and len(called.ops) == 1 and torch.Tag.pointwise in called.ops[0].tags
 
 
 def aten_packets(*names: str) -> set:
