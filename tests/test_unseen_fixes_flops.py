@@ -1,0 +1,39 @@
+"""General fixes for the "flops" stage of bench/unseen_families.py (branch fixflops), each on a tiny synthetic model:
+
+* a triangular solve (``torch.linalg.solve_triangular``, the UT transform of gated linear-attention layers) does
+  matrix-product work that ``FlopCounterMode`` did not count (torch has no formula for it), while the same product
+  written as an inverse times ``B`` (what such a layer computes when torch is exporting) is counted as a matmul:
+  the oracle and the cost registry now count ``n * numel(X)`` for it (``(n-1) * numel(X)`` with a unit diagonal).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from graphred.analysis.cost import count_flops_executed, count_graph
+
+
+class _Solve(nn.Module):
+    """``X = A^-1 B`` with ``A`` unit lower triangular, as a gated delta rule's chunk transform."""
+
+    def forward(self, a, b):
+        eye = torch.eye(a.shape[-1])
+        system = a.tril(-1) + eye
+        return torch.linalg.solve_triangular(system, b, upper=False, unitriangular=True) + \
+            torch.linalg.solve_triangular(system, b, upper=False, left=True)
+
+
+def test_triangular_solve_is_counted_by_the_oracle_and_the_registry():
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 5)
+    m = _Solve()
+    n, rhs = 8, 2 * 3 * 8 * 5  # numel(X)
+    got = count_flops_executed(m, a, b)
+    assert got == rhs * (n - 1) + rhs * n  # unit diagonal: no divisions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = torch.export.export(m, (a, b)).module()
+    totals = count_graph(gm, kind="matmul")
+    assert not totals.uncounted
+    assert int(totals.flops) == got
