@@ -37,3 +37,31 @@ def test_triangular_solve_is_counted_by_the_oracle_and_the_registry():
     totals = count_graph(gm, kind="matmul")
     assert not totals.uncounted
     assert int(totals.flops) == got
+
+
+class _ExportPathCostsMore(nn.Module):
+    """Code that asks ``torch.compiler.is_exporting()`` and, when told yes, computes the same values with three
+    matrix products instead of one (as a gated delta rule builds the inverse of its triangle for export targets
+    that lack a triangular solve)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            return (x @ self.w + x @ self.w) * 0.5 + 0 * (x @ self.w)  # bit for bit x @ w
+        return x @ self.w
+
+
+def test_capture_keeps_the_eager_path_when_the_export_path_costs_more():
+    import graphred
+
+    m, x = _ExportPathCostsMore().eval(), torch.randn(2, 5, 8)
+    prog = graphred.capture(m, x)
+    with torch.no_grad():
+        eager, graph = count_flops_executed(m, x), count_flops_executed(prog.graph_module, x)
+        assert torch.equal(prog.graph_module(x), m(x))
+    assert eager == 2 * 2 * 5 * 8 * 8
+    assert graph == eager  # before: 3x (the export path's graph)
+    assert any("matrix-product FLOPs" in n for n in prog.notes)
