@@ -170,14 +170,20 @@ _MISSING_FORMULAS = {
 
 
 def _attention_scores_flop(q, k, query_weight, attn_bias=None, scale=None, *, out_val=None, **kwargs) -> int:
-    """graphred::attention_scores: q k^T over the query rows the kernel runs (rows with weight in some
-    sample), then the weighted sum over those rows (a bmm)."""
+    """graphred::attention_scores: q k^T over the query rows the kernel runs (the rows with weight in some
+    sample, or each sample's own: :func:`graphred.ops.scored_rows`), then the weighted sum over those rows
+    (a bmm)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    n = lq
-    if _is_real(query_weight):
-        n = int((query_weight != 0).any(0).sum())
-    return _fc.bmm_flop((b * h, n, d), (b * h, d, lk)) + _fc.bmm_flop((b, 1, n), (b, n, lk))
+    if not _is_real(query_weight):
+        return _fc.bmm_flop((b * h, lq, d), (b * h, d, lk)) + _fc.bmm_flop((b, 1, lq), (b, lq, lk))
+    from graphred.ops import scored_rows
+
+    total = 0
+    for b0, b1, rows in scored_rows(query_weight.expand(b, lq)):
+        nb, n = b1 - b0, rows.numel()
+        total += _fc.bmm_flop((nb * h, n, d), (nb * h, d, lk)) + _fc.bmm_flop((nb, 1, n), (nb, n, lk))
+    return total
 
 
 _attention_scores_flop._get_raw = True
