@@ -1032,8 +1032,9 @@ def _g_attention_scores(call: Call, mode: str):
     """q [B,H,Lq,D], k [B,Hk,Lk,D] -> [B,Lk]: 2*B*H*Lq*Lk*D for q k^T (H = query heads) plus 2*B*Lq*Lk
     for the query-weighted sum (a bmm); kind="all" adds (SOFTMAX_FLOPS + 2 [+1 bias]) per score
     (scale, softmax, head mean). Counts every query row: an upper bound, since the kernel skips
-    query rows whose weight is 0 in every sample (FastV scores 1 row; slice q to the scored rows
-    before the op to make the count exact)."""
+    query rows whose weight is 0 in every sample, or runs each sample's own weighted rows where fewer
+    (:func:`graphred.ops.scored_rows`; FastV scores 1 row; the estimate reads the rows from the
+    bookkeeping and counts what the kernel runs)."""
     q, k = call.get("q"), call.get("k")
     b, h, lq, d = (to_expr(x) for x in q)
     lk = to_expr(k[2])
