@@ -1389,7 +1389,11 @@ def b_gemma4_unified():
 
     # encoder-free vision: merged 4x4-pixel patches (48 values) projected straight into the decoder
     vision = dict(patch_size=2, pooling_kernel_size=2, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=32)
-    cfg = Gemma4UnifiedConfig(text_config=_text(**_GEMMA_LAYERS), vision_config=vision, audio_config=None,
+    # global_head_dim=16 as b_gemma4 and b_diffusion_gemma set it (left out at first: the config's default, 512, gave
+    # the full-attention layer 4 heads x 512 = 2048 wide against hidden 64, 32x; the config's own defaults have
+    # 8 x 512 = 4096 against hidden 2304, 1.8x), added by fixflops after the fresh4 measurement
+    cfg = Gemma4UnifiedConfig(text_config=_text(global_head_dim=16, **_GEMMA_LAYERS), vision_config=vision,
+                              audio_config=None,
                               boi_token_id=V - 2, eoi_token_id=V - 3, image_token_id=V - 1, video_token_id=V - 4,
                               boa_token_id=V - 5, eoa_token_index=V - 6, audio_token_id=V - 7)
     # one 16x16 image in sample 0, two in sample 1: 4x4 patches each, one token per patch

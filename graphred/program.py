@@ -830,10 +830,12 @@ def _exporting_flag_for_model_code(answer: bool | None, asked: list[str]):
         tc.is_exporting = saved
 
 
-def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1):
+def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1,
+                         flops: list | None = None):
     """The model's outputs (``model_runs`` runs) and the graph's on the example inputs, by pytree path, with the
     graph's buffers and constants put back after it ran (export lifts in-place updates into them); None where
-    either cannot run here (training mode, meta tensors, an error)."""
+    either cannot run here (training mode, meta tensors, an error). With ``flops`` (a list), the matrix-product
+    FLOPs of the model's first run and of the graph's (graphred's FlopCounterMode) are appended to it."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
     if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
         return None
@@ -842,8 +844,21 @@ def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple
              if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
     try:
         with torch.no_grad(), _preserve_attributes(model):
-            wants = [_tensor_leaves(model(*args, **kwargs)) for _ in range(model_runs)]
-            got = _tensor_leaves(gm(*args, **kwargs))
+            if flops is None:
+                wants = [_tensor_leaves(model(*args, **kwargs)) for _ in range(model_runs)]
+                got = _tensor_leaves(gm(*args, **kwargs))
+            else:
+                from .analysis.cost.oracle import flop_counter_mode
+
+                wants = []
+                for i in range(model_runs):
+                    with flop_counter_mode() if i == 0 else contextlib.nullcontext() as fc:
+                        wants.append(_tensor_leaves(model(*args, **kwargs)))
+                    if i == 0:
+                        flops.append(int(fc.get_total_flops()))
+                with flop_counter_mode() as fc:
+                    got = _tensor_leaves(gm(*args, **kwargs))
+                flops.append(int(fc.get_total_flops()))
     except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
         return None
     finally:
@@ -867,25 +882,40 @@ def _bit_equal_outputs(a: dict, b: dict) -> bool:
 
 
 def _eager_path_capture(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, callers: list[str]):
-    """Where ``gm`` does not reproduce the model bit for bit and the model runs deterministically: capture again
-    with the model's code told that it is not exported (:func:`_exporting_flag_for_model_code`) and return that
-    capture (``(gm, ep, method, notes)``) if it does reproduce the model; None otherwise (the first capture
-    stands)."""
-    first = _run_model_and_graph(model, gm, args, kwargs)
-    if first is None or _bit_equal_outputs(first[0][0], first[1]):
+    """Where ``gm`` does not reproduce the model bit for bit and the model runs deterministically, or reproduces it
+    but with more matrix-product FLOPs than the model runs (the code's export path computing the same values
+    another way, e.g. a triangular solve as a product with the inverse built by substitution): capture again with
+    the model's code told that it is not exported (:func:`_exporting_flag_for_model_code`) and return that capture
+    (``(gm, ep, method, notes)``) if it reproduces the model bit for bit (and, in the second case, costs less);
+    None otherwise (the first capture stands)."""
+    counts: list[int] = []
+    first = _run_model_and_graph(model, gm, args, kwargs, flops=counts)
+    if first is None:
         return None
-    again = _run_model_and_graph(model, gm, args, kwargs)
-    if again is None or not _bit_equal_outputs(first[0][0], again[0][0]):
-        return None  # (a model that draws random numbers in eval mode cannot be compared)
+    costlier = False
+    if _bit_equal_outputs(first[0][0], first[1]):
+        costlier = len(counts) == 2 and counts[1] > counts[0]
+        if not costlier:
+            return None
+    else:
+        again = _run_model_and_graph(model, gm, args, kwargs)
+        if again is None or not _bit_equal_outputs(first[0][0], again[0][0]):
+            return None  # (a model that draws random numbers in eval mode cannot be compared)
     try:
         with _exporting_flag_for_model_code(False, []):
             gm2, ep2, method2, notes2 = _export(model, args, kwargs)
     except Exception:  # noqa: BLE001 - the eager path does not capture: the export path's graph stands
         return None
-    second = _run_model_and_graph(model, gm2, args, kwargs)
+    counts2: list[int] = []
+    second = _run_model_and_graph(model, gm2, args, kwargs, flops=counts2 if costlier else None)
     if second is None or not _bit_equal_outputs(first[0][0], second[1]):
         return None
+    if costlier and not (len(counts2) == 2 and counts2[1] < counts[1]):
+        return None
     notes2.append(_EAGER_PATH_NOTE.format(callers=", ".join(callers)))
+    if costlier:
+        notes2.append(f"(the graph of the code's export path computed the same outputs with {counts[1]} matrix-product "
+                      f"FLOPs, the model {counts[0]}; the graph kept computes {counts2[1]})")
     return gm2, ep2, method2, notes2
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "bipartite_match",
     "merge_tokens",
     "size_bias",
+    "scored_rows",
 ]
 
 # The real attention_scores kernel scores (samples x query rows) in chunks so that the temporary
@@ -93,8 +94,7 @@ def _attention_scores(
 ) -> Tensor:
     _check_attention_args(q, k, query_weight)
     B, H, Lq, D = q.shape
-    Hk, Lk = k.shape[1], k.shape[2]
-    G = H // Hk
+    Lk = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     w = query_weight.to(torch.float32).expand(B, Lq)
@@ -108,17 +108,46 @@ def _attention_scores(
     w = w * torch.where(total == 0, 0.0, 1.0 / (total * H))
 
     acc = torch.zeros(B, 1, Lk, dtype=torch.float32, device=q.device)
-    # Only query rows that carry weight in some sample contribute: FastV scores one row,
-    # PuMer the text rows. This selection is data-dependent, which is fine in the real
-    # kernel (the op is opaque to tracers).
-    rows = torch.nonzero((w != 0).any(0)).flatten()
+    # Only query rows that carry weight contribute: FastV scores one row, PuMer the text rows. This selection is
+    # data-dependent, which is fine in the real kernel (the op is opaque to tracers). The rows with weight in some
+    # sample are scored for every sample, unless the samples' own rows add up to fewer (text at different positions:
+    # uneven image counts, padding); then each sample scores its own rows (``scored_rows`` says which).
     kf = k.to(torch.float32)
+    for b0, b1, rows in scored_rows(w):
+        _score_rows(q, k, kf, w, bias, acc, b0, b1, rows, scale)
+    return acc.squeeze(1)
+
+
+def scored_rows(query_weight: Tensor) -> list[tuple[int, int, Tensor]]:
+    """The (first sample, end sample, query rows) blocks ``graphred::attention_scores`` scores for weights
+    ``[B, Lq]``: the rows with weight in some sample, for all samples at once; or, where the samples' own weighted
+    rows add up to fewer than that union times ``B``, each sample's own rows.
+
+    >>> w = torch.tensor([[1., 1., 0., 0.], [0., 0., 1., 1.]])
+    >>> [(b0, b1, r.tolist()) for b0, b1, r in scored_rows(w)]
+    [(0, 1, [0, 1]), (1, 2, [2, 3])]
+    """
+    nz = query_weight != 0
+    B = nz.shape[0]
+    union = torch.nonzero(nz.any(0)).flatten()
+    own = [int(n) for n in nz.sum(1)]
+    if B > 1 and sum(own) < B * union.numel():
+        return [(b, b + 1, torch.nonzero(nz[b]).flatten()) for b in range(B)]
+    return [(0, B, union)]
+
+
+def _score_rows(q: Tensor, k: Tensor, kf: Tensor, w: Tensor, bias: Optional[Tensor], acc: Tensor, s0: int, s1: int,
+                rows: Tensor, scale: float) -> None:
+    """Add the weighted, head-averaged probabilities of query ``rows`` of samples ``s0:s1`` into ``acc``."""
+    H, Lk, D = q.shape[1], k.shape[2], q.shape[3]
+    Hk = k.shape[1]
+    G = H // Hk
     # chunks of samples x query rows whose [b, H, n, Lk] logits stay about cache-sized
     per_row = H * Lk
     n_rows = max(1, min(rows.numel(), _CHUNK_ELEMENTS // per_row))
     n_samples = max(1, _CHUNK_ELEMENTS // (per_row * n_rows))
-    for b0 in range(0, B, n_samples):
-        b1 = min(B, b0 + n_samples)
+    for b0 in range(s0, s1, n_samples):
+        b1 = min(s1, b0 + n_samples)
         kc = kf[b0:b1]
         k3 = _as_matrix_batch(kc)  # [b*Hk, Lk, D] without a copy, or None for a layout BLAS cannot batch
         if k3 is None and Lk * D < _SMALL_MATRIX:
@@ -159,7 +188,6 @@ def _attention_scores(
             probs = torch.softmax(logits, dim=-1)
             # sum_t w_t mean_h P[h, t, :] as one [1, H*n] x [H*n, Lk] product per sample
             acc[b0:b1].baddbmm_(wh.reshape(nb, 1, H * n), probs.view(nb, H * n, Lk))
-    return acc.squeeze(1)
 
 
 @_attention_scores.register_fake

@@ -69,45 +69,56 @@ class Coster:
         self.cache: dict = {}
         self.gm = gm
         self.flat_inputs = flat_inputs
-        self._rows: dict[fx.Node, int | None] = {}
+        self._rows: dict[fx.Node, Any] = {}  # per node: scored rows, or a candidate split
 
-    def _scored_rows(self, node: fx.Node) -> int | None:
-        """Query rows ``graphred::attention_scores`` really runs: the rows with weight in some sample
-        (read from the bookkeeping that computes the weights, at the example inputs), as its kernel does."""
+    def _scored_rows(self, node: fx.Node) -> tuple[int, bool] | None:
+        """Query rows ``graphred::attention_scores`` really runs, as its kernel chooses them
+        (:func:`graphred.ops.scored_rows`, on the weights the bookkeeping computes at the example inputs):
+        ``(rows, False)``, the rows with weight in some sample, run for every sample; or ``(total, True)``,
+        each sample's own rows, ``total`` over the batch."""
         if node in self._rows:
             return self._rows[node]
         rows = None
         w = node.args[2] if len(node.args) > 2 else node.kwargs.get("query_weight")
-        if isinstance(w, fx.Node) and self.gm is not None and self.flat_inputs is not None:
+        q = node.args[0]
+        if isinstance(w, fx.Node) and isinstance(q, fx.Node) and self.gm is not None and self.flat_inputs is not None:
             got = partial_evaluate(self.gm, self.flat_inputs, [w]).get(w)
-            if isinstance(got, torch.Tensor) and got.dim() >= 1:
-                rows = int((got != 0).reshape(got.shape[0], -1).any(0).sum()) if got.dim() >= 2 else int((got != 0).sum())
+            qv = q.meta.get("val")
+            if isinstance(got, torch.Tensor) and got.dim() == 1:
+                got = got.unsqueeze(0)
+            if isinstance(got, torch.Tensor) and got.dim() == 2 and isinstance(qv, torch.Tensor) and qv.dim() == 4:
+                blocks = ops.scored_rows(got.expand(int(qv.shape[0]), got.shape[1]))
+                if len(blocks) == 1:
+                    rows = (int(blocks[0][2].numel()), False)
+                else:
+                    rows = (sum(int(r.numel()) for _, _, r in blocks), True)
         self._rows[node] = rows
         return rows
 
     def _attention_scores(self, node: fx.Node, shape_of: Callable, symbolic: bool):
-        rows = self._scored_rows(node)
+        got = self._scored_rows(node)
         q = node.args[0]
         qs = shape_of(q) if isinstance(q, fx.Node) else None
-        if rows is None or not isinstance(qs, tuple) or len(qs) != 4:
+        if got is None or not isinstance(qs, tuple) or len(qs) != 4:
             return None
+        rows, per_sample = got
         lq = sympy.sympify(qs[2])
         try:
-            if int(lq.subs(self.shapes.values)) == rows:
+            if not per_sample and int(lq.subs(self.shapes.values)) == rows:
                 return None  # every row is scored
         except Exception:  # noqa: BLE001
             return None
         r_expr: sympy.Expr = sympy.Integer(rows)
-        if symbolic:  # the scored rows are one modality's span of the query stream (the text): keep its symbol
+        if symbolic and not per_sample:  # the scored rows are one modality's span of the query stream (the text)
             for term in sympy.Add.make_args(sympy.expand(lq)):
                 if term.free_symbols and int(term.subs(self.shapes.values)) == rows:
                     r_expr = term
                     break
 
-        def with_rows(n: fx.Node):
+        def with_rows(n: fx.Node):  # each sample's own rows: as one sample holding all of them
             s = shape_of(n)
             if n is q and isinstance(s, tuple):
-                return (s[0], s[1], r_expr, s[3])
+                return (1 if per_sample else s[0], s[1], r_expr, s[3])
             return s
 
         a = node_cost(node, with_rows, kind="all")

@@ -11,6 +11,11 @@ torch's own counter, with the gaps that would make it miss attention filled:
   passed as a ``custom_mapping`` instead.
 * ``aten._native_multi_head_attention`` (``nn.MultiheadAttention``'s eval fast path) runs its
   matmuls inside one kernel the mode cannot see into: counted as its projections plus SDPA.
+* ``aten.linalg_solve_triangular`` / ``aten.triangular_solve`` (a triangular system solved by substitution,
+  e.g. the UT transform of gated linear-attention layers) have no formula in torch (checked on 2.13), while
+  the same product written as a matrix inverse times ``B`` is counted as a matmul: counted as
+  ``n * numel(X)`` for an ``n x n`` triangle (``n*(n-1)`` per right-hand side with a unit diagonal; LAPACK's
+  trsm count, 2 FLOPs per multiply-add).
 * graphred custom ops (``torch.ops.graphred.*``) run as opaque kernels: ``attention_scores`` and
   ``bipartite_match`` are counted from their real arguments -- the query rows that carry weight and
   the candidate split that the kernels actually execute -- with torch's ``bmm_flop``. The other
@@ -137,15 +142,48 @@ def _native_mha_flop(query_shape, key_shape, value_shape, embed_dim, num_head, *
     return proj + _sdpa_count((b, h, lq, e // h), (b, h, s, e // h), (b, h, s, e // h))
 
 
+def _trsm_flop(a_shape, x_shape, unitriangular: bool) -> int:
+    """Substitution over an ``n x n`` triangle for every right-hand side in ``X`` (``numel(X) / n`` of them):
+    ``n*(n-1)/2`` multiply-adds each (2 FLOPs apiece) plus ``n`` divisions unless the diagonal is unit."""
+    n = int(a_shape[-1])
+    return math.prod(int(d) for d in x_shape) * (n - 1 if unitriangular else n)
+
+
+def _linalg_solve_triangular_flop(a_shape, b_shape, *args, upper=None, left=True, unitriangular=False,
+                                  out_shape=None, **kwargs) -> int:
+    """aten.linalg_solve_triangular(A, B, upper=, left=, unitriangular=): X = A^-1 B (or B A^-1)."""
+    return _trsm_flop(a_shape, out_shape if out_shape is not None else b_shape, bool(unitriangular))
+
+
+def _triangular_solve_flop(b_shape, a_shape, upper=True, transpose=False, unitriangular=False, *args,
+                           out_shape=None, **kwargs) -> int:
+    """aten.triangular_solve(B, A, upper, transpose, unitriangular) -> (X, A copy): X = A^-1 B."""
+    x_shape = out_shape[0] if out_shape else b_shape
+    return _trsm_flop(a_shape, x_shape, bool(unitriangular))
+
+
+#: kernels with no formula in ``torch.utils.flop_counter`` that do matrix-product work: counted by ours
+_MISSING_FORMULAS = {
+    "linalg_solve_triangular": _linalg_solve_triangular_flop,
+    "triangular_solve": _triangular_solve_flop,
+}
+
+
 def _attention_scores_flop(q, k, query_weight, attn_bias=None, scale=None, *, out_val=None, **kwargs) -> int:
-    """graphred::attention_scores: q k^T over the query rows the kernel runs (rows with weight in some
-    sample), then the weighted sum over those rows (a bmm)."""
+    """graphred::attention_scores: q k^T over the query rows the kernel runs (the rows with weight in some
+    sample, or each sample's own: :func:`graphred.ops.scored_rows`), then the weighted sum over those rows
+    (a bmm)."""
     b, h, lq, d = q.shape
     lk = k.shape[2]
-    n = lq
-    if _is_real(query_weight):
-        n = int((query_weight != 0).any(0).sum())
-    return _fc.bmm_flop((b * h, n, d), (b * h, d, lk)) + _fc.bmm_flop((b, 1, n), (b, n, lk))
+    if not _is_real(query_weight):
+        return _fc.bmm_flop((b * h, lq, d), (b * h, d, lk)) + _fc.bmm_flop((b, 1, lq), (b, lq, lk))
+    from graphred.ops import scored_rows
+
+    total = 0
+    for b0, b1, rows in scored_rows(query_weight.expand(b, lq)):
+        nb, n = b1 - b0, rows.numel()
+        total += _fc.bmm_flop((nb * h, n, d), (nb * h, d, lk)) + _fc.bmm_flop((nb, 1, n), (nb, n, lk))
+    return total
 
 
 _attention_scores_flop._get_raw = True
@@ -185,7 +223,7 @@ def _graphred_mapping() -> dict[Any, Callable]:
 
 
 def flop_counter_mode(display: bool = False, depth: int = 2) -> _fc.FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts CPU attention, MHA's fast path and graphred ops.
+    """A ``FlopCounterMode`` that also counts CPU attention, MHA's fast path, triangular solves and graphred ops.
 
     >>> import torch
     >>> with flop_counter_mode() as fc:
@@ -197,6 +235,10 @@ def flop_counter_mode(display: bool = False, depth: int = 2) -> _fc.FlopCounterM
     mapping: dict[Any, Callable] = dict(_OVERRIDES)
     if aten._native_multi_head_attention not in _fc.flop_registry:
         mapping[aten._native_multi_head_attention] = _native_mha_flop
+    for name, fn in _MISSING_FORMULAS.items():
+        packet = getattr(aten, name, None)
+        if packet is not None and packet not in _fc.flop_registry:
+            mapping[packet] = fn
     mapping.update(_graphred_mapping())
     return _fc.FlopCounterMode(display=display, depth=depth, custom_mapping=mapping)
 

@@ -19,7 +19,8 @@ FLOP conventions
   (query, key) pairs of a causal kernel instead (see :func:`causal_pairs`).
 * ``kind="matmul"`` counts exactly the ops ``FlopCounterMode`` counts (mm, addmm, bmm, baddbmm,
   _scaled_mm, convolution, SDPA kernels -- plus the CPU SDPA kernel, which
-  :mod:`graphred.analysis.cost.oracle` registers -- and composites that decompose into them:
+  :mod:`graphred.analysis.cost.oracle` registers, as it does triangular solves (``n * numel(X)``) --
+  and composites that decompose into them:
   linear, matmul with a 2-D-or-more right operand, einsum, conv1d/2d/3d). Bias additions and
   everything else are 0 there. ``kind="all"`` adds the rest:
 
@@ -517,6 +518,30 @@ def _outer(call: Call, mode: str):
     return _ZERO, numel(call.arg(0)) * numel(call.arg(1))
 
 
+def _trsm(a, x, unitriangular) -> sympy.Expr:
+    """Substitution over an ``n x n`` triangle for each of the ``numel(X) / n`` right-hand sides:
+    ``n*(n-1)/2`` multiply-adds (2 FLOPs each) plus ``n`` divisions unless the diagonal is unit."""
+    n = to_expr(a[-1])
+    return numel(x) * (n - 1 if unitriangular else n)
+
+
+@register_cost("linalg_solve_triangular", params=("self", "B", "upper", "left", "unitriangular"), matmul=True)
+def _solve_triangular(call: Call, mode: str):
+    """``X = A^-1 B`` (or ``B A^-1``) for a triangular ``A [..., n, n]``: ``n * numel(X)``, ``(n-1) * numel(X)``
+    with a unit diagonal (LAPACK's trsm count). torch has no formula for it; the oracle counts the same."""
+    x = call.out if call.out is not None else _broadcast([call.get("self")[:-2], call.get("B")[:-2]]) + tuple(
+        call.get("B")[-2:])
+    return _trsm(call.get("self"), x, bool(call.get("unitriangular", False))), _ZERO
+
+
+@register_cost("triangular_solve", params=("self", "A", "upper", "transpose", "unitriangular"), matmul=True)
+def _triangular_solve(call: Call, mode: str):
+    """Legacy ``triangular_solve(B, A)``: as :func:`_solve_triangular` (the copy of ``A`` it returns is free)."""
+    x = call.out if call.out is not None else _broadcast([call.get("A")[:-2], call.get("self")[:-2]]) + tuple(
+        call.get("self")[-2:])
+    return _trsm(call.get("A"), x, bool(call.get("unitriangular", False))), _ZERO
+
+
 @register_cost("linear", params=("input", "weight", "bias"), matmul=True)
 def _linear(call: Call, mode: str):
     """``x[..., in] @ W[out, in]^T``: 2 * numel(x[..., :-1]) * out * in, plus numel(out) for a bias."""
@@ -1007,8 +1032,9 @@ def _g_attention_scores(call: Call, mode: str):
     """q [B,H,Lq,D], k [B,Hk,Lk,D] -> [B,Lk]: 2*B*H*Lq*Lk*D for q k^T (H = query heads) plus 2*B*Lq*Lk
     for the query-weighted sum (a bmm); kind="all" adds (SOFTMAX_FLOPS + 2 [+1 bias]) per score
     (scale, softmax, head mean). Counts every query row: an upper bound, since the kernel skips
-    query rows whose weight is 0 in every sample (FastV scores 1 row; slice q to the scored rows
-    before the op to make the count exact)."""
+    query rows whose weight is 0 in every sample, or runs each sample's own weighted rows where fewer
+    (:func:`graphred.ops.scored_rows`; FastV scores 1 row; the estimate reads the rows from the
+    bookkeeping and counts what the kernel runs)."""
     q, k = call.get("q"), call.get("k")
     b, h, lq, d = (to_expr(x) for x in q)
     lk = to_expr(k[2])
