@@ -510,6 +510,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             index = self._sequence_index(args[1])
             if index is not None:
                 return func(args[0], index, *args[2:], **kwargs)
+        if func in (torch.tensor, torch.as_tensor) and args:
+            built = self._tensor_of_traced(args[0], kwargs)
+            if built is not None:
+                return built
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -621,6 +625,43 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             else:
                 out.append(it)
         return tuple(out) if changed else None
+
+    @staticmethod
+    def _tensor_of_traced(data, kwargs: dict):
+        """``torch.tensor(data)`` where ``data`` is a (nested) Python sequence holding traced 0-d tensors (a list of
+        per-sample values computed in a Python loop, e.g. ``torch.tensor([pos.max() + 1 - n for ...])``): the
+        ``torch.stack`` of its elements, a traced tensor of the same values, shape and dtype. torch builds such a
+        tensor in C++ from the elements' data, which a traced tensor does not have ("data is not allocated yet").
+        None when ``data`` holds no traced tensor or is not a plain nesting of 0-d tensors and numbers."""
+        leaves: list = []
+
+        def walk(d, depth):
+            if isinstance(d, (list, tuple)):
+                if not d or depth > 8:
+                    return None
+                shapes = [walk(e, depth + 1) for e in d]
+                if any(s is None for s in shapes) or len(set(shapes)) != 1:
+                    return None
+                return (len(d),) + shapes[0]
+            if isinstance(d, torch.Tensor) and d.dim() == 0 or isinstance(d, (bool, int, float)):
+                leaves.append(d)
+                return ()
+            return None
+
+        shape = walk(data, 0)
+        if shape is None or not any(isinstance(e, torch.Tensor) and _is_traced(e) for e in leaves):
+            return None
+        dtype = kwargs.get("dtype")
+        if dtype is None:  # torch.tensor's inference: the promoted type of the elements (numbers as Python values)
+            dtype = leaves[0].dtype if isinstance(leaves[0], torch.Tensor) else torch.tensor(leaves[0]).dtype
+            for e in leaves[1:]:
+                dtype = torch.promote_types(dtype, e.dtype if isinstance(e, torch.Tensor) else torch.tensor(e).dtype)
+        like = next(e for e in leaves if isinstance(e, torch.Tensor) and _is_traced(e))
+        device = kwargs.get("device") or like.device
+        parts = [e.to(device=device, dtype=dtype) if isinstance(e, torch.Tensor)
+                 else torch.full((), e, dtype=dtype, device=device) for e in leaves]
+        out = torch.stack(parts).reshape(shape)
+        return out.requires_grad_() if kwargs.get("requires_grad") else out
 
     @classmethod
     def _sequence_index(cls, index):
