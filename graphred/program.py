@@ -392,7 +392,7 @@ def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.e
     data-dependent symbols (ViLT: 1.6 s instead of 7 s)."""
     with torch._functorch.config.patch(
         fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True
-    ), _real_parameter_values():
+    ), _real_parameter_values(), _RealWritesOnce():
         return torch.export.export(model, args, kwargs, strict=False)
 
 
@@ -422,6 +422,57 @@ def _real_parameter_values():
         yield
     finally:
         meta_utils._safe_copy, meta_utils._safe_clone = saved_copy, saved_clone
+
+
+def _run_writing_real_once(func, args: tuple, kwargs: dict, run):
+    """``run()`` (the traced call of ``func``), and where ``func`` is a method writing in place into a traced tensor
+    (``out.index_add_(...)``), the real tensor behind it (real-tensor propagation) left holding what ``func``
+    computes on its value before the call, once. torch (2.13) runs an in-place op's real kernel on the real
+    tensors and then, for an op it decomposes (``index_add_`` into ``index_put_(accumulate=True)``), the
+    decomposition's in-place op again on the same real tensors: the write is applied twice (a mixture of experts
+    summing its experts with ``index_add_``: every later real value, the next layer's routing, was wrong, and the
+    counts the capture pinned failed the graph's own run)."""
+    if not (args and isinstance(args[0], torch.Tensor) and _is_traced(args[0])
+            and not isinstance(func, torch._ops.OpOverload)):
+        return run()
+    name = getattr(func, "__name__", "")
+    if not (name.endswith("_") and not name.startswith("_")):
+        return run()
+    before = _ConcreteScalars._real(args[0])
+    if before is None:
+        return run()
+
+    def real(a):
+        if not isinstance(a, torch.Tensor) or not _is_traced(a):
+            return a
+        r = _ConcreteScalars._real(a)
+        if r is None:
+            raise LookupError
+        return r
+    try:
+        a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
+        with torch.utils._python_dispatch._disable_current_modes():
+            want = before.clone()
+            func(want, *a2, **k2)
+    except Exception:  # noqa: BLE001 - no real value to compute it from: torch's stays
+        want = None
+    out = run()
+    after = _ConcreteScalars._real(args[0])
+    if want is not None and after is not None and after.shape == want.shape and after.dtype == want.dtype:
+        with torch.utils._python_dispatch._disable_current_modes():
+            if not torch.equal(after, want) and not (want.is_floating_point() and torch.equal(
+                    after.isnan(), want.isnan()) and torch.equal(after.nan_to_num(0), want.nan_to_num(0))):
+                after.copy_(want)
+    return out
+
+
+class _RealWritesOnce(torch.overrides.TorchFunctionMode):
+    """During a capture with real-tensor propagation: each in-place write into a traced tensor leaves its real
+    value as the op computes it once (:func:`_run_writing_real_once`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        return _run_writing_real_once(func, args, kwargs, lambda: func(*args, **kwargs))
 
 
 class _ConcreteScalars(torch.overrides.TorchFunctionMode):
@@ -535,7 +586,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                 self.reads += 1
                 return rows
         written = self._write_value(func, name, args, kwargs)
-        out = func(*args, **kwargs)
+        out = _run_writing_real_once(func, args, kwargs, lambda: func(*args, **kwargs))
         if written is not None:
             self._written[id(args[0])] = (args[0], written)
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
