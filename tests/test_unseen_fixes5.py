@@ -4,14 +4,28 @@
   deltas: ``torch.tensor([positions.max() + 1 - len(ids) for each sample])``), in a model whose Python also reads
   tensor values (so capture runs with values read): the list becomes the ``stack`` of its traced elements (before:
   torch built the tensor in C++ from the elements' data, "data is not allocated yet", and every fallback failed; the
-  last one's error, a PendingUnbackedSymbolNotFound, was reported).
+  last one's error, a PendingUnbackedSymbolNotFound, was reported);
+* a mixture of experts looping over the experts a batch hits (Step3p7, Mixtral-style): each expert's rows are
+  ``torch.where`` of its one-hot column (a data-dependent count), run, and ``index_add_``-ed back. Capture: an
+  in-place write under real-tensor propagation is applied once to the real values (torch applied ``index_add_``
+  twice: the next layer's routing was read from wrong values, and the captured graph failed its own run). Rewrite:
+  the nonzero of reduced tokens gives a fresh data-dependent count whose values are positions computed from the
+  reduced rows (checked where they index, as sort/topk positions are), the runtime asserts that pinned the counts
+  to the example inputs' are dropped, and the estimate reads the new counts from the reduced graph (before: "the
+  reduced token axis reached dims [0] that the analysis did not trace" at the nonzero). Rows an input selects
+  still fail.
 """
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import graphred
+from graphred.errors import PlanError
+from graphred.passes.infra import check_meta_vals
+from graphred.plans import pumer
 
 
 class _DeltasFromALoop(nn.Module):
@@ -45,3 +59,118 @@ def test_tensor_of_traced_per_sample_values_captures():
         got, want = prog(input_ids=ids, attention_mask=am), model(input_ids=ids, attention_mask=am)
     assert got[1].dtype == want[1].dtype == torch.float32 and got[1].shape == (2, 1)
     torch.testing.assert_close(got, want)
+
+
+V, D, IMG_ID, N_IMG = 40, 16, 39, 4
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
+
+
+class _LoopExperts(nn.Module):
+    """Top-k routing as Hugging Face's per-expert loop writes it (Step3p7, Mixtral-style): a one-hot of the chosen
+    experts, a Python loop over the experts the batch hits (``nonzero``), each expert's rows by ``torch.where`` of
+    its column (a data-dependent count), ``x[tok]`` run and ``index_add_`` back; or ``dense``: the same function
+    computed per token without routing (the reference)."""
+
+    def __init__(self, dense: bool = False, n_experts: int = 3, k: int = 2):
+        super().__init__()
+        self.dense, self.k = dense, k
+        self.router = nn.Linear(D, n_experts, bias=False)
+        self.w = nn.Parameter(torch.randn(n_experts, D, D) / 4)
+
+    def forward(self, x):
+        h = x.view(-1, x.shape[-1])
+        w, idx = torch.topk(self.router(h), self.k, dim=-1)
+        w = w.softmax(-1)
+        if self.dense:
+            return x + (torch.einsum("td,tkde->tke", h, self.w[idx]) * w.unsqueeze(-1)).sum(1).view(x.shape)
+        out = torch.zeros_like(h)
+        with torch.no_grad():
+            mask = F.one_hot(idx, num_classes=self.w.shape[0]).permute(2, 1, 0)  # [E, k, T]
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = e[0]
+            slot, tok = torch.where(mask[e])
+            out.index_add_(0, tok, (h[tok] @ self.w[e]) * w[tok, slot, None])
+        return x + out.view(x.shape)
+
+
+class _LoopMoEDecoder(nn.Module):
+    def __init__(self, dense: bool = False):
+        super().__init__()
+        self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
+        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _LoopExperts(dense)) for _ in range(2)])
+
+    def forward(self, input_ids, pixel_values):
+        x = self.embed(input_ids)
+        x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _moe_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V - 2, (2, 10), generator=g)
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    return {"input_ids": ids, "pixel_values": torch.randn(2, N_IMG, 12, generator=g)}
+
+
+def test_tokens_routed_by_a_loop_over_experts_are_reduced_like_the_dense_model():
+    # each expert's rows are a nonzero of its one-hot column (a data-dependent count): their positions are computed
+    # from the reduced rows at run time, so the reduced tokens take the same route (before: "the reduced token axis
+    # reached dims [0] that the analysis did not trace" at the nonzero)
+    torch.manual_seed(0)
+    routed, dense = _LoopMoEDecoder().eval(), _LoopMoEDecoder(dense=True).eval()
+    dense.load_state_dict(routed.state_dict())
+    kwargs = _moe_inputs()
+    outs = []
+    for model in (routed, dense):
+        prog = graphred.capture(model, **kwargs)
+        with torch.no_grad():
+            torch.testing.assert_close(prog(**kwargs), model(**kwargs))
+        plan = pumer(prune=0.5, merge=0.25)
+        reduced = graphred.transform(prog, plan)
+        check_meta_vals(reduced.graph_module)
+        with torch.no_grad():
+            outs.append(reduced(**kwargs))
+        assert [s["image_after"] for s in reduced.steps if s["op"] == "prune"] == [2], reduced.steps
+        # the estimate reads the per-expert counts of the reduced graph at the example inputs (before: "unresolved
+        # symbolic size", the rewrite's fresh counts had no value)
+        est = graphred.estimate(prog, plan)
+        assert est.after.flops < est.flops
+    assert outs[0].shape[1] < kwargs["input_ids"].shape[1]
+    torch.testing.assert_close(outs[0], outs[1])  # routing the kept tokens = computing them one by one
+
+
+class _InputRowsDecoder(_LoopMoEDecoder):
+    """The same, but one expert's rows are positions an input selects (``nonzero`` of a given mask): they still
+    number the tokens before the reduction."""
+
+    def forward(self, input_ids, pixel_values, rows):
+        x = self.embed(input_ids)
+        x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
+        x = self.layers[0](x)
+        h = x.view(-1, D)
+        tok = torch.nonzero(rows)[:, 0]
+        x = x + h.new_zeros(h.shape).index_add_(0, tok, h[tok] @ self.layers[1][1].w[0]).view(x.shape)
+        return self.head(x)
+
+
+def test_expert_rows_selected_by_an_input_still_fail():
+    torch.manual_seed(0)
+    rows = torch.zeros(20, dtype=torch.bool)
+    rows[::3] = True
+    kwargs = dict(_moe_inputs(), rows=rows)
+    prog = graphred.capture(_InputRowsDecoder().eval(), **kwargs)
+    with pytest.raises(PlanError, match="positions not computed from the reduced tokens"):
+        graphred.transform(prog, pumer(prune=0.5, merge=0.0))
