@@ -13,7 +13,13 @@
   reduced rows (checked where they index, as sort/topk positions are), the runtime asserts that pinned the counts
   to the example inputs' are dropped, and the estimate reads the new counts from the reduced graph (before: "the
   reduced token axis reached dims [0] that the analysis did not trace" at the nonzero). Rows an input selects
-  still fail.
+  still fail;
+* a PaliGemma-like prefix built as PI0 builds it: ids whose image placeholders are replaced by the pad id
+  (``ids.masked_fill(ids == image_id, 0)``) are still the input's ids, so their lookup is a text stream and the
+  ``where`` that merges the gathered image features makes a mixed stream (before: no text stream, no cross-modal
+  block); and a per-sample float input (PI0's robot state, rank 2, taken for rows of patches) whose rows meet the
+  batch axis leaves the batch the batch (before: the two streams were merged, every input's batch dim read as image
+  tokens and the vision tower's patches were never found).
 """
 from __future__ import annotations
 
@@ -174,3 +180,75 @@ def test_expert_rows_selected_by_an_input_still_fail():
     prog = graphred.capture(_InputRowsDecoder().eval(), **kwargs)
     with pytest.raises(PlanError, match="positions not computed from the reduced tokens"):
         graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+
+
+class _GatheredPrefix(nn.Module):
+    """A PaliGemma-like prefix as PI0 builds it: the image features gathered to every position by the rank of the
+    image tokens, the text looked up from ids whose placeholders were replaced by the pad id (``masked_fill``), the
+    two merged by ``where``; optionally a per-sample robot state (a rank-2 float input) projected and appended as
+    one more token."""
+
+    def __init__(self, state: bool = False):
+        super().__init__()
+        self.state = state
+        self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
+        self.state_proj = nn.Linear(6, D)
+        self.layers = nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, input_ids, pixel_values, state=None):
+        mask = input_ids == IMG_ID
+        img = self.vis(pixel_values)  # [B, N_IMG, D]
+        rank = (mask.cumsum(-1) - 1).clamp(0, img.shape[1] - 1)
+        img = img.gather(1, rank[..., None].expand(-1, -1, D))  # an image feature at every position
+        x = torch.where(mask[..., None], img, self.embed(input_ids.masked_fill(mask, 0)))
+        if self.state:
+            x = torch.cat([x, self.state_proj(state)[:, None, :]], 1)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def _prefix_inputs(state: bool = False):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, V - 2, (2, 10), generator=g)
+    ids[:, 2:2 + N_IMG] = IMG_ID
+    out = {"input_ids": ids, "pixel_values": torch.randn(2, N_IMG, 12, generator=g)}
+    if state:
+        out["state"] = torch.randn(2, 6, generator=g)
+    return out
+
+
+def test_ids_with_placeholders_filled_are_text_and_the_prefix_is_cross_modal():
+    # ids.masked_fill(ids == image_id, 0) are still the input's ids: text tokens, with the image features merged by
+    # where (before, masked_fill dropped "ids", the lookup gave no text stream and PI0 had no cross-modal block)
+    torch.manual_seed(0)
+    model, kwargs = _GatheredPrefix().eval(), _prefix_inputs()
+    prog = graphred.capture(model, **kwargs)
+    report = graphred.analyze(prog)
+    assert report.cross_modal and all({"image", "text"} <= b.key_modalities for b in report.cross_modal), report.summary
+    reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+    prunes = [s for s in reduced.steps if s["op"] == "prune"]
+    assert prunes and all(s["image_after"] < s["image_before"] for s in prunes), reduced.steps
+    with torch.no_grad():
+        assert torch.isfinite(reduced(**kwargs)).all()
+
+
+def test_a_per_sample_float_input_meeting_the_batch_stays_the_batch():
+    # a rank-2 float input (a robot state, one row per sample) is taken for rows of patches; appended per sample,
+    # its rows meet the batch axis. The batch stays the batch (before, the two streams were merged: every input's
+    # batch dim read as image tokens, and the vision tower's own patches were never found)
+    from graphred.analysis.provenance import BATCH, TokenProvenance
+
+    torch.manual_seed(0)
+    model, kwargs = _GatheredPrefix(state=True).eval(), _prefix_inputs(state=True)
+    prog = graphred.capture(model, **kwargs)
+    prov = TokenProvenance(prog.graph_module, prog.example_inputs())
+    ids = next(n for n in prog.graph_module.graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+    assert prov.axes(ids, BATCH) and prov.axes(ids, BATCH)[0][0] == 0
+    nodes = list(prog.graph_module.graph.nodes)
+    cat = next(n for n in nodes if n.target is torch.ops.aten.cat.default)
+    for n in [cat] + [n for n in nodes[nodes.index(cat):] if n.target is torch.ops.aten.linear.default]:
+        # the samples (dim 0) hold no token axis where the sequence and the state met, nor anywhere after
+        assert prov.axes(n) and all(d != 0 for d, _ in prov.axes(n)), (n.name, prov.axes(n))
+    report = graphred.analyze(prog)
+    assert report.cross_modal and all({"image", "text"} <= b.key_modalities for b in report.cross_modal), report.summary
