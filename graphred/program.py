@@ -845,6 +845,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
     cls = type(model).__name__
     notes: list[str] = []
     method = "export"
+    read_error = None  # (the error of the capture with values read, where draft_export was tried after it)
     with warnings.catch_warnings(), _quiet_torch_logs(), _preserve_attributes(model):
         warnings.simplefilter("ignore")
         try:
@@ -861,7 +862,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
                             ep = _export_concrete_reads(model, args, kwargs)
                             how = ("real-tensor propagation with tensor values read into Python (loops, keys, "
                                    "branches) taken at the example inputs")
-                        except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
+                        except Exception as reads:  # noqa: BLE001 - the full draft_export, with its own retries
+                            read_error = reads
                             with _real_parameter_values():
                                 ep = torch.export.draft_export(model, args, kwargs, strict=False)
                     method = "draft_export"
@@ -872,7 +874,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
                         "to the example inputs."
                     )
                 except Exception as second:  # noqa: BLE001
-                    raise _capture_error(model, args, kwargs, second) from second
+                    raise _capture_error(model, args, kwargs, second, read_error) from second
             else:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
@@ -1093,7 +1095,11 @@ def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> CaptureError:
+def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException,
+                   read_error: BaseException | None = None) -> CaptureError:
+    """The CaptureError for ``exc`` (the last attempt's error); ``read_error``: the error of the capture with tensor
+    values read, the fallback that gets furthest on data-dependent Python, named too (the last attempt,
+    torch's draft_export, often stops at an earlier, unrelated place)."""
     cls = type(model).__name__
     eager = _forward_fails(model, args, kwargs)
     if eager is not None:
@@ -1102,9 +1108,14 @@ def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExcepti
             f"at {_user_frame(eager)}. Check the example inputs: graphred captures what the model runs."
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    also = ""
+    if read_error is not None:
+        line = str(read_error).strip().splitlines()[0] if str(read_error).strip() else ""
+        also = (f"  With tensor values read at the example inputs (graphred's fallback): "
+                f"{type(read_error).__name__}: {line}\n  at {_user_frame(read_error)}\n")
     return CaptureError(
         f"torch.export could not capture {cls}: {type(exc).__name__}: {first_line}\n"
-        f"  at {_user_frame(exc)}\n"
+        f"  at {_user_frame(exc)}\n{also}"
         "  Try: model.eval(); pass plain tensors (use_cache=False, return_dict=True for Hugging Face "
         "models); or compile with torch.compile(model, backend='graphred', options={'plan': ...}), which "
         "captures the graph piecewise around what torch.export cannot trace."

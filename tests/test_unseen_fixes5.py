@@ -19,7 +19,9 @@
   ``where`` that merges the gathered image features makes a mixed stream (before: no text stream, no cross-modal
   block); and a per-sample float input (PI0's robot state, rank 2, taken for rows of patches) whose rows meet the
   batch axis leaves the batch the batch (before: the two streams were merged, every input's batch dim read as image
-  tokens and the vision tower's patches were never found).
+  tokens and the vision tower's patches were never found);
+* a capture that every fallback fails names the error of the attempt with values read and its line too (before:
+  only the last attempt's, torch's draft_export, which for Qwen3-Omni-MoE stopped at an unrelated pending symbol).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphred
-from graphred.errors import PlanError
+from graphred.errors import CaptureError, PlanError
 from graphred.passes.infra import check_meta_vals
 from graphred.plans import pumer
 
@@ -252,3 +254,23 @@ def test_a_per_sample_float_input_meeting_the_batch_stays_the_batch():
         assert prov.axes(n) and all(d != 0 for d, _ in prov.axes(n)), (n.name, prov.axes(n))
     report = graphred.analyze(prog)
     assert report.cross_modal and all({"image", "text"} <= b.key_modalities for b in report.cross_modal), report.summary
+
+
+class _LeavesTorch(nn.Module):
+    """Branches on a value (so capture falls back), then leaves torch (numpy): no fallback captures it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return x + torch.from_numpy(x.detach().numpy() * 0)  # the line every attempt stops at
+
+
+def test_a_capture_failing_every_fallback_names_the_values_read_attempt():
+    # the last attempt (torch's draft_export) often stops somewhere unrelated (Qwen3-Omni-MoE: a pending unbacked
+    # symbol in the vision tower, where the values-read attempt had stopped at the model's torch.tensor(list)):
+    # the error names both
+    with pytest.raises(CaptureError) as err:
+        graphred.capture(_LeavesTorch().eval(), x=torch.ones(3))
+    msg = str(err.value)
+    assert "With tensor values read at the example inputs" in msg, msg
+    assert msg.count("test_unseen_fixes5.py") == 2 and "from_numpy" in msg, msg
