@@ -924,10 +924,12 @@ def _exporting_flag_for_model_code(answer: bool | None, asked: list[str]):
         tc.is_exporting = saved
 
 
-def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1):
+def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1,
+                         graph_errors: list | None = None):
     """The model's outputs (``model_runs`` runs) and the graph's on the example inputs, by pytree path, with the
     graph's buffers and constants put back after it ran (export lifts in-place updates into them); None where
-    either cannot run here (training mode, meta tensors, an error)."""
+    either cannot run here (training mode, meta tensors, an error). ``graph_errors``: where given, an error of the
+    graph's run after the model ran is appended to it."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
     if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
         return None
@@ -937,7 +939,13 @@ def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple
     try:
         with torch.no_grad(), _preserve_attributes(model):
             wants = [_tensor_leaves(model(*args, **kwargs)) for _ in range(model_runs)]
-            got = _tensor_leaves(gm(*args, **kwargs))
+        try:
+            with torch.no_grad():
+                got = _tensor_leaves(gm(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - the graph fails where the model runs
+            if graph_errors is not None:
+                graph_errors.append(e)
+            return None
     except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
         return None
     finally:
@@ -1012,7 +1020,17 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
     (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
     beyond float tolerance. A specialisation that went wrong (a value read after an in-place write, a branch
     taken on a stale value) is caught here instead of as wrong outputs later."""
-    ran = _run_model_and_graph(model, gm, args, kwargs, model_runs=2)
+    failed: list = []
+    ran = _run_model_and_graph(model, gm, args, kwargs, model_runs=2, graph_errors=failed)
+    if failed:
+        e = failed[0]
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(
+            f"{type(model).__name__}: the graph captured with values read at the example inputs fails on those "
+            f"inputs ({type(e).__name__}: {line}), where the model runs. {how} A value read during the capture "
+            "differed from the model's own (a count pinned by a runtime assert, a branch taken on a wrong value); "
+            "pass the data-dependent inputs precomputed, or compile with torch.compile(model, backend='graphred', "
+            "...).") from e
     if ran is None:
         return
     (want, again), got = ran

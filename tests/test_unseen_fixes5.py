@@ -21,7 +21,9 @@
   batch axis leaves the batch the batch (before: the two streams were merged, every input's batch dim read as image
   tokens and the vision tower's patches were never found);
 * a capture that every fallback fails names the error of the attempt with values read and its line too (before:
-  only the last attempt's, torch's draft_export, which for Qwen3-Omni-MoE stopped at an unrelated pending symbol).
+  only the last attempt's, torch's draft_export, which for Qwen3-Omni-MoE stopped at an unrelated pending symbol);
+* a graph captured with values read that fails on its own example inputs, where the model runs, is a CaptureError
+  (before: the check that compares it with the model skipped a graph that raised, and capture returned it).
 """
 from __future__ import annotations
 
@@ -274,3 +276,16 @@ def test_a_capture_failing_every_fallback_names_the_values_read_attempt():
     msg = str(err.value)
     assert "With tensor values read at the example inputs" in msg, msg
     assert msg.count("test_unseen_fixes5.py") == 2 and "from_numpy" in msg, msg
+
+
+def test_a_captured_graph_that_fails_on_its_example_inputs_is_a_capture_error(monkeypatch):
+    # without the single real write (torch's double index_add_ on the real values), the loop's routing in the
+    # second layer is read from wrong values, and the graph's runtime asserts pin counts the model does not have:
+    # the graph fails on its own example inputs. That is a CaptureError now (before, the check skipped a graph
+    # that raised, and capture returned it)
+    from graphred import program as program_mod
+
+    monkeypatch.setattr(program_mod, "_run_writing_real_once", lambda func, args, kwargs, run: run())
+    torch.manual_seed(0)
+    with pytest.raises(CaptureError, match="fails on those inputs"):
+        graphred.capture(_LoopMoEDecoder().eval(), **_moe_inputs())
