@@ -548,6 +548,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             real = self._real(args[0]) if _is_traced(args[0]) else self._current(args[0])
             if real is not None:
                 self.reads += 1
+                if _is_traced(args[0]) and id(args[0]) in self._from_floats:
+                    self._guard(args[0] == self._constant(real), "a value selected by floating-point values (a "
+                                "router's choice of experts) read into Python at capture")
                 with torch.utils._python_dispatch._disable_current_modes():
                     return func(real, *args[1:], **kwargs)
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) >= 2:
@@ -607,7 +610,28 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         real = self._real(t)
         if isinstance(t.shape[dim], int) or real is None:
             return None
-        return tuple(torch.select(t, dim, i) for i in range(real.shape[dim]))
+        # (the loop is unrolled over the example's rows: a run with another count is refused, not cut short)
+        self._guard(torch.scalar_tensor(t.shape[dim], dtype=torch.long) == real.shape[dim],
+                    f"the number of rows a Python loop ran over at capture ({real.shape[dim]})")
+        rows = tuple(torch.select(t, dim, i) for i in range(real.shape[dim]))
+        if id(t) in self._from_floats:  # (the experts a router hit: their ids read later are guarded too)
+            self._from_floats.update((id(r), r) for r in rows)
+        return rows
+
+    @staticmethod
+    def _constant(real: torch.Tensor) -> torch.Tensor:
+        with torch.utils._python_dispatch._disable_current_modes():
+            return real.clone()
+
+    @staticmethod
+    def _guard(cond: torch.Tensor, what: str) -> None:
+        """A run-time check in the graph that ``cond`` (traced) holds everywhere, as at the example inputs: the
+        graph was specialised to ``what``; a call that changes it fails as a guard (an InputError from a
+        Program) instead of computing with the example's value."""
+        try:
+            torch._assert_async(cond.all(), f"Guard failed: {what} changed")
+        except Exception:  # noqa: BLE001 - shapes that cannot be compared here: left unguarded, as before
+            pass
 
     def _current(self, t: torch.Tensor) -> torch.Tensor:
         """A plain constant's value now: after the in-place writes with traced operands that the trace recorded
@@ -704,9 +728,16 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             return None
         dtype = kwargs.get("dtype")
         if dtype is None:  # torch.tensor's inference: the promoted type of the elements (numbers as Python values)
-            dtype = leaves[0].dtype if isinstance(leaves[0], torch.Tensor) else torch.tensor(leaves[0]).dtype
-            for e in leaves[1:]:
-                dtype = torch.promote_types(dtype, e.dtype if isinstance(e, torch.Tensor) else torch.tensor(e).dtype)
+            def kind(e):
+                if isinstance(e, torch.Tensor):
+                    return e.dtype
+                return torch.bool if isinstance(e, bool) else torch.int64 if isinstance(e, int) else \
+                    torch.get_default_dtype()
+            # (outside the trace: torch.promote_types called here would be recorded as a graph op)
+            with torch.utils._python_dispatch._disable_current_modes():
+                dtype = kind(leaves[0])
+                for e in leaves[1:]:
+                    dtype = torch.promote_types(dtype, kind(e))
         like = next(e for e in leaves if isinstance(e, torch.Tensor) and _is_traced(e))
         device = kwargs.get("device") or like.device
         parts = [e.to(device=device, dtype=dtype) if isinstance(e, torch.Tensor)
@@ -1086,7 +1117,9 @@ def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
         if n.op != "call_function" or n.target is not wrap_with_set_grad_enabled or len(n.args) < 2:
             continue
         outs = torch.utils._pytree.tree_leaves(n.meta.get("val"))
-        if not outs or any(not isinstance(o, torch.Tensor) or o.is_floating_point() or o.is_complex() for o in outs):
+        # (sizes are integers too: a nonzero's count read after the block, by a guard on a loop over its rows)
+        if not outs or any(not isinstance(o, (torch.Tensor, int, torch.SymInt)) or isinstance(o, torch.Tensor) and (
+                o.is_floating_point() or o.is_complex()) for o in outs):
             continue
         sub_node = n.args[1]
         sub = getattr(gm, sub_node.target, None) if isinstance(sub_node, torch.fx.Node) else None

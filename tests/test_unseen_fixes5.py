@@ -289,3 +289,43 @@ def test_a_captured_graph_that_fails_on_its_example_inputs_is_a_capture_error(mo
     torch.manual_seed(0)
     with pytest.raises(CaptureError, match="fails on those inputs"):
         graphred.capture(_LoopMoEDecoder().eval(), **_moe_inputs())
+
+
+class _OneExpertHit(nn.Module):
+    """A loop over the experts a batch hits (top-1 of a fixed router): tokens along the first axis go to expert 0,
+    along the third to expert 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.router.weight.copy_(torch.eye(3, 4))
+        self.w = nn.Parameter(torch.randn(3, 4, 4))
+
+    def forward(self, x):
+        top = self.router(x).topk(1, -1).indices
+        out = torch.zeros_like(x)
+        with torch.no_grad():
+            hit = torch.greater(F.one_hot(top, 3).sum(dim=(0, 1)), 0).nonzero()
+        for e in hit:
+            e = e[0]
+            tok, _ = torch.where(top == e)
+            out.index_add_(0, tok, x[tok] @ self.w[e])
+        return out
+
+
+def test_a_call_routed_to_other_experts_than_the_capture_is_refused():
+    # capture unrolls the loop over the experts the example hits (expert 0 only); a call whose tokens go to expert
+    # 2 breaks the guard and is an InputError (before: the graph ran expert 0's loop only and returned zeros)
+    from graphred.errors import InputError
+
+    torch.manual_seed(0)
+    model = _OneExpertHit().eval()
+    x0 = torch.rand(5, 4) * 0.1 + torch.tensor([1.0, 0, 0, 0])
+    x2 = torch.rand(5, 4) * 0.1 + torch.tensor([0, 0, 1.0, 0])
+    prog = graphred.capture(model, x=x0)
+    with torch.no_grad():
+        torch.testing.assert_close(prog(x=x0), model(x=x0))
+        assert model(x=x2).abs().sum() > 0
+        with pytest.raises(InputError, match="Guard failed"):
+            prog(x=x2)

@@ -455,7 +455,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             if ix is not None and d in reduced.get(src, set()):
                 _check_runtime_positions(n, src, d, ix, reduced, pass_name)
     elif pk in _DIM_INDEX_OPS and isinstance(n.args[1], int) and isinstance(n.args[2], fx.Node) and \
-            n.args[1] % len(node_shape(n.args[0])) in reduced.get(n.args[0], set()):
+            node_shape(n.args[0]) and n.args[1] % len(node_shape(n.args[0])) in reduced.get(n.args[0], set()):
         # (index_add_ of each expert's rows back into the tokens: positions computed from the reduced rows)
         _check_runtime_positions(n, n.args[0], n.args[1] % len(node_shape(n.args[0])), n.args[2], reduced,
                                  pass_name)
