@@ -528,6 +528,15 @@ def set_fake_val(node: fx.Node) -> Any:
                 v = node.target(*args, **kwargs)
     finally:
         mode.propagate_real_tensors = real
+    env = getattr(mode, "shape_env", None)
+    if env is not None and getattr(env, "pending_fresh_unbacked_symbols", None):
+        # a data-dependent size made here (a nonzero of rewritten inputs): bound to this node's output, as the
+        # export tracer binds it, so the next fake run does not find it pending
+        from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
+
+        bindings = compute_unbacked_bindings(env, v)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
     node.meta["val"] = v
     if "tensor_meta" in node.meta and isinstance(v, torch.Tensor):
         from torch.fx.passes.shape_prop import _extract_tensor_metadata

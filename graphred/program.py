@@ -392,7 +392,7 @@ def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.e
     data-dependent symbols (ViLT: 1.6 s instead of 7 s)."""
     with torch._functorch.config.patch(
         fake_tensor_propagate_real_tensors=True, generate_fake_kernels_from_real_mismatches=True
-    ), _real_parameter_values():
+    ), _real_parameter_values(), _RealWritesOnce():
         return torch.export.export(model, args, kwargs, strict=False)
 
 
@@ -422,6 +422,57 @@ def _real_parameter_values():
         yield
     finally:
         meta_utils._safe_copy, meta_utils._safe_clone = saved_copy, saved_clone
+
+
+def _run_writing_real_once(func, args: tuple, kwargs: dict, run):
+    """``run()`` (the traced call of ``func``), and where ``func`` is a method writing in place into a traced tensor
+    (``out.index_add_(...)``), the real tensor behind it (real-tensor propagation) left holding what ``func``
+    computes on its value before the call, once. torch (2.13) runs an in-place op's real kernel on the real
+    tensors and then, for an op it decomposes (``index_add_`` into ``index_put_(accumulate=True)``), the
+    decomposition's in-place op again on the same real tensors: the write is applied twice (a mixture of experts
+    summing its experts with ``index_add_``: every later real value, the next layer's routing, was wrong, and the
+    counts the capture pinned failed the graph's own run)."""
+    if not (args and isinstance(args[0], torch.Tensor) and _is_traced(args[0])
+            and not isinstance(func, torch._ops.OpOverload)):
+        return run()
+    name = getattr(func, "__name__", "")
+    if not (name.endswith("_") and not name.startswith("_")):
+        return run()
+    before = _ConcreteScalars._real(args[0])
+    if before is None:
+        return run()
+
+    def real(a):
+        if not isinstance(a, torch.Tensor) or not _is_traced(a):
+            return a
+        r = _ConcreteScalars._real(a)
+        if r is None:
+            raise LookupError
+        return r
+    try:
+        a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
+        with torch.utils._python_dispatch._disable_current_modes():
+            want = before.clone()
+            func(want, *a2, **k2)
+    except Exception:  # noqa: BLE001 - no real value to compute it from: torch's stays
+        want = None
+    out = run()
+    after = _ConcreteScalars._real(args[0])
+    if want is not None and after is not None and after.shape == want.shape and after.dtype == want.dtype:
+        with torch.utils._python_dispatch._disable_current_modes():
+            if not torch.equal(after, want) and not (want.is_floating_point() and torch.equal(
+                    after.isnan(), want.isnan()) and torch.equal(after.nan_to_num(0), want.nan_to_num(0))):
+                after.copy_(want)
+    return out
+
+
+class _RealWritesOnce(torch.overrides.TorchFunctionMode):
+    """During a capture with real-tensor propagation: each in-place write into a traced tensor leaves its real
+    value as the op computes it once (:func:`_run_writing_real_once`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        return _run_writing_real_once(func, args, kwargs, lambda: func(*args, **kwargs))
 
 
 class _ConcreteScalars(torch.overrides.TorchFunctionMode):
@@ -497,6 +548,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             real = self._real(args[0]) if _is_traced(args[0]) else self._current(args[0])
             if real is not None:
                 self.reads += 1
+                if _is_traced(args[0]) and id(args[0]) in self._from_floats:
+                    self._guard(args[0] == self._constant(real), "a value selected by floating-point values (a "
+                                "router's choice of experts) read into Python at capture")
                 with torch.utils._python_dispatch._disable_current_modes():
                     return func(real, *args[1:], **kwargs)
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) >= 2:
@@ -510,6 +564,10 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             index = self._sequence_index(args[1])
             if index is not None:
                 return func(args[0], index, *args[2:], **kwargs)
+        if func in (torch.tensor, torch.as_tensor) and args:
+            built = self._tensor_of_traced(args[0], kwargs)
+            if built is not None:
+                return built
         if func in (torch.nonzero, torch.Tensor.nonzero, torch.where) and args and isinstance(args[0], torch.Tensor) \
                 and args[0].dim() >= 1 and (kwargs.get("as_tuple") or func is torch.where and len(args) == 1):
             # nonzero(as_tuple=True) leaves a pending unbacked size under real-tensor propagation; nonzero() and
@@ -531,7 +589,7 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
                 self.reads += 1
                 return rows
         written = self._write_value(func, name, args, kwargs)
-        out = func(*args, **kwargs)
+        out = _run_writing_real_once(func, args, kwargs, lambda: func(*args, **kwargs))
         if written is not None:
             self._written[id(args[0])] = (args[0], written)
         ins = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
@@ -552,7 +610,28 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         real = self._real(t)
         if isinstance(t.shape[dim], int) or real is None:
             return None
-        return tuple(torch.select(t, dim, i) for i in range(real.shape[dim]))
+        # (the loop is unrolled over the example's rows: a run with another count is refused, not cut short)
+        self._guard(torch.scalar_tensor(t.shape[dim], dtype=torch.long) == real.shape[dim],
+                    f"the number of rows a Python loop ran over at capture ({real.shape[dim]})")
+        rows = tuple(torch.select(t, dim, i) for i in range(real.shape[dim]))
+        if id(t) in self._from_floats:  # (the experts a router hit: their ids read later are guarded too)
+            self._from_floats.update((id(r), r) for r in rows)
+        return rows
+
+    @staticmethod
+    def _constant(real: torch.Tensor) -> torch.Tensor:
+        with torch.utils._python_dispatch._disable_current_modes():
+            return real.clone()
+
+    @staticmethod
+    def _guard(cond: torch.Tensor, what: str) -> None:
+        """A run-time check in the graph that ``cond`` (traced) holds everywhere, as at the example inputs: the
+        graph was specialised to ``what``; a call that changes it fails as a guard (an InputError from a
+        Program) instead of computing with the example's value."""
+        try:
+            torch._assert_async(cond.all(), f"Guard failed: {what} changed")
+        except Exception:  # noqa: BLE001 - shapes that cannot be compared here: left unguarded, as before
+            pass
 
     def _current(self, t: torch.Tensor) -> torch.Tensor:
         """A plain constant's value now: after the in-place writes with traced operands that the trace recorded
@@ -621,6 +700,50 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
             else:
                 out.append(it)
         return tuple(out) if changed else None
+
+    @staticmethod
+    def _tensor_of_traced(data, kwargs: dict):
+        """``torch.tensor(data)`` where ``data`` is a (nested) Python sequence holding traced 0-d tensors (a list of
+        per-sample values computed in a Python loop, e.g. ``torch.tensor([pos.max() + 1 - n for ...])``): the
+        ``torch.stack`` of its elements, a traced tensor of the same values, shape and dtype. torch builds such a
+        tensor in C++ from the elements' data, which a traced tensor does not have ("data is not allocated yet").
+        None when ``data`` holds no traced tensor or is not a plain nesting of 0-d tensors and numbers."""
+        leaves: list = []
+
+        def walk(d, depth):
+            if isinstance(d, (list, tuple)):
+                if not d or depth > 8:
+                    return None
+                shapes = [walk(e, depth + 1) for e in d]
+                if any(s is None for s in shapes) or len(set(shapes)) != 1:
+                    return None
+                return (len(d),) + shapes[0]
+            if isinstance(d, torch.Tensor) and d.dim() == 0 or isinstance(d, (bool, int, float)):
+                leaves.append(d)
+                return ()
+            return None
+
+        shape = walk(data, 0)
+        if shape is None or not any(isinstance(e, torch.Tensor) and _is_traced(e) for e in leaves):
+            return None
+        dtype = kwargs.get("dtype")
+        if dtype is None:  # torch.tensor's inference: the promoted type of the elements (numbers as Python values)
+            def kind(e):
+                if isinstance(e, torch.Tensor):
+                    return e.dtype
+                return torch.bool if isinstance(e, bool) else torch.int64 if isinstance(e, int) else \
+                    torch.get_default_dtype()
+            # (outside the trace: torch.promote_types called here would be recorded as a graph op)
+            with torch.utils._python_dispatch._disable_current_modes():
+                dtype = kind(leaves[0])
+                for e in leaves[1:]:
+                    dtype = torch.promote_types(dtype, kind(e))
+        like = next(e for e in leaves if isinstance(e, torch.Tensor) and _is_traced(e))
+        device = kwargs.get("device") or like.device
+        parts = [e.to(device=device, dtype=dtype) if isinstance(e, torch.Tensor)
+                 else torch.full((), e, dtype=dtype, device=device) for e in leaves]
+        out = torch.stack(parts).reshape(shape)
+        return out.requires_grad_() if kwargs.get("requires_grad") else out
 
     @classmethod
     def _sequence_index(cls, index):
@@ -753,6 +876,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
     cls = type(model).__name__
     notes: list[str] = []
     method = "export"
+    read_error = None  # (the error of the capture with values read, where draft_export was tried after it)
     with warnings.catch_warnings(), _quiet_torch_logs(), _preserve_attributes(model):
         warnings.simplefilter("ignore")
         try:
@@ -769,7 +893,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
                             ep = _export_concrete_reads(model, args, kwargs)
                             how = ("real-tensor propagation with tensor values read into Python (loops, keys, "
                                    "branches) taken at the example inputs")
-                        except Exception:  # noqa: BLE001 - the full draft_export, with its own retries
+                        except Exception as reads:  # noqa: BLE001 - the full draft_export, with its own retries
+                            read_error = reads
                             with _real_parameter_values():
                                 ep = torch.export.draft_export(model, args, kwargs, strict=False)
                     method = "draft_export"
@@ -780,7 +905,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
                         "to the example inputs."
                     )
                 except Exception as second:  # noqa: BLE001
-                    raise _capture_error(model, args, kwargs, second) from second
+                    raise _capture_error(model, args, kwargs, second, read_error) from second
             else:
                 raise _capture_error(model, args, kwargs, first) from first
     gm = ep.module()
@@ -831,11 +956,12 @@ def _exporting_flag_for_model_code(answer: bool | None, asked: list[str]):
 
 
 def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict, model_runs: int = 1,
-                         flops: list | None = None):
+                         flops: list | None = None, graph_errors: list | None = None):
     """The model's outputs (``model_runs`` runs) and the graph's on the example inputs, by pytree path, with the
     graph's buffers and constants put back after it ran (export lifts in-place updates into them); None where
     either cannot run here (training mode, meta tensors, an error). With ``flops`` (a list), the matrix-product
-    FLOPs of the model's first run and of the graph's (graphred's FlopCounterMode) are appended to it."""
+    FLOPs of the model's first run and of the graph's (graphred's FlopCounterMode) are appended to it.
+    ``graph_errors``: where given, an error of the graph's run after the model ran is appended to it."""
     leaves = torch.utils._pytree.tree_leaves((args, kwargs, list(model.parameters())[:1]))
     if model.training or any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in leaves):
         return None
@@ -844,21 +970,24 @@ def _run_model_and_graph(model: nn.Module, gm: torch.fx.GraphModule, args: tuple
              if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)]
     try:
         with torch.no_grad(), _preserve_attributes(model):
-            if flops is None:
-                wants = [_tensor_leaves(model(*args, **kwargs)) for _ in range(model_runs)]
-                got = _tensor_leaves(gm(*args, **kwargs))
-            else:
-                from .analysis.cost.oracle import flop_counter_mode
+            from .analysis.cost.oracle import flop_counter_mode
 
-                wants = []
-                for i in range(model_runs):
-                    with flop_counter_mode() if i == 0 else contextlib.nullcontext() as fc:
-                        wants.append(_tensor_leaves(model(*args, **kwargs)))
-                    if i == 0:
-                        flops.append(int(fc.get_total_flops()))
-                with flop_counter_mode() as fc:
-                    got = _tensor_leaves(gm(*args, **kwargs))
-                flops.append(int(fc.get_total_flops()))
+            wants = []
+            for i in range(model_runs):
+                counting = flops is not None and i == 0
+                with flop_counter_mode() if counting else contextlib.nullcontext() as fc:
+                    wants.append(_tensor_leaves(model(*args, **kwargs)))
+                if counting:
+                    flops.append(int(fc.get_total_flops()))
+        try:
+            with torch.no_grad(), flop_counter_mode() if flops is not None else contextlib.nullcontext() as fc:
+                got = _tensor_leaves(gm(*args, **kwargs))
+        except Exception as e:  # noqa: BLE001 - the graph fails where the model runs
+            if graph_errors is not None:
+                graph_errors.append(e)
+            return None
+        if flops is not None:
+            flops.append(int(fc.get_total_flops()))
     except Exception:  # noqa: BLE001 - not runnable here: left to the caller's own checks
         return None
     finally:
@@ -948,7 +1077,17 @@ def _check_specialised(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, 
     (eval mode, real tensors only) and raise :class:`CaptureError` naming the first output that differs
     beyond float tolerance. A specialisation that went wrong (a value read after an in-place write, a branch
     taken on a stale value) is caught here instead of as wrong outputs later."""
-    ran = _run_model_and_graph(model, gm, args, kwargs, model_runs=2)
+    failed: list = []
+    ran = _run_model_and_graph(model, gm, args, kwargs, model_runs=2, graph_errors=failed)
+    if failed:
+        e = failed[0]
+        line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CaptureError(
+            f"{type(model).__name__}: the graph captured with values read at the example inputs fails on those "
+            f"inputs ({type(e).__name__}: {line}), where the model runs. {how} A value read during the capture "
+            "differed from the model's own (a count pinned by a runtime assert, a branch taken on a wrong value); "
+            "pass the data-dependent inputs precomputed, or compile with torch.compile(model, backend='graphred', "
+            "...).") from e
     if ran is None:
         return
     (want, again), got = ran
@@ -1004,7 +1143,9 @@ def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
         if n.op != "call_function" or n.target is not wrap_with_set_grad_enabled or len(n.args) < 2:
             continue
         outs = torch.utils._pytree.tree_leaves(n.meta.get("val"))
-        if not outs or any(not isinstance(o, torch.Tensor) or o.is_floating_point() or o.is_complex() for o in outs):
+        # (sizes are integers too: a nonzero's count read after the block, by a guard on a loop over its rows)
+        if not outs or any(not isinstance(o, (torch.Tensor, int, torch.SymInt)) or isinstance(o, torch.Tensor) and (
+                o.is_floating_point() or o.is_complex()) for o in outs):
             continue
         sub_node = n.args[1]
         sub = getattr(gm, sub_node.target, None) if isinstance(sub_node, torch.fx.Node) else None
@@ -1031,7 +1172,11 @@ def _inline_integer_grad_blocks(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
-def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException) -> CaptureError:
+def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseException,
+                   read_error: BaseException | None = None) -> CaptureError:
+    """The CaptureError for ``exc`` (the last attempt's error); ``read_error``: the error of the capture with tensor
+    values read, the fallback that gets furthest on data-dependent Python, named too (the last attempt,
+    torch's draft_export, often stops at an earlier, unrelated place)."""
     cls = type(model).__name__
     eager = _forward_fails(model, args, kwargs)
     if eager is not None:
@@ -1040,9 +1185,14 @@ def _capture_error(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExcepti
             f"at {_user_frame(eager)}. Check the example inputs: graphred captures what the model runs."
         )
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    also = ""
+    if read_error is not None:
+        line = str(read_error).strip().splitlines()[0] if str(read_error).strip() else ""
+        also = (f"  With tensor values read at the example inputs (graphred's fallback): "
+                f"{type(read_error).__name__}: {line}\n  at {_user_frame(read_error)}\n")
     return CaptureError(
         f"torch.export could not capture {cls}: {type(exc).__name__}: {first_line}\n"
-        f"  at {_user_frame(exc)}\n"
+        f"  at {_user_frame(exc)}\n{also}"
         "  Try: model.eval(); pass plain tensors (use_cache=False, return_dict=True for Hugging Face "
         "models); or compile with torch.compile(model, backend='graphred', options={'plan': ...}), which "
         "captures the graph piecewise around what torch.export cannot trace."

@@ -262,6 +262,12 @@ class TokenProvenance:
         if a == b:
             return a
         sa, sb = self.streams[a], self.streams[b]
+        if (sa.kind == BATCH) != (sb.kind == BATCH):
+            # the batch axis met by a token axis of the same length at the same place (rows of a rank-2 float input,
+            # taken for patches, added to per-sample values: a robot state, one row per sample): those rows are the
+            # samples. The batch stays the batch; the streams are not merged (merged, every input's batch dim would
+            # read as tokens of that stream)
+            return a if sa.kind == BATCH else b
         if self._gathered(sa) != self._gathered(sb):
             # rows gathered from one sequence and met (added) with another at the same positions: the positions are
             # the other sequence's tokens, the gathered rows features added to them
@@ -435,6 +441,13 @@ class TokenProvenance:
             return self._broadcast(node, [a for a in node.args[:2] if isinstance(a, fx.Node)], taint, learned)
         if pk is aten.where and len(node.args) == 3:
             return self._where(node, taint, learned)
+        if pk is aten.masked_fill and len(node.args) >= 3 and isinstance(node.args[0], fx.Node) and \
+                self._in(node.args[0]).direct_ids and (not isinstance(node.args[2], fx.Node)
+                                                       or self.tokens(node.args[2]).learned):
+            # a constant written into input ids (placeholder ids replaced by the pad id before the lookup,
+            # ``ids.masked_fill(ids == image_id, 0)``): still the input's ids, as for ``where`` and ``index_put``
+            base = self._in(node.args[0])
+            return TokenInfo(base.axes, taint, True, base.learned)
         if pk in (aten.cat, aten.concat, aten.concatenate):
             return self._cat(node, taint, learned)
         if pk is aten.stack:

@@ -307,10 +307,24 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
 
     if pk in LOSSES:
         _gather_loss_target(graph, n, index, old, new, reduced)
+    if pk in _SIZE_ASSERTS:
+        # a runtime assert on a size computed from the reduced tokens: real-tensor propagation pinned a
+        # data-dependent count (the rows a nonzero selects) to its value at the example inputs; the reduced rows
+        # select another count, and the ops after it were traced for any count
+        graph.erase_node(n)
+        return
+    if pk in _COUNTED:
+        # the positions of the nonzero elements of reduced tokens (the rows routed to one expert): their count is
+        # data-dependent (a fresh unbacked size), their values positions along the reduced dims (checked where
+        # they index, by _runtime_positions)
+        set_fake_val(n)
+        reduced[n] = {0}
+        return
     if n.target is operator.getitem:
         set_fake_val(n)
         new_shape = node_shape(n)
         reduced[n] = {d for d in out_dims if new_shape and orig_shape and new_shape[d] != orig_shape[d]}
+        reduced[n] |= _counted_dims(n)
         if new_shape and orig_shape and len(new_shape) == len(orig_shape):
             # an output of an op the analysis has no axis rule for (topk, sort: routing tokens to experts) whose
             # length follows the tokens: still reduced, so its users are revisited
@@ -440,6 +454,11 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         for d, ix in enumerate(idxs):
             if ix is not None and d in reduced.get(src, set()):
                 _check_runtime_positions(n, src, d, ix, reduced, pass_name)
+    elif pk in _DIM_INDEX_OPS and isinstance(n.args[1], int) and isinstance(n.args[2], fx.Node) and \
+            node_shape(n.args[0]) and n.args[1] % len(node_shape(n.args[0])) in reduced.get(n.args[0], set()):
+        # (index_add_ of each expert's rows back into the tokens: positions computed from the reduced rows)
+        _check_runtime_positions(n, n.args[0], n.args[1] % len(node_shape(n.args[0])), n.args[2], reduced,
+                                 pass_name)
     elif pk in (aten.index_put, aten.index_put_) and (n.args[0] in reduced_inputs or any(
             isinstance(ix, fx.Node) and ix in reduced_inputs for ix in n.args[1])):
         _fix_index_put(gm, n, reduced, reduced_inputs, pass_name)
@@ -494,7 +513,8 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     # permutation (experts), or an op without an axis rule that keeps the token dim. Its length is k * tokens
     # before and after; every size constant on it was re-specialised above (or set_fake_val failed), and
     # positions indexing it were checked to be computed from the reduced rows at run time.
-    untraced = {d for d in changed - out_dims if not _scales(orig_shape[d], new_shape[d], old, new)}
+    counted = _counted_dims(n)
+    untraced = {d for d in changed - out_dims - counted if not _scales(orig_shape[d], new_shape[d], old, new)}
     if untraced or len(new_shape) != len(orig_shape):
         changed = untraced or changed
         raise _fail(f"the reduced token axis reached dims {sorted(changed - out_dims)} that the analysis did not "
@@ -741,6 +761,14 @@ def _runtime_positions(ix: fx.Node, reduced: dict) -> tuple[int, int] | None:
             if d not in reduced[src]:
                 return None
             return (shape[d], div) if shape[d] % div == 0 else None
+        col = _nonzero_column(x)
+        if col is not None:
+            # column j of nonzero(src) (``torch.where(mask)``): positions along dim j of src, from its values
+            src, j = col
+            shape = node_shape(src)
+            if src not in reduced or shape is None or j not in reduced[src]:
+                return None
+            return (shape[j], div) if shape[j] % div == 0 else None
         if pk in (aten.index_put, aten.index_put_) and len(x.args) >= 3 and len(x.args[1]) == 1:
             # inv[perm] = arange(n): the inverse permutation of positions along the same dim
             base, (perm,), vals = x.args[0], x.args[1], x.args[2]
@@ -751,6 +779,42 @@ def _runtime_positions(ix: fx.Node, reduced: dict) -> tuple[int, int] | None:
             return (inner[0], div) if inner[0] % div == 0 else None
         return None
     return None
+
+
+_SIZE_ASSERTS = {aten._assert_scalar, aten.sym_constrain_range_for_size, aten.sym_constrain_range}
+_COUNTED = {aten.nonzero, aten.argwhere}
+_DIM_INDEX_OPS = {aten.index_add, aten.index_add_, aten.index_copy, aten.index_copy_, aten.index_fill,
+                  aten.index_fill_, aten.index_select}
+
+
+def _counted_dims(n: fx.Node) -> set[int]:
+    """Dims of ``n`` whose size is a data-dependent count the rewrite made (an unbacked symbol: the rows a
+    nonzero of reduced tokens selects, and what is computed from them)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        return set()
+    return {d for d, s in enumerate(v.shape) if isinstance(s, torch.SymInt) and free_unbacked_symbols(s)}
+
+
+def _nonzero_column(x: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(src, j)`` where ``x`` is column j of ``nonzero(src)`` (``unbind(1)[j]`` or ``select(1, j)``)."""
+    if x.target is operator.getitem and isinstance(x.args[0], fx.Node) and op_packet(x.args[0]) is aten.unbind:
+        ub, j = x.args[0], x.args[1]
+        nz = ub.args[0]
+        dim = ub.args[1] if len(ub.args) > 1 else ub.kwargs.get("dim", 0)
+    elif op_packet(x) is aten.select:
+        nz, dim, j = x.args[0], x.args[1], x.args[2]
+    else:
+        return None
+    if not (isinstance(nz, fx.Node) and op_packet(nz) in _COUNTED and dim in (1, -1) and isinstance(j, int)):
+        return None
+    src = nz.args[0]
+    shape = node_shape(src)
+    if not isinstance(src, fx.Node) or shape is None or not -len(shape) <= j < len(shape):
+        return None
+    return src, j % len(shape)
 
 
 def _check_runtime_positions(n, src, d, ix, reduced, pass_name):

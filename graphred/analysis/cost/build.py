@@ -210,6 +210,11 @@ def estimate_after(program: Program, before: Estimate, plan: Any, prov: TokenPro
         if isinstance(s, tuple):
             before_sym[n.name] = s
     notes: list[str] = []
+    if flat_inputs is not None and len(flat_inputs) == sum(n.op == "placeholder" for n in gm2.graph.nodes):
+        # data-dependent sizes the rewrite made (the rows a nonzero of the reduced tokens selects): their values
+        # at the example inputs, from the reduced graph
+        fresh, _ = resolve_unbacked(gm2, flat_inputs)
+        unbacked = {**fresh, **unbacked}
     blocks2 = list(getattr(applied, "blocks", None) or [])
     names2 = {n.name for n in gm2.graph.nodes}
     blocks2 = [b for b in blocks2 if b.node in names2] or [b for b in before.blocks if b.node in names2]
