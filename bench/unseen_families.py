@@ -2048,6 +2048,7 @@ def render(data: dict) -> str:
              "drop). Inclusion rules, the dev/held-out split and the fresh held-out draw: the docstring of "
              "bench/unseen_families.py. Fixes were made on dev failures; held-out and fresh families were measured "
              "untouched first, and those tuned on afterwards are marked.", ""]
+    lines += _render_current(data.get("current") or {}, data)
     labels = {"before": "Before this round's fixes (graphred at " + str(data.get("before_commit", "?")) + ")",
               "after": "After (graphred at " + str(data.get("after_commit", "?")) + ")"}
     for tag in ("before", "after"):
@@ -2226,6 +2227,63 @@ FRESH_LATER = [
 ]
 
 
+SETS = [("dev", DEV), ("held-out", HELD_OUT), ("fresh", FRESH), ("fresh2", FRESH2), ("fresh3", FRESH3),
+        ("fresh4", FRESH4), ("fresh5", FRESH5)]
+EVERY = [n for _, names in SETS for n in names]
+
+
+def first_measured(data: dict) -> dict:
+    """Each fresh family's first measurement, before anything was changed for it (the untouched rows): fresh from
+    the round-2 rows with the tuned-on families' untouched rows; fresh2 from its 'after' rows (measured untouched,
+    see its notes); fresh3 to fresh5 from their 'untouched' rows."""
+    first = {r["family"]: r for r in data.get("after", []) if r["family"] in FRESH}
+    first.update({r["family"]: r for r in data.get("untouched", []) if r["family"] in FRESH})
+    first.update({r["family"]: r for r in (data.get("fresh2") or {}).get("after", [])})
+    for key in ("fresh3", "fresh4", "fresh5"):
+        first.update({r["family"]: r for r in (data.get(key) or {}).get("untouched", [])})
+    return first
+
+
+def _render_current(cur: dict, data: dict) -> list[str]:
+    """Every family measured again at one commit, beside each fresh family's first (untouched) measurement."""
+    if not cur.get("rows"):
+        return []
+    now = {r["family"]: r for r in cur["rows"]}
+    first = first_measured(data)
+
+    def count(rows):
+        rows = [r for r in rows if r is not None]
+        return f"{sum(r['reduced'] for r in rows)}/{len(rows)}"
+
+    lines = ["### Every family now, at one commit", "",
+             f"All {len(EVERY)} families measured again at graphred {cur['commit']} ({cur.get('how', '')}). "
+             "'First measured' is a fresh family's untouched row: its first measurement, before graphred was changed "
+             "by looking at it. Families tuned on since then count in 'now' like the others, so only the first "
+             "column estimates families never seen.", "",
+             "| set | families | reduced now | first measured (untouched) |", "|---|---:|---:|---:|"]
+    fresh_first = []
+    for set_name, names in SETS:
+        f = [first.get(n) for n in names] if set_name.startswith("fresh") else []
+        fresh_first += f
+        lines.append(f"| {set_name} | {len(names)} | {count([now.get(n) for n in names])} | "
+                     f"{count(f) if f else ''} |")
+    lines.append(f"| all | {len(EVERY)} | {count([now.get(n) for n in EVERY])} | {count(fresh_first)} (the five "
+                 "fresh sets pooled) |")
+    missing = [n for n in EVERY if n not in now]
+    if missing:
+        lines += ["", f"Not measured in this run: {', '.join(missing)} (counted in neither column's numerator nor "
+                  "denominator)."]
+    lines += ["", "| family | set | first measured | now | error now | s |", "|---|---|---|---|---|---|"]
+    for set_name, names in SETS:
+        for n in names:
+            r, f = now.get(n), first.get(n)
+            st = "not measured" if r is None else "reduced" if r["reduced"] else r["stage"]
+            fst = "" if f is None else "reduced" if f["reduced"] else f["stage"]
+            err = "" if r is None or r["reduced"] else f"{r['error_class']}: {r['error']}".replace("|", "\\|")[:170]
+            lines.append(f"| {n} | {set_name} | {fst} | {st} | {err} | {'' if r is None else r['seconds']} |")
+    return lines + [""]
+
+
 def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
     """A later fresh held-out set (fresh3 to fresh5): untouched first measurements, then (where tuned on) after the
     fixes."""
@@ -2300,7 +2358,23 @@ def main() -> None:
     ap.add_argument("--fresh4-from", default="", help="a folder of per-family --out files of the fresh4 set (untouched)")
     ap.add_argument("--fresh5-from", default="", help="a folder of per-family --out files of the fresh5 set "
                     "(untouched; a family without its file is shown as not measured)")
+    ap.add_argument("--current-from", default="", help="a folder of per-family --out files of every family, "
+                    "measured at one commit (the 'now' table); --current-how says how they were run")
+    ap.add_argument("--current-how", default="one process per family, 1 thread, a 300 s limit per family")
     args = ap.parse_args()
+    if args.current_from:
+        data = json.loads(RESULTS.read_text())
+        rows, commits = [], set()
+        for n in EVERY:
+            p = Path(args.current_from) / f"{n}.json"
+            if p.exists():
+                d = json.loads(p.read_text())
+                rows += [dict(r, set=set_of(r["family"])) for r in d["after"]]
+                commits.add(d["after_commit"])
+        data["current"] = {"commit": ",".join(sorted(commits)), "how": args.current_how, "rows": rows}
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+        write_section(render(data), MARK)
+        return
     if args.merge_rows:
         data, other = json.loads(RESULTS.read_text()), json.loads(Path(args.merge_rows).read_text())
         new = {r["family"]: dict(r, notes=dict(r["notes"], commit=other[args.tag + "_commit"])) for r in other[args.tag]}
