@@ -218,7 +218,8 @@ def fresh5_draw() -> list[str]:
 
 def set_of(name: str) -> str:
     return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
-        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "held-out"
+        else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "fresh5" if name in FRESH5 \
+        else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
@@ -1450,7 +1451,147 @@ BUILDERS.update(FRESH4_BUILDERS)
 # ---- fresh5, part a: builders (granite4_vision .. inkling_mm_model) ----
 # (builder functions of part a go here, above FRESH5A_BUILDERS)
 
-FRESH5A_BUILDERS: dict = {}
+def b_granite4_vision():
+    from transformers import Granite4VisionConfig
+
+    # CLIP 16 px / patch 4: 4x4 patches per tile; window Q-Former projectors ("1/2": one query per 2x2 window);
+    # one deepstack projector (vision layer 1 -> LLM layer 0) and the 4 spatial-offset groups (LLM layers 1..4)
+    text = _text(num_hidden_layers=5, attention_multiplier=0.0625)
+    cfg = Granite4VisionConfig(vision_config=dict(_clip(image=16, hidden=64, heads=1), model_type="clip_vision_model"),
+                               text_config=text, image_token_index=V - 1, image_grid_pinpoints=[[16, 16], [16, 32]],
+                               downsample_rate="1/2", deepstack_layer_map=[[1, 0]], spatial_vision_layer=-1,
+                               spatial_target_layers=[1, 2, 3, 4], projector_dropout=0.0,
+                               qformer_config=dict(intermediate_size=128))
+    # anyres: each 16x32 image is 2 tiles + the base image; one image in sample 0, two in sample 1
+    pix = torch.randn(3, 3, 3, 16, 16, generator=_gen(0))
+    return _placeholder_family("Granite4VisionForConditionalGeneration", cfg,
+                               {"pixel_values": pix, "image_sizes": torch.tensor([[16, 32]] * 3)}, V - 1, counts=(1, 2))
+
+
+def b_granite_docling():
+    from transformers import GraniteDoclingConfig, GraniteDoclingForConditionalGeneration
+
+    # 32x32 tiles, patch 4 (8x8 patches), pixel shuffle 2: 16 image tokens per tile; one DeepStack tap (vision
+    # layer 0, added after decoder layer 0); coarse path only (as the 2B checkpoint)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=4, out_hidden_size=64, scale_factor=2, deepstack_visual_indexes=[0],
+                  use_fine_route=False)
+    cfg = GraniteDoclingConfig(text_config=_text(attention_multiplier=0.0625), vision_config=vision,
+                               image_token_id=V - 1, pad_token_id=0)
+    # one image (one tile) in sample 0, two in sample 1 (a padded tile slot in sample 0); each image is
+    # <fake_token_around_image><global-img> 16 x <image> <fake_token_around_image>
+    t = image_prompts(_gen(1), V - 1, [16] * 3, [1, 2], around=([V - 2, V - 3], [V - 2]))
+    return GraniteDoclingForConditionalGeneration(cfg), {
+        **t, "pixel_values": torch.randn(2, 2, 3, 32, 32, generator=_gen(0)),
+        "pixel_attention_mask": torch.tensor([[True, False], [True, True]]), "use_cache": False}
+
+
+def b_hunyuan_vl():
+    from transformers import HunYuanVLConfig, HunYuanVLForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, out_hidden_size=64, max_image_size=64, min_image_size=16)
+    # 4 rotary axes (sequence, then width, height, image index), NTK-alpha scaled as the checkpoints
+    rope = {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0,
+            "mrope_section": [2, 2, 2, 2]}
+    cfg = HunYuanVLConfig(text_config=_text(head_dim=16, rope_parameters=rope), vision_config=vision,
+                          image_token_id=V - 1, im_start_id=V - 2, im_end_id=V - 3, im_newline_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1. Patches of 4x4 merged 2x2, a
+    # newline token after each merged row, begin and end tokens: 4 * 5 + 2 = 22 and 2 * 5 + 2 = 12 placeholders
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [22, 22, 12], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 3 * 4 * 4, generator=_gen(0))
+    return HunYuanVLForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False,
+        "mm_token_type_ids": (t["input_ids"] == V - 1).long()}
+
+
+def b_hyperclovax_vision_v2():
+    from transformers import HyperCLOVAXVisionV2Config, HyperCLOVAXVisionV2ForConditionalGeneration
+
+    # Qwen2.5-VL vision tower (window attention, 2x2 merge) and a linear projector into a HyperCLOVAX decoder
+    # (1D positions, scaled embeddings, residuals and logits, post-norms)
+    vision = dict(model_type="qwen2_5_vl_vision", depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                  in_channels=3, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                  window_size=16, fullatt_block_indexes=[1])
+    text = dict(_text(), model_type="hyperclovax", embedding_multiplier=2.0, residual_multiplier=0.5,
+                logits_scaling=0.5, attention_multiplier=0.0625)
+    cfg = HyperCLOVAXVisionV2Config(text_config=text, vision_config=vision, image_token_id=V - 1,
+                                    video_token_id=V - 4)
+    # one 32x32 image in sample 0; a 32x32 and a 16x32 (h x w) image in sample 1: patches of 2 frames x 3 x 4 x 4,
+    # merged 2x2: 16 and 8 placeholders, each image between <|vision_start|> and <|vision_end|>
+    grids = torch.tensor([[1, 8, 8], [1, 8, 8], [1, 4, 8]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], [V - 3]))
+    pix = torch.randn(int(grids.prod(-1).sum()), 2 * 3 * 4 * 4, generator=_gen(0))
+    return HyperCLOVAXVisionV2ForConditionalGeneration(cfg), {
+        **t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
+def _inkling2_parts(**text_extra):
+    # decoder: a sliding layer then a full layer (short convolutions on q/k/v, relative position bias, L2 clipping,
+    # softcapped sigmoid-routed experts), attention residuals over blocks of one layer
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, layer_types=["hybrid_sliding", "hybrid"],
+                 n_layers_per_attn_res_block=1, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                 route_scale=1.0, unpadded_vocab_size=V, eos_token_id=2, **text_extra)
+    text.pop("intermediate_size")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, posemb_grid_size=8, projection_hidden_dim=64, text_hidden_size=64)
+    # one 32x32 image in sample 0; a 32x32 and a 32x16 (h x w) image in sample 1. One LM token per 2x2 patches of
+    # 4 px (8x8 px): 16 and 8 placeholders; pixel_values holds one 8x8x3 block per LM token
+    grids = torch.tensor([[1, 4, 4], [1, 4, 4], [1, 4, 2]])
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2])
+    pix = torch.rand(int(grids.prod(-1).sum()), 8, 8, 3, generator=_gen(0)) * 2 - 1
+    return text, vision, {**t, "pixel_values": pix, "image_grid_thw": grids, "use_cache": False}
+
+
+def b_inkling2():
+    from transformers import Inkling2Config, Inkling2ForConditionalGeneration
+
+    text, vision, kwargs = _inkling2_parts()
+    cfg = Inkling2Config(text_config=text, vision_config=vision, image_token_id=V - 1)
+    return Inkling2ForConditionalGeneration(cfg), kwargs
+
+
+def b_inkling2_loop():
+    from transformers import Inkling2LoopConfig, Inkling2LoopForConditionalGeneration
+
+    # as inkling2, with 3 layers (sliding, full, sliding) of which the middle one is looped: 2 passes, the second
+    # gated by messages read from the first pass's block states
+    text, vision, kwargs = _inkling2_parts(num_hidden_layers=3)
+    text.update(layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"], loop_layer_index_start=1,
+                loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8)
+    cfg = Inkling2LoopConfig(text_config=text, vision_config=dict(vision, model_type="inkling2_vision"),
+                             image_token_id=V - 1)
+    return Inkling2LoopForConditionalGeneration(cfg), kwargs
+
+
+def b_inkling_mm_model():
+    from transformers import InklingConfig, InklingForConditionalGeneration
+
+    # decoder: a sliding layer (dense MLP) then a full layer (experts with a shared expert), short convolutions and
+    # relative logits; encoder-free vision: a 4-layer hierarchical MLP folds each 2-frame 4x4-pixel patch into one
+    # token (no attention before the decoder); a small audio embedder (unused here)
+    text = _text(head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                 sliding_window_size=8, d_rel=4, rel_extent=16, local_layer_ids=[0],
+                 mlp_layer_types=["dense", "sparse"], moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1, route_scale=1.0, logits_mup_width_multiplier=2.0)
+    vision = dict(patch_size=4, temporal_patch_size=2, num_hidden_layers=4, hidden_size=32)
+    cfg = InklingConfig(text_config=text, vision_config=vision, audio_config=dict(n_mel_bins=8, mel_vocab_size=16),
+                        image_token_id=V - 1, audio_token_id=V - 3, image_bos_token_id=V - 2,
+                        audio_bos_token_id=V - 4)
+    # one 16x16 image in sample 0; a 16x16 and a 16x8 (h x w) image in sample 1: 16 and 8 patches of 4x4 px, one
+    # token each, each image after <|content_image|>; pixel_values holds one (2, 4, 4, 3) patch per token
+    t = image_prompts(_gen(1), V - 1, [16, 16, 8], [1, 2], around=([V - 2], []))
+    pix = torch.randn(40, 2, 4, 4, 3, generator=_gen(0))
+    return InklingForConditionalGeneration(cfg), {**t, "pixel_values": pix, "use_cache": False}
+
+
+FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling": b_granite_docling,
+                          "hunyuan_vl": b_hunyuan_vl, "hyperclovax_vision_v2": b_hyperclovax_vision_v2,
+                          "inkling2": b_inkling2, "inkling2_loop": b_inkling2_loop,
+                          "inkling_mm_model": b_inkling_mm_model}
+assert sorted(FRESH5A_BUILDERS) == FRESH5[:7]
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
 # .
