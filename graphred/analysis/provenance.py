@@ -730,7 +730,9 @@ class TokenProvenance:
         if seq is not None:  # a convolution along a token sequence (a causal/short conv layer of a decoder)
             return TokenInfo(tuple(axes) + (seq,), taint, False, learned)
         tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
-        if not tok and IMAGE in taint and len(shape) >= 3:
+        # (a patch embedding reads pixels: where text has flowed in, the tokens are a sequence whose axis was lost
+        # upstream, e.g. through an expert router, and the convolution is a token mixer, not a new image stream)
+        if not tok and IMAGE in taint and TEXT not in taint and len(shape) >= 3:
             spatial = 1
             for s in shape[2:]:
                 spatial *= s

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 
-from ..analysis.op_tables import LOSSES, SDPA, loss_target_dims
+from ..analysis.op_tables import CONV, LOSSES, SDPA, loss_target_dims
 from ..analysis.provenance import TOKENS, TokAxis, TokenProvenance, locate
 from ..errors import PassError
 from ..fx_utils import (
@@ -304,6 +304,14 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     sd = stream_dims(prov, n, {state.stream} | state.aliases) if orig_shape is not None else []
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
+    if orig_shape is not None and (is_pointwise(n) or pk in (aten.where, aten.masked_fill)):
+        # an elementwise op lines its operands up position by position: a reduced dim of an input that the analysis
+        # has no axis for (rows restored from an expert router) is the tokens' in the output as well, so that
+        # full-length operands on it (a padding mask) are gathered alike
+        for a in reduced_inputs:
+            r = len(original_shape(a) or node_shape(a) or ())
+            out_dims |= {d + len(orig_shape) - r for d in reduced[a]
+                         if 0 <= d < r and 0 <= d + len(orig_shape) - r and orig_shape[d + len(orig_shape) - r] == old}
 
     if pk in LOSSES:
         _gather_loss_target(graph, n, index, old, new, reduced)
@@ -490,6 +498,12 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             reduced[n] = set(out_dims)
         return
     changed = {d for d in range(min(len(new_shape), len(orig_shape))) if new_shape[d] != orig_shape[d]}
+    if pk in CONV and n.args[0] in reduced_inputs and len(orig_shape) == 3:
+        # a 1-d convolution (stride 1) along reduced tokens the analysis has no axis for: its output keeps them, with
+        # the same overhang of padding on either length
+        src = node_shape(n.args[0]) or ()
+        if 2 in reduced[n.args[0]] and len(src) == 3 and src[2] == new and orig_shape[2] - old == new_shape[2] - new:
+            out_dims = set(out_dims) | {2}
     # a dim the analysis has no axis for may still follow the tokens: rows routed through a data-dependent
     # permutation (experts), or an op without an axis rule that keeps the token dim. Its length is k * tokens
     # before and after; every size constant on it was re-specialised above (or set_fake_val failed), and
