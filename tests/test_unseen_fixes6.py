@@ -162,3 +162,101 @@ def test_block_residual_decoder_keep_all_is_bit_exact():
     if applied.positions_output:  # (the kept positions, appended: every position here)
         assert torch.equal(got.pop(), torch.arange(24).expand(2, 24))
     assert len(want) == len(got) and all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Granite 4 Vision failed "advanced indexing on the reduced token axis with positions not computed from the reduced
+# tokens" at ``hidden[mask]``: before each of several decoder layers, features (one row per image token, packed in
+# the order of the image positions) are added at the image positions, ``h.masked_scatter(m, (h[m] + f).view(-1))``.
+# After a reduction, the mask is gathered like the tokens and picks the kept rows, and the packed features are gathered
+# by each kept row's rank among the image positions; the same sequence goes on after each such write (it writes the
+# image code where the image already is).
+
+class _DeepLayer(nn.Module):
+    def __init__(self, identity: bool):
+        super().__init__()
+        self.qkv, self.o, self.mlp = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, D)
+        if identity:  # the layer returns its input (the attention still scores the tokens)
+            for p in (*self.o.parameters(), *self.mlp.parameters()):
+                nn.init.zeros_(p)
+
+    def forward(self, x, mask):
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, H, HD).permute(2, 0, 3, 1, 4)
+        x = x + self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(x).relu()
+
+
+class _DeepstackDecoder(nn.Module):
+    """Image patches scattered into placeholders, features added at the image positions before layers 1..3 of 4."""
+
+    def __init__(self, identity: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.patch = nn.Conv2d(3, D, 2, 2)
+        self.taps = nn.ModuleList([nn.Linear(D, D) for _ in range(3)])
+        self.layers = nn.ModuleList([_DeepLayer(identity) for _ in range(4)])
+
+    def forward(self, input_ids, pixel_values, attention_mask):
+        x = self.embed(input_ids)
+        img = self.patch(pixel_values).flatten(2).transpose(1, 2).reshape(-1, D)
+        m = (input_ids == IMG)[..., None]
+        x = x.masked_scatter(m.expand_as(x), img)
+        B, L, _ = x.shape
+        mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None] & attention_mask.bool()[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            if i >= 1:
+                x = x.masked_scatter(m, (x[m.squeeze(-1)] + self.taps[i - 1](img)).view(-1))
+            x = layer(x, mask)
+        return x
+
+
+def _deep_inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(V - 3, generator=g)[:28] + 1 for _ in range(2)])  # (no token twice)
+    am = torch.ones(2, 28, dtype=torch.long)
+    ids[0, :3], am[0, :3] = 0, 0
+    ids[0, 5:13] = IMG  # 8 image tokens
+    ids[1, 2:18] = IMG  # 16
+    return {"input_ids": ids, "pixel_values": torch.randn(3, 3, 4, 8, generator=g), "attention_mask": am}
+
+
+def test_features_added_at_image_positions_after_the_cut():
+    torch.manual_seed(0)
+    model, kwargs = _DeepstackDecoder().eval(), _deep_inputs()
+    prog = graphred.capture(model, **kwargs)
+    report = graphred.analyze(prog)
+    # one sequence through the decoder (each write of the features keeps it)
+    assert len({b.query_stream for b in report.blocks}) == 1 and len(report.blocks) == 4
+    reduced = graphred.transform(prog, pumer(prune=0.3, merge=0.2))
+    with torch.no_grad():
+        out = reduced(**kwargs)
+    prunes = [s for s in reduced.steps if s["op"] == "prune"]
+    assert [s["block"] for s in prunes] == ["layers.1", "layers.2", "layers.3"], reduced.steps
+    assert prunes[0]["image_before"] == [8, 16] and all(
+        a < b for s in prunes for a, b in zip(s["image_after"], s["image_before"]))
+    assert torch.isfinite(out).all() and out.shape[1] < 28
+    applied = apply_plan(prog, pumer(prune=0.3, merge=0.2), keep_all=True)
+    with torch.no_grad():
+        want, got = _leaves(prog.graph_module(**kwargs)), _leaves(applied.graph_module(**kwargs))
+    if applied.positions_output:
+        got.pop()
+    assert len(want) == len(got) and all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+def test_features_reach_the_kept_image_tokens():
+    # identity layers: each output row is its token's input plus the features added at its position, so every row of
+    # the pruned model must be the unreduced model's row at the position it kept (the features of its own rank)
+    torch.manual_seed(0)
+    model, kwargs = _DeepstackDecoder(identity=True).eval(), _deep_inputs()
+    prog = graphred.capture(model, **kwargs)
+    reduced = graphred.transform(prog, pumer(prune=0.5, merge=0.0))
+    with torch.no_grad():
+        want, got = model(**kwargs), reduced(**kwargs)
+    assert got.shape[1] < want.shape[1]
+    text = kwargs["input_ids"] != IMG
+    for b in range(2):
+        pos = [int(torch.cdist(row[None], want[b]).argmin()) for row in got[b]]
+        assert torch.allclose(got[b], want[b, pos], atol=1e-5)  # (a row with another rank's features matches none)
+        assert set(torch.nonzero(text[b]).flatten().tolist()) - {0, 1, 2} <= set(pos)  # the text (padding: alike)
+        assert len({p for p in pos if not text[b, p]}) < int((~text[b]).sum())  # and fewer image tokens

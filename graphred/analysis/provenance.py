@@ -192,6 +192,19 @@ def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, in
     return out
 
 
+_MASK_VIEWS = {aten.expand, aten.expand_as, aten.unsqueeze, aten.squeeze, aten.view, aten.reshape, aten._to_copy,
+               aten.to, aten.clone, aten.alias, aten.contiguous}
+
+
+def _mask_root(m):
+    """The tensor a mask is a view, broadcast or cast of (the same positions)."""
+    for _ in range(32):
+        if not isinstance(m, fx.Node) or m.op != "call_function" or op_packet(m) not in _MASK_VIEWS or not m.args:
+            return m
+        m = m.args[0]
+    return m
+
+
 def _columns_of(u: fx.Node, x: fx.Node) -> bool:
     """``u`` reads columns of ``x`` on its last dim (``x[..., a:b]``, ``x[..., i]``)."""
     xs = node_shape(x)
@@ -771,7 +784,13 @@ class TokenProvenance:
             d = axis_dim(ax, shape)
             if st.kind != TOKENS or d is None:
                 continue
-            sid = self._new_stream(TOKENS, ax.length, node, rule, recipe(st, d), parents=(st.id,))
+            rec = recipe(st, d)
+            if rec[0] == "mask" and st.recipe[0] == "mask" and tuple(rec[3:]) == tuple(st.recipe[3:]) and \
+                    _mask_root(rec[2]) is _mask_root(st.recipe[2]):
+                # the same code written again at the positions of the same mask (features added at the image
+                # positions before a later layer): the layout is unchanged, the same sequence goes on
+                break
+            sid = self._new_stream(TOKENS, ax.length, node, rule, rec, parents=(st.id,))
             self._value_nodes.update(value_nodes)
             axes[i] = TokAxis(sid, ax.stride, ax.length)
             break

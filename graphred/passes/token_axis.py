@@ -472,9 +472,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     elif pk is aten.index:
         src = n.args[0]
         idxs = n.args[1]
-        for d, ix in enumerate(idxs):
-            if ix is not None and d in reduced.get(src, set()):
-                _check_runtime_positions(n, src, d, ix, reduced, pass_name)
+        rows_mask = _rows_mask(n, src, idxs, reduced, old)
+        if rows_mask is not None:  # x[mask]: the rows at the mask's positions, gathered alike
+            _fix_masked_rows(gm, n, rows_mask, index, old)
+        else:
+            for d, ix in enumerate(idxs):
+                if ix is not None and d in reduced.get(src, set()):
+                    _check_runtime_positions(n, src, d, ix, reduced, pass_name)
     elif pk in (aten.index_put, aten.index_put_) and (n.args[0] in reduced_inputs or any(
             isinstance(ix, fx.Node) and ix in reduced_inputs for ix in n.args[1])):
         _fix_index_put(gm, n, reduced, reduced_inputs, pass_name)
@@ -847,6 +851,60 @@ def _check_runtime_positions(n, src, d, ix, reduced, pass_name):
         raise _fail("advanced indexing on the reduced token axis with positions not computed from the reduced "
                     "tokens (an input's or a constant's positions still number the tokens before the reduction)",
                     n, pass_name)
+
+
+_ROWS_MASK = "graphred_rows_mask"  # meta of an ``x[mask]`` the rewrite re-made: its mask, at the current numbering
+
+
+def _rows_mask(n: fx.Node, src: fx.Node, idxs, reduced: dict, old: int) -> fx.Node | None:
+    """The ``[B, L]`` bool mask of ``x[mask]`` (``index`` with the mask, or with the columns of its ``nonzero``) that
+    picks rows of ``x`` reduced on dim 1 (the tokens), else None."""
+    if 1 not in reduced.get(src, set()) or 0 in reduced.get(src, set()):
+        return None
+    m = n.meta.get(_ROWS_MASK)
+    if m is None and len(idxs) == 1 and isinstance(idxs[0], fx.Node) and idxs[0].meta.get("val") is not None \
+            and idxs[0].meta["val"].dtype == torch.bool:
+        m = idxs[0]
+    elif m is None and len(idxs) == 2 and all(isinstance(i, fx.Node) and i.target is operator.getitem for i in idxs):
+        ub = idxs[0].args[0]
+        if ub is idxs[1].args[0] and [i.args[1] for i in idxs] == [0, 1] and op_packet(ub) is aten.unbind and \
+                len(ub.args) > 1 and ub.args[1] in (1, -1) and op_packet(ub.args[0]) is aten.nonzero:
+            m = ub.args[0].args[0]
+    shape = node_shape(m) if isinstance(m, fx.Node) else None
+    return m if shape is not None and len(shape) == 2 and shape[1] == old else None
+
+
+def _fix_masked_rows(gm, n: fx.Node, m: fx.Node, index: fx.Node, old: int) -> None:
+    """``x[mask]`` with ``x`` reduced on its tokens: the mask is gathered like the tokens and picks the kept rows, in
+    order, into a fixed number of rows (as many as before, the kept ones first: a later ``masked_scatter`` with the
+    gathered mask reads just those). Rows that an elementwise user meets (features packed one per masked position,
+    added at those positions) are gathered alike, by each kept row's rank among the mask's positions."""
+    graph = gm.graph
+    rows, B = node_shape(n)[0], node_shape(m)[0]
+    dev = index.meta["val"].device
+    with graph.inserting_before(n):
+        rank = call_with_val(graph, aten._to_copy.default, (m,), {"dtype": torch.long})
+        rank = call_with_val(graph, aten.cumsum.default, (call_with_val(graph, aten.reshape.default, (rank, [-1])), 0))
+        rank = call_with_val(graph, aten.view.default, (call_with_val(graph, aten.sub.Tensor, (rank, 1)), [B, old]))
+        m2 = call_with_val(graph, graphred_ops.gather_tokens.default, (m, index, 1))
+        rank = call_with_val(graph, graphred_ops.gather_tokens.default, (rank, index, 1))
+        nz = call_with_val(graph, aten.nonzero_static.default, (m2,), {"size": rows, "fill_value": 0})
+        ix = [call_with_val(graph, aten.select.int, (nz, 1, j)) for j in range(2)]
+        which = call_with_val(graph, aten.clamp_min.default, (call_with_val(graph, aten.index.Tensor, (rank, ix)), 0))
+    for x in (rank, m2, nz, *ix, which):
+        record(x, SIDE, True)
+    del dev
+    n.args = (n.args[0], ix)
+    n.meta[_ROWS_MASK] = m2
+    for u in list(n.users):
+        if u.op != "call_function" or not is_pointwise(u):
+            continue
+        for a in u.all_input_nodes:
+            ashape = node_shape(a)
+            if a is not n and ashape and len(ashape) >= 1 and ashape[0] == rows and not recorded(a, SIDE):
+                with graph.inserting_before(u):
+                    ga = call_with_val(graph, aten.index_select.default, (a, 0, which))
+                u.replace_input_with(a, ga)
 
 
 def _fix_index_put(gm, n, reduced, reduced_inputs, pass_name):
