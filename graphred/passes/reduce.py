@@ -146,7 +146,8 @@ def _joined_state(prov: TokenProvenance, n: fx.Node, down: set, stream: int) -> 
 
 def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock, stream: int) -> fx.Node:
     """The residual add that follows an attention block's output on ``stream`` (the place PuMer
-    reduces: after the attention residual, before the MLP)."""
+    reduces: after the attention residual, before the MLP); where the output is stacked with the stream's earlier
+    states instead of added (attention residuals over blocks of layers), the output where it joins them."""
     out = node_named(gm, block.output)
     down = {out}
     order = node_order(gm)
