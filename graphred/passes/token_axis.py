@@ -881,7 +881,6 @@ def _fix_masked_rows(gm, n: fx.Node, m: fx.Node, index: fx.Node, old: int) -> No
     added at those positions) are gathered alike, by each kept row's rank among the mask's positions."""
     graph = gm.graph
     rows, B = node_shape(n)[0], node_shape(m)[0]
-    dev = index.meta["val"].device
     with graph.inserting_before(n):
         rank = call_with_val(graph, aten._to_copy.default, (m,), {"dtype": torch.long})
         rank = call_with_val(graph, aten.cumsum.default, (call_with_val(graph, aten.reshape.default, (rank, [-1])), 0))
@@ -893,7 +892,6 @@ def _fix_masked_rows(gm, n: fx.Node, m: fx.Node, index: fx.Node, old: int) -> No
         which = call_with_val(graph, aten.clamp_min.default, (call_with_val(graph, aten.index.Tensor, (rank, ix)), 0))
     for x in (rank, m2, nz, *ix, which):
         record(x, SIDE, True)
-    del dev
     n.args = (n.args[0], ix)
     n.meta[_ROWS_MASK] = m2
     for u in list(n.users):
