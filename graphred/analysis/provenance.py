@@ -192,6 +192,19 @@ def relocate(axes: Iterable[TokAxis], in_shape, out_shape, dim_map: dict[int, in
     return out
 
 
+_MASK_VIEWS = {aten.expand, aten.expand_as, aten.unsqueeze, aten.squeeze, aten.view, aten.reshape, aten._to_copy,
+               aten.to, aten.clone, aten.alias, aten.contiguous}
+
+
+def _mask_root(m):
+    """The tensor a mask is a view, broadcast or cast of (the same positions)."""
+    for _ in range(32):
+        if not isinstance(m, fx.Node) or m.op != "call_function" or op_packet(m) not in _MASK_VIEWS or not m.args:
+            return m
+        m = m.args[0]
+    return m
+
+
 def _columns_of(u: fx.Node, x: fx.Node) -> bool:
     """``u`` reads columns of ``x`` on its last dim (``x[..., a:b]``, ``x[..., i]``)."""
     xs = node_shape(x)
@@ -743,7 +756,9 @@ class TokenProvenance:
         if seq is not None:  # a convolution along a token sequence (a causal/short conv layer of a decoder)
             return TokenInfo(tuple(axes) + (seq,), taint, False, learned)
         tok = [a for a in axes if self.stream(a.stream).kind == TOKENS]
-        if not tok and IMAGE in taint and len(shape) >= 3:
+        # (a patch embedding reads pixels: where text has flowed in, the tokens are a sequence whose axis was lost
+        # upstream, e.g. through an expert router, and the convolution is a token mixer, not a new image stream)
+        if not tok and IMAGE in taint and TEXT not in taint and len(shape) >= 3:
             spatial = 1
             for s in shape[2:]:
                 spatial *= s
@@ -782,7 +797,13 @@ class TokenProvenance:
             d = axis_dim(ax, shape)
             if st.kind != TOKENS or d is None:
                 continue
-            sid = self._new_stream(TOKENS, ax.length, node, rule, recipe(st, d), parents=(st.id,))
+            rec = recipe(st, d)
+            if rec[0] == "mask" and st.recipe[0] == "mask" and tuple(rec[3:]) == tuple(st.recipe[3:]) and \
+                    _mask_root(rec[2]) is _mask_root(st.recipe[2]):
+                # the same code written again at the positions of the same mask (features added at the image
+                # positions before a later layer): the layout is unchanged, the same sequence goes on
+                break
+            sid = self._new_stream(TOKENS, ax.length, node, rule, rec, parents=(st.id,))
             self._value_nodes.update(value_nodes)
             axes[i] = TokAxis(sid, ax.stride, ax.length)
             break

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import PlanError
-from ..fx_utils import call_with_val, graph_device, node_order, node_shape
+from ..fx_utils import call_with_val, graph_device, node_order, node_shape, op_packet
 from .infra import GraphredPass, PassResult
 from .rewrite_state import Rewrite, RewriteState, StepPass
 
@@ -101,15 +101,37 @@ def _mask(graph: fx.Graph, att: fx.Node, b, filler: fx.Node, same: bool) -> None
             if causal:
                 att.kwargs = {**att.kwargs, "is_causal": False}
         else:
-            scores = att.args[0]
-            sshape = node_shape(scores)
-            lq = sshape[-2]
-            cond = _masked_where(graph, filler, filler if same else None, lq)
-            B = node_shape(filler)[0]
-            if len(sshape) == 3:  # heads folded into the batch: [B*H, Lq, Lk]
-                heads = sshape[0] // B
-                cond = call_with_val(graph, aten.expand.default, (cond, [B, heads, lq, sshape[-1]]))
-                cond = call_with_val(graph, aten.reshape.default, (cond, [B * heads, lq, sshape[-1]]))
-            masked = call_with_val(graph, aten.where.ScalarSelf,
-                                   (cond, torch.finfo(scores.meta["val"].dtype).min, scores))
-            att.args = (masked,) + tuple(att.args[1:])
+            _mask_scores(graph, att, b, filler, same)
+
+
+def _mask_scores(graph: fx.Graph, att: fx.Node, b, filler: fx.Node, same: bool) -> None:
+    """An unfused attention (``att``, its softmax): the filler keys' logits to the dtype's minimum."""
+    scores, joined = att.args[0], None
+    if node_shape(scores)[-1] != node_shape(filler)[-1]:
+        # columns joined to the scores on the key dim (an attention sink's logit): mask the keys' part
+        joined = scores
+        while op_packet(joined) in (aten._to_copy, aten.to, aten.clone, aten.contiguous):  # (a cast after the join)
+            joined = joined.args[0]
+        shape = node_shape(joined)
+        parts = list(joined.args[0]) if op_packet(joined) in (aten.cat, aten.concat) else []
+        keys = [p for p in parts if isinstance(p, fx.Node) and node_shape(p)[-1] == node_shape(filler)[-1]]
+        dim = joined.args[1] if len(joined.args) > 1 else 0
+        if len(keys) != 1 or dim % len(shape) != len(shape) - 1:
+            raise PlanError(f"filler slots at {b.module_path}: the logits before the softmax ({scores.name}) are neither "
+                            "the keys' logits nor those joined with other columns on the key dim; graphred cannot mask "
+                            "the filler keys there", node=scores.name, module_path=b.module_path)
+        scores = keys[0]
+    with graph.inserting_before(joined if joined is not None else att):
+        sshape = node_shape(scores)
+        lq = sshape[-2]
+        cond = _masked_where(graph, filler, filler if same else None, lq)
+        B = node_shape(filler)[0]
+        if len(sshape) == 3:  # heads folded into the batch: [B*H, Lq, Lk]
+            heads = sshape[0] // B
+            cond = call_with_val(graph, aten.expand.default, (cond, [B, heads, lq, sshape[-1]]))
+            cond = call_with_val(graph, aten.reshape.default, (cond, [B * heads, lq, sshape[-1]]))
+        masked = call_with_val(graph, aten.where.ScalarSelf, (cond, torch.finfo(scores.meta["val"].dtype).min, scores))
+    if joined is not None:
+        joined.replace_input_with(scores, masked)
+    else:
+        att.args = (masked,) + tuple(att.args[1:])

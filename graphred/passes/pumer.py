@@ -51,11 +51,19 @@ class PumerPass(StepPass):
                 "inside attention), so text-informed pruning has nowhere to apply. Use graphred.plans.tome(...) to "
                 "merge tokens inside the vision tower instead.")
         available = [b.layer_index for b in blocks]
-        default = [a for a in available if a >= 1] or available  # scores need one cross-modal layer of context
-        if all(b.kind == CROSS_ATTENTION for b in blocks) and len(available) > 1:
+        by_layer: dict[int, AttentionBlock] = {}
+        for b in blocks:  # per layer, the block where text queries meet image keys (text-informed scoring)
+            fits = b.kind == CROSS_MODAL_SELF or (TEXT in b.query_modalities and IMAGE in b.key_modalities)
+            if fits and b.layer_index not in by_layer:
+                by_layer[b.layer_index] = b
+        # the default: the layers where text queries meet image keys (a layer whose only cross-modal attention is
+        # another kind, e.g. learned queries reading the tokens, has nothing to score with), from the second on
+        meeting = [a for a in dict.fromkeys(available) if a in by_layer] or available
+        default = [a for a in meeting if a >= 1] or meeting  # scores need one cross-modal layer of context
+        if all(b.kind == CROSS_ATTENTION for b in blocks) and len(meeting) > 1:
             # cross-attention reads the reduced image stream as keys/values: a reduction saves in the layers after
             # the one that scores it, so the last layer saves nothing (its scoring costs more than it removes)
-            default = available[:-1]
+            default = meeting[:-1]
         if step.layers is not None:
             chosen = selected_layers("pumer", step.layers, available, "cross-modal layers", stack)
         else:
@@ -64,11 +72,6 @@ class PumerPass(StepPass):
         if any(step.merge_text) and causal:
             raise PlanError("pumer: merge_text is not defined for a causal decoder (text tokens, their order and logits "
                             "are kept); set merge_text=0")
-        by_layer: dict[int, AttentionBlock] = {}
-        for b in blocks:  # per layer, the block where text queries meet image keys (text-informed scoring)
-            fits = b.kind == CROSS_MODAL_SELF or (TEXT in b.query_modalities and IMAGE in b.key_modalities)
-            if fits and b.layer_index not in by_layer:
-                by_layer[b.layer_index] = b
         for i, layer in enumerate(chosen):
             rs.layer_chain = []
             if layer not in by_layer:

@@ -117,9 +117,37 @@ def emit_valid(graph: fx.Graph, mask: fx.Node | None, length: int, rows: int) ->
 
 
 # ----------------------------------------------------------------------------- finding places
+def _joined_state(prov: TokenProvenance, n: fx.Node, down: set, stream: int) -> fx.Node | None:
+    """Where the attention's output is not added back but stacked with the earlier states of the stream (a
+    ``cat``/``stack`` on a dim that is neither the tokens nor the features, e.g. attention residuals that mix the
+    states of earlier blocks per token): the attention-path operand of that join, the new state of each token."""
+    if n.op != "call_function" or op_packet(n) not in (aten.cat, aten.stack) or not n.args or \
+            not isinstance(n.args[0], (list, tuple)):
+        return None
+    shape = node_shape(n)
+    parts = [a for a in n.args[0] if isinstance(a, fx.Node)]
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    if not shape or len(parts) != len(n.args[0]) or not isinstance(dim, int):
+        return None
+    dim %= len(shape)
+    sdims = [d for d, s in prov.axes(n) if prov.find(s.id) == prov.find(stream)]
+    if not sdims or dim in sdims or dim == len(shape) - 1:
+        return None
+    mine = [a for a in parts if a in down]
+    others = [a for a in parts if a not in down]
+    if len(mine) != 1 or not others or not all(
+            any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(a)) for a in others):
+        return None
+    point = mine[0]
+    if op_packet(point) is aten.unsqueeze and isinstance(point.args[0], fx.Node):  # (the join's new dim)
+        point = point.args[0]
+    return point
+
+
 def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBlock, stream: int) -> fx.Node:
     """The residual add that follows an attention block's output on ``stream`` (the place PuMer
-    reduces: after the attention residual, before the MLP)."""
+    reduces: after the attention residual, before the MLP); where the output is stacked with the stream's earlier
+    states instead of added (attention residuals over blocks of layers), the output where it joins them."""
     out = node_named(gm, block.output)
     down = {out}
     order = node_order(gm)
@@ -130,6 +158,9 @@ def residual_after(gm: fx.GraphModule, prov: TokenProvenance, block: AttentionBl
                 others = [a for a in n.all_input_nodes if a not in down]
                 if others and any(prov.find(s.id) == prov.find(stream) for _, s in prov.axes(n)):
                     return n
+            joined = _joined_state(prov, n, down, stream)
+            if joined is not None:
+                return joined
         if len(down) > 400:
             break
     raise PlanError(

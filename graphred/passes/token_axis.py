@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .. import ops as _ops  # noqa: F401  (registers graphred:: ops)
 
-from ..analysis.op_tables import LOSSES, SDPA, loss_target_dims
+from ..analysis.op_tables import CONV, LOSSES, SDPA, loss_target_dims
 from ..analysis.provenance import TOKENS, TokAxis, TokenProvenance, locate
 from ..errors import PassError
 from ..fx_utils import (
@@ -287,6 +287,9 @@ def _aligned_dims(n: fx.Node, a: fx.Node, out_dims: set[int], out_shape, reduced
         r = len(ashape)
         # batch dims broadcast from the right, excluding the two matrix dims
         return [d + R - r for d in range(r - 2) if (d + R - r) in out_dims] if r > 2 else []
+    if pk is aten.gather and len(n.args) > 2 and a is n.args[2] and len(ashape) == len(out_shape):
+        # gather(src, dim, index): off ``dim``, index, src and output line up position by position
+        return [d for d in out_dims if d != n.args[1] % len(out_shape)]
     if pk is aten.masked_scatter and a is not n.args[2]:  # the mask lines up with the destination, not the source
         R, r = len(out_shape), len(ashape)
         return [d for d in range(r) if (d + R - r) in out_dims]
@@ -304,6 +307,16 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     sd = stream_dims(prov, n, {state.stream} | state.aliases) if orig_shape is not None else []
     out_dims = {d for d, _ in sd if orig_shape[d] // max(_factor(sd, d), 1) == old or True}
     reduced_inputs = {a for a in n.all_input_nodes if a in reduced and reduced[a]}
+    if orig_shape is not None and pk is aten.gather and n.args[0] in reduced_inputs:
+        out_dims |= {d for d in reduced[n.args[0]] if 0 <= d < len(orig_shape) and d != n.args[1] % len(orig_shape)}
+    if orig_shape is not None and (is_pointwise(n) or pk in (aten.where, aten.masked_fill)):
+        # an elementwise op lines its operands up position by position: a reduced dim of an input that the analysis
+        # has no axis for (rows restored from an expert router) is the tokens' in the output as well, so that
+        # full-length operands on it (a padding mask) are gathered alike
+        for a in reduced_inputs:
+            r = len(original_shape(a) or node_shape(a) or ())
+            out_dims |= {d + len(orig_shape) - r for d in reduced[a]
+                         if 0 <= d < r and 0 <= d + len(orig_shape) - r and orig_shape[d + len(orig_shape) - r] == old}
 
     if pk in LOSSES:
         _gather_loss_target(graph, n, index, old, new, reduced)
@@ -340,18 +353,30 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         return
     # gather full-length external operands on their aligned dims
     for a in list(n.all_input_nodes):
-        if a in reduced_inputs:
+        # (an input reduced on one token dim, still at full length on another that the output's tokens line up with
+        # elementwise: e.g. a [B, H, Lq, Lk] bias whose queries were reduced, met by scores whose keys are too)
+        if a in reduced_inputs and not (is_pointwise(n) or pk in (aten.where, aten.masked_fill)):
             continue
         ashape = node_shape(a)
         if ashape is None:
             continue
         dim_ctx = _sdpa_mask_ctx(state, n, a, ashape, (index, old, new))
         dims = [d for d in _aligned_dims(n, a, out_dims, orig_shape, reduced_inputs)
-                if d < len(ashape) and ashape[d] == dim_ctx.get(d, (index, old))[1]]
-        composed = None if dim_ctx else _compose_gather_chain(graph, state, a, dims, index, old)
+                if d < len(ashape) and ashape[d] == dim_ctx.get(d, (index, old))[1] and d not in reduced.get(a, ())]
+        if a in reduced_inputs and not dims:
+            continue
+        composed = None if dim_ctx or a in reduced_inputs else _compose_gather_chain(graph, state, a, dims, index, old)
         if composed is not None:  # a is a previous reduction's gather: one gather with the composed index
             n.replace_input_with(a, composed)
             continue
+        lead = len(orig_shape) - len(ashape)
+        if dims and lead > 0 and (is_pointwise(n) or pk in (aten.where, aten.masked_fill)):
+            # a table without the leading (batch) dims that it broadcasts over, e.g. [Lq, Lk] relative distances:
+            # given them (size 1), so that its token dims are gathered per sample
+            with graph.inserting_after(a):
+                full = call_with_val(graph, aten.view.default, (a, [1] * lead + list(ashape)))
+            n.replace_input_with(a, full)
+            a, ashape, dims = full, node_shape(full), [d + lead for d in dims]
         # leading dims first: a row gather (fast) shrinks what the last-dim gather reads
         for d in sorted(dims):
             d_index, d_old = dim_ctx.get(d, (index, old))[:2]
@@ -423,12 +448,22 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             end = n.args[3] if len(n.args) > 3 else None
             step = n.args[4] if len(n.args) > 4 else 1
             start = 0 if start is None else start
+            if start < 0 and -start >= (original_shape(src) or orig_shape)[sdim % len(orig_shape)]:
+                start = 0  # (the last n of n positions: every position, whatever the length)
+                n.args = (n.args[0], n.args[1], 0) + tuple(n.args[3:])
             if start == 0 and (end is None or end >= old) and step == 1:
                 args = list(n.args) + [None] * (4 - len(n.args))
                 args[3] = new if end is not None and end < 2**62 else end
                 n.args = tuple(args[:max(len(n.args), 4)])
             elif start < 0 and -start <= state.kept_suffix and (end is None or end >= old or end == 0):
                 tail = True  # end-aligned within the trailing tokens that stay last: a fixed length, off the stream
+            elif start == 0 and step == 1 and isinstance(end, int) and end < 0 and \
+                    _head_ctx(state._gathered.get(("parts", index)), -end) is not None:
+                # cuts whole parts off the end of a concatenation with the reduced tokens: the rest are those tokens
+                # (the negative end still cuts the same parts); its users read them in their own numbering
+                head = _head_ctx(state._gathered.get(("parts", index)), -end)
+                state._ctx[n] = head
+                index, old, new = head
             elif 0 < start <= state.kept_prefix and (end is None or end >= old) and step == 1:
                 # drops leading tokens that no reduction touches (e.g. a class token): still the same ones
                 args = list(n.args) + [None] * (4 - len(n.args))
@@ -451,9 +486,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     elif pk is aten.index:
         src = n.args[0]
         idxs = n.args[1]
-        for d, ix in enumerate(idxs):
-            if ix is not None and d in reduced.get(src, set()):
-                _check_runtime_positions(n, src, d, ix, reduced, pass_name)
+        rows_mask = _rows_mask(n, src, idxs, reduced, old)
+        if rows_mask is not None:  # x[mask]: the rows at the mask's positions, gathered alike
+            _fix_masked_rows(gm, n, rows_mask, index, old)
+        else:
+            for d, ix in enumerate(idxs):
+                if ix is not None and d in reduced.get(src, set()):
+                    _check_runtime_positions(n, src, d, ix, reduced, pass_name)
     elif pk in _DIM_INDEX_OPS and isinstance(n.args[1], int) and isinstance(n.args[2], fx.Node) and \
             node_shape(n.args[0]) and n.args[1] % len(node_shape(n.args[0])) in reduced.get(n.args[0], set()):
         # (index_add_ of each expert's rows back into the tokens: positions computed from the reduced rows)
@@ -509,6 +548,7 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
             reduced[n] = set(out_dims)
         return
     changed = {d for d in range(min(len(new_shape), len(orig_shape))) if new_shape[d] != orig_shape[d]}
+    out_dims = set(out_dims) | _shifted_dims(n, pk, reduced_inputs, reduced, orig_shape, new_shape, old, new)
     # a dim the analysis has no axis for may still follow the tokens: rows routed through a data-dependent
     # permutation (experts), or an op without an axis rule that keeps the token dim. Its length is k * tokens
     # before and after; every size constant on it was re-specialised above (or set_fake_val failed), and
@@ -523,6 +563,40 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
     if not reduced[n] and out_dims and new != old:
         # an op we could not re-specialise left the stream at full length
         raise _fail("the token axis kept its full length after the rewrite (no rule re-specialised it)", n, pass_name)
+
+
+def _shifted_dims(n, pk, reduced_inputs, reduced, orig_shape, new_shape, old, new) -> set[int]:
+    """Reduced dims of the first input that ``n`` keeps with a fixed overhang (a causal convolution's padding, a pad,
+    the windows of an unfold with step 1: ``old + c`` before and ``new + c`` after, ``c`` the op's own), where the
+    analysis has no axis for them (tokens restored from an expert router)."""
+    x = n.args[0] if n.args else None
+    if x not in reduced_inputs or len(new_shape) != len(orig_shape):
+        return set()
+    if pk in CONV:
+        args = list(n.args) + [None] * 7
+        ones = all(v in (None, 1) or isinstance(v, (list, tuple)) and all(e == 1 for e in v) for v in (args[3], args[5]))
+        transposed = pk in (aten.convolution, aten._convolution) and args[6] not in (None, False)
+        if not ones or transposed:  # stride and dilation 1, not a transposed convolution
+            return set()
+        dims = {d for d in reduced[x] if 2 <= d < len(orig_shape)}  # (spatial dims only)
+    elif pk in (aten.pad, aten.constant_pad_nd):
+        dims = {d for d in reduced[x] if 0 <= d < len(orig_shape)}
+    elif pk is aten.unfold and len(n.args) > 3 and n.args[3] == 1:
+        dims = {d for d in reduced[x] if d == n.args[1] % len(orig_shape)}
+    else:
+        return set()
+    return {d for d in dims if orig_shape[d] - new_shape[d] == old - new}
+
+
+def _head_ctx(parts, cut: int):
+    """The context of the one reduced part left where ``cut`` trailing positions of a concatenation (``parts`` as
+    :func:`_union_ctx` records them) are exactly whole parts; else None."""
+    if not parts:
+        return None
+    parts = list(parts)
+    while cut > 0 and parts and isinstance(parts[-1], int) and parts[-1] <= cut:
+        cut -= parts.pop()
+    return parts[0] if cut == 0 and len(parts) == 1 and isinstance(parts[0], tuple) else None
 
 
 def _sdpa_mask_ctx(state, n, a, ashape, primary) -> dict:
@@ -585,6 +659,10 @@ def _union_ctx(gm, prov, state, n, parts, on_axis, cdim, primary, pass_name) -> 
             record(x, SIDE, True)
         state._gathered[key] = union
     state._ctx[n] = (union, sum(lengths_old), sum(lengths_new))
+    # the parts, in order (a reduced part's context, or a whole part's length), for a slice that cuts whole parts
+    # off the end again (an attention sink's column, joined to the scores and sliced off the probabilities)
+    state._gathered[("parts", union)] = [state._ctx.get(t, primary) if t in on_axis else node_shape(t)[cdim]
+                                         for t in parts]
     state.aliases.update(cat_sids)
     state.derived.append((cat_sids[0], n, [None if isinstance(s, fx.Node) else s for s in specs]))
 
@@ -710,8 +788,21 @@ def _respecialise_scaled_view(n: fx.Node, reduced: dict, old: int, new: int) -> 
     if sizes.count(-1) == 1:  # the view infers that size itself: right where it is the one that grows
         d = sizes.index(-1)
         rest = -_numel(sizes)
-        return _numel(sizes[d + 1:]) >= inner and rest > 0 and want % rest == 0 and \
-            all(x % old != 0 or _numel(sizes[j + 1:]) < inner for j, x in enumerate(sizes) if j != d)
+        if _numel(sizes[d + 1:]) >= inner and rest > 0 and want % rest == 0 and \
+                all(x % old != 0 or _numel(sizes[j + 1:]) < inner for j, x in enumerate(sizes) if j != d):
+            return True
+        # else the size that grows is another one: the inferred one keeps its size (the view's, before this rewrite)
+        cur = node_shape(n)
+        if not cur or len(cur) != len(sizes):
+            return False
+        full = sizes[:d] + [cur[d]] + sizes[d + 1:]
+        fits = [j for j, x in enumerate(full) if j != d and _numel(full[j + 1:]) >= inner and x % old == 0
+                and _numel(full) // x * (x // old * new) == want]
+        if len(fits) != 1:
+            return False
+        sizes[fits[0]] = sizes[fits[0]] // old * new
+        n.args = (n.args[0], sizes, *n.args[2:])
+        return True
     if -1 in sizes or _numel(sizes) == want:
         return False
     fits = [d for d, x in enumerate(sizes) if _numel(sizes[d + 1:]) >= inner and x % old == 0
@@ -824,6 +915,58 @@ def _check_runtime_positions(n, src, d, ix, reduced, pass_name):
         raise _fail("advanced indexing on the reduced token axis with positions not computed from the reduced "
                     "tokens (an input's or a constant's positions still number the tokens before the reduction)",
                     n, pass_name)
+
+
+_ROWS_MASK = "graphred_rows_mask"  # meta of an ``x[mask]`` the rewrite re-made: its mask, at the current numbering
+
+
+def _rows_mask(n: fx.Node, src: fx.Node, idxs, reduced: dict, old: int) -> fx.Node | None:
+    """The ``[B, L]`` bool mask of ``x[mask]`` (``index`` with the mask, or with the columns of its ``nonzero``) that
+    picks rows of ``x`` reduced on dim 1 (the tokens), else None."""
+    if 1 not in reduced.get(src, set()) or 0 in reduced.get(src, set()):
+        return None
+    m = n.meta.get(_ROWS_MASK)
+    if m is None and len(idxs) == 1 and isinstance(idxs[0], fx.Node) and idxs[0].meta.get("val") is not None \
+            and idxs[0].meta["val"].dtype == torch.bool:
+        m = idxs[0]
+    elif m is None and len(idxs) == 2 and all(isinstance(i, fx.Node) and i.target is operator.getitem for i in idxs):
+        ub = idxs[0].args[0]
+        if ub is idxs[1].args[0] and [i.args[1] for i in idxs] == [0, 1] and op_packet(ub) is aten.unbind and \
+                len(ub.args) > 1 and ub.args[1] in (1, -1) and op_packet(ub.args[0]) is aten.nonzero:
+            m = ub.args[0].args[0]
+    shape = node_shape(m) if isinstance(m, fx.Node) else None
+    return m if shape is not None and len(shape) == 2 and shape[1] == old else None
+
+
+def _fix_masked_rows(gm, n: fx.Node, m: fx.Node, index: fx.Node, old: int) -> None:
+    """``x[mask]`` with ``x`` reduced on its tokens: the mask is gathered like the tokens and picks the kept rows, in
+    order, into a fixed number of rows (as many as before, the kept ones first: a later ``masked_scatter`` with the
+    gathered mask reads just those). Rows that an elementwise user meets (features packed one per masked position,
+    added at those positions) are gathered alike, by each kept row's rank among the mask's positions."""
+    graph = gm.graph
+    rows, B = node_shape(n)[0], node_shape(m)[0]
+    with graph.inserting_before(n):
+        rank = call_with_val(graph, aten._to_copy.default, (m,), {"dtype": torch.long})
+        rank = call_with_val(graph, aten.cumsum.default, (call_with_val(graph, aten.reshape.default, (rank, [-1])), 0))
+        rank = call_with_val(graph, aten.view.default, (call_with_val(graph, aten.sub.Tensor, (rank, 1)), [B, old]))
+        m2 = call_with_val(graph, graphred_ops.gather_tokens.default, (m, index, 1))
+        rank = call_with_val(graph, graphred_ops.gather_tokens.default, (rank, index, 1))
+        nz = call_with_val(graph, aten.nonzero_static.default, (m2,), {"size": rows, "fill_value": 0})
+        ix = [call_with_val(graph, aten.select.int, (nz, 1, j)) for j in range(2)]
+        which = call_with_val(graph, aten.clamp_min.default, (call_with_val(graph, aten.index.Tensor, (rank, ix)), 0))
+    for x in (rank, m2, nz, *ix, which):
+        record(x, SIDE, True)
+    n.args = (n.args[0], ix)
+    n.meta[_ROWS_MASK] = m2
+    for u in list(n.users):
+        if u.op != "call_function" or not is_pointwise(u):
+            continue
+        for a in u.all_input_nodes:
+            ashape = node_shape(a)
+            if a is not n and ashape and len(ashape) >= 1 and ashape[0] == rows and not recorded(a, SIDE):
+                with graph.inserting_before(u):
+                    ga = call_with_val(graph, aten.index_select.default, (a, 0, which))
+                u.replace_input_with(a, ga)
 
 
 def _fix_index_put(gm, n, reduced, reduced_inputs, pass_name):
