@@ -1905,6 +1905,10 @@ def rate(rows: list[dict], which: str) -> tuple[int, int]:
     return sum(r["reduced"] for r in sel), len(sel)
 
 
+# the timm-backed families' build failures above were mended later; each of those notes ends with this
+TIMM_LATER = (" Later (2026-11-28, session 7): timm, Pillow and torchvision 0.28.0 are installed apart from the venv's "
+              "site-packages (<venv>/bench-site, with bench/_torchvision_shim.py; see the docstring), and the family "
+              "builds; its row is in the 'now' table.")
 NOTES = [
     "Round 2 (2026-11-28). Before = the previous round's after rows (graphred 84a09ac). After = graphred 582e1f8 "
     "for all 39 families, measured at the end (four processes, 1 thread each; the seconds column is wall time, "
@@ -1925,7 +1929,8 @@ NOTES = [
     "field from its text model's output, which never has it). Its reduction then needed the dev fix above.",
     "perception_lm stays a harness build failure: its timm tower needs PIL and timm, and timm needs torchvision "
     "built for this torch (2.13); PIL is not a graphred dependency, but the venv is shared by other engineers "
-    "during this round (transformers switches its image processors when PIL is present), so nothing was installed.",
+    "during this round (transformers switches its image processors when PIL is present), so nothing was installed."
+    + TIMM_LATER,
     "chameleon (held-out) is reduced by the rule written for aria's experts (a dim without an analysis rule whose "
     "length follows the tokens is carried as reduced): its graph was not looked at in this round, but its failure "
     "message (index_put_ on the vocabulary axis) was in the brief. Held-out rates are given with it; without it "
@@ -1982,7 +1987,8 @@ FRESH2_NOTES = [
     "a tiny audio tokenizer (its config requires one); lighton_ocr, mistral_large4 (16) and apertus1p5 (256 VQ "
     "codes) are given their placeholder count per image.",
     "fast_vlm stays a harness build failure, as perception_lm: its vision tower is timm's FastViT through "
-    "TimmWrapper, which needs timm and PIL; neither is installed in the shared venv. Counted as not reduced.",
+    "TimmWrapper, which needs timm and PIL; neither is installed in the shared venv. Counted as not reduced."
+    + TIMM_LATER,
     "exaone4_5 fails at identity inside graphred: at zero reduction, CSEPass's meta check after "
     "ProportionalAttentionPass, FillerMaskPass and PositionsOutputPass finds a stale meta['val'] on getitem nodes of "
     "an unbind of an int32 tensor (recorded int32[1], recomputed int32[]). The same at cf5c655.",
@@ -2017,7 +2023,8 @@ FRESH2_NOTES = [
     "torchvision for torch 2.13 on PyPI (0.28.0) is a CUDA build that does not import with the project's CPU torch "
     "(its C++ ops need libc10_cuda.so, then 'operator torchvision::nms does not exist'); a plain pip install timm "
     "replaces torch with 2.14.1. timm, Pillow and that torchvision were installed into the shared venv, found "
-    "unusable, and removed; timm is not made a 'bench' extra, which could not install a working timm here.",
+    "unusable, and removed; timm is not made a 'bench' extra, which could not install a working timm here."
+    + TIMM_LATER,
 ]
 
 
@@ -2140,7 +2147,8 @@ FRESH3_NOTES = [
     "gemma3n stays a harness build failure: its vision tower is timm's MobileNetV5 through TimmWrapper, which needs "
     "timm and PIL. Not installed: timm needs torchvision, and pip would replace the venv's torch 2.13.0+cpu with "
     "2.14.1 (CUDA) to get one; the torchvision built for torch 2.13 (0.28.0 on PyPI, a CUDA build) does not load "
-    "its operators against the CPU torch (tried in a throwaway --target folder). Counted as not reduced.",
+    "its operators against the CPU torch (tried in a throwaway --target folder). Counted as not reduced."
+    + TIMM_LATER,
     "After the untouched measurement, graphred was changed on what these families showed (each fix general, with "
     "a test in tests/test_unseen_fixes3.py): capture no longer takes an input that a forward's **kwargs passes "
     "down to a submodule for a misspelling of a close parameter name (diffusion_gemma's image_position_ids beside "
