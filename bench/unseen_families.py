@@ -75,6 +75,20 @@ a CUDA build whose C++ ops do not load here; ``bench/_torchvision_shim.py`` (imp
 two op schemas torchvision's import registers fakes for, so its pure-Python parts and timm import. The timm towers are
 built from config, cut down (``pretrained=False``; no hub).
 
+Sixth fresh held-out set, "fresh6" (rule and list written 2026-11-28 ~08:30 UTC and committed before any of these
+families was built or measured; every type of the image-text-to-text rule above had been drawn and the fresh5
+failures tuned on, so the current code had no untouched estimate): the image-text-to-text types are exhausted, so
+fresh6 takes transformers 5.24's other vision-language auto mappings (zero-shot object detection, document question
+answering, visual question answering, zero-shot image classification, multimodal LM): the types whose class is not
+an image-text-to-text class, not a zoo family and not measured above, whose forward takes both text ids and image
+pixels, and in whose published architecture text and image meet inside attention. Left out by that rule: dual
+encoders whose towers never attend across (align, altclip, chinese_clip, metaclip_2, siglip2, tipsv2, videoprism,
+owlvit, owlv2, clipseg: graphred's plan for them is ToMe in a tower, not PuMer), layoutlm (no image input),
+speech and audio models (no image input), and qwen2_5_omni and qwen3_omni_moe (their thinkers, the parts that
+read images, were measured as qwen2_5_omni_thinker and qwen3_omni_moe_thinker). 5 types, all of them: ``FRESH6``.
+Same build conventions; builders only make the model build and run eagerly; graphred is not changed for them
+before they are measured. Each family is measured once, untouched, in its own process, 1 thread, a 300 s limit.
+
 PuMer at its defaults is the plan for every family (decoders and encoder-decoders alike): one plan, no tuning.
 
   python bench/unseen_families.py [--write] [--only a,b] [--tag before|after]
@@ -155,6 +169,8 @@ FRESH4 = ["cohere_compass", "cosmos3_edge", "deepseek_ocr2", "gemma4_unified", "
 FRESH5 = ["granite4_vision", "granite_docling", "hunyuan_vl", "hyperclovax_vision_v2", "inkling2", "inkling2_loop",
           "inkling_mm_model", "kimi_k25", "minicpmv4_7", "mistral4", "muse_spark", "pp_formulanet", "qianfan_ocr",
           "qwen3_vl_moe"]
+# the sixth fresh held-out set: other vision-language auto mappings (rule in the docstring), all of its types
+FRESH6 = ["grounding-dino", "layoutlmv2", "layoutlmv3", "mm-grounding-dino", "omdet-turbo"]
 OLD = FAMILIES + FRESH  # the sets of the main table (fresh2 has its own)
 ALL = OLD + FRESH2
 ZOO_TYPES = {"llava", "paligemma", "idefics3", "qwen2_vl", "qwen2_5_vl", "gemma3", "mistral3", "aya_vision", "internvl",
@@ -1636,6 +1652,14 @@ FRESH5A_BUILDERS: dict = {"granite4_vision": b_granite4_vision, "granite_docling
 assert sorted(FRESH5A_BUILDERS) == FRESH5[:7]
 BUILDERS.update(FRESH5A_BUILDERS)
 # ---- end of fresh5 part a ----
+# .
+# .
+# ---- fresh6: builders (grounding-dino .. omdet-turbo) ----
+# (builder functions of fresh6 go here, above FRESH6_BUILDERS)
+
+FRESH6_BUILDERS: dict = {}
+BUILDERS.update(FRESH6_BUILDERS)
+# ---- end of fresh6 ----
 # .
 # .
 # ---- fresh5, part b: builders (kimi_k25 .. qwen3_vl_moe) ----
