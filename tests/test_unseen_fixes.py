@@ -78,19 +78,9 @@ from graphred.analysis.blocks import CROSS_MODAL_SELF
 from graphred.errors import CaptureError, PlanError
 from graphred.passes.infra import check_meta_vals
 from graphred.plans import pumer
+from tiny_layers import CausalLayer
 
 V, D, IMG_ID, N_IMG = 40, 16, 39, 4
-
-
-class _Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
 
 
 class _VQDecoder(nn.Module):
@@ -106,7 +96,7 @@ class _VQDecoder(nn.Module):
         self.register_buffer("code_to_id", torch.arange(6) + 10)
         self.embed = nn.Embedding(V, D)
         self.extra = nn.Embedding(8, D)
-        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.layers = nn.ModuleList([CausalLayer(D), CausalLayer(D)])
 
     def forward(self, input_ids, pixel_values):
         ids = input_ids
@@ -241,7 +231,7 @@ class _MoEDecoder(nn.Module):
         super().__init__()
         self.shuffle, self.python_keys = shuffle, python_keys
         self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
-        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _Experts(dense, tiled=i == 1)) for i in range(2)])
+        self.layers = nn.ModuleList([nn.Sequential(CausalLayer(D), _Experts(dense, tiled=i == 1)) for i in range(2)])
 
     def forward(self, input_ids, pixel_values, order=None):
         x = self.embed(input_ids)
@@ -493,7 +483,7 @@ def test_index_by_a_sequence_of_traced_scalars_captures():
     assert any(n.target is torch.ops.aten.stack.default for n in prog.graph_module.graph.nodes)
 
 
-class _BufferKeyLayer(_Layer):
+class _BufferKeyLayer(CausalLayer):
     """Attention whose keys are written into a fresh buffer in two slices (``new_empty`` then ``copy_``)."""
 
     def forward(self, x):
@@ -520,7 +510,7 @@ def test_keys_written_into_a_buffer_keep_their_tokens():
         assert reduced(**kwargs).shape[1] < kwargs["input_ids"].shape[1]
 
 
-class _SinkLayer(_Layer):
+class _SinkLayer(CausalLayer):
     """Unfused causal attention with an attention sink (a learned logit per head joined to the scores)."""
 
     def __init__(self):
@@ -557,7 +547,7 @@ class _PatchIdsDecoder(nn.Module):
         super().__init__()
         self.proj, self.row, self.col = nn.Linear(4, D), nn.Embedding(8, D), nn.Embedding(8, D)
         self.embed = nn.Embedding(V, D)
-        self.encoder, self.layers = _Layer(), nn.ModuleList([_Layer(), _Layer()])
+        self.encoder, self.layers = CausalLayer(D), nn.ModuleList([CausalLayer(D), CausalLayer(D)])
 
     def forward(self, input_ids, flattened_patches):
         rows, cols = flattened_patches[:, :, 0].long(), flattened_patches[:, :, 1].long()
@@ -655,7 +645,7 @@ def test_a_view_of_small_ids_is_not_folded_into_a_constant():
                for n in prog.graph_module.graph.nodes)
 
 
-class _EncLayer(_Layer):
+class _EncLayer(CausalLayer):
     def forward(self, x):
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
@@ -671,7 +661,7 @@ class _BoxEncoderDecoder(nn.Module):
         super().__init__()
         self.embed, self.patch = nn.Embedding(V, D), nn.Conv2d(3, D, 2, 2)
         self.enc = nn.ModuleList([_EncLayer(), _EncLayer()])
-        self.dec, self.q, self.kv, self.o = _Layer(), nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
+        self.dec, self.q, self.kv, self.o = CausalLayer(D), nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, D)
         self.register_buffer("free", torch.arange(0, 16, 2))  # the patches no word sits on
 
     def forward(self, input_ids, boxes, pixel_values, decoder_input_ids):
@@ -707,7 +697,7 @@ def test_patches_gathered_at_word_boxes_keep_words_text_and_patches_image():
     assert [s["block"] for s in reduced.steps if s["op"] == "prune"] == ["enc.1"], reduced.steps
 
 
-class _SolveTiledLayer(_Layer):
+class _SolveTiledLayer(CausalLayer):
     """Tokens mixed by a unit triangular solve along the tokens (the eager gated delta rule), the hidden state
     tiled on its features (``repeat(1, 1, 2)``), keys shared by two heads (``repeat_interleave`` on the heads)."""
 

@@ -27,6 +27,7 @@ import graphred
 from graphred.analysis.blocks import CROSS_MODAL_SELF
 from graphred.errors import CaptureError, PlanError
 from graphred.plans import pumer
+from tiny_layers import CausalLayer
 
 V, D, IMG_ID, N_IMG = 40, 16, 39, 4
 
@@ -82,17 +83,6 @@ def test_misspelt_input_beside_kwargs_still_rejected():
         graphred.capture(model, **kwargs)
 
 
-class _Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
-
-
 class _PadBeforeLookup(nn.Module):
     """Placeholder ids replaced by the pad id (``torch.where``) before the text lookup; image features scattered."""
 
@@ -100,7 +90,7 @@ class _PadBeforeLookup(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(3, D, 4, 4)
         self.embed = nn.Embedding(V, D)
-        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.layers = nn.ModuleList([CausalLayer(D), CausalLayer(D)])
 
     def forward(self, input_ids, pixel_values):
         is_image = input_ids == IMG_ID

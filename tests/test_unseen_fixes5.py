@@ -36,6 +36,7 @@ import graphred
 from graphred.errors import CaptureError, PlanError
 from graphred.passes.infra import check_meta_vals
 from graphred.plans import pumer
+from tiny_layers import CausalLayer
 
 
 class _DeltasFromALoop(nn.Module):
@@ -74,17 +75,6 @@ def test_tensor_of_traced_per_sample_values_captures():
 V, D, IMG_ID, N_IMG = 40, 16, 39, 4
 
 
-class _Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
-
-
 class _LoopExperts(nn.Module):
     """Top-k routing as Hugging Face's per-expert loop writes it (Step3p7, Mixtral-style): a one-hot of the chosen
     experts, a Python loop over the experts the batch hits (``nonzero``), each expert's rows by ``torch.where`` of
@@ -118,7 +108,7 @@ class _LoopMoEDecoder(nn.Module):
     def __init__(self, dense: bool = False):
         super().__init__()
         self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
-        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _LoopExperts(dense)) for _ in range(2)])
+        self.layers = nn.ModuleList([nn.Sequential(CausalLayer(D), _LoopExperts(dense)) for _ in range(2)])
 
     def forward(self, input_ids, pixel_values):
         x = self.embed(input_ids)
@@ -197,7 +187,7 @@ class _GatheredPrefix(nn.Module):
         self.state = state
         self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
         self.state_proj = nn.Linear(6, D)
-        self.layers = nn.ModuleList([_Layer(), _Layer()])
+        self.layers = nn.ModuleList([CausalLayer(D), CausalLayer(D)])
 
     def forward(self, input_ids, pixel_values, state=None):
         mask = input_ids == IMG_ID
