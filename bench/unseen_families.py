@@ -96,8 +96,8 @@ PuMer at its defaults is the plan for every family (decoders and encoder-decoder
 ``--write`` writes docs/results/unseen.json (rows of the tag, the other tag's rows kept) and the ``unseen``
 section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only NAME --limit 300 --out DIR/NAME.json``,
 then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 and fresh5 rows the same
-way, with ``--fresh4-from DIR`` and ``--fresh5-from DIR`` (untouched only; a family without its file is shown as not
-measured).
+way, with ``--fresh4-from DIR``, ``--fresh5-from DIR`` and ``--fresh6-from DIR`` (untouched only; a family without
+its file is shown as not measured).
 """
 from __future__ import annotations
 
@@ -253,12 +253,16 @@ def fresh5_draw() -> list[str]:
 
 FRESH5_RULE = ("the 55 types of fresh_rule_types(), less the 40 of FRESH to FRESH4, less kosmos-2.5 (already measured "
                "as BRIEF's kosmos2_5): 14 types, all of them (no sampling, no seed); fresh5_draw()")
+FRESH6_RULE = ("transformers 5.24's other vision-language auto mappings (zero-shot object detection, document question "
+               "answering, visual question answering, zero-shot image classification, multimodal LM): the types not "
+               "an image-text-to-text class, not a zoo family and not measured before, taking text ids and image "
+               "pixels, with text and image meeting inside attention: 5 types, all of them (no sampling, no seed)")
 
 
 def set_of(name: str) -> str:
     return "dev" if name in DEV else "fresh" if name in FRESH else "fresh2" if name in FRESH2 \
         else "fresh3" if name in FRESH3 else "fresh4" if name in FRESH4 else "fresh5" if name in FRESH5 \
-        else "held-out"
+        else "fresh6" if name in FRESH6 else "held-out"
 
 V = 320  # tiny vocabulary; the top ids are the special tokens
 BATCH = 2
@@ -1657,7 +1661,117 @@ BUILDERS.update(FRESH5A_BUILDERS)
 # ---- fresh6: builders (grounding-dino .. omdet-turbo) ----
 # (builder functions of fresh6 go here, above FRESH6_BUILDERS)
 
-FRESH6_BUILDERS: dict = {}
+def _swin_backbone(out_indices=(2, 3, 4)):
+    # a transformers Swin (no timm, no hub): 64 px, patch 4, window 2, stages of 16/32/64/128 channels
+    return dict(model_type="swin", image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                num_heads=[1, 2, 2, 4], window_size=2, out_indices=list(out_indices))
+
+
+def _dino_inputs():
+    # BERT-style prompts, right padded (an encoder), the last sample 3 shorter: [CLS] words . words . [SEP]; the BERT
+    # ids 101/102/1012 are those the family's text mask looks for (phrases split at '.'), so the text vocabulary is
+    # larger than V here
+    gen = _gen(1)
+    rows = [torch.cat([torch.tensor([101]), _ids(gen, n), torch.tensor([1012]), _ids(gen, 4),
+                       torch.tensor([1012, 102])]) for n in (5, 2)]
+    ids = torch.zeros(2, len(rows[0]), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+            "pixel_values": torch.randn(2, 3, 64, 64, generator=_gen(0))}
+
+
+def _dino(cls_name, cfg_name, **extra):
+    import transformers
+
+    # (a 2-layer decoder: the box heads' weight tying in transformers expects more than one layer)
+    text = dict(model_type="bert", vocab_size=1100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=64)
+    cfg = getattr(transformers, cfg_name)(
+        backbone_config=_swin_backbone(), text_config=text, d_model=32, num_queries=10, encoder_layers=1,
+        decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_n_points=2, decoder_n_points=2, num_feature_levels=4, max_text_len=32,
+        dropout=0.0, fusion_droppath=0.0, **extra)
+    return getattr(transformers, cls_name)(cfg), _dino_inputs()
+
+
+def b_grounding_dino():
+    # Swin backbone (3 levels + 1 strided), BERT text encoder, deformable image encoder with text<->image fusion
+    # (bi-attention) layers, a text-guided query decoder with text cross-attention
+    return _dino("GroundingDinoForObjectDetection", "GroundingDinoConfig")
+
+
+def b_mm_grounding_dino():
+    return _dino("MMGroundingDinoForObjectDetection", "MMGroundingDinoConfig")
+
+
+def b_layoutlmv2():
+    # its visual backbone is detectron2's ResNet-FPN: the model cannot be made without detectron2 (not installed, no
+    # build for this torch); built as configured, the constructor says so (recorded at stage build)
+    from transformers import LayoutLMv2Config, LayoutLMv2ForQuestionAnswering
+
+    cfg = LayoutLMv2Config(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, image_feature_pool_shape=[2, 2, 64], coordinate_size=16,
+                           shape_size=16)
+    model = LayoutLMv2ForQuestionAnswering(cfg)
+    gen = _gen(1)
+    t = prompts(gen, [[("tok", 1), ("text", TEXT), ("tok", 2)]] * 2, left=False)
+    box = torch.sort(torch.randint(0, 1000, (2, t["input_ids"].shape[1], 2, 2), generator=gen), dim=-2).values
+    return model, {**t, "bbox": box.transpose(-1, -2).reshape(2, -1, 4),
+                   "image": torch.randn(2, 3, 64, 64, generator=_gen(0))}
+
+
+def b_layoutlmv3():
+    # one encoder over text tokens (with 2D boxes) and 32x32 page patches of 4 px (64 + 1 CLS visual tokens),
+    # 1D and 2D relative attention biases; the document-QA head reads the text positions
+    from transformers import LayoutLMv3Config, LayoutLMv3ForQuestionAnswering
+
+    cfg = LayoutLMv3Config(vocab_size=V, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, coordinate_size=8, shape_size=8, input_size=32, patch_size=4,
+                           max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    gen = _gen(1)
+    t = prompts(gen, [[("tok", 1), ("text", TEXT), ("tok", 2)]] * 2, left=False)
+    # boxes (x0, y0, x1, y1) on a 0..1000 page, x0 <= x1 and y0 <= y1; zeros at the padding
+    xy = torch.sort(torch.randint(0, 1000, (2, t["input_ids"].shape[1], 2, 2), generator=gen), dim=-2).values
+    box = xy.transpose(-1, -2).reshape(2, -1, 4) * t["attention_mask"][..., None]
+    return LayoutLMv3ForQuestionAnswering(cfg), {**t, "bbox": box,
+                                                 "pixel_values": torch.randn(2, 3, 32, 32, generator=_gen(0))}
+
+
+def b_omdet_turbo():
+    # Swin backbone (3 levels), a hybrid encoder (self-attention on the top level, CSP fusion), a CLIP text tower
+    # embedding the class names and the task prompt; the decoder's queries attend to the task tokens (fused in the
+    # queries) and deformably to the image. Sample 0 has 3 classes, sample 1 has 2; task prompts right padded
+    from transformers import OmDetTurboConfig, OmDetTurboForObjectDetection
+
+    text = dict(model_type="clip_text_model", vocab_size=V, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32, projection_dim=32,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # (encoder and decoder 64 wide, the class embeddings 32, as published 256 vs 512: with equal widths the decoder
+    # has no task projection and fails)
+    # (transformers' Swin gives channels-first maps; the layer norm after the backbone is for timm's channels-last
+    # ones, so it is off here)
+    cfg = OmDetTurboConfig(backbone_config=_swin_backbone(), text_config=text,
+                           apply_layernorm_after_vision_backbone=False, image_size=64, text_projection_in_dim=32,
+                           text_projection_out_dim=32, task_encoder_hidden_dim=64, class_embed_dim=32, num_queries=10, encoder_hidden_dim=64,
+                           vision_features_channels=[64, 64, 64], encoder_in_channels=[32, 64, 128],
+                           encoder_attention_heads=2, encoder_dim_feedforward=64, decoder_hidden_dim=64,
+                           decoder_num_heads=2, decoder_num_layers=1, decoder_dim_feedforward=64,
+                           decoder_num_points=2)
+    gen = _gen(1)
+    classes = prompts(gen, [[("tok", 1), ("text", 2), ("tok", 2)]] * 5, left=False)
+    tasks = prompts(gen, [[("tok", 1), ("text", TEXT), ("tok", 2)]] * 2, left=False)
+    return OmDetTurboForObjectDetection(cfg), {
+        "pixel_values": torch.randn(2, 3, 64, 64, generator=_gen(0)),
+        "classes_input_ids": classes["input_ids"], "classes_attention_mask": classes["attention_mask"],
+        "tasks_input_ids": tasks["input_ids"], "tasks_attention_mask": tasks["attention_mask"],
+        "classes_structure": torch.tensor([3, 2])}
+
+
+FRESH6_BUILDERS: dict = {"grounding-dino": b_grounding_dino, "layoutlmv2": b_layoutlmv2, "layoutlmv3": b_layoutlmv3,
+                         "mm-grounding-dino": b_mm_grounding_dino, "omdet-turbo": b_omdet_turbo}
+assert sorted(FRESH6_BUILDERS) == FRESH6
 BUILDERS.update(FRESH6_BUILDERS)
 # ---- end of fresh6 ----
 # .
@@ -2248,6 +2362,24 @@ FRESH5_NOTES = [
 ]
 
 
+FRESH6_NOTES = [
+    "Builders only make each model build and run eagerly (batch 2, text right padded: the last sample 3 tokens "
+    "shorter; none of these takes several images per prompt, so one image per sample). grounding-dino and "
+    "mm-grounding-dino (their ForObjectDetection classes): a transformers Swin backbone built from config (64 px, "
+    "3 levels + 1 strided), a 1-layer BERT, one fusion/deformable encoder layer and a 2-layer decoder (the box "
+    "heads' weight tying needs more than one), 10 queries; prompts are [CLS] phrase . phrase . [SEP] with BERT's "
+    "special ids, which the family's text mask splits on.",
+    "layoutlmv3 (LayoutLMv3ForQuestionAnswering): one encoder over text tokens with 2D boxes and 4-px patches of a "
+    "32x32 page (64 + 1 visual tokens). layoutlmv2 (LayoutLMv2ForQuestionAnswering): its visual backbone is "
+    "detectron2's, which is not installed (no build for this torch); its builder makes the model as configured and "
+    "the constructor's ImportError is recorded at stage build (not reduced).",
+    "omdet-turbo (OmDetTurboForObjectDetection): a transformers Swin backbone from config instead of the default timm "
+    "one, so the layer norm after the backbone (for timm's channels-last maps) is off; a 1-layer CLIP text tower "
+    "embeds the class names (3 in sample 0, 2 in sample 1) and the task prompt; encoder and decoder 64 wide, the "
+    "class embeddings 32 (as published, 256 vs 512: with equal widths the decoder has no task projection).",
+]
+
+
 # (key, title, pool, families, notes) of the fresh sets rendered by ``_render_fresh3`` (fresh2 has its own)
 FRESH_LATER = [
     ("fresh3", "Third fresh held-out set (fresh3): untouched first, then after fixes made on them",
@@ -2256,22 +2388,25 @@ FRESH_LATER = [
      FRESH4, FRESH4_NOTES),
     ("fresh5", "Fifth fresh held-out set (fresh5): untouched", "the 14 types left after the first four fresh draws",
      FRESH5, FRESH5_NOTES),
+    ("fresh6", "Sixth fresh held-out set (fresh6): untouched",
+     "the 5 vision-language types of transformers' other auto mappings where text and image meet in attention",
+     FRESH6, FRESH6_NOTES),
 ]
 
 
 SETS = [("dev", DEV), ("held-out", HELD_OUT), ("fresh", FRESH), ("fresh2", FRESH2), ("fresh3", FRESH3),
-        ("fresh4", FRESH4), ("fresh5", FRESH5)]
+        ("fresh4", FRESH4), ("fresh5", FRESH5), ("fresh6", FRESH6)]
 EVERY = [n for _, names in SETS for n in names]
 
 
 def first_measured(data: dict) -> dict:
     """Each fresh family's first measurement, before anything was changed for it (the untouched rows): fresh from
     the round-2 rows with the tuned-on families' untouched rows; fresh2 from its 'after' rows (measured untouched,
-    see its notes); fresh3 to fresh5 from their 'untouched' rows."""
+    see its notes); fresh3 to fresh6 from their 'untouched' rows."""
     first = {r["family"]: r for r in data.get("after", []) if r["family"] in FRESH}
     first.update({r["family"]: r for r in data.get("untouched", []) if r["family"] in FRESH})
     first.update({r["family"]: r for r in (data.get("fresh2") or {}).get("after", [])})
-    for key in ("fresh3", "fresh4", "fresh5"):
+    for key in ("fresh3", "fresh4", "fresh5", "fresh6"):
         first.update({r["family"]: r for r in (data.get(key) or {}).get("untouched", [])})
     return first
 
@@ -2288,7 +2423,9 @@ def _render_current(cur: dict, data: dict) -> list[str]:
         return f"{sum(r['reduced'] for r in rows)}/{len(rows)}"
 
     lines = ["### Every family now, at one commit", "",
-             f"All {len(EVERY)} families measured again at graphred {cur['commit']} ({cur.get('how', '')}). "
+             (f"All {len(EVERY)} families" if all(n in now for n in EVERY) else
+              f"{sum(n in now for n in EVERY)} of the {len(EVERY)} families")
+             + f" measured again at graphred {cur['commit']} ({cur.get('how', '')}). "
              "'First measured' is a fresh family's untouched row: its first measurement, before graphred was changed "
              "by looking at it. Families tuned on since then count in 'now' like the others, so only the first "
              "column estimates families never seen.", "",
@@ -2299,8 +2436,8 @@ def _render_current(cur: dict, data: dict) -> list[str]:
         fresh_first += f
         lines.append(f"| {set_name} | {len(names)} | {count([now.get(n) for n in names])} | "
                      f"{count(f) if f else ''} |")
-    lines.append(f"| all | {len(EVERY)} | {count([now.get(n) for n in EVERY])} | {count(fresh_first)} (the five "
-                 "fresh sets pooled) |")
+    lines.append(f"| all | {len(EVERY)} | {count([now.get(n) for n in EVERY])} | {count(fresh_first)} (the "
+                 f"{len([s for s, _ in SETS if s.startswith('fresh')])} fresh sets pooled) |")
     missing = [n for n in EVERY if n not in now]
     if missing:
         lines += ["", f"Not measured in this run: {', '.join(missing)} (counted in neither column's numerator nor "
@@ -2317,7 +2454,7 @@ def _render_current(cur: dict, data: dict) -> list[str]:
 
 
 def _render_fresh3(f3: dict, key: str = "fresh3") -> list[str]:
-    """A later fresh held-out set (fresh3 to fresh5): untouched first measurements, then (where tuned on) after the
+    """A later fresh held-out set (fresh3 to fresh6): untouched first measurements, then (where tuned on) after the
     fixes."""
     if not f3.get("untouched"):
         return []
@@ -2390,6 +2527,8 @@ def main() -> None:
     ap.add_argument("--fresh4-from", default="", help="a folder of per-family --out files of the fresh4 set (untouched)")
     ap.add_argument("--fresh5-from", default="", help="a folder of per-family --out files of the fresh5 set "
                     "(untouched; a family without its file is shown as not measured)")
+    ap.add_argument("--fresh6-from", default="", help="a folder of per-family --out files of the fresh6 set "
+                    "(untouched; a family without its file is shown as not measured)")
     ap.add_argument("--current-from", default="", help="a folder of per-family --out files of every family, "
                     "measured at one commit (the 'now' table); --current-how says how they were run")
     ap.add_argument("--current-how", default="one process per family, 1 thread, a 300 s limit per family")
@@ -2415,6 +2554,7 @@ def main() -> None:
         write_section(render(data), MARK)
         return
     for folder, key, families, how, tag in (
+            (args.fresh6_from, "fresh6", FRESH6, {"rule": FRESH6_RULE}, "untouched"),
             (args.fresh5_from, "fresh5", FRESH5, {"rule": FRESH5_RULE}, "untouched"),
             (args.fresh4_from, "fresh4", FRESH4, {"seed": FRESH4_SEED}, "untouched"),
             (args.fresh3_from, "fresh3", FRESH3, {"seed": FRESH3_SEED}, args.fresh3_tag),
