@@ -16,6 +16,10 @@ torch's own counter, with the gaps that would make it miss attention filled:
   the same product written as a matrix inverse times ``B`` is counted as a matmul: counted as
   ``n * numel(X)`` for an ``n x n`` triangle (``n*(n-1)`` per right-hand side with a unit diagonal; LAPACK's
   trsm count, 2 FLOPs per multiply-add).
+* ``aten._grouped_mm`` (``F.grouped_mm``: the experts of a mixture-of-experts layer, each on its routed rows)
+  has no formula in torch (checked on 2.13), nor have libraries' opaque fallbacks for it (custom ops named
+  ``grouped_mm_fallback`` that loop ``mm`` over the groups inside one kernel): counted as the groups' matmuls,
+  over the grouped dim up to ``offs[-1]`` (:func:`_grouped_mm_flop`).
 * graphred custom ops (``torch.ops.graphred.*``) run as opaque kernels: ``attention_scores`` and
   ``bipartite_match`` are counted from their real arguments -- the query rows that carry weight and
   the candidate split that the kernels actually execute -- with torch's ``bmm_flop``. The other
@@ -169,6 +173,60 @@ _MISSING_FORMULAS = {
 }
 
 
+def _grouped_mm_flop(a, b, offs=None, *args, out_val=None, **kwargs) -> int:
+    """aten._grouped_mm (F.grouped_mm; a mixture-of-experts layer's experts, each on its routed rows) and
+    libraries' opaque fallbacks of the same operands: the groups' matmuls, over the grouped dim up to ``offs[-1]``
+    (the kernel skips rows past it) where the offsets are real, else over the whole grouped dim.
+    ``[M,K]@[G,K,N]``: 2*rows*K*N; ``[G,M,K]@[K,N]``: 2*M*K*cols; ``[M,K]@[K,N]``: 2*M*k*N;
+    ``[G,M,K]@[G,K,N]``: a bmm."""
+    sa, sb = tuple(int(d) for d in a.shape), tuple(int(d) for d in b.shape)
+    last = None
+    if _is_real(offs) and offs.numel() > 0:
+        last = int(offs.reshape(-1)[-1])
+    if len(sa) == 2 and len(sb) == 3:
+        m = sa[0] if last is None else max(0, min(last, sa[0]))
+        return _fc.mm_flop((m, sa[1]), (sa[1], sb[2]))
+    if len(sa) == 3 and len(sb) == 2:
+        n = sb[1] if last is None else max(0, min(last, sb[1]))
+        return _fc.mm_flop((sa[1], sa[2]), (sa[2], n))
+    if len(sa) == 2 and len(sb) == 2:
+        k = sa[1] if last is None else max(0, min(last, sa[1]))
+        return _fc.mm_flop((sa[0], k), (k, sb[1]))
+    if len(sa) == 3 and len(sb) == 3:
+        return _fc.bmm_flop(sa, sb)
+    return 0
+
+
+_grouped_mm_flop._get_raw = True
+
+#: op names outside aten taken as ``aten._grouped_mm`` (libraries' opaque fallbacks for it; the registry's
+#: ``GROUPED_MM_NAMES``)
+_GROUPED_MM_NAMES = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
+
+
+def _grouped_mm_mapping() -> dict[Any, Callable]:
+    """``aten._grouped_mm`` (when torch has no formula for it) and every loaded custom op named as a grouped
+    matmul (:data:`_GROUPED_MM_NAMES`, any namespace but aten) -> :func:`_grouped_mm_flop`."""
+    out: dict[Any, Callable] = {}
+    packet = getattr(aten, "_grouped_mm", None)
+    if packet is not None and packet not in _fc.flop_registry:
+        out[packet] = _grouped_mm_flop
+    try:
+        names = torch._C._dispatch_get_all_op_names()
+    except Exception:  # noqa: BLE001 - no registry listing in this torch: aten's op only
+        return out
+    for qual in names:
+        ns, _, name = str(qual).partition("::")
+        name = name.split(".")[0]
+        if ns in ("aten", "") or name not in _GROUPED_MM_NAMES:
+            continue
+        try:
+            out[getattr(getattr(torch.ops, ns), name)] = _grouped_mm_flop
+        except (AttributeError, RuntimeError):
+            continue
+    return out
+
+
 def _attention_scores_flop(q, k, query_weight, attn_bias=None, scale=None, *, out_val=None, **kwargs) -> int:
     """graphred::attention_scores: q k^T over the query rows the kernel runs (the rows with weight in some
     sample, or each sample's own: :func:`graphred.ops.scored_rows`), then the weighted sum over those rows
@@ -239,6 +297,7 @@ def flop_counter_mode(display: bool = False, depth: int = 2) -> _fc.FlopCounterM
         packet = getattr(aten, name, None)
         if packet is not None and packet not in _fc.flop_registry:
             mapping[packet] = fn
+    mapping.update(_grouped_mm_mapping())
     mapping.update(_graphred_mapping())
     return _fc.FlopCounterMode(display=display, depth=depth, custom_mapping=mapping)
 

@@ -19,7 +19,8 @@ FLOP conventions
   (query, key) pairs of a causal kernel instead (see :func:`causal_pairs`).
 * ``kind="matmul"`` counts exactly the ops ``FlopCounterMode`` counts (mm, addmm, bmm, baddbmm,
   _scaled_mm, convolution, SDPA kernels -- plus the CPU SDPA kernel, which
-  :mod:`graphred.analysis.cost.oracle` registers, as it does triangular solves (``n * numel(X)``) --
+  :mod:`graphred.analysis.cost.oracle` registers, as it does triangular solves (``n * numel(X)``) and grouped
+  matmuls (``_grouped_mm`` and libraries' ``grouped_mm_fallback`` ops: mixture-of-experts layers) --
   and composites that decompose into them:
   linear, matmul with a 2-D-or-more right operand, einsum, conv1d/2d/3d). Bias additions and
   everything else are 0 there. ``kind="all"`` adds the rest:
@@ -85,6 +86,7 @@ __all__ = [
     "count_graph",
     "node_cost",
     "causal_pairs",
+    "grouped_mm_flops",
     "to_expr",
     "numel",
     "dtype_bytes",
@@ -476,6 +478,44 @@ def _addbmm(call: Call, mode: str):
     return _ZERO, 2 * _prod((b, m, k, n)) + _prod((m, n))
 
 
+def grouped_mm_flops(a: Shape, b: Shape) -> sympy.Expr:
+    """Matrix-product FLOPs of a grouped matmul (``torch._grouped_mm`` / ``F.grouped_mm``) from its operands'
+    shapes, 2 per multiply-add, every row of the grouped dim in one group:
+
+    * ``[M, K] @ [G, K, N]`` (groups of rows, e.g. the tokens routed to each expert): ``2*M*K*N``;
+    * ``[G, M, K] @ [K, N]`` (groups of columns) and ``[M, K] @ [K, N]`` (groups of ``K``): ``2*M*K*N``;
+    * ``[G, M, K] @ [G, K, N]`` (a batched product): ``2*G*M*K*N``.
+
+    The kernel skips grouped-dim rows past ``offs[-1]``; from shapes alone every row is counted (the two are
+    equal where the offsets are cumulative counts over the whole grouped dim, as a router's are).
+
+    >>> grouped_mm_flops((10, 8), (2, 8, 4))
+    640
+    """
+    a, b = tuple(to_expr(d) for d in a), tuple(to_expr(d) for d in b)
+    if len(a) == 2 and len(b) == 3:
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 3 and len(b) == 2:
+        return 2 * a[1] * a[2] * b[1]
+    if len(a) == 2 and len(b) == 2:
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 3:
+        return 2 * a[0] * a[1] * a[2] * b[2]
+    raise ValueError(f"grouped matmul of a {len(a)}-d and a {len(b)}-d operand")
+
+
+@register_cost("_grouped_mm", params=("self", "mat2", "offs", "bias", "out_dtype"), matmul=True)
+def _grouped_mm(call: Call, mode: str):
+    """Grouped matmul (the experts of a mixture-of-experts layer, each on its routed rows):
+    :func:`grouped_mm_flops`, plus ``numel(out)`` for a bias (kind="all"). A custom op of another library named
+    ``grouped_mm`` / ``grouped_mm_fallback`` with the same operands (input, weight, offs) is costed the same
+    (:func:`lookup`)."""
+    a, b = call.arg(0), call.arg(1)
+    mm = grouped_mm_flops(a, b)
+    bias = call.get("bias") if "bias" in call.params else None
+    return mm, (numel(call.out) if bias is not None and call.out is not None else _ZERO)
+
+
 @register_cost("matmul", params=("self", "other"), matmul=True)
 def _matmul(call: Call, mode: str):
     """torch.matmul: 2 * numel(out) * k. With a 1-D right operand it runs mv/dot, which
@@ -811,6 +851,7 @@ ELEMENTWISE_FLOPS: dict[str, int] = {
         "logical_not", "bitwise_not", "clamp", "clamp_min", "clamp_max", "hardtanh", "square", "pow",
         "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod",
         "maximum", "minimum", "fmax", "fmin", "eq", "ne", "lt", "le", "gt", "ge",
+        "greater", "greater_equal", "less", "less_equal", "not_equal",
         "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor",
         "bitwise_left_shift", "bitwise_right_shift", "__and__", "__or__", "__xor__", "__lshift__", "__rshift__",
         "where", "masked_fill", "atan2", "copysign", "isnan", "isinf", "isfinite", "isneginf", "isposinf",
@@ -906,7 +947,7 @@ def _reduction(per_input: int, per_output: int = 0):
 
 register_cost(["sum", "nansum", "amax", "amin", "max", "min", "argmax", "argmin", "prod", "any", "all",
                "_is_all_true", "_is_any_true", "aminmax", "count_nonzero", "cumsum", "cumprod", "cummax", "cummin",
-               "logcumsumexp", "multinomial"])(_reduction(1))
+               "logcumsumexp", "multinomial", "histc", "bincount"])(_reduction(1))
 register_cost(["mean", "nanmean"])(_reduction(1, 1))
 register_cost(["var", "std", "var_mean", "std_mean"])(_reduction(3))
 register_cost(["logsumexp"])(_reduction(4, 1))
@@ -952,7 +993,8 @@ def _searchsorted(call: Call, mode: str):
 # Data movement: gathers, scatters, copies, factories
 # ---------------------------------------------------------------------------------------
 
-register_cost(["embedding", "gather", "index_select", "index", "_unsafe_index", "take", "_embedding_bag"],
+register_cost(["embedding", "gather", "index_select", "index", "_unsafe_index", "take", "_embedding_bag",
+               "embedding_bag"],
               bytes=_bytes_gather)(_zero_flops)
 
 
@@ -1108,6 +1150,24 @@ _ZERO_COST_NAMES = (
 #: Views, metadata and assertion ops (aten packets) plus ``operator.getitem``: 0 FLOPs, 0 bytes.
 KNOWN_ZERO_COST: frozenset = frozenset(_packets(_ZERO_COST_NAMES) + [operator.getitem])
 
+#: op names (outside aten) taken as ``aten._grouped_mm``: libraries' opaque fallbacks for it (a Python loop of
+#: ``mm`` over the groups, registered as a custom op so that compilers do not trace the loop)
+GROUPED_MM_NAMES = ("grouped_mm", "_grouped_mm", "grouped_mm_fallback")
+
+
+def _grouped_mm_alias(key: str) -> OpCost | None:
+    """The cost of ``aten._grouped_mm`` for a custom op ``"ns::name"`` whose name is one of :data:`GROUPED_MM_NAMES`
+    (its operands are read as ``_grouped_mm``'s: input, weight, offs; other layouts fail as "formula failed")."""
+    name = key.split("::", 1)[-1]
+    if name not in GROUPED_MM_NAMES or not hasattr(aten, "_grouped_mm"):
+        return None
+    base = REGISTRY.get(op_key(aten._grouped_mm))
+    if base is None:
+        return None
+    return OpCost(name=key, flop_fn=base.flop_fn, bytes_fn=base.bytes_fn, params=("self", "mat2", "offs"),
+                  matmul=True, doc=base.doc)
+
+
 def lookup(target: Any) -> OpCost | None:
     """The :class:`OpCost` of a call target (OpOverload, packet, ``"ns::name"``, python callable), or None.
 
@@ -1125,7 +1185,7 @@ def lookup(target: Any) -> OpCost | None:
                 if target is None:
                     return None
             else:
-                return REGISTRY.get(f"{ns}::{name.split('.')[0]}")
+                return REGISTRY.get(f"{ns}::{name.split('.')[0]}") or _grouped_mm_alias(f"{ns}::{name.split('.')[0]}")
         else:
             target = getattr(aten, target, None)
             if target is None:
@@ -1134,6 +1194,10 @@ def lookup(target: Any) -> OpCost | None:
     cost = REGISTRY.get(key)
     if cost is not None:
         return cost
+    if isinstance(key, str):
+        alias = _grouped_mm_alias(key)
+        if alias is not None:
+            return alias
     if key in KNOWN_ZERO_COST:
         return ZERO_COST
     if isinstance(target, torch._ops.HigherOrderOperator) and target.name() == "flat_apply":
