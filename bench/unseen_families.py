@@ -84,6 +84,11 @@ section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only
 then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 and fresh5 rows the same
 way, with ``--fresh4-from DIR`` and ``--fresh5-from DIR`` (untouched only; a family without its file is shown as not
 measured).
+
+Input variants (bench-only): ``--only NAME --variant v1|v2 --out FILE`` measures a family under other, equally
+reasonable inputs (``VARIANTS``: text length, padding, batch where the builder reads BATCH, seeds of inputs and
+weights); each row carries ``"variant"`` and ``notes.inputs`` (batch, length, pads per sample). Variant rows are never
+written to docs/results/unseen.json. ``--variant-diff --variant v2`` prints which inputs a variant changes per family.
 """
 from __future__ import annotations
 
