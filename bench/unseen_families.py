@@ -98,6 +98,11 @@ section of docs/benchmarks.md. The fresh3 rows: one process per family, ``--only
 then ``--fresh3-from DIR --fresh3-tag untouched|after [--fresh3-tuned a,b]``; the fresh4 and fresh5 rows the same
 way, with ``--fresh4-from DIR``, ``--fresh5-from DIR`` and ``--fresh6-from DIR`` (untouched only; a family without
 its file is shown as not measured).
+
+Input variants (bench-only): ``--only NAME --variant v1|v2 --out FILE`` measures a family under other, equally
+reasonable inputs (``VARIANTS``: text length, padding, batch where the builder reads BATCH, seeds of inputs and
+weights); each row carries ``"variant"`` and ``notes.inputs`` (batch, length, pads per sample). Variant rows are never
+written to docs/results/unseen.json. ``--variant-diff --variant v2`` prints which inputs a variant changes per family.
 """
 from __future__ import annotations
 
@@ -274,8 +279,43 @@ TEXT = 12
 # small input helpers (the zoo's conventions: left padding by 3 in the last sample)
 # ------------------------------------------------------------------------------------------------
 
+# input variants (bench-only; ``--variant NAME``): the same families under other, equally reasonable inputs. A
+# variant changes the module-level conventions above, which the builders and the helpers below read when called
+# (TEXT, PAD, BATCH; every seed of ``_gen`` shifted by SEED; the weights' seed), and the zoo's prompt helpers'
+# padding (the zoo-built inputs pad by 3 otherwise). BATCH reaches only builders that read it (the zoo-built inputs:
+# ``_qwen_like``, ``b_glm4v``, ``b_colqwen2`` ...); builders that write their two samples themselves keep 2, and a
+# builder that reads BATCH for one tensor but writes two samples elsewhere is built with 2 (the row says which).
+VARIANTS = {
+    # shorter text (9: the zoo's prompts take the last sample's padding out of its longest text segment, so 7 text
+    # tokens cannot carry 5 pads there), more padding, other seeds
+    "v1": dict(TEXT=9, PAD=5, SEED=101),
+    # a third sample where builders read BATCH, no padding at all, other seeds
+    "v2": dict(BATCH=3, PAD=0, SEED=202),
+}
+VARIANT = ""
+SEED = 0
+
+
+def apply_variant(name: str) -> None:
+    """Set the conventions of variant ``name`` for every builder of this process (bench-only)."""
+    import functools
+
+    global VARIANT, TEXT, PAD, BATCH, SEED
+    v = VARIANTS[name]
+    VARIANT = name
+    TEXT, PAD, BATCH, SEED = v.get("TEXT", TEXT), v.get("PAD", PAD), v.get("BATCH", BATCH), v.get("SEED", SEED)
+    for fn in ("_decoder_text", "_uneven_decoder_text", "_encoder_text"):  # (the zoo's helpers: pad=3 written in)
+        orig = getattr(zoo, fn)
+
+        @functools.wraps(orig)
+        def padded(*a, _orig=orig, **k):
+            return _orig(*a, **dict(k, pad=PAD))
+
+        setattr(zoo, fn, padded)
+
+
 def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed + SEED)
 
 
 def _ids(gen, n, lo=4, hi=V - 8):
@@ -1953,12 +1993,50 @@ def _over_limit(signum, frame):
     raise TimeoutError("over the per-family time limit")
 
 
+def _build(builder, row: dict):
+    """The builder's (model, kwargs), weights seeded by the variant's SEED; under a variant whose BATCH the builder
+    cannot take (it writes two samples somewhere), built again with batch 2 (``notes.batch_fallback``)."""
+    global BATCH
+
+    def run():
+        with zoo._quiet_transformers(), zoo._seeded(SEED), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return builder()
+
+    if BATCH == 2:
+        return run()
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - the builder writes two samples elsewhere: its batch stays 2
+        row["notes"]["batch_fallback"] = f"{type(e).__name__}: {str(e).strip()[:120]}"
+        want, BATCH = BATCH, 2
+        try:
+            return run()
+        finally:
+            BATCH = want
+
+
+def input_shape(kwargs: dict) -> dict:
+    """What the inputs look like: batch, text length and padded positions per sample of each id tensor."""
+    out = {}
+    for k in ("input_ids", "decoder_input_ids"):
+        ids = kwargs.get(k)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            mask = kwargs.get("attention_mask" if k == "input_ids" else "decoder_attention_mask")
+            pads = [int((m == 0).sum()) for m in mask] if isinstance(mask, torch.Tensor) and mask.dim() == 2 \
+                and mask.shape == ids.shape else None
+            out[k] = {"batch": ids.shape[0], "length": ids.shape[1], "pads": pads}
+    return out
+
+
 def measure(name: str, build_only: bool = False, limit: int = 0) -> dict:
     """One family through the stages; ``limit`` seconds (0: none) end it with a TimeoutError at its stage."""
     import signal
 
     row = {"family": name, "set": set_of(name), "stage": None, "reduced": False,
            "error": None, "error_class": None, "seconds": None, "notes": {}}
+    if VARIANT:
+        row["variant"] = VARIANT
     t0 = time.perf_counter()
     stage = "build"
     if limit:
@@ -1968,11 +2046,11 @@ def measure(name: str, build_only: bool = False, limit: int = 0) -> dict:
         builder = BUILDERS.get(name)
         if builder is None:
             raise NotImplementedError(f"no tiny builder for {name} in this script")
-        with zoo._quiet_transformers(), zoo._seeded(0), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, kwargs = builder()
+        model, kwargs = _build(builder, row)
         model.eval()
         row["notes"]["class"] = type(model).__name__
+        if VARIANT:
+            row["notes"]["inputs"] = input_shape(kwargs)
         with torch.no_grad():
             want = model(**kwargs)
         if build_only:
@@ -2505,6 +2583,38 @@ def subprocess_commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def _fingerprint(kwargs: dict) -> dict:
+    return {k: (tuple(v.shape), v.double().sum().item() if v.numel() else 0.0)
+            for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+
+
+def variant_diff(variant: str, names: list[str]) -> None:
+    """Each family's inputs built by default and under ``variant``: which inputs the variant changes (the weights'
+    seed aside)."""
+    torch.set_num_threads(1)
+    base = {}
+    for n in names:
+        try:
+            base[n] = _fingerprint(_build(BUILDERS[n], {"notes": {}})[1])
+        except Exception as e:  # noqa: BLE001
+            base[n] = f"build fails: {type(e).__name__}"
+    apply_variant(variant)
+    for n in names:
+        row = {"notes": {}}
+        try:
+            model, kw = _build(BUILDERS[n], row)
+            fp, shape = _fingerprint(kw), input_shape(kw)
+        except Exception as e:  # noqa: BLE001
+            fp, shape = f"build fails: {type(e).__name__}", {}
+        b = base[n]
+        if isinstance(b, str) or isinstance(fp, str):
+            what = f"default: {b if isinstance(b, str) else 'builds'}; {variant}: {fp if isinstance(fp, str) else 'builds'}"
+        else:
+            changed = sorted(k for k in set(b) | set(fp) if b.get(k) != fp.get(k))
+            what = "UNCHANGED" if not changed else "changed " + ",".join(changed)
+        print(f"{n:22s} {what} {json.dumps(shape)} {row['notes'].get('batch_fallback', '')}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true")
@@ -2532,7 +2642,20 @@ def main() -> None:
     ap.add_argument("--current-from", default="", help="a folder of per-family --out files of every family, "
                     "measured at one commit (the 'now' table); --current-how says how they were run")
     ap.add_argument("--current-how", default="one process per family, 1 thread, a 300 s limit per family")
+    ap.add_argument("--variant", default="", choices=[""] + sorted(VARIANTS),
+                    help="other inputs for every family (bench-only; rows labelled; never written to unseen.json)")
+    ap.add_argument("--variant-diff", action="store_true",
+                    help="build each family's inputs by default and under --variant; print whether they differ")
     args = ap.parse_args()
+    if args.variant and (args.write or args.render or args.rows_from or args.merge_rows or args.fresh2_from
+                         or args.fresh3_from or args.fresh4_from or args.fresh5_from
+                         or args.fresh6_from or args.current_from):
+        ap.error("--variant rows are written with --out only, never to docs/results/unseen.json")
+    if args.variant_diff:
+        variant_diff(args.variant, [n for n in args.only.split(",") if n] or sorted(BUILDERS))
+        return
+    if args.variant:
+        apply_variant(args.variant)
     if args.current_from:
         data = json.loads(RESULTS.read_text())
         rows, commits = [], set()
