@@ -176,15 +176,15 @@ class _Writes:
         self._roots: dict[fx.Node, frozenset] = {}
         self.writers: dict[fx.Node, list[fx.Node]] = {}
         self.writes: dict[fx.Node, frozenset] = {}  # writer -> roots it writes
-        for n in graph.nodes:
+        for n in graph.nodes:  # in graph order: a view's sources have their roots already
+            src = self._sources(n)
+            self._roots[n] = frozenset().union(*(self.roots(s) for s in src)) if src else frozenset([n])
             schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
             if schema is None:
                 continue
-            hit: set = set()
-            for leaf in self._args(n, schema, write=True):
-                hit |= self.roots(leaf)
+            hit = frozenset().union(*(self.roots(x) for x in self._args(n, schema, write=True)))
             if hit:
-                self.writes[n] = frozenset(hit)
+                self.writes[n] = hit
                 for r in hit:
                     self.writers.setdefault(r, []).append(n)
         self.written = set(self.writers)
@@ -201,28 +201,8 @@ class _Writes:
         return out
 
     def roots(self, n: fx.Node) -> frozenset:
-        if n in self._roots:
-            return self._roots[n]
-        chain, cur = [], n
-        while cur not in self._roots:  # iterative: view chains can be long
-            src = self._sources(cur)
-            if src is None:
-                self._roots[cur] = frozenset([cur])
-                break
-            pending = [s for s in src if s not in self._roots]
-            if not pending:
-                self._roots[cur] = frozenset().union(*(self._roots[s] for s in src))
-                break
-            chain.append(cur)
-            cur = pending[0]
-        while chain:
-            c = chain.pop()
-            src = self._sources(c)
-            missing = [s for s in src if s not in self._roots]
-            for s in missing:
-                self.roots(s)
-            self._roots[c] = frozenset().union(*(self._roots[s] for s in src))
-        return self._roots[n]
+        """The nodes whose storage ``n``'s value may share (``n`` itself for a fresh tensor)."""
+        return self._roots.get(n) or frozenset([n])
 
     def _sources(self, n: fx.Node) -> list[fx.Node] | None:
         """The nodes ``n``'s value may be a view of (None: a fresh tensor, or not a call)."""
@@ -248,17 +228,13 @@ class _Writes:
             for u in x.users:
                 if u.op == "output":
                     out.append(self.pos[u])
-                elif u in self.writes and any(self._is_arg(u, x, write=True)):
+                elif u in self.writes and x in self._args(u, u.target._schema, write=True):
                     stack.append(u)  # writes into x; what it returns is x again
-                elif self._sources(u) and x in self._sources(u):
+                elif x in (self._sources(u) or ()):
                     stack.append(u)  # a view of x
                 else:
                     out.append(self.pos[u])
         return out
-
-    def _is_arg(self, u: fx.Node, x: fx.Node, write: bool) -> list[bool]:
-        schema = getattr(u.target, "_schema", None)
-        return [x in self._args(u, schema, write)] if schema is not None else []
 
     def close(self, need: set, wanted: list, stand_ins: set) -> dict[fx.Node, int]:
         """Grow ``need`` (in place) by the writes its nodes' reads depend on, and their ancestors; return,
@@ -288,11 +264,26 @@ class _Writes:
                     continue
                 for x in self.writers.get(r, ()):
                     if upto.get(r, -1) <= self.pos[x] < p and x not in need:
-                        for y in ancestors([x], _data_arg_nodes, stand_ins) - need:
-                            need.add(y)
-                            stack.append(y)
+                        self._add(x, need, stack, stand_ins)
                 upto[r] = max(upto.get(r, -1), p)
         return read_at
+
+    @staticmethod
+    def _add(x: fx.Node, need: set, stack: list, stand_ins: set) -> None:
+        """``x`` and its ancestors not in ``need`` yet (the data arguments of graphred's ops stood in for)."""
+        todo = [x]
+        while todo:
+            n = todo.pop()
+            if n in need:
+                continue
+            need.add(n)
+            stack.append(n)
+            cut = _data_arg_nodes(n)
+            for a in n.all_input_nodes:
+                if a in cut:
+                    stand_ins.add(a)
+                else:
+                    todo.append(a)
 
 
 def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_numel: int,
