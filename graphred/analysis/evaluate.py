@@ -5,6 +5,7 @@ on the CPU: graphs captured on the meta device (given CPU copies of the inputs) 
 CPU capture."""
 from __future__ import annotations
 
+import operator
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -111,28 +112,203 @@ def partial_evaluate(gm: fx.GraphModule, flat_inputs: Sequence, wanted: Iterable
     arguments are mapped to the CPU, inputs and the weights the bookkeeping reads are copied there, and
     on a graph captured on the meta device a meta parameter/buffer the bookkeeping reads is taken as
     zeros when it is small (``max_weight_numel``). The hidden-state arguments of graphred's selection
-    ops are stood in for (:data:`DATA_ARGS`), so no layer runs. A node that cannot be computed is left out."""
+    ops are stood in for (:data:`DATA_ARGS`), so no layer runs. A node that cannot be computed is left out.
+
+    Graphs that keep in-place ops (captures that were not functionalized): a tensor written in place,
+    directly or through views (``w = full(...); w.select(0, i).copy_(t)``), holds what those writes put
+    there, though they are not data ancestors of its readers. Every write into a tensor (or a view of it)
+    that comes before a needed reader is evaluated too, in graph order; a wanted node's value is the one its
+    readers see, and a node whose readers see different values (a write between them), or whose storage a
+    write that could not be computed touched, is left out. Inputs and weights that are written are copied
+    first: the caller's tensors and the model are never changed.
+
+    >>> import torch
+    >>> from torch.fx.experimental.proxy_tensor import make_fx
+    >>> def f(x):
+    ...     w = torch.zeros(2, 3); w.select(0, 1).copy_(x); return w.sum(-1)
+    >>> gm = make_fx(f)(torch.ones(3))
+    >>> out = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    >>> partial_evaluate(gm, [torch.ones(3)], [out])[out].tolist()
+    [0.0, 3.0]
+    """
     wanted = [w for w in wanted if isinstance(w, fx.Node)]
     stand_ins: set[fx.Node] = set()
     need = ancestors(wanted, _data_arg_nodes, stand_ins)
+    writes = _Writes(gm.graph)
+    read_at: dict[fx.Node, int] = {}
+    if writes.writers:
+        read_at = writes.close(need, wanted, stand_ins)
     env: dict[fx.Node, Any] = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, n in enumerate(placeholders):
         if i < len(flat_inputs):
             env[n] = to_cpu_device(flat_inputs[i])
+            if n in writes.written:  # written in place: a copy, never the caller's tensor
+                env[n] = _copy(env[n])
     failed: set[fx.Node] = set()
     for n in stand_ins - need:  # a data argument that is itself wanted is computed, not stood in
         try:
             env[n] = _stand_in(n)
         except Exception:  # noqa: BLE001 - no shape to stand in: its users are skipped
             failed.add(n)
-    _evaluate(gm, need, env, failed, max_weight_numel)
-    return {w: env[w] for w in wanted if w in env}
+    seen = _evaluate(gm, need, env, failed, max_weight_numel, writes, read_at)
+    return {w: seen[w] if w in read_at else env[w] for w in wanted if (w in seen if w in read_at else w in env)}
 
 
-def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_numel: int) -> None:
+def _copy(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, (list, tuple)):
+        return type(v)(_copy(x) for x in v)
+    return v
+
+
+class _Writes:
+    """The in-place writes of a graph: for each node the tensors it may share storage with (its roots,
+    through views, ``getitem`` of their outputs and the outputs of in-place ops, by the ops' alias
+    annotations) and, for each root, the nodes that write into it (an op's mutable arguments: ``copy_``,
+    ``fill_``, ``index_put_``, ``add_``, ``out=`` ...), in graph order. Taking an op that only may alias
+    (``reshape``, ``contiguous``) as a view costs an evaluation at most, never a wrong value."""
+
+    def __init__(self, graph: fx.Graph):
+        self.pos = {n: i for i, n in enumerate(graph.nodes)}
+        self.end = len(self.pos)
+        self._roots: dict[fx.Node, frozenset] = {}
+        self.writers: dict[fx.Node, list[fx.Node]] = {}
+        self.writes: dict[fx.Node, frozenset] = {}  # writer -> roots it writes
+        for n in graph.nodes:  # in graph order: a view's sources have their roots already
+            src = self._sources(n)
+            self._roots[n] = frozenset().union(*(self.roots(s) for s in src)) if src else frozenset([n])
+            schema = getattr(n.target, "_schema", None) if n.op == "call_function" else None
+            if schema is None:
+                continue
+            hit = frozenset().union(*(self.roots(x) for x in self._args(n, schema, write=True)))
+            if hit:
+                self.writes[n] = hit
+                for r in hit:
+                    self.writers.setdefault(r, []).append(n)
+        self.written = set(self.writers)
+
+    @staticmethod
+    def _args(n: fx.Node, schema: Any, write: bool) -> list[fx.Node]:
+        """Node arguments of ``n`` with an alias annotation (``write``: only those it writes)."""
+        out: list[fx.Node] = []
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is None or (write and not a.alias_info.is_write):
+                continue
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            fx.node.map_arg(v, out.append)
+        return out
+
+    def roots(self, n: fx.Node) -> frozenset:
+        """The nodes whose storage ``n``'s value may share (``n`` itself for a fresh tensor)."""
+        return self._roots.get(n) or frozenset([n])
+
+    def _sources(self, n: fx.Node) -> list[fx.Node] | None:
+        """The nodes ``n``'s value may be a view of (None: a fresh tensor, or not a call)."""
+        if n.op != "call_function":
+            return None
+        if n.target is operator.getitem and n.args and isinstance(n.args[0], fx.Node):
+            return [n.args[0]]
+        schema = getattr(n.target, "_schema", None)
+        if schema is None or not schema.returns:
+            return None
+        src = self._args(n, schema, write=False)
+        return src or None
+
+    def readers(self, n: fx.Node) -> list[int]:
+        """Positions where ``n``'s value is read: its users, through views of it and in-place ops on it
+        (the writes themselves are not reads), the graph's output included."""
+        out, stack, seen = [], [n], set()
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            for u in x.users:
+                if u.op == "output":
+                    out.append(self.pos[u])
+                elif u in self.writes and x in self._args(u, u.target._schema, write=True):
+                    stack.append(u)  # writes into x; what it returns is x again
+                elif x in (self._sources(u) or ()):
+                    stack.append(u)  # a view of x
+                else:
+                    out.append(self.pos[u])
+        return out
+
+    def close(self, need: set, wanted: list, stand_ins: set) -> dict[fx.Node, int]:
+        """Grow ``need`` (in place) by the writes its nodes' reads depend on, and their ancestors; return,
+        for each wanted node whose storage is written, where its readers read it (the graph's end if none
+        does; -1 when writes fall between its readers: no single value)."""
+        read_at: dict[fx.Node, int] = {}
+        todo: list[tuple[fx.Node, int]] = []
+        for w in wanted:
+            rs = self.roots(w)
+            if not any(r in self.writers for r in rs):
+                continue
+            pos = sorted(self.readers(w)) or [self.end]
+            first, last = pos[0], pos[-1]
+            between = any(first < self.pos[x] < last for r in rs for x in self.writers.get(r, ()))
+            read_at[w] = -1 if between else first
+            todo += [(r, first) for r in rs]
+        upto: dict[fx.Node, int] = {}  # per root: writes before this position are in need already
+        stack = list(need)
+        while stack or todo:
+            while stack:
+                n = stack.pop()
+                for a in n.all_input_nodes:
+                    todo += [(r, self.pos[n]) for r in self.roots(a) if r in self.writers]
+            while todo:
+                r, p = todo.pop()
+                if p <= upto.get(r, -1):
+                    continue
+                for x in self.writers.get(r, ()):
+                    if upto.get(r, -1) <= self.pos[x] < p and x not in need:
+                        self._add(x, need, stack, stand_ins)
+                upto[r] = max(upto.get(r, -1), p)
+        return read_at
+
+    @staticmethod
+    def _add(x: fx.Node, need: set, stack: list, stand_ins: set) -> None:
+        """``x`` and its ancestors not in ``need`` yet (the data arguments of graphred's ops stood in for)."""
+        todo = [x]
+        while todo:
+            n = todo.pop()
+            if n in need:
+                continue
+            need.add(n)
+            stack.append(n)
+            cut = _data_arg_nodes(n)
+            for a in n.all_input_nodes:
+                if a in cut:
+                    stand_ins.add(a)
+                else:
+                    todo.append(a)
+
+
+def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_numel: int,
+              writes: _Writes | None = None, read_at: dict | None = None) -> dict:
+    """Evaluate ``need`` in graph order into ``env``; returns the values of ``read_at``'s nodes as their
+    readers see them (copied at the first reader)."""
     state_calls = {n for n in gm.graph.nodes if is_state_call(n)}
-    for node in gm.graph.nodes:
+    read_at = read_at or {}
+    snap_at: dict[int, list[fx.Node]] = {}
+    for w, p in read_at.items():
+        if p >= 0:
+            snap_at.setdefault(p, []).append(w)
+    seen: dict[fx.Node, Any] = {}
+    spoiled: set[fx.Node] = set()  # roots a write that could not be computed went into
+
+    def snap(p: int) -> None:
+        for w in snap_at.get(p, ()):
+            if w in env and w not in failed and not (writes.roots(w) & spoiled):
+                seen[w] = _copy(env[w])
+
+    def roots_of(n: fx.Node) -> frozenset:
+        return writes.roots(n) if writes is not None and writes.writers else frozenset()
+
+    for i, node in enumerate(gm.graph.nodes):
+        snap(i)
         if node in state_calls and not node.all_input_nodes:
             # a mask function vmapped over positions: its nodes run inside the levels these calls open
             # (not data ancestors of anything, so they are run for what they do, whatever is needed)
@@ -143,8 +319,10 @@ def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_
             continue
         if node not in need or node.op in ("placeholder", "output"):
             continue
-        if any(a in failed or a not in env for a in node.all_input_nodes):
+        if any(a in failed or a not in env or roots_of(a) & spoiled for a in node.all_input_nodes):
             failed.add(node)
+            if writes is not None and node in writes.writes:
+                spoiled |= writes.writes[node]
             continue
         try:
             if node.op == "get_attr":
@@ -155,6 +333,8 @@ def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_
                     v = torch.zeros(v.shape, dtype=v.dtype)
                 else:
                     v = to_cpu_device(v)
+                    if writes is not None and node in writes.written:  # written in place: never the model's
+                        v = _copy(v)
             elif node.op == "call_function":
                 args = to_cpu_device(fx.node.map_arg(node.args, lambda a: env[a]))
                 kwargs = to_cpu_device(fx.node.map_arg(node.kwargs, lambda a: env[a]))
@@ -164,5 +344,9 @@ def _evaluate(gm: fx.GraphModule, need: set, env: dict, failed: set, max_weight_
                 raise ValueError(node.op)
         except Exception:  # noqa: BLE001 - not computable here: its users are skipped too
             failed.add(node)
+            if writes is not None and node in writes.writes:  # what it writes into is unknown from here on
+                spoiled |= writes.writes[node]
             continue
         env[node] = v
+    snap(len(gm.graph.nodes))
+    return seen
