@@ -353,7 +353,8 @@ def _same_contents(box: Any, saved: Any) -> bool:
 
 @contextlib.contextmanager
 def _preserve_attributes(model: nn.Module):
-    """Leave every submodule's ``__dict__`` exactly as it was, object for object.
+    """Leave every submodule's ``__dict__`` exactly as it was, object for object (and that of every plain Python
+    object a submodule holds, e.g. a cache object whose dict a forward fills).
 
     Tracing runs the model's Python forward, and what a forward does to its module stays: Hugging
     Face models install output-capturing forward hooks on their first call (and set a flag
@@ -363,11 +364,16 @@ def _preserve_attributes(model: nn.Module):
     gets back its original attribute objects, the original contents of its container attributes
     (parameters, buffers, submodules, hook dicts) and loses attributes added during capture.
     """
-    saved = []
+    saved, seen = [], set()
     for m in model.modules():
         attrs = dict(m.__dict__)
         containers = {k: c for k, v in attrs.items() if (c := _contents(v)) is not _MISSING}
         saved.append((m, attrs, containers))
+        for obj in attrs.values():  # plain Python helpers the modules hold (a cache object and its dicts): the same
+            if _plain_object(obj) and id(obj) not in seen:
+                seen.add(id(obj))
+                o_attrs = dict(vars(obj))
+                saved.append((obj, o_attrs, {k: c for k, v in o_attrs.items() if (c := _contents(v)) is not _MISSING}))
     try:
         yield
     finally:
@@ -383,6 +389,80 @@ def _preserve_attributes(model: nn.Module):
                 if not _same_contents(box, items):
                     box.clear()
                     box.update(items) if isinstance(box, (dict, set)) else box.extend(items)
+
+
+def _plain_object(obj: Any) -> bool:
+    """A Python object with attributes of its own that is no module, tensor, class, function or Python module."""
+    import types
+
+    return hasattr(obj, "__dict__") and isinstance(getattr(obj, "__dict__", None), dict) and not isinstance(
+        obj, (nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.ModuleType))
+
+
+def _holds_tensors(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) or isinstance(v, (tuple, list)) and any(_holds_tensors(x) for x in v)
+
+
+def _memo_containers(model: nn.Module) -> list[tuple[str, dict]]:
+    """``[(where, dict)]``: the dicts inside plain Python objects held by the model's modules (not modules, not
+    tensors: a helper such as an LRU cache) whose values are tensors: results memoised by earlier calls (e.g.
+    text embeddings keyed by the token ids), which a forward returns instead of computing them."""
+    found, seen = [], set()
+    for path, m in model.named_modules():
+        for name, obj in vars(m).items():
+            if not _plain_object(obj) or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            for k, d in vars(obj).items():
+                if isinstance(d, dict) and d and any(_holds_tensors(x) for x in d.values()):
+                    found.append((f"{path + '.' if path else ''}{name}.{k}", d))
+    return found
+
+
+def _cached_methods(model: nn.Module) -> list[tuple[type, str, Any, Any]]:
+    """``[(class, name, attribute, uncached)]``: the methods of the model's module classes memoised with
+    ``functools.lru_cache``/``cache`` (the memo is the function's, shared by every call and every instance), with
+    the same method without its memo."""
+    out, seen = [], set()
+    for m in model.modules():
+        for cls in type(m).__mro__:
+            if cls in seen or cls.__module__.startswith("torch."):
+                continue
+            seen.add(cls)
+            for name, attr in list(vars(cls).items()):
+                fn = attr.__func__ if isinstance(attr, (staticmethod, classmethod)) else attr
+                if callable(getattr(fn, "cache_clear", None)) and callable(getattr(fn, "cache_info", None)) \
+                        and callable(getattr(fn, "__wrapped__", None)):
+                    plain = type(attr)(fn.__wrapped__) if isinstance(attr, (staticmethod, classmethod)) \
+                        else fn.__wrapped__
+                    out.append((cls, name, attr, plain))
+    return out
+
+
+@contextlib.contextmanager
+def _memos_hidden(model: nn.Module, notes: list[str]):
+    """While inside, the memo dicts of :func:`_memo_containers` are empty and the module classes' memoised methods
+    (:func:`_cached_methods`) run unmemoised, so the traced forward computes what they hold from the inputs: the
+    graph holds no earlier call's results as constants (looked up by keys read from the inputs), and no traced
+    (fake) value is left in a memo for the model's next call. Put back after; said in ``notes`` where a memo
+    held tensors."""
+    memos = [(w, d, list(d.items())) for w, d in _memo_containers(model)]
+    cached = _cached_methods(model)
+    for _, d, _ in memos:
+        d.clear()
+    for cls, name, attr, plain in cached:
+        setattr(cls, name, plain)
+    try:
+        yield
+    finally:
+        for _, d, items in memos:
+            d.clear()
+            d.update(items)
+        for cls, name, attr, plain in cached:
+            setattr(cls, name, attr)
+    if memos:
+        notes.append(f"tensors memoised by earlier calls in {', '.join(w for w, _, _ in memos)} were hidden while "
+                     "capturing, so the graph computes them from the inputs (the model's memo is left as it was).")
 
 
 def _export_real_tensors(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
@@ -877,7 +957,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.Graph
     notes: list[str] = []
     method = "export"
     read_error = None  # (the error of the capture with values read, where draft_export was tried after it)
-    with warnings.catch_warnings(), _quiet_torch_logs(), _preserve_attributes(model):
+    with warnings.catch_warnings(), _quiet_torch_logs(), _preserve_attributes(model), _memos_hidden(model, notes):
         warnings.simplefilter("ignore")
         try:
             ep = torch.export.export(model, args, kwargs, strict=False)

@@ -50,6 +50,10 @@ class AttentionBlock:
     key_stream: int | None
     scale: float | None = None
     key_tokens: dict[str, int] = field(default_factory=dict)
+    # unfused scores transposed before the softmax (one score matrix read both ways): ``key`` holds the keys
+    # untransposed, ``[..., Lk, D]`` (else an unfused attention's ``key`` is the matmul's Kᵀ, ``[..., D, Lk]``)
+    transposed: bool = False
+    mask_masks_out: bool = False  # the mask's true entries are masked out (``masked_fill(mask, -inf)``)
 
     @property
     def is_cross_modal(self) -> bool:
@@ -121,8 +125,9 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             km, ks = _modalities(prov, a["k"], -2, prov.tokens(a["k"]).taint)
         else:
             qk = a["qk"]
-            qm, qs = _modalities(prov, qk, -2, prov.tokens(a["q"]).taint)
-            km, ks = _modalities(prov, qk, -1, prov.tokens(a["k"]).taint)
+            qd, kd = (-1, -2) if a["transposed"] else (-2, -1)
+            qm, qs = _modalities(prov, qk, qd, prov.tokens(a["q"]).taint)
+            km, ks = _modalities(prov, qk, kd, prov.tokens(a["k"]).taint)
         if not qm and prov.tokens(a["q"]).learned or not qm and not prov.tokens(a["q"]).taint:
             qm = frozenset({REGISTER})  # learned queries (an attention-pooling probe, a query transformer's queries)
         same = qs is not None and ks is not None and qs.id == ks.id
@@ -145,7 +150,10 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
         stack, layer = split_stack(path)
         causal = True if a["is_causal"] else None
         if causal is None and a["mask"] is not None:
-            causal = _is_causal_mask(prov.values.get(a["mask"]))
+            mv = prov.values.get(a["mask"])
+            if a["masks_out"] and isinstance(mv, torch.Tensor) and mv.dtype == torch.bool:
+                mv = ~mv
+            causal = _is_causal_mask(mv)
             mshape = node_shape(a["mask"])
             if causal is None and mshape and len(mshape) >= 2 and mshape[-2] == 1 and mshape[-1] > 1:
                 causal = False  # a single mask row broadcast over all queries: padding only
@@ -159,7 +167,8 @@ def detect_blocks(gm: fx.GraphModule, prov: TokenProvenance) -> list[AttentionBl
             num_heads=qshape[-3] if qshape and len(qshape) >= 3 else None,
             head_dim=qshape[-1] if qshape else None, causal=causal,
             query_stream=qs.id if qs is not None else None, key_stream=ks.id if ks is not None else None,
-            scale=a["scale"], key_tokens=key_tokens,
+            scale=a["scale"], key_tokens=key_tokens, transposed=a["transposed"],
+            mask_masks_out=a["masks_out"],
         ))
     # layer index within a stack: the order of blocks sharing the stack
     return blocks

@@ -87,6 +87,8 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     nxt = anchor.next
     k = _keys(gm, block, k, nxt)
     with graph.inserting_before(nxt):
+        q, k, mask = _as_heads(rs, block, q, k, mask)
+    with graph.inserting_before(nxt):
         key_codes = rs.codes(stream, nxt)
     with graph.inserting_before(nxt):
         Lk = node_shape(k)[-2]
@@ -176,13 +178,41 @@ def prune_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
 
 
 def _keys(gm, block: AttentionBlock, k: fx.Node, before: fx.Node) -> fx.Node:
-    """Keys as [..., L, D]: an unfused attention multiplies by Kᵀ, so undo the transpose."""
-    if block.fused:
+    """Keys as [..., L, D]: an unfused attention multiplies by Kᵀ, so undo the transpose (scores transposed before
+    the softmax: the keys are the matmul's left operand, already [..., L, D])."""
+    if block.fused or block.transposed:
         return k
     with gm.graph.inserting_before(before):
         kt = call_with_val(gm.graph, aten.transpose.int, (k, -1, -2))
         record(kt, SIDE, True)
     return kt
+
+
+def _as_heads(rs: RewriteState, block: AttentionBlock, q: fx.Node | None, k: fx.Node,
+              mask: fx.Node | None) -> tuple[fx.Node | None, fx.Node, fx.Node | None]:
+    """Queries, keys (``[..., L, D]``) and mask as the scoring ops read them (at the graph's insertion point):
+    heads folded into the batch (a ``bmm`` on ``[B*H, L, D]``) as ``[B, H, L, D]``, with a mask folded the same
+    way; a boolean mask whose true entries are masked out (``masked_fill(mask, -inf)``) negated (true: attend)."""
+    graph = rs.gm.graph
+    made = []
+    if mask is not None and block.mask_masks_out and mask.meta["val"].dtype == torch.bool:
+        mask = call_with_val(graph, aten.logical_not.default, (mask,))
+        made.append(mask)
+    B, ks = rs.prov.batch_size, node_shape(k)
+    if B and len(ks) == 3 and ks[0] % B == 0 and (q is None or node_shape(q)[0] == ks[0]):
+        H = ks[0] // B
+        k = call_with_val(graph, aten.reshape.default, (k, [B, H, *ks[1:]]))
+        made.append(k)
+        if q is not None:
+            q = call_with_val(graph, aten.reshape.default, (q, [B, H, *node_shape(q)[1:]]))
+            made.append(q)
+        ms = node_shape(mask) if mask is not None else None
+        if ms is not None and len(ms) == 3 and ms[0] == ks[0]:
+            mask = call_with_val(graph, aten.reshape.default, (mask, [B, H, *ms[1:]]))
+            made.append(mask)
+    for n in made:
+        record(n, SIDE, True)
+    return q, k, mask
 
 
 def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx.Node, ratio: float, modality: str,
@@ -239,6 +269,8 @@ def merge_stream(rs: RewriteState, block: AttentionBlock, stream: int, point: fx
     mask = current_mask(rs, block)
     nxt = last_of(gm, [point, k, mask, st.abs_index, st.sizes, scores, st.filler]).next
     k = _keys(gm, block, k, nxt)
+    with graph.inserting_before(nxt):
+        _, k, _ = _as_heads(rs, block, None, k, None)
     with graph.inserting_before(nxt):
         codes = rs.codes(stream, nxt)
     with graph.inserting_before(nxt):

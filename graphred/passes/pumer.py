@@ -31,6 +31,18 @@ def selected_layers(step_name: str, selector, available: list[int], what: str, h
     return chosen
 
 
+def _stack_summary(blocks: list[AttentionBlock]) -> list[str]:
+    """Per stack with cross-modal attention: ``"<stack>: <query> queries over <key> keys (layers [..])"``."""
+    seen: dict[tuple, list[int]] = {}
+    for b in blocks:
+        if b.kind in (CROSS_MODAL_SELF, CROSS_ATTENTION):
+            key = (b.stack, "+".join(sorted(b.query_modalities)) or "?", "+".join(sorted(b.key_modalities)) or "?")
+            seen.setdefault(key, [])
+            if b.layer_index not in seen[key]:
+                seen[key].append(b.layer_index)
+    return [f"{s}: {q} queries over {k} keys (layers {ls})" for (s, q, k), ls in seen.items()]
+
+
 class PumerPass(StepPass):
     """One :class:`~graphred.plans.PumerStep`: prune (text-informed, or a baseline scorer) and merge at
     each chosen cross-modal layer. Raises :class:`PlanError` if the model has no attention where text
@@ -58,6 +70,12 @@ class PumerPass(StepPass):
                 by_layer[b.layer_index] = b
         # the default: the layers where text queries meet image keys (a layer whose only cross-modal attention is
         # another kind, e.g. learned queries reading the tokens, has nothing to score with), from the second on
+        if not by_layer and step.layers is None:
+            raise PlanError(
+                f"pumer: no attention in {rs.model} has text queries over image keys (or one sequence holding both), "
+                "so text-informed scores are defined nowhere; its cross-modal attention is "
+                + "; ".join(_stack_summary(rs.blocks)) + ". Use graphred.plans.tome(...) to merge tokens inside the "
+                "vision tower instead")
         meeting = [a for a in dict.fromkeys(available) if a in by_layer] or available
         default = [a for a in meeting if a >= 1] or meeting  # scores need one cross-modal layer of context
         if all(b.kind == CROSS_ATTENTION for b in blocks) and len(meeting) > 1:

@@ -313,7 +313,8 @@ def _check_keys_match_values(gm: fx.GraphModule, spec: str) -> None:
         ks, vs = node_shape(att["k"]), node_shape(att["v"])
         if ks is None or vs is None or len(ks) < 2 or len(vs) < 2:
             continue
-        n_keys = ks[-2] if att["fused"] else ks[-1]  # (unfused: the scores' matmul takes the keys transposed)
+        # (unfused: the scores' matmul takes the keys transposed, unless the scores are transposed after it)
+        n_keys = ks[-2] if att["fused"] or att["transposed"] else ks[-1]
         if n_keys != vs[-2]:
             raise PlanError(
                 f"{spec}: after the rewrite the attention at node {att['node'].name} reads {n_keys} keys but "

@@ -348,6 +348,13 @@ def _fix_node(gm, prov, state, n, index, old, new, reduced, pass_name):
         try:
             set_fake_val(n)
         except Exception as e:
+            parts = _fixed_parts(n, reduced)
+            if parts is not None:
+                raise _fail(f"the reduced token axis (dim {parts[0]}) is split here into parts of fixed sizes {parts[1]} "
+                            f"(of {sum(parts[1])} tokens; e.g. the levels of a multi-scale feature map, each then read "
+                            "back by spatial location, as deformable attention samples it): the kept tokens no longer "
+                            "make those parts, so no reduction before this point is sound. Reduce after the last op "
+                            "that splits the tokens so, or not in this stack", n, pass_name) from e
             raise _fail(f"the op cannot take the reduced token axis ({type(e).__name__})", n, pass_name) from e
         reduced[n] = {-1}
         return
@@ -745,6 +752,25 @@ def _compose_gather_chain(graph, state, a, dims, index, old):
             x = call_with_val(graph, graphred_ops.gather_tokens.default, (x, comp, d))
     state._gathered[key] = x
     return x
+
+
+def _fixed_parts(n: fx.Node, reduced: dict) -> tuple[int, list[int]] | None:
+    """``(dim, sizes)`` where ``n`` splits a reduced dim of its input into parts of constant sizes."""
+    if op_packet(n) not in (aten.split_with_sizes, aten.split) or not isinstance(n.args[0], fx.Node):
+        return None
+    sizes = n.args[1] if len(n.args) > 1 else None
+    shape = recorded(n.args[0], ORIG_SHAPE) or node_shape(n.args[0])
+    dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0))
+    if shape is None or not isinstance(dim, int):
+        return None
+    dim %= len(shape)
+    if dim not in reduced.get(n.args[0], set()):
+        return None
+    if isinstance(sizes, int):
+        sizes = [sizes] * (int(shape[dim]) // sizes) + ([int(shape[dim]) % sizes] if int(shape[dim]) % sizes else [])
+    if not isinstance(sizes, (list, tuple)) or not all(isinstance(x, int) for x in sizes) or len(sizes) < 2:
+        return None
+    return dim, list(sizes)
 
 
 def _split_message(split: tuple[int, int, list[int]]) -> str:
