@@ -504,6 +504,27 @@ def _real_parameter_values():
         meta_utils._safe_copy, meta_utils._safe_clone = saved_copy, saved_clone
 
 
+def _write_on_real_copy(func, base: torch.Tensor, args: tuple, kwargs: dict, value_of) -> torch.Tensor | None:
+    """A copy of ``base`` after the in-place method ``func`` wrote into it, run outside tracing with every tensor
+    operand after the first (``args[1:]``, ``kwargs``) replaced by ``value_of(t)``, its real value; None where an
+    operand has none (``value_of`` gives None) or the call fails."""
+    def real(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        r = value_of(a)
+        if r is None:
+            raise LookupError
+        return r
+    try:
+        a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
+        with torch.utils._python_dispatch._disable_current_modes():
+            out = base.clone()
+            func(out, *a2, **k2)
+        return out
+    except Exception:  # noqa: BLE001 - no real value to compute it from
+        return None
+
+
 def _run_writing_real_once(func, args: tuple, kwargs: dict, run):
     """``run()`` (the traced call of ``func``), and where ``func`` is a method writing in place into a traced tensor
     (``out.index_add_(...)``), the real tensor behind it (real-tensor propagation) left holding what ``func``
@@ -522,20 +543,9 @@ def _run_writing_real_once(func, args: tuple, kwargs: dict, run):
     if before is None:
         return run()
 
-    def real(a):
-        if not isinstance(a, torch.Tensor) or not _is_traced(a):
-            return a
-        r = _ConcreteScalars._real(a)
-        if r is None:
-            raise LookupError
-        return r
-    try:
-        a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
-        with torch.utils._python_dispatch._disable_current_modes():
-            want = before.clone()
-            func(want, *a2, **k2)
-    except Exception:  # noqa: BLE001 - no real value to compute it from: torch's stays
-        want = None
+    # (want is None where no real value can compute it: torch's then stays)
+    want = _write_on_real_copy(func, before, args, kwargs,
+                               lambda a: _ConcreteScalars._real(a) if _is_traced(a) else a)
     out = run()
     after = _ConcreteScalars._real(args[0])
     if want is not None and after is not None and after.shape == want.shape and after.dtype == want.dtype:
@@ -728,21 +738,9 @@ class _ConcreteScalars(torch.overrides.TorchFunctionMode):
         rest = [a for a in torch.utils._pytree.tree_leaves((args[1:], kwargs)) if isinstance(a, torch.Tensor)]
         if not any(_is_traced(a) for a in rest):
             return None  # (run on the constant itself: its value is right)
-        def real(a):
-            if not isinstance(a, torch.Tensor):
-                return a
-            r = self._real(a) if _is_traced(a) else self._current(a)
-            if r is None:
-                raise LookupError
-            return r
-        try:
-            a2, k2 = torch.utils._pytree.tree_map(real, (args[1:], kwargs))
-            with torch.utils._python_dispatch._disable_current_modes():
-                base = self._current(args[0]).clone()
-                func(base, *a2, **k2)
-            return base
-        except Exception:  # noqa: BLE001 - no real value to follow: reads of it stay as torch gives them
-            return None
+        # (None: no real value to follow; reads of it stay as torch gives them)
+        return _write_on_real_copy(func, self._current(args[0]), args, kwargs,
+                                   lambda a: self._real(a) if _is_traced(a) else self._current(a))
 
     def _bool_index(self, index):
         """``index`` with each boolean mask tensor of known value (small, as :meth:`_fold`) replaced by the

@@ -36,7 +36,7 @@ import graphred
 from graphred.errors import CaptureError, PlanError
 from graphred.passes.infra import check_meta_vals
 from graphred.plans import pumer
-from tiny_layers import CausalLayer
+from tiny_layers import CausalLayer, ImageTextDecoder, image_text_inputs
 
 
 class _DeltasFromALoop(nn.Module):
@@ -104,25 +104,13 @@ class _LoopExperts(nn.Module):
         return x + out.view(x.shape)
 
 
-class _LoopMoEDecoder(nn.Module):
+class _LoopMoEDecoder(ImageTextDecoder):
     def __init__(self, dense: bool = False):
-        super().__init__()
-        self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
-        self.layers = nn.ModuleList([nn.Sequential(CausalLayer(D), _LoopExperts(dense)) for _ in range(2)])
-
-    def forward(self, input_ids, pixel_values):
-        x = self.embed(input_ids)
-        x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+        super().__init__(V, D, IMG_ID, lambda: nn.Sequential(CausalLayer(D), _LoopExperts(dense)))
 
 
 def _moe_inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, V - 2, (2, 10), generator=g)
-    ids[:, 2:2 + N_IMG] = IMG_ID
-    return {"input_ids": ids, "pixel_values": torch.randn(2, N_IMG, 12, generator=g)}
+    return image_text_inputs(V, IMG_ID, N_IMG)
 
 
 def test_tokens_routed_by_a_loop_over_experts_are_reduced_like_the_dense_model():

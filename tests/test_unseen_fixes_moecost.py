@@ -20,6 +20,7 @@ from torch import nn
 import graphred
 from graphred.analysis.cost import count_flops_executed, count_graph
 from graphred.plans import pumer
+from tiny_layers import CausalLayer, ImageTextDecoder, image_text_inputs
 
 
 def _loop_grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -67,17 +68,6 @@ def test_grouped_matmuls_are_counted_by_the_oracle_and_the_registry():
 V, D, FF, IMG_ID, N_IMG, E, TOP_K = 40, 16, 32, 39, 4, 3, 2
 
 
-class _Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, D))
-
-
 class _GroupedExperts(nn.Module):
     """Top-k routing as Hugging Face's grouped-matmul experts write it: the (token, slot) pairs sorted by expert, the
     rows per expert counted (``histc``) into offsets, one grouped matmul per projection over all experts; ``impl``:
@@ -115,25 +105,8 @@ class _GroupedExperts(nn.Module):
         return x + back.view(-1, TOP_K, D).sum(1).view(x.shape)
 
 
-class _MoEDecoder(nn.Module):
-    def __init__(self, impl: str):
-        super().__init__()
-        self.embed, self.vis, self.head = nn.Embedding(V, D), nn.Linear(12, D), nn.Linear(D, V)
-        self.layers = nn.ModuleList([nn.Sequential(_Layer(), _GroupedExperts(impl)) for _ in range(2)])
-
-    def forward(self, input_ids, pixel_values):
-        x = self.embed(input_ids)
-        x = x.masked_scatter((input_ids == IMG_ID).unsqueeze(-1).expand_as(x), self.vis(pixel_values))
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, V - 2, (2, 10), generator=g)
-    ids[:, 2:2 + N_IMG] = IMG_ID
-    return {"input_ids": ids, "pixel_values": torch.randn(2, N_IMG, 12, generator=g)}
+def _moe_decoder(impl: str) -> ImageTextDecoder:
+    return ImageTextDecoder(V, D, IMG_ID, lambda: nn.Sequential(CausalLayer(D), _GroupedExperts(impl)))
 
 
 def test_grouped_experts_are_in_the_estimate_before_and_after_a_plan():
@@ -141,11 +114,11 @@ def test_grouped_experts_are_in_the_estimate_before_and_after_a_plan():
     # reference); the estimate, FlopCounterMode on the model and on the reduced module all count it (before: 0 in
     # each, so the estimate "equalled" FlopCounterMode with the experts missing from both)
     torch.manual_seed(0)
-    kwargs = _inputs()
-    dense = _MoEDecoder("dense").eval()
+    kwargs = image_text_inputs(V, IMG_ID, N_IMG)
+    dense = _moe_decoder("dense").eval()
     want = count_flops_executed(dense, **kwargs)
     for impl in ("grouped_mm", "fallback"):
-        model = _MoEDecoder(impl).eval()
+        model = _moe_decoder(impl).eval()
         model.load_state_dict(dense.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(model(**kwargs), dense(**kwargs))
